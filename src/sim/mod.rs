@@ -1,0 +1,1 @@
+//! A local simulator of the finAPI endpoints the broker uses (see `finapi-reference.md`).
