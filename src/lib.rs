@@ -3,3 +3,11 @@
 #![forbid(unsafe_code)]
 
 pub mod sim;
+pub mod api;
+pub mod config;
+pub mod demo;
+pub mod finapi;
+pub mod flows;
+pub mod startup;
+pub mod telemetry;
+pub mod token_cache;

@@ -1,1 +1,159 @@
-fn main() {}
+//! Command line of giroident-broker: parses arguments and calls into the library.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use giroident_broker::config::{LogFormat, Settings};
+use giroident_broker::startup::{Application, shutdown_signal};
+use giroident_broker::{api::cause_chain, demo, sim, telemetry};
+
+/// Hands out finAPI user access tokens for GiroIdent KYC checks; keeps the client secrets.
+#[derive(Parser)]
+#[command(name = "giroident-broker", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Configuration file layered over the built-in defaults (environment variables
+    /// GIROIDENT_BROKER_<SECTION>__<KEY> override it).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the broker (the default).
+    Serve,
+    /// Load and validate the configuration, report every problem, and exit.
+    CheckConfig,
+    /// Run the finAPI simulator and the broker together on loopback with demo credentials.
+    Demo {
+        /// Broker address.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Simulator address (port 0: any free port).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        sim_listen: SocketAddr,
+    },
+    /// Run the finAPI simulator alone. The client secret comes from the environment variable
+    /// GIROIDENT_SIM_CLIENT_SECRET or --client-secret-file (default: the demo secret).
+    Sim {
+        /// Simulator address.
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        listen: SocketAddr,
+        /// The finAPI client id the simulator knows.
+        #[arg(long, default_value = sim::DEMO_CLIENT_ID)]
+        client_id: String,
+        /// File holding that client's secret.
+        #[arg(long, value_name = "FILE")]
+        client_secret_file: Option<PathBuf>,
+        /// Lifetime of client tokens in seconds (0: never expire).
+        #[arg(long, default_value_t = 3600)]
+        client_token_ttl_secs: u64,
+        /// Lifetime of user tokens in seconds (0: never expire).
+        #[arg(long, default_value_t = 3600)]
+        user_token_ttl_secs: u64,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(cli.config).await,
+        Command::CheckConfig => match Settings::load(cli.config.as_deref()) {
+            Ok(_) => {
+                println!("configuration is valid");
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("{err}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Demo { listen, sim_listen } => {
+            telemetry::init(LogFormat::Pretty, "info");
+            match demo::run(listen, sim_listen, shutdown_signal()).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("demo failed: {}", cause_chain(&err));
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Sim {
+            listen,
+            client_id,
+            client_secret_file,
+            client_token_ttl_secs,
+            user_token_ttl_secs,
+        } => {
+            telemetry::init(LogFormat::Auto, "info");
+            let secret = match sim_secret(client_secret_file) {
+                Ok(secret) => secret,
+                Err(msg) => {
+                    eprintln!("{msg}");
+                    return ExitCode::from(2);
+                }
+            };
+            let config = sim::SimConfig {
+                listen,
+                clients: vec![sim::SimClient {
+                    id: client_id,
+                    secret,
+                }],
+                client_token_ttl: Duration::from_secs(client_token_ttl_secs),
+                user_token_ttl: Duration::from_secs(user_token_ttl_secs),
+                ..sim::SimConfig::default()
+            };
+            match sim::run(config, shutdown_signal()).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("simulator failed: {err}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+async fn serve(config: Option<PathBuf>) -> ExitCode {
+    let settings = match Settings::load(config.as_deref()) {
+        Ok(settings) => settings,
+        Err(err) => {
+            eprintln!("{err}");
+            return ExitCode::from(2);
+        }
+    };
+    telemetry::init(
+        settings.log_format().unwrap_or(LogFormat::Auto),
+        &settings.log.filter,
+    );
+    let app = match Application::build(&settings).await {
+        Ok(app) => app,
+        Err(err) => {
+            tracing::error!(error = %cause_chain(&err), "cannot start");
+            return ExitCode::FAILURE;
+        }
+    };
+    match app.run_until_stopped(shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(error = %cause_chain(&err), "server failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn sim_secret(file: Option<PathBuf>) -> Result<String, String> {
+    if let Some(path) = file {
+        let raw = std::fs::read_to_string(&path)
+            .map_err(|e| format!("cannot read {}: {}", path.display(), e.kind()))?;
+        return Ok(raw.trim_end_matches(['\r', '\n']).to_owned());
+    }
+    Ok(std::env::var("GIROIDENT_SIM_CLIENT_SECRET")
+        .unwrap_or_else(|_| sim::DEMO_CLIENT_SECRET.to_owned()))
+}

@@ -1,0 +1,306 @@
+//! The one error contract of the broker's HTTP API: every error answer is
+//! `application/problem+json` (RFC 9457) with a stable `code` and the `requestId`. This is the
+//! only error type that becomes a response; it decides what a caller may see. Upstream bodies,
+//! tokens and secrets never reach it.
+
+use std::time::Duration;
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::finapi::UpstreamError;
+use crate::flows::{FlowError, InvalidInput};
+
+use super::request_id;
+
+/// Longest `Retry-After` passed on to callers, whatever finAPI asked for.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+/// Longest `detail` text; details describe the caller's own input, shortened.
+const MAX_DETAIL: usize = 300;
+
+/// Everything that can go wrong in a request, as the caller sees it.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400 `MALFORMED_JSON`: the body is not JSON (syntax error, truncated, empty).
+    #[error("malformed JSON body")]
+    MalformedJson(String),
+    /// 400 `INVALID_BODY`: JSON of the wrong shape (wrong type, missing or unknown field,
+    /// unknown flow).
+    #[error("request body of the wrong shape")]
+    InvalidBody(String),
+    /// 422 `INVALID_FIELD`: a field's value breaks its rule.
+    #[error("invalid field: {0}")]
+    InvalidField(InvalidInput),
+    /// 413 `BODY_TOO_LARGE`.
+    #[error("request body too large")]
+    BodyTooLarge,
+    /// 415 `UNSUPPORTED_MEDIA_TYPE`: a body that is not declared as JSON.
+    #[error("request body is not declared as JSON")]
+    UnsupportedMediaType,
+    /// 401 `MISSING_USER_TOKEN`: no `Authorization: Bearer` user token where one is needed.
+    #[error("missing or malformed bearer user token")]
+    MissingUserToken,
+    /// 404 `NOT_FOUND`.
+    #[error("no such path")]
+    NotFound,
+    /// 405 `METHOD_NOT_ALLOWED`.
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// 503 `NOT_READY`: the broker is shutting down.
+    #[error("shutting down")]
+    NotReady,
+    /// 504 `REQUEST_TIMEOUT`: the request's time budget ran out while finAPI was working.
+    #[error("request timed out")]
+    Timeout,
+    /// 500 `INTERNAL`: a bug; details only in the log.
+    #[error("internal error")]
+    Internal,
+    /// A flow failed; the status depends on why (see [`ApiError::kind`]).
+    #[error("flow failed")]
+    Flow(#[from] FlowError),
+}
+
+/// What a caller is told: status, code, title and, where useful, a detail and a retry hint.
+struct Kind {
+    status: StatusCode,
+    code: &'static str,
+    title: &'static str,
+    detail: Option<String>,
+    retry_after: Option<Duration>,
+}
+
+impl Kind {
+    fn new(status: StatusCode, code: &'static str, title: &'static str) -> Self {
+        Self {
+            status,
+            code,
+            title,
+            detail: None,
+            retry_after: None,
+        }
+    }
+
+    fn detail(mut self, detail: impl Into<String>) -> Self {
+        let mut detail: String = detail.into();
+        if detail.len() > MAX_DETAIL {
+            let mut cut = MAX_DETAIL;
+            while !detail.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            detail.truncate(cut);
+            detail.push('…');
+        }
+        self.detail = Some(detail);
+        self
+    }
+}
+
+impl ApiError {
+    fn kind(&self) -> Kind {
+        use StatusCode as S;
+        match self {
+            Self::MalformedJson(d) => {
+                Kind::new(S::BAD_REQUEST, "MALFORMED_JSON", "Malformed JSON body").detail(d)
+            }
+            Self::InvalidBody(d) => {
+                Kind::new(S::BAD_REQUEST, "INVALID_BODY", "Request body of the wrong shape")
+                    .detail(d)
+            }
+            Self::InvalidField(e) => {
+                Kind::new(S::UNPROCESSABLE_ENTITY, "INVALID_FIELD", "Invalid field value")
+                    .detail(e.to_string())
+            }
+            Self::BodyTooLarge => Kind::new(
+                S::PAYLOAD_TOO_LARGE,
+                "BODY_TOO_LARGE",
+                "Request body too large",
+            ),
+            Self::UnsupportedMediaType => Kind::new(
+                S::UNSUPPORTED_MEDIA_TYPE,
+                "UNSUPPORTED_MEDIA_TYPE",
+                "Request body must be application/json",
+            ),
+            Self::MissingUserToken => Kind::new(
+                S::UNAUTHORIZED,
+                "MISSING_USER_TOKEN",
+                "A user access token is required as Authorization: Bearer",
+            ),
+            Self::NotFound => Kind::new(S::NOT_FOUND, "NOT_FOUND", "No such resource"),
+            Self::MethodNotAllowed => Kind::new(
+                S::METHOD_NOT_ALLOWED,
+                "METHOD_NOT_ALLOWED",
+                "Method not allowed on this resource",
+            ),
+            Self::NotReady => Kind::new(
+                S::SERVICE_UNAVAILABLE,
+                "NOT_READY",
+                "The broker is shutting down",
+            ),
+            Self::Timeout => Kind::new(
+                S::GATEWAY_TIMEOUT,
+                "REQUEST_TIMEOUT",
+                "finAPI did not finish in time",
+            ),
+            Self::Internal => Kind::new(S::INTERNAL_SERVER_ERROR, "INTERNAL", "Internal error"),
+            Self::Flow(e) => flow_kind(e),
+        }
+    }
+}
+
+fn flow_kind(err: &FlowError) -> Kind {
+    use StatusCode as S;
+    match err {
+        FlowError::ClientCredentialsRejected(_) | FlowError::ClientTokenRejected(_) => Kind::new(
+            S::BAD_GATEWAY,
+            "UPSTREAM_REJECTED",
+            "finAPI refused the broker's request",
+        ),
+        FlowError::UserTokenRejected(_) => Kind::new(
+            S::UNAUTHORIZED,
+            "USER_TOKEN_REJECTED",
+            "finAPI does not accept this user access token",
+        ),
+        FlowError::NotAUserToken(_) => Kind::new(
+            S::FORBIDDEN,
+            "NOT_A_USER_TOKEN",
+            "The token is not a finAPI user access token",
+        ),
+        FlowError::UserLocked(_) => Kind::new(
+            S::CONFLICT,
+            "USER_LOCKED",
+            "finAPI keeps the user locked; try again later",
+        ),
+        FlowError::Upstream(e) => upstream_kind(e),
+        FlowError::TokenFetchAborted | FlowError::NoRandomness => {
+            Kind::new(S::INTERNAL_SERVER_ERROR, "INTERNAL", "Internal error")
+        }
+    }
+}
+
+fn upstream_kind(err: &UpstreamError) -> Kind {
+    use StatusCode as S;
+    let unavailable = || {
+        Kind::new(
+            S::SERVICE_UNAVAILABLE,
+            "UPSTREAM_UNAVAILABLE",
+            "finAPI is unavailable",
+        )
+    };
+    let timeout = || {
+        Kind::new(
+            S::GATEWAY_TIMEOUT,
+            "UPSTREAM_TIMEOUT",
+            "finAPI did not answer in time",
+        )
+    };
+    let failed = || Kind::new(S::BAD_GATEWAY, "UPSTREAM_ERROR", "finAPI failed");
+    match err {
+        UpstreamError::Connect { .. } => unavailable(),
+        UpstreamError::Timeout { .. } => timeout(),
+        UpstreamError::Transport { .. }
+        | UpstreamError::Protocol { .. }
+        | UpstreamError::Decode { .. } => failed(),
+        UpstreamError::Status {
+            status,
+            retry_after,
+            ..
+        } => match status.as_u16() {
+            429 | 503 => Kind {
+                retry_after: retry_after.map(|d| d.min(MAX_RETRY_AFTER)),
+                ..unavailable()
+            },
+            504 => timeout(),
+            500..=599 => failed(),
+            _ => Kind::new(
+                S::BAD_GATEWAY,
+                "UPSTREAM_REJECTED",
+                "finAPI refused the broker's request",
+            ),
+        },
+    }
+}
+
+/// The problem document (RFC 9457).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Problem<'a> {
+    #[serde(rename = "type")]
+    type_uri: String,
+    title: &'a str,
+    status: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<&'a str>,
+    code: &'a str,
+    request_id: Option<String>,
+}
+
+/// The `type` URI of a problem code.
+pub fn problem_type(code: &str) -> String {
+    format!(
+        "urn:giroident-broker:problem:{}",
+        code.to_ascii_lowercase().replace('_', "-")
+    )
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let kind = self.kind();
+        log(&self, &kind);
+        let problem = Problem {
+            type_uri: problem_type(kind.code),
+            title: kind.title,
+            status: kind.status.as_u16(),
+            detail: kind.detail.as_deref(),
+            code: kind.code,
+            request_id: request_id::current(),
+        };
+        let body = serde_json::to_vec(&problem).unwrap_or_default();
+        let mut response = (kind.status, body).into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if let Some(after) = kind.retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(after.as_secs().max(1)));
+        }
+        response
+    }
+}
+
+/// Logs the error once, with its cause chain, where it is turned into a response.
+fn log(err: &ApiError, kind: &Kind) {
+    let chain = cause_chain(err);
+    let step = match err {
+        ApiError::Flow(e) => e.upstream().map(|u| u.step().as_str()),
+        _ => None,
+    };
+    let misconfigured = matches!(
+        err,
+        ApiError::Flow(FlowError::ClientCredentialsRejected(_) | FlowError::ClientTokenRejected(_))
+    );
+    if misconfigured {
+        tracing::error!(code = kind.code, error = %chain, step,
+            "finAPI refused the broker's client credentials or token: check the broker's finAPI client configuration");
+    } else if kind.status == StatusCode::INTERNAL_SERVER_ERROR {
+        tracing::error!(code = kind.code, error = %chain, step, "internal error");
+    } else if kind.status.is_server_error() {
+        tracing::warn!(code = kind.code, error = %chain, step, "request failed upstream");
+    } else {
+        tracing::info!(code = kind.code, error = %chain, "request refused");
+    }
+}
+
+/// `outer: cause: root cause`.
+pub fn cause_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,88 @@
+//! The broker's HTTP API. Each module owns its routes; this one assembles them with the
+//! middleware every request passes through.
+
+mod error;
+mod extract;
+mod health;
+mod kyc;
+pub mod request_id;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
+
+use crate::config::FlowKind;
+use crate::flows::Flows;
+
+pub use error::{ApiError, cause_chain, problem_type};
+pub use kyc::CreateSessionBody;
+
+/// Largest accepted request body.
+pub const MAX_BODY_BYTES: usize = 16 * 1024;
+
+/// Whether the broker takes traffic; cleared when shutdown starts.
+#[derive(Clone, Debug)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    /// A ready state.
+    pub fn new() -> Self {
+        Self(Arc::new(AtomicBool::new(true)))
+    }
+
+    /// Whether `/readyz` answers 200.
+    pub fn is_ready(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// From now on `/readyz` answers 503.
+    pub fn set_draining(&self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
+}
+
+impl Default for Readiness {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What every handler shares. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    /// The GiroIdent flows.
+    pub flows: Arc<Flows>,
+    /// Flow used when a request names none.
+    pub default_flow: FlowKind,
+    /// Time budget of one request's upstream work.
+    pub request_timeout: Duration,
+    /// Readiness, shared with the shutdown logic.
+    pub readiness: Readiness,
+}
+
+/// The whole API with its middleware.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .merge(kyc::router())
+        .merge(health::router())
+        .fallback(|| async { ApiError::NotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(CatchPanicLayer::custom(|_| -> Response {
+            tracing::error!("a request handler panicked");
+            ApiError::Internal.into_response()
+        }))
+        .layer(axum::middleware::from_fn(request_id::middleware))
+        .layer(SetSensitiveRequestHeadersLayer::new([
+            header::AUTHORIZATION,
+            header::HeaderName::from_static("x-api-key"),
+        ]))
+        .with_state(state)
+}

@@ -1,0 +1,88 @@
+//! Request ids and the per-request span: an id from the gateway's `X-Request-Id` when it is
+//! safe (at most 255 characters of `A-Z a-z 0-9 - _ . : /`), a new UUID otherwise. It is echoed
+//! in the response, sent to finAPI on every upstream call, put into problem bodies, and named
+//! in every log line of the request, which ends with one line giving status and latency.
+
+use std::time::Instant;
+
+use axum::extract::Request;
+use axum::http::HeaderValue;
+use axum::middleware::Next;
+use axum::response::Response;
+use tracing::Instrument;
+
+/// The request id header, in both directions and towards finAPI.
+pub const HEADER: &str = "x-request-id";
+/// Longest request id taken from a caller (finAPI's limit).
+pub const MAX_LEN: usize = 255;
+
+tokio::task_local! {
+    static CURRENT: String;
+}
+
+/// The request id of the request this task serves, if any.
+pub fn current() -> Option<String> {
+    CURRENT.try_with(Clone::clone).ok()
+}
+
+/// The id of the current request, as an extension for handlers.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+/// Whether a caller-given id may be used as it is.
+pub fn is_acceptable(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:/".contains(&b))
+}
+
+/// Middleware: assigns the id, opens the request span, logs the finished request.
+pub async fn middleware(mut request: Request, next: Next) -> Response {
+    let id = request
+        .headers()
+        .get(HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| is_acceptable(v))
+        .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
+    request.extensions_mut().insert(RequestId(id.clone()));
+    let span = tracing::info_span!(
+        "request",
+        request_id = %id,
+        method = %request.method(),
+        path = %request.uri().path(),
+    );
+    let started = Instant::now();
+    let mut response = CURRENT
+        .scope(id.clone(), next.run(request))
+        .instrument(span.clone())
+        .await;
+    span.in_scope(|| {
+        tracing::info!(
+            status = response.status().as_u16(),
+            latency_ms = started.elapsed().as_secs_f64() * 1e3,
+            "request finished"
+        );
+    });
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert(HEADER, value);
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn safe_ids_are_kept_and_others_refused() {
+        assert!(is_acceptable("gw-1234:abc/def_ghi.jkl"));
+        assert!(is_acceptable(&"a".repeat(255)));
+        assert!(!is_acceptable(&"a".repeat(256)));
+        assert!(!is_acceptable(""));
+        assert!(!is_acceptable("has space"));
+        assert!(!is_acceptable("crlf\r\nx"));
+        assert!(!is_acceptable("ümlaut"));
+    }
+}

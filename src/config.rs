@@ -1,0 +1,658 @@
+//! Layered configuration: the built-in `config/default.toml`, then an optional file given with
+//! `--config`, then environment variables `GIROIDENT_BROKER_<SECTION>__<KEY>`. Loaded and
+//! validated once, before any port is bound; every problem is reported at once with its key.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+/// The defaults compiled into the binary, so that it runs from any working directory.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// Prefix of the environment variables that override configuration keys. Sections and keys are
+/// separated by a double underscore: `GIROIDENT_BROKER_FINAPI__CLIENT_ID` sets `finapi.client_id`.
+pub const ENV_PREFIX: &str = "GIROIDENT_BROKER_";
+
+/// The whole configuration of the broker.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// The broker's own HTTP listener.
+    pub server: ServerSettings,
+    /// How to reach finAPI and with which client.
+    pub finapi: FinapiSettings,
+    /// Choices of the GiroIdent flows.
+    pub flows: FlowSettings,
+    /// The client-token cache.
+    pub token_cache: TokenCacheSettings,
+    /// Logging.
+    pub log: LogSettings,
+}
+
+/// The broker's own HTTP listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    /// Address and port the broker listens on (`0.0.0.0:8080` in the container).
+    pub listen: String,
+    /// Seconds the broker keeps serving after SIGTERM while `/readyz` already answers 503, so
+    /// that load balancers stop sending traffic before the listener closes.
+    pub drain_secs: u64,
+    /// Upper bound in seconds for handling one request, upstream calls included.
+    pub request_timeout_secs: u64,
+}
+
+/// How to reach finAPI and with which client.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FinapiSettings {
+    /// Base URL of finAPI Access (OAuth tokens and users).
+    pub access_url: String,
+    /// Base URL of the finAPI Process Controller (standalone GiroIdent processes).
+    pub process_controller_url: String,
+    /// The finAPI client id.
+    pub client_id: String,
+    /// The finAPI client secret. Set it only through the environment
+    /// (`GIROIDENT_BROKER_FINAPI__CLIENT_SECRET`), or use `client_secret_file`.
+    #[serde(default)]
+    pub client_secret: Option<SecretString>,
+    /// A file holding the finAPI client secret (a Docker or Kubernetes secret); one trailing
+    /// newline is ignored.
+    #[serde(default)]
+    pub client_secret_file: Option<PathBuf>,
+    /// Allow `http://` upstream URLs. Only for the demo and tests against the local simulator.
+    pub allow_insecure_http: bool,
+    /// Milliseconds to wait for a TCP (and TLS) connection to finAPI.
+    pub connect_timeout_ms: u64,
+    /// Milliseconds to wait for one finAPI call to answer completely.
+    pub request_timeout_ms: u64,
+}
+
+/// Choices of the GiroIdent flows.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlowSettings {
+    /// Flow used when a request names none: `standalone` or `access`.
+    pub default_flow: String,
+    /// `processId` sent to the Process Controller (`GIROIDENT` or `USER_ONLY`).
+    pub process_id: String,
+    /// Exchange the process token with `invalidate=true`, so that it cannot be used again.
+    pub invalidate_process_token: bool,
+}
+
+/// The client-token cache.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenCacheSettings {
+    /// Seconds before a client token's expiry at which the cached entry is dropped (see the
+    /// README for the rule applied to short-lived tokens).
+    pub safety_margin_secs: u64,
+}
+
+/// Logging.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    /// `auto` (JSON lines unless standard error is a terminal), `json` or `pretty`.
+    pub format: String,
+    /// Filter in `RUST_LOG` syntax; `RUST_LOG` itself, when set, wins.
+    pub filter: String,
+}
+
+/// A configuration that could not be loaded: every problem found, each with its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// `(key, problem)` pairs, in the order they were found.
+    pub problems: Vec<(String, String)>,
+}
+
+impl ConfigError {
+    fn single(key: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self {
+            problems: vec![(key.into(), problem.into())],
+        }
+    }
+
+    /// Whether any problem names this key.
+    pub fn mentions(&self, key: &str) -> bool {
+        self.problems.iter().any(|(k, _)| k == key)
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid configuration:")?;
+        for (key, problem) in &self.problems {
+            write!(f, "\n  {key}: {problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Which flow a KYC session runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FlowKind {
+    /// Process Controller: process token exchanged for a user token.
+    Standalone,
+    /// Access: a new finAPI user and its token.
+    Access,
+}
+
+impl FlowKind {
+    /// The name used in requests, responses and configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Standalone => "standalone",
+            Self::Access => "access",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "standalone" => Some(Self::Standalone),
+            "access" => Some(Self::Access),
+            _ => None,
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// JSON lines unless standard error is a terminal.
+    Auto,
+    /// JSON lines.
+    Json,
+    /// Human-readable lines.
+    Pretty,
+}
+
+impl Settings {
+    /// Loads the built-in defaults, then `file` if given, then the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_with_env(file, std::env::vars())
+    }
+
+    /// Like [`Settings::load`], with the environment given explicitly (for tests).
+    pub fn load_with_env(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut problems = Vec::new();
+        let defaults: Table = DEFAULT_TOML
+            .parse()
+            .map_err(|e| ConfigError::single("(built-in defaults)", format!("{e}")))?;
+        let mut merged = defaults.clone();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError::single("--config", format!("cannot read {}: {}", path.display(), e.kind()))
+            })?;
+            let table: Table = text
+                .parse()
+                .map_err(|e| ConfigError::single("--config", format!("{}: {e}", path.display())))?;
+            overlay_file(&defaults, &mut merged, table, "", &mut problems);
+        }
+        for (name, value) in env {
+            if let Some(rest) = name.strip_prefix(ENV_PREFIX) {
+                overlay_env(&defaults, &mut merged, &name, rest, value, &mut problems);
+            }
+        }
+        if !problems.is_empty() {
+            return Err(ConfigError { problems });
+        }
+        let mut settings: Settings = toml::Value::Table(merged)
+            .try_into()
+            .map_err(|e| ConfigError::single("(config)", e.to_string()))?;
+        settings.resolve_and_validate()?;
+        Ok(settings)
+    }
+
+    /// Loads the built-in defaults only (the starting point of the demo and of tests).
+    pub fn defaults() -> Result<Self, ConfigError> {
+        Self::load_with_env(None, std::iter::empty())
+    }
+
+    /// Reads the client secret file, if configured, and checks every value. Public so that
+    /// settings built in code (demo, tests) go through the same checks.
+    pub fn resolve_and_validate(&mut self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        let mut problem = |key: &str, msg: String| problems.push((key.to_owned(), msg));
+
+        if self.server.listen.parse::<SocketAddr>().is_err() {
+            problem(
+                "server.listen",
+                format!(
+                    "{:?} is not an address with a port, e.g. 127.0.0.1:8080",
+                    self.server.listen
+                ),
+            );
+        }
+        if self.server.request_timeout_secs == 0 {
+            problem("server.request_timeout_secs", "must be at least 1".into());
+        }
+
+        let f = &self.finapi;
+        for (key, url) in [
+            ("finapi.access_url", &f.access_url),
+            ("finapi.process_controller_url", &f.process_controller_url),
+        ] {
+            if let Err(msg) = check_base_url(url, f.allow_insecure_http) {
+                problem(key, msg);
+            }
+        }
+        if f.client_id.trim().is_empty() {
+            problem("finapi.client_id", "must be set".into());
+        } else if f.client_id.chars().any(|c| c.is_control()) {
+            problem("finapi.client_id", "must not contain control characters".into());
+        }
+        match (&f.client_secret, &f.client_secret_file) {
+            (Some(_), Some(_)) => problem(
+                "finapi.client_secret",
+                "set either finapi.client_secret or finapi.client_secret_file, not both".into(),
+            ),
+            (None, None) => problem(
+                "finapi.client_secret",
+                format!(
+                    "must be set: {ENV_PREFIX}FINAPI__CLIENT_SECRET or finapi.client_secret_file"
+                ),
+            ),
+            (None, Some(path)) => match read_secret_file(path) {
+                Ok(secret) => self.finapi.client_secret = Some(secret),
+                Err(msg) => problem("finapi.client_secret_file", msg),
+            },
+            (Some(secret), None) if secret.expose_secret().is_empty() => {
+                problem("finapi.client_secret", "must not be empty".into())
+            }
+            (Some(_), None) => {}
+        }
+        let f = &self.finapi;
+        if f.connect_timeout_ms == 0 {
+            problem("finapi.connect_timeout_ms", "must be at least 1".into());
+        }
+        if f.request_timeout_ms == 0 {
+            problem("finapi.request_timeout_ms", "must be at least 1".into());
+        }
+
+        if FlowKind::parse(&self.flows.default_flow).is_none() {
+            problem(
+                "flows.default_flow",
+                format!(
+                    "{:?} is not a flow: use \"standalone\" or \"access\"",
+                    self.flows.default_flow
+                ),
+            );
+        }
+        let pid = &self.flows.process_id;
+        if pid.is_empty()
+            || pid.len() > 64
+            || !pid.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
+            problem(
+                "flows.process_id",
+                "must be 1 to 64 characters of A-Z, a-z, 0-9 and _ (e.g. GIROIDENT)".into(),
+            );
+        }
+
+        if self.log_format().is_none() {
+            problem(
+                "log.format",
+                format!(
+                    "{:?} is not a format: use \"auto\", \"json\" or \"pretty\"",
+                    self.log.format
+                ),
+            );
+        }
+        if let Err(e) = self.log.filter.parse::<tracing_subscriber::EnvFilter>() {
+            problem("log.filter", format!("not a valid filter: {e}"));
+        }
+
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError { problems })
+        }
+    }
+
+    /// The listen address (validated at load).
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.server.listen.parse().map_err(|_| {
+            ConfigError::single("server.listen", "not an address with a port".to_owned())
+        })
+    }
+
+    /// The flow used when a request names none (validated at load; `standalone` otherwise).
+    pub fn default_flow(&self) -> FlowKind {
+        FlowKind::parse(&self.flows.default_flow).unwrap_or(FlowKind::Standalone)
+    }
+
+    /// The log format (None when the configured value is unknown).
+    pub fn log_format(&self) -> Option<LogFormat> {
+        match self.log.format.as_str() {
+            "auto" => Some(LogFormat::Auto),
+            "json" => Some(LogFormat::Json),
+            "pretty" => Some(LogFormat::Pretty),
+            _ => None,
+        }
+    }
+
+    /// The drain period after SIGTERM.
+    pub fn drain(&self) -> Duration {
+        Duration::from_secs(self.server.drain_secs)
+    }
+}
+
+type Table = toml::Table;
+
+/// Keys that have no default and therefore do not appear in `config/default.toml`.
+const OPTIONAL_KEYS: &[&str] = &["finapi.client_secret", "finapi.client_secret_file"];
+
+/// The type a key must have: that of its built-in default (optional keys are strings). `None`
+/// for unknown keys.
+fn expected_kind<'a>(defaults: &'a Table, key: &str) -> Option<Option<&'a toml::Value>> {
+    if OPTIONAL_KEYS.contains(&key) {
+        return Some(None);
+    }
+    let mut parts = key.split('.');
+    let mut value = defaults.get(parts.next()?)?;
+    for part in parts {
+        value = value.as_table()?.get(part)?;
+    }
+    Some(Some(value))
+}
+
+fn same_kind(a: &toml::Value, b: &toml::Value) -> bool {
+    std::mem::discriminant(a) == std::mem::discriminant(b)
+}
+
+fn insert(merged: &mut Table, key: &str, value: toml::Value) {
+    let mut parts: Vec<&str> = key.split('.').collect();
+    let last = parts.pop().unwrap_or_default();
+    let mut table = merged;
+    for part in parts {
+        let entry = table
+            .entry(part)
+            .or_insert_with(|| toml::Value::Table(Table::new()));
+        match entry {
+            toml::Value::Table(t) => table = t,
+            _ => return,
+        }
+    }
+    table.insert(last.to_owned(), value);
+}
+
+/// Copies the values of a `--config` file over the defaults, checking each key and type.
+fn overlay_file(
+    defaults: &Table,
+    merged: &mut Table,
+    table: Table,
+    prefix: &str,
+    problems: &mut Vec<(String, String)>,
+) {
+    for (name, value) in table {
+        let key = if prefix.is_empty() { name } else { format!("{prefix}.{name}") };
+        match (expected_kind(defaults, &key), value) {
+            (None, _) => problems.push((key, "unknown key".to_owned())),
+            (Some(Some(toml::Value::Table(_))), toml::Value::Table(t)) => {
+                overlay_file(defaults, merged, t, &key, problems)
+            }
+            (Some(Some(default)), value) if !same_kind(default, &value) => problems.push((
+                key,
+                format!("must be {}, not {}", default.type_str(), value.type_str()),
+            )),
+            (Some(None), value) if !value.is_str() => {
+                problems.push((key, format!("must be string, not {}", value.type_str())))
+            }
+            (Some(_), value) => insert(merged, &key, value),
+        }
+    }
+}
+
+/// Applies one `GIROIDENT_BROKER_SECTION__KEY` variable, parsed as the type of its default.
+fn overlay_env(
+    defaults: &Table,
+    merged: &mut Table,
+    name: &str,
+    rest: &str,
+    raw: String,
+    problems: &mut Vec<(String, String)>,
+) {
+    let key = rest.to_ascii_lowercase().replace("__", ".");
+    let parsed = match expected_kind(defaults, &key) {
+        None | Some(Some(toml::Value::Table(_))) => {
+            problems.push((key, format!("unknown key (from {name})")));
+            return;
+        }
+        Some(None) | Some(Some(toml::Value::String(_))) => Ok(toml::Value::String(raw)),
+        Some(Some(toml::Value::Integer(_))) => raw
+            .trim()
+            .parse::<i64>()
+            .map(toml::Value::Integer)
+            .map_err(|_| "must be an integer"),
+        Some(Some(toml::Value::Boolean(_))) => match raw.trim() {
+            "true" => Ok(toml::Value::Boolean(true)),
+            "false" => Ok(toml::Value::Boolean(false)),
+            _ => Err("must be true or false"),
+        },
+        Some(Some(other)) => format!("x = {raw}")
+            .parse::<Table>()
+            .ok()
+            .and_then(|mut t| t.remove("x"))
+            .filter(|v| same_kind(v, other))
+            .ok_or("must be a TOML value of the default's type"),
+    };
+    match parsed {
+        Ok(value) => insert(merged, &key, value),
+        Err(msg) => problems.push((key, format!("{msg} (from {name})"))),
+    }
+}
+
+fn check_base_url(url: &str, allow_http: bool) -> Result<(), String> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+    match parsed.scheme() {
+        "https" => {}
+        "http" if allow_http => {}
+        "http" => {
+            return Err(
+                "must be https (set finapi.allow_insecure_http only for a local simulator)".into(),
+            );
+        }
+        other => return Err(format!("unsupported scheme {other:?}")),
+    }
+    if parsed.host_str().is_none() {
+        return Err("has no host".into());
+    }
+    if parsed.query().is_some() || parsed.fragment().is_some() {
+        return Err("must not have a query or fragment".into());
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err("must not carry credentials".into());
+    }
+    Ok(())
+}
+
+fn read_secret_file(path: &Path) -> Result<SecretString, String> {
+    let raw = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {}", path.display(), e.kind()))?;
+    let secret = raw
+        .strip_suffix('\n')
+        .map(|s| s.strip_suffix('\r').unwrap_or(s))
+        .unwrap_or(&raw);
+    if secret.is_empty() {
+        return Err(format!("{} is empty", path.display()));
+    }
+    Ok(SecretString::from(secret.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn valid_env() -> Vec<(String, String)> {
+        env(&[
+            ("GIROIDENT_BROKER_FINAPI__CLIENT_ID", "client"),
+            ("GIROIDENT_BROKER_FINAPI__CLIENT_SECRET", "s3cret"),
+        ])
+    }
+
+    #[test]
+    fn defaults_need_only_client_credentials() {
+        let s = Settings::load_with_env(None, valid_env()).expect("valid");
+        assert_eq!(s.finapi.access_url, "https://sandbox.finapi.io");
+        assert_eq!(s.flows.process_id, "GIROIDENT");
+        assert_eq!(s.default_flow(), FlowKind::Standalone);
+        assert_eq!(s.finapi.client_id, "client");
+    }
+
+    #[test]
+    fn defaults_without_credentials_name_both_keys() {
+        let err = Settings::defaults().unwrap_err();
+        assert!(err.mentions("finapi.client_id"), "{err}");
+        assert!(err.mentions("finapi.client_secret"), "{err}");
+    }
+
+    #[test]
+    fn every_invalid_setting_is_reported_at_once_with_its_key() {
+        let mut vars = valid_env();
+        vars.extend(env(&[
+            ("GIROIDENT_BROKER_SERVER__LISTEN", "not-an-address"),
+            ("GIROIDENT_BROKER_SERVER__REQUEST_TIMEOUT_SECS", "0"),
+            ("GIROIDENT_BROKER_FINAPI__ACCESS_URL", "http://example.test"),
+            ("GIROIDENT_BROKER_FINAPI__PROCESS_CONTROLLER_URL", "nope"),
+            ("GIROIDENT_BROKER_FINAPI__CONNECT_TIMEOUT_MS", "0"),
+            ("GIROIDENT_BROKER_FINAPI__REQUEST_TIMEOUT_MS", "0"),
+            ("GIROIDENT_BROKER_FLOWS__DEFAULT_FLOW", "video"),
+            ("GIROIDENT_BROKER_FLOWS__PROCESS_ID", "GIRO IDENT"),
+            ("GIROIDENT_BROKER_LOG__FORMAT", "xml"),
+            ("GIROIDENT_BROKER_LOG__FILTER", "info,[[["),
+        ]));
+        let err = Settings::load_with_env(None, vars).unwrap_err();
+        for key in [
+            "server.listen",
+            "server.request_timeout_secs",
+            "finapi.access_url",
+            "finapi.process_controller_url",
+            "finapi.connect_timeout_ms",
+            "finapi.request_timeout_ms",
+            "flows.default_flow",
+            "flows.process_id",
+            "log.format",
+            "log.filter",
+        ] {
+            assert!(err.mentions(key), "{key} missing from: {err}");
+        }
+        assert_eq!(err.problems.len(), 10, "{err}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let mut vars = valid_env();
+        vars.push((
+            "GIROIDENT_BROKER_SERVER__DRAIN_SECS".into(),
+            "soon".into(),
+        ));
+        let err = Settings::load_with_env(None, vars).unwrap_err();
+        assert!(err.mentions("server.drain_secs"), "{err}");
+    }
+
+    #[test]
+    fn unknown_key_is_refused() {
+        let mut vars = valid_env();
+        vars.push(("GIROIDENT_BROKER_FINAPI__CLIENT_SECERT".into(), "x".into()));
+        let err = Settings::load_with_env(None, vars).unwrap_err();
+        assert!(err.to_string().contains("client_secert"), "{err}");
+    }
+
+    #[test]
+    fn http_upstream_is_allowed_only_when_asked() {
+        let mut vars = valid_env();
+        vars.extend(env(&[
+            ("GIROIDENT_BROKER_FINAPI__ACCESS_URL", "http://127.0.0.1:1"),
+            (
+                "GIROIDENT_BROKER_FINAPI__PROCESS_CONTROLLER_URL",
+                "http://127.0.0.1:1",
+            ),
+        ]));
+        assert!(Settings::load_with_env(None, vars.clone()).is_err());
+        vars.push((
+            "GIROIDENT_BROKER_FINAPI__ALLOW_INSECURE_HTTP".into(),
+            "true".into(),
+        ));
+        assert!(Settings::load_with_env(None, vars).is_ok());
+    }
+
+    #[test]
+    fn secret_comes_from_a_file_without_its_newline() {
+        let dir = std::env::temp_dir().join(format!("gib-cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("secret");
+        std::fs::write(&path, "from-file\n").unwrap();
+        let vars = env(&[
+            ("GIROIDENT_BROKER_FINAPI__CLIENT_ID", "client"),
+            (
+                "GIROIDENT_BROKER_FINAPI__CLIENT_SECRET_FILE",
+                path.to_str().unwrap(),
+            ),
+        ]);
+        let s = Settings::load_with_env(None, vars).expect("valid");
+        assert_eq!(
+            s.finapi.client_secret.as_ref().unwrap().expose_secret(),
+            "from-file"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn missing_secret_file_is_reported_without_its_content() {
+        let vars = env(&[
+            ("GIROIDENT_BROKER_FINAPI__CLIENT_ID", "client"),
+            (
+                "GIROIDENT_BROKER_FINAPI__CLIENT_SECRET_FILE",
+                "/nonexistent/secret",
+            ),
+        ]);
+        let err = Settings::load_with_env(None, vars).unwrap_err();
+        assert!(err.mentions("finapi.client_secret_file"), "{err}");
+    }
+
+    #[test]
+    fn config_file_overrides_defaults_and_env_overrides_file() {
+        let dir = std::env::temp_dir().join(format!("gib-cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("broker.toml");
+        std::fs::write(
+            &path,
+            "[flows]\ndefault_flow = \"access\"\nprocess_id = \"USER_ONLY\"\n",
+        )
+        .unwrap();
+        let mut vars = valid_env();
+        vars.push((
+            "GIROIDENT_BROKER_FLOWS__PROCESS_ID".into(),
+            "GIROIDENT".into(),
+        ));
+        let s = Settings::load_with_env(Some(&path), vars).expect("valid");
+        assert_eq!(s.default_flow(), FlowKind::Access);
+        assert_eq!(s.flows.process_id, "GIROIDENT");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn secret_is_redacted_in_debug_output() {
+        let s = Settings::load_with_env(None, valid_env()).unwrap();
+        let shown = format!("{s:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+    }
+}

@@ -1,0 +1,105 @@
+//! `giroident-broker demo`: the simulator and the broker in one process on loopback, with demo
+//! credentials and nothing to set up.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+
+use crate::config::{ConfigError, Settings};
+use crate::sim::{self, DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, SimConfig};
+use crate::startup::{Application, StartupError};
+
+/// Why the demo could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// The simulator could not listen.
+    #[error("cannot start the simulator on {addr}")]
+    Simulator {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The demo configuration was refused (a bug).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The broker could not start.
+    #[error(transparent)]
+    Startup(#[from] StartupError),
+}
+
+/// Broker settings pointing at a simulator, with the demo client and no drain period.
+pub fn settings_for_simulator(listen: SocketAddr, sim_url: &str) -> Result<Settings, ConfigError> {
+    let vars = [
+        ("SERVER__LISTEN", listen.to_string()),
+        ("SERVER__DRAIN_SECS", "0".to_owned()),
+        ("FINAPI__ACCESS_URL", sim_url.to_owned()),
+        ("FINAPI__PROCESS_CONTROLLER_URL", sim_url.to_owned()),
+        ("FINAPI__ALLOW_INSECURE_HTTP", "true".to_owned()),
+        ("FINAPI__CLIENT_ID", DEMO_CLIENT_ID.to_owned()),
+        ("FINAPI__CLIENT_SECRET", DEMO_CLIENT_SECRET.to_owned()),
+    ];
+    Settings::load_with_env(
+        None,
+        vars.into_iter()
+            .map(|(k, v)| (format!("{}{k}", crate::config::ENV_PREFIX), v)),
+    )
+}
+
+/// Starts both, prints what to curl, and serves until `shutdown` completes.
+pub async fn run(
+    listen: SocketAddr,
+    sim_listen: SocketAddr,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), DemoError> {
+    let sim = sim::start(SimConfig {
+        listen: sim_listen,
+        ..SimConfig::default()
+    })
+    .await
+    .map_err(|source| DemoError::Simulator {
+        addr: sim_listen,
+        source,
+    })?;
+    let settings = settings_for_simulator(listen, &sim.base_url())?;
+    let app = Application::build(&settings).await?;
+    println!("{}", instructions(app.local_addr(), &sim.base_url()));
+    let served = app.run_until_stopped(shutdown).await;
+    sim.shutdown().await;
+    served.map_err(|source| {
+        DemoError::Startup(StartupError::Bind {
+            addr: listen,
+            source,
+        })
+    })
+}
+
+fn instructions(broker: SocketAddr, sim_url: &str) -> String {
+    let b = format!("http://{broker}");
+    let mut text = String::new();
+    let _ = writeln!(text, "giroident-broker demo");
+    let _ = writeln!(text, "  broker:    {b}");
+    let _ = writeln!(
+        text,
+        "  simulator: {sim_url}   (finAPI stand-in; call counts at {sim_url}/__sim/stats)"
+    );
+    let _ = writeln!(text, "\nStandalone flow (Process Controller):");
+    let _ = writeln!(
+        text,
+        "  curl -s -X POST {b}/kyc-sessions -H 'Content-Type: application/json' \\\n    -d '{{\"flow\":\"standalone\",\"clientReference\":\"customer-4711\"}}'"
+    );
+    let _ = writeln!(text, "\nAccess flow (new finAPI user):");
+    let _ = writeln!(
+        text,
+        "  curl -s -X POST {b}/kyc-sessions -H 'Content-Type: application/json' \\\n    -d '{{\"flow\":\"access\",\"email\":\"jane@example.com\"}}'"
+    );
+    let _ = writeln!(text, "\nCheck a token with the simulator, then delete its user:");
+    let _ = writeln!(
+        text,
+        "  curl -s {sim_url}/api/v2/users -H \"Authorization: Bearer $TOKEN\""
+    );
+    let _ = writeln!(
+        text,
+        "  curl -s -i -X DELETE {b}/kyc-sessions/current -H \"Authorization: Bearer $TOKEN\""
+    );
+    let _ = write!(text, "\nPress Ctrl-C to stop.");
+    text
+}

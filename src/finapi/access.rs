@@ -1,0 +1,133 @@
+//! finAPI Access: OAuth tokens and users (`/api/v2`).
+
+use std::sync::Arc;
+
+use reqwest::StatusCode;
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    AccessToken, ClientCredentials, InvalidBaseUrl, NewUser, Step, TokenBody, UpstreamError,
+    decode, endpoint, send,
+};
+
+/// Client of finAPI Access. Cheap to clone: the HTTP connection pool is shared.
+#[derive(Clone)]
+pub struct AccessClient {
+    http: reqwest::Client,
+    token_url: reqwest::Url,
+    users_url: reqwest::Url,
+    credentials: Arc<ClientCredentials>,
+}
+
+impl AccessClient {
+    /// A client for the Access service at `base_url`, acting as the given finAPI client.
+    pub fn new(
+        http: reqwest::Client,
+        base_url: &str,
+        credentials: Arc<ClientCredentials>,
+    ) -> Result<Self, InvalidBaseUrl> {
+        Ok(Self {
+            http,
+            token_url: endpoint(base_url, "/api/v2/oauth/token")?,
+            users_url: endpoint(base_url, "/api/v2/users")?,
+            credentials,
+        })
+    }
+
+    /// The finAPI client id this client acts as.
+    pub fn client_id(&self) -> &str {
+        &self.credentials.client_id
+    }
+
+    /// `grant_type=client_credentials`: a client token.
+    pub async fn client_token(&self, request_id: &str) -> Result<AccessToken, UpstreamError> {
+        self.token(Step::ClientToken, &[("grant_type", "client_credentials")], request_id)
+            .await
+    }
+
+    /// `grant_type=password`: a token for the given user.
+    pub async fn user_token(
+        &self,
+        user_id: &str,
+        password: &SecretString,
+        request_id: &str,
+    ) -> Result<AccessToken, UpstreamError> {
+        let params = [
+            ("grant_type", "password"),
+            ("username", user_id),
+            ("password", password.expose_secret()),
+        ];
+        self.token(Step::UserToken, &params, request_id).await
+    }
+
+    async fn token(
+        &self,
+        step: Step,
+        params: &[(&str, &str)],
+        request_id: &str,
+    ) -> Result<AccessToken, UpstreamError> {
+        let mut form: Vec<(&str, &str)> = Vec::with_capacity(params.len() + 2);
+        form.extend_from_slice(params);
+        form.push(("client_id", &self.credentials.client_id));
+        form.push(("client_secret", self.credentials.client_secret.expose_secret()));
+        let request = self.http.post(self.token_url.clone()).form(&form);
+        let response = send(step, request, request_id, StatusCode::OK).await?;
+        Ok(decode::<TokenBody>(step, response).await?.into())
+    }
+
+    /// `POST /api/v2/users` with a client token. Returns the id finAPI stored.
+    pub async fn create_user(
+        &self,
+        client_token: &SecretString,
+        user: &NewUser,
+        request_id: &str,
+    ) -> Result<String, UpstreamError> {
+        let body = CreateUserBody {
+            id: &user.id,
+            password: user.password.expose_secret(),
+            email: user.email.as_deref(),
+            phone: user.phone.as_deref(),
+            is_auto_update_enabled: false,
+        };
+        let request = self
+            .http
+            .post(self.users_url.clone())
+            .bearer_auth(client_token.expose_secret())
+            .json(&body);
+        let response = send(Step::CreateUser, request, request_id, StatusCode::CREATED).await?;
+        // The answer repeats the password in plain text; only the id is read from it.
+        Ok(decode::<CreatedUser>(Step::CreateUser, response).await?.id)
+    }
+
+    /// `DELETE /api/v2/users`: deletes the user the token belongs to.
+    pub async fn delete_user(
+        &self,
+        user_token: &SecretString,
+        request_id: &str,
+    ) -> Result<(), UpstreamError> {
+        let request = self
+            .http
+            .delete(self.users_url.clone())
+            .bearer_auth(user_token.expose_secret());
+        send(Step::DeleteUser, request, request_id, StatusCode::OK).await?;
+        Ok(())
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CreateUserBody<'a> {
+    id: &'a str,
+    password: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    email: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    phone: Option<&'a str>,
+    is_auto_update_enabled: bool,
+}
+
+#[derive(Deserialize)]
+struct CreatedUser {
+    id: String,
+}

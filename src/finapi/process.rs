@@ -1,0 +1,116 @@
+//! finAPI Process Controller: standalone GiroIdent processes (`/api/v1/processes`).
+
+use std::sync::Arc;
+
+use reqwest::StatusCode;
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+
+use super::{ClientCredentials, InvalidBaseUrl, Step, UpstreamError, decode, endpoint, send};
+
+/// Client of the finAPI Process Controller. Cheap to clone.
+#[derive(Clone)]
+pub struct ProcessControllerClient {
+    http: reqwest::Client,
+    processes_url: reqwest::Url,
+    credentials: Arc<ClientCredentials>,
+}
+
+impl ProcessControllerClient {
+    /// A client for the Process Controller at `base_url`, acting as the given finAPI client.
+    pub fn new(
+        http: reqwest::Client,
+        base_url: &str,
+        credentials: Arc<ClientCredentials>,
+    ) -> Result<Self, InvalidBaseUrl> {
+        Ok(Self {
+            http,
+            processes_url: endpoint(base_url, "/api/v1/processes")?,
+            credentials,
+        })
+    }
+
+    /// `POST /api/v1/processes` for one client reference; returns its process token.
+    pub async fn create_process(
+        &self,
+        client_reference: &str,
+        process_id: &str,
+        request_id: &str,
+    ) -> Result<SecretString, UpstreamError> {
+        let step = Step::CreateProcess;
+        let body = CreateProcessBody {
+            client_id: &self.credentials.client_id,
+            client_secret: self.credentials.client_secret.expose_secret(),
+            client_references: [ClientReferenceBody { client_reference }],
+            process_id,
+        };
+        let request = self.http.post(self.processes_url.clone()).json(&body);
+        let response = send(step, request, request_id, StatusCode::CREATED).await?;
+        let created: CreatedProcesses = decode(step, response).await?;
+        created
+            .processes
+            .into_iter()
+            .find(|p| p.client_reference.as_deref().is_none_or(|r| r == client_reference))
+            .map(|p| p.process_token)
+            .ok_or(UpstreamError::Protocol {
+                step,
+                detail: "no process for the client reference",
+            })
+    }
+
+    /// `GET /api/v1/processes/{processToken}?invalidate=…`: the user access token. Not
+    /// idempotent: with `invalidate=true` the process token is spent by the first exchange.
+    pub async fn exchange_process_token(
+        &self,
+        process_token: &SecretString,
+        invalidate: bool,
+        request_id: &str,
+    ) -> Result<SecretString, UpstreamError> {
+        let step = Step::ExchangeProcessToken;
+        let mut url = self.processes_url.clone();
+        url.path_segments_mut()
+            .map_err(|()| UpstreamError::Protocol {
+                step,
+                detail: "base URL cannot take a path",
+            })?
+            .push(process_token.expose_secret());
+        url.query_pairs_mut()
+            .append_pair("invalidate", if invalidate { "true" } else { "false" });
+        let response = send(step, self.http.get(url), request_id, StatusCode::OK).await?;
+        Ok(decode::<ExchangedToken>(step, response).await?.access_token)
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CreateProcessBody<'a> {
+    client_id: &'a str,
+    client_secret: &'a str,
+    client_references: [ClientReferenceBody<'a>; 1],
+    process_id: &'a str,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ClientReferenceBody<'a> {
+    client_reference: &'a str,
+}
+
+#[derive(Deserialize)]
+struct CreatedProcesses {
+    processes: Vec<CreatedProcess>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CreatedProcess {
+    #[serde(default)]
+    client_reference: Option<String>,
+    process_token: SecretString,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ExchangedToken {
+    access_token: SecretString,
+}

@@ -1,0 +1,164 @@
+//! Validated inputs of the flows. Whatever a caller sends passes through one of these parsers
+//! before it can reach finAPI.
+
+use std::fmt;
+
+/// Why an input value was refused. The message names the rule, never echoes the value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidInput {
+    /// The request field.
+    pub field: &'static str,
+    /// The rule it broke.
+    pub rule: &'static str,
+}
+
+impl fmt::Display for InvalidInput {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.field, self.rule)
+    }
+}
+
+impl std::error::Error for InvalidInput {}
+
+/// Longest accepted `clientReference`.
+pub const CLIENT_REFERENCE_MAX: usize = 128;
+/// Longest accepted `email` (finAPI's limit).
+pub const EMAIL_MAX: usize = 320;
+/// Longest accepted `phone` (finAPI's limit).
+pub const PHONE_MAX: usize = 50;
+
+/// The caller's reference for a standalone process: 1 to 128 characters of
+/// `A-Z a-z 0-9 - _ . : @ +`. finAPI documents no format; this set keeps customer numbers,
+/// UUIDs and e-mail-like references while excluding anything that could break a log line or a
+/// header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientReference(String);
+
+impl ClientReference {
+    /// Checks a caller-given reference.
+    pub fn parse(value: &str) -> Result<Self, InvalidInput> {
+        let invalid = |rule| InvalidInput {
+            field: "clientReference",
+            rule,
+        };
+        if value.is_empty() {
+            return Err(invalid("must not be empty"));
+        }
+        if value.len() > CLIENT_REFERENCE_MAX {
+            return Err(invalid("must be at most 128 characters"));
+        }
+        if !value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:@+".contains(&b))
+        {
+            return Err(invalid("may contain only A-Z a-z 0-9 - _ . : @ +"));
+        }
+        Ok(Self(value.to_owned()))
+    }
+
+    /// The reference.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// An e-mail address for a new finAPI user: at most 320 characters, one `@` with text on both
+/// sides, no white space or control characters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Email(String);
+
+impl Email {
+    /// Checks a caller-given address.
+    pub fn parse(value: &str) -> Result<Self, InvalidInput> {
+        let invalid = |rule| InvalidInput {
+            field: "email",
+            rule,
+        };
+        if value.chars().count() > EMAIL_MAX {
+            return Err(invalid("must be at most 320 characters"));
+        }
+        if value
+            .chars()
+            .any(|c| c.is_control() || c.is_whitespace())
+        {
+            return Err(invalid("must not contain white space or control characters"));
+        }
+        match value.split_once('@') {
+            Some((local, domain))
+                if !local.is_empty() && !domain.is_empty() && !domain.contains('@') =>
+            {
+                Ok(Self(value.to_owned()))
+            }
+            _ => Err(invalid("must be an address like name@example.com")),
+        }
+    }
+
+    /// The address.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A phone number for a new finAPI user: at most 50 characters of digits, spaces and
+/// `+ - ( ) /`, with at least one digit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Phone(String);
+
+impl Phone {
+    /// Checks a caller-given number.
+    pub fn parse(value: &str) -> Result<Self, InvalidInput> {
+        let invalid = |rule| InvalidInput {
+            field: "phone",
+            rule,
+        };
+        if value.len() > PHONE_MAX {
+            return Err(invalid("must be at most 50 characters"));
+        }
+        if !value
+            .bytes()
+            .all(|b| b.is_ascii_digit() || b" +-()/".contains(&b))
+            || !value.bytes().any(|b| b.is_ascii_digit())
+        {
+            return Err(invalid("must be digits, spaces and + - ( ) /"));
+        }
+        Ok(Self(value.to_owned()))
+    }
+
+    /// The number.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_reference_rules() {
+        assert!(ClientReference::parse("customer-4711").is_ok());
+        assert!(ClientReference::parse("a.b_c:d@e+f").is_ok());
+        assert!(ClientReference::parse(&"x".repeat(128)).is_ok());
+        for bad in ["", "with space", "crlf\r\nX-Evil: 1", "ümlaut", "a/b", &"x".repeat(129)] {
+            assert!(ClientReference::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn email_rules() {
+        assert!(Email::parse("jane@example.com").is_ok());
+        for bad in ["", "jane", "@example.com", "jane@", "a@b@c", "ja ne@x.de", "j\n@x.de"] {
+            assert!(Email::parse(bad).is_err(), "{bad:?} accepted");
+        }
+        let long = format!("{}@example.com", "a".repeat(320));
+        assert!(Email::parse(&long).is_err());
+    }
+
+    #[test]
+    fn phone_rules() {
+        assert!(Phone::parse("+49 (89) 123-456/7").is_ok());
+        for bad in ["", "call me", "+", "123\r\n", &"1".repeat(51)] {
+            assert!(Phone::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}

@@ -1,0 +1,210 @@
+//! The two GiroIdent flows. They call the finAPI clients and the token cache, and know nothing
+//! of HTTP on the broker's side.
+
+mod access;
+pub mod input;
+mod standalone;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use secrecy::SecretString;
+
+use crate::config::{FlowKind, Settings};
+use crate::finapi::{
+    AccessClient, ClientCredentials, InvalidBaseUrl, ProcessControllerClient, Step, UpstreamError,
+};
+use crate::token_cache::{ClientTokenCache, TokenError};
+
+pub use input::{ClientReference, Email, InvalidInput, Phone};
+
+/// What a flow needs to know about the request it serves.
+#[derive(Debug, Clone)]
+pub struct RequestContext {
+    /// The request id, passed to finAPI as `X-Request-Id`.
+    pub request_id: String,
+}
+
+/// A started KYC session: what the caller gets.
+#[derive(Debug)]
+pub struct KycSession {
+    /// The user's access token, for GiroIdent.
+    pub access_token: SecretString,
+    /// `bearer`.
+    pub token_type: String,
+    /// Seconds the token is valid, where finAPI says so (the process exchange does not).
+    pub expires_in: Option<u64>,
+    /// The flow that ran.
+    pub flow: FlowKind,
+    /// The finAPI user id (access flow only).
+    pub user_id: Option<String>,
+}
+
+/// A flow request, validated.
+#[derive(Debug, Clone)]
+pub enum SessionRequest {
+    /// Process Controller flow.
+    Standalone {
+        /// The caller's reference for the process.
+        client_reference: ClientReference,
+    },
+    /// Access flow.
+    Access {
+        /// Optional e-mail of the new user.
+        email: Option<Email>,
+        /// Optional phone of the new user.
+        phone: Option<Phone>,
+    },
+}
+
+/// Why a flow failed. Upstream causes are shared (`Arc`) because one failed client-token fetch
+/// is the cause of every request that waited for it.
+#[derive(Debug, thiserror::Error)]
+pub enum FlowError {
+    /// finAPI refused the broker's client credentials: the broker is misconfigured.
+    #[error("finAPI refused the client credentials")]
+    ClientCredentialsRejected(#[source] Arc<UpstreamError>),
+    /// finAPI refused a freshly fetched client token too.
+    #[error("finAPI refused a fresh client token")]
+    ClientTokenRejected(#[source] Arc<UpstreamError>),
+    /// The user token given for deletion is unknown, expired or already deleted.
+    #[error("finAPI refused the user token")]
+    UserTokenRejected(#[source] Arc<UpstreamError>),
+    /// The token given for deletion is not a user token.
+    #[error("the token is not a user token")]
+    NotAUserToken(#[source] Arc<UpstreamError>),
+    /// finAPI keeps the user locked (a bank connection is busy).
+    #[error("the finAPI user is locked")]
+    UserLocked(#[source] Arc<UpstreamError>),
+    /// Any other upstream failure.
+    #[error(transparent)]
+    Upstream(Arc<UpstreamError>),
+    /// The client-token fetch task died.
+    #[error("the client-token fetch was aborted")]
+    TokenFetchAborted,
+    /// The OS random source failed, so no password could be made.
+    #[error("the OS random source failed")]
+    NoRandomness,
+}
+
+impl From<UpstreamError> for FlowError {
+    fn from(err: UpstreamError) -> Self {
+        Self::Upstream(Arc::new(err))
+    }
+}
+
+impl From<TokenError> for FlowError {
+    fn from(err: TokenError) -> Self {
+        match err {
+            TokenError::Fetch(err) => classify_credentials_call(err),
+            TokenError::Aborted => Self::TokenFetchAborted,
+        }
+    }
+}
+
+impl FlowError {
+    /// The upstream error behind this one, if any.
+    pub fn upstream(&self) -> Option<&UpstreamError> {
+        match self {
+            Self::ClientCredentialsRejected(e)
+            | Self::ClientTokenRejected(e)
+            | Self::UserTokenRejected(e)
+            | Self::NotAUserToken(e)
+            | Self::UserLocked(e)
+            | Self::Upstream(e) => Some(e),
+            Self::TokenFetchAborted | Self::NoRandomness => None,
+        }
+    }
+}
+
+/// A call authenticated with the client id and secret answered: a 401 means the credentials
+/// are wrong.
+fn classify_credentials_call(err: impl Into<Arc<UpstreamError>>) -> FlowError {
+    let err = err.into();
+    if is_unauthorized(&err) {
+        FlowError::ClientCredentialsRejected(err)
+    } else {
+        FlowError::Upstream(err)
+    }
+}
+
+/// Runs the GiroIdent flows. Built once at start-up; shared by all requests.
+pub struct Flows {
+    access: AccessClient,
+    processes: ProcessControllerClient,
+    tokens: ClientTokenCache,
+    process_id: String,
+    invalidate_process_token: bool,
+}
+
+impl Flows {
+    /// Builds the upstream clients and the token cache from validated settings.
+    pub fn new(settings: &Settings, http: reqwest::Client) -> Result<Self, InvalidBaseUrl> {
+        let f = &settings.finapi;
+        let credentials = Arc::new(ClientCredentials {
+            client_id: f.client_id.clone(),
+            client_secret: f
+                .client_secret
+                .clone()
+                .unwrap_or_else(|| SecretString::from(String::new())),
+        });
+        let access = AccessClient::new(http.clone(), &f.access_url, credentials.clone())?;
+        let processes = ProcessControllerClient::new(http, &f.process_controller_url, credentials)?;
+        let tokens = ClientTokenCache::new(
+            access.clone(),
+            Duration::from_secs(settings.token_cache.safety_margin_secs),
+        );
+        Ok(Self {
+            access,
+            processes,
+            tokens,
+            process_id: settings.flows.process_id.clone(),
+            invalidate_process_token: settings.flows.invalidate_process_token,
+        })
+    }
+
+    /// Runs the requested flow.
+    pub async fn start_session(
+        &self,
+        request: SessionRequest,
+        ctx: &RequestContext,
+    ) -> Result<KycSession, FlowError> {
+        match request {
+            SessionRequest::Standalone { client_reference } => {
+                self.standalone(&client_reference, ctx).await
+            }
+            SessionRequest::Access { email, phone } => self.access(email, phone, ctx).await,
+        }
+    }
+
+    /// Deletes the finAPI user the given user token belongs to.
+    pub async fn delete_user(
+        &self,
+        user_token: &SecretString,
+        ctx: &RequestContext,
+    ) -> Result<(), FlowError> {
+        self.access
+            .delete_user(user_token, &ctx.request_id)
+            .await
+            .map_err(|err| {
+                let status = err.status().map(|s| s.as_u16());
+                let err = Arc::new(err);
+                match status {
+                    Some(401) => FlowError::UserTokenRejected(err),
+                    Some(403) => FlowError::NotAUserToken(err),
+                    Some(423) => FlowError::UserLocked(err),
+                    _ => FlowError::Upstream(err),
+                }
+            })
+    }
+}
+
+/// Whether an error is finAPI refusing the bearer token of a call.
+fn is_unauthorized(err: &UpstreamError) -> bool {
+    err.status() == Some(reqwest::StatusCode::UNAUTHORIZED)
+}
+
+/// The step a failed flow stopped at, for logs.
+pub fn failed_step(err: &FlowError) -> Option<Step> {
+    err.upstream().map(UpstreamError::step)
+}

@@ -1,0 +1,208 @@
+//! Shared setup of the integration tests: the real simulator and the real broker, both on
+//! 127.0.0.1 port 0, talking over real sockets.
+#![allow(dead_code)] // each test binary uses a different part of this module
+
+use std::time::Duration;
+
+use giroident_broker::config::Settings;
+use giroident_broker::demo::settings_for_simulator;
+use giroident_broker::sim::{self, SimConfig, SimHandle};
+use giroident_broker::startup::Application;
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// A running simulator and a broker pointed at it.
+pub struct TestEnv {
+    pub sim: SimHandle,
+    pub broker_url: String,
+    pub http: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+/// Settings for a broker in front of `sim`, with the demo client.
+pub fn settings_for(sim: &SimHandle) -> Settings {
+    settings_for_simulator("127.0.0.1:0".parse().unwrap(), &sim.base_url()).unwrap()
+}
+
+impl TestEnv {
+    /// Default simulator, default broker settings.
+    pub async fn start() -> Self {
+        Self::with(SimConfig::default(), |_| {}).await
+    }
+
+    /// A simulator with `sim_config`, and a broker whose settings `tweak` may change.
+    pub async fn with(sim_config: SimConfig, tweak: impl FnOnce(&mut Settings)) -> Self {
+        let sim = sim::start(sim_config).await.expect("simulator starts");
+        let mut settings = settings_for(&sim);
+        tweak(&mut settings);
+        Self::with_settings(sim, &settings).await
+    }
+
+    /// A broker built from `settings`, in front of `sim`.
+    pub async fn with_settings(sim: SimHandle, settings: &Settings) -> Self {
+        let app = Application::build(settings).await.expect("broker starts");
+        let broker_url = format!("http://{}", app.local_addr());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(app.run_until_stopped(async {
+            let _ = stopped.await;
+        }));
+        Self {
+            sim,
+            broker_url,
+            http: reqwest::Client::new(),
+            stop: Some(stop),
+            server: Some(server),
+        }
+    }
+
+    /// `POST /kyc-sessions` with a JSON body.
+    pub async fn start_session(&self, body: Value) -> reqwest::Response {
+        self.http
+            .post(format!("{}/kyc-sessions", self.broker_url))
+            .json(&body)
+            .send()
+            .await
+            .expect("broker answers")
+    }
+
+    /// A standalone session that must succeed; returns its JSON body.
+    pub async fn standalone_session(&self, reference: &str) -> Value {
+        let response = self
+            .start_session(json!({"flow": "standalone", "clientReference": reference}))
+            .await;
+        expect_created(response).await
+    }
+
+    /// An access session that must succeed; returns its JSON body.
+    pub async fn access_session(&self) -> Value {
+        expect_created(self.start_session(json!({"flow": "access"})).await).await
+    }
+
+    /// `DELETE /kyc-sessions/current` with a bearer token.
+    pub async fn delete_current(&self, token: &str) -> reqwest::Response {
+        self.http
+            .delete(format!("{}/kyc-sessions/current", self.broker_url))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("broker answers")
+    }
+
+    /// `GET /api/v2/users` on the simulator: proves whether a user token works.
+    pub async fn sim_user(&self, token: &str) -> reqwest::Response {
+        self.http
+            .get(format!("{}/api/v2/users", self.sim.base_url()))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("simulator answers")
+    }
+
+    /// A client token straight from the simulator, for tests that need a non-user token.
+    pub async fn sim_client_token(&self) -> String {
+        let body: Value = self
+            .http
+            .post(format!("{}/api/v2/oauth/token", self.sim.base_url()))
+            .form(&[
+                ("grant_type", "client_credentials"),
+                ("client_id", sim::DEMO_CLIENT_ID),
+                ("client_secret", sim::DEMO_CLIENT_SECRET),
+            ])
+            .send()
+            .await
+            .expect("simulator answers")
+            .json()
+            .await
+            .expect("token JSON");
+        body["access_token"].as_str().expect("token").to_owned()
+    }
+
+    /// How many calls of `endpoint` (a stats key) the simulator answered with `status`.
+    pub fn calls(&self, endpoint: &str, status: &str) -> u64 {
+        self.sim
+            .stats()
+            .get(endpoint)
+            .and_then(|by_status| by_status.get(status))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// How many calls of `endpoint` the simulator saw, whatever their outcome.
+    pub fn all_calls(&self, endpoint: &str) -> u64 {
+        self.sim
+            .stats()
+            .get(endpoint)
+            .map(|by_status| by_status.values().sum())
+            .unwrap_or(0)
+    }
+
+    /// Stops the broker (after its drain period) and the simulator.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.await.expect("broker task").expect("broker stops");
+        }
+    }
+}
+
+pub const CLIENT_TOKEN: &str = "POST /api/v2/oauth/token client_credentials";
+pub const PASSWORD_TOKEN: &str = "POST /api/v2/oauth/token password";
+pub const CREATE_USER: &str = "POST /api/v2/users";
+pub const CREATE_PROCESS: &str = "POST /api/v1/processes";
+pub const EXCHANGE: &str = "GET /api/v1/processes/{processToken}";
+
+/// Asserts a `201` with the token headers and returns the body.
+pub async fn expect_created(response: reqwest::Response) -> Value {
+    let status = response.status();
+    let cache_control = response
+        .headers()
+        .get("cache-control")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let body: Value = response.json().await.expect("JSON body");
+    assert_eq!(status, 201, "unexpected answer: {body}");
+    assert_eq!(cache_control.as_deref(), Some("no-store"));
+    body
+}
+
+/// Asserts a problem answer with `status` and `code`, and returns its body.
+pub async fn expect_problem(response: reqwest::Response, status: u16, code: &str) -> Value {
+    let got = response.status().as_u16();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let echoed_id = response
+        .headers()
+        .get("x-request-id")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let text = response.text().await.expect("body");
+    assert_eq!(got, status, "unexpected answer: {text}");
+    assert_eq!(
+        content_type.as_deref(),
+        Some("application/problem+json"),
+        "{text}"
+    );
+    let body: Value = serde_json::from_str(&text).expect("problem JSON");
+    assert_eq!(body["code"], code, "{body}");
+    assert_eq!(body["status"], status, "{body}");
+    assert!(body["title"].is_string(), "{body}");
+    assert!(body["type"].is_string(), "{body}");
+    assert_eq!(body["requestId"].as_str(), echoed_id.as_deref(), "{body}");
+    body
+}
+
+/// Polls `condition` until it holds or `within` passes.
+pub async fn eventually(within: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
+        if condition() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    condition()
+}
