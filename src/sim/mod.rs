@@ -1,1 +1,226 @@
 //! A local simulator of the finAPI endpoints the broker uses (see `finapi-reference.md`).
+//!
+//! It is written from the reference alone and imports nothing else of this crate, so that the
+//! broker and its tests cannot misread finAPI the same way. Start it with [`start`] (tests,
+//! demos) or [`run`] (the `sim` subcommand); steer it through [`SimHandle`] or the admin API:
+//!
+//! | call | effect |
+//! |---|---|
+//! | `GET /__sim/faults` | the active [`FaultRule`]s |
+//! | `POST /__sim/faults` | adds one rule (JSON), `201`; `400` for an invalid rule |
+//! | `DELETE /__sim/faults` | removes all rules, `204` |
+//! | `POST /__sim/revoke-tokens` | invalidates every access and refresh token, `204` |
+//! | `GET /__sim/stats` | [`Stats`] as JSON |
+//! | `DELETE /__sim/stats` | resets the stats, `204` |
+
+mod admin;
+mod api;
+mod faults;
+mod layer;
+mod state;
+mod stats;
+mod wire;
+
+use std::future::Future;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::{get, post};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub use faults::{ANY_ENDPOINT, FaultRule};
+pub(crate) use layer::Endpoint;
+#[cfg(test)]
+pub(crate) use layer::Grant;
+pub use state::SimState;
+pub use stats::Stats;
+
+/// Id of the client a default [`SimConfig`] knows.
+pub const DEMO_CLIENT_ID: &str = "demo-client";
+/// Secret of the client a default [`SimConfig`] knows.
+pub const DEMO_CLIENT_SECRET: &str = "demo-client-secret";
+
+/// How often expired tokens, users and processes are dropped.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Configuration of one simulator.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    /// Address to listen on; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// The finAPI clients the simulator knows.
+    pub clients: Vec<SimClient>,
+    /// Lifetime of client tokens; `Duration::ZERO` means they never expire (`expires_in` 0).
+    pub client_token_ttl: Duration,
+    /// Lifetime of user tokens; `Duration::ZERO` means they never expire (`expires_in` 0).
+    pub user_token_ttl: Duration,
+    /// How long a process token can be exchanged; `Duration::ZERO` means forever.
+    pub process_token_ttl: Duration,
+    /// Bound of each table (users, tokens, processes). When a table is full, expired entries
+    /// are swept; if it is still full the call answers `500 UNEXPECTED_ERROR`.
+    pub max_entries: usize,
+    /// Fault rules active from the start.
+    pub faults: Vec<FaultRule>,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            clients: vec![SimClient {
+                id: DEMO_CLIENT_ID.to_owned(),
+                secret: DEMO_CLIENT_SECRET.to_owned(),
+            }],
+            client_token_ttl: Duration::from_secs(3600),
+            user_token_ttl: Duration::from_secs(3600),
+            process_token_ttl: Duration::from_secs(7 * 24 * 3600),
+            max_entries: 1_000_000,
+            faults: Vec::new(),
+        }
+    }
+}
+
+/// A finAPI client known to the simulator.
+#[derive(Clone, Debug)]
+pub struct SimClient {
+    /// `client_id`.
+    pub id: String,
+    /// `client_secret`.
+    pub secret: String,
+}
+
+/// The simulator's routes, finAPI's and `/__sim/`, for in-process use. Expired entries are
+/// swept when tables fill up; [`start`] also sweeps periodically.
+pub fn router(state: SimState) -> Router {
+    Router::new()
+        .route("/api/v1/processes", post(api::create_processes))
+        .route(
+            "/api/v1/processes/{process_token}",
+            get(api::exchange_process),
+        )
+        .route("/api/v2/oauth/token", post(api::token))
+        .route(
+            "/api/v2/users",
+            post(api::create_user)
+                .get(api::get_user)
+                .delete(api::delete_user),
+        )
+        .merge(admin::router())
+        .fallback(api::not_found)
+        .method_not_allowed_fallback(api::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            layer::around,
+        ))
+        .with_state(state)
+}
+
+/// Binds `config.listen` and serves the simulator in a background task until
+/// [`SimHandle::shutdown`] is called or the handle is dropped.
+pub async fn start(config: SimConfig) -> io::Result<SimHandle> {
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    let addr = listener.local_addr()?;
+    let state = SimState::new(&config);
+    let app = router(state.clone());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let sweeper_state = state.clone();
+    let server = tokio::spawn(async move {
+        let serve = axum::serve(listener, app).with_graceful_shutdown(async {
+            // A dropped handle stops the simulator too.
+            let _ = stopped.await;
+        });
+        tokio::select! {
+            result = serve.into_future() => result,
+            () = sweep_forever(sweeper_state) => Ok(()),
+        }
+    });
+    tracing::info!(%addr, "finAPI simulator listening");
+    Ok(SimHandle {
+        addr,
+        state,
+        stop,
+        server,
+    })
+}
+
+/// Runs a simulator until `shutdown` completes, then stops it gracefully; for the `sim`
+/// subcommand, e.g. `run(config, async { let _ = tokio::signal::ctrl_c().await; })`.
+pub async fn run(config: SimConfig, shutdown: impl Future<Output = ()>) -> io::Result<()> {
+    let handle = start(config).await?;
+    shutdown.await;
+    handle.shutdown().await;
+    Ok(())
+}
+
+async fn sweep_forever(state: SimState) {
+    let mut interval = tokio::time::interval(SWEEP_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        state.sweep();
+    }
+}
+
+/// A running simulator.
+pub struct SimHandle {
+    addr: SocketAddr,
+    state: SimState,
+    stop: oneshot::Sender<()>,
+    server: JoinHandle<io::Result<()>>,
+}
+
+impl SimHandle {
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://IP:PORT`, to use as both the Access and the Process Controller base URL.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The shared state, e.g. to serve the same simulator through [`router`] as well.
+    pub fn state(&self) -> &SimState {
+        &self.state
+    }
+
+    /// A snapshot of the counters, as `GET /__sim/stats` shows them.
+    pub fn stats(&self) -> Stats {
+        self.state.stats()
+    }
+
+    /// Sets all counters back to zero.
+    pub fn reset_stats(&self) {
+        self.state.reset_stats();
+    }
+
+    /// Adds a fault rule. Unlike `POST /__sim/faults` this does not validate it; see
+    /// [`FaultRule::validate`].
+    pub fn add_fault(&self, rule: FaultRule) {
+        self.state.add_fault(rule);
+    }
+
+    /// Removes every fault rule.
+    pub fn clear_faults(&self) {
+        self.state.clear_faults();
+    }
+
+    /// Invalidates every issued access and refresh token, as if finAPI had revoked them.
+    pub fn revoke_all_tokens(&self) {
+        self.state.revoke_all_tokens();
+    }
+
+    /// Stops accepting connections and waits for open requests to finish.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(());
+        match self.server.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "finAPI simulator stopped with an error"),
+            Err(error) => tracing::warn!(%error, "finAPI simulator task failed"),
+        }
+    }
+}

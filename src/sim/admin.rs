@@ -1,0 +1,56 @@
+//! The simulator's own control API under `/__sim/`; not counted in stats, never faulted.
+
+use axum::extract::State;
+use axum::extract::rejection::JsonRejection;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+
+use super::faults::FaultRule;
+use super::state::SimState;
+use super::stats::Stats;
+use super::wire::ApiError;
+
+pub(crate) fn router() -> Router<SimState> {
+    Router::new()
+        .route(
+            "/__sim/faults",
+            get(list_faults).post(add_fault).delete(clear_faults),
+        )
+        .route("/__sim/revoke-tokens", post(revoke_tokens))
+        .route("/__sim/stats", get(stats).delete(reset_stats))
+}
+
+async fn list_faults(State(state): State<SimState>) -> Json<Vec<FaultRule>> {
+    Json(state.faults().list())
+}
+
+async fn add_fault(
+    State(state): State<SimState>,
+    rule: Result<Json<FaultRule>, JsonRejection>,
+) -> Result<(StatusCode, Json<FaultRule>), ApiError> {
+    let Json(rule) = rule.map_err(|rejection| ApiError::bad_request(&rejection.body_text()))?;
+    rule.validate()
+        .map_err(|message| ApiError::bad_request(&message))?;
+    state.faults().add(rule.clone());
+    Ok((StatusCode::CREATED, Json(rule)))
+}
+
+async fn clear_faults(State(state): State<SimState>) -> StatusCode {
+    state.faults().clear();
+    StatusCode::NO_CONTENT
+}
+
+async fn revoke_tokens(State(state): State<SimState>) -> StatusCode {
+    state.revoke_all_tokens();
+    StatusCode::NO_CONTENT
+}
+
+async fn stats(State(state): State<SimState>) -> Json<Stats> {
+    Json(state.counters().snapshot())
+}
+
+async fn reset_stats(State(state): State<SimState>) -> StatusCode {
+    state.counters().reset();
+    StatusCode::NO_CONTENT
+}

@@ -1,0 +1,272 @@
+//! Fault injection: rules that delay, fail or drop matching finAPI calls.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::Endpoint;
+
+/// `endpoint` value of a rule that matches every simulated finAPI endpoint.
+pub const ANY_ENDPOINT: &str = "*";
+
+/// One fault rule, as accepted by `POST /__sim/faults` and [`super::SimHandle::add_fault`].
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FaultRule {
+    /// A stats key such as `"POST /api/v2/users"`; `"POST /api/v2/oauth/token"` matches every
+    /// grant, `"POST /api/v2/oauth/token client_credentials"` one grant; `"*"` matches all.
+    pub endpoint: String,
+    /// Delay added before the request is handled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<u64>,
+    /// Answer this status (400..=599) instead of handling the request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// Seconds sent as `Retry-After` together with `status`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<u64>,
+    /// Close the connection without any response, without handling the request.
+    #[serde(default)]
+    pub drop_connection: bool,
+    /// Handle the request for real, then close the connection without a response.
+    #[serde(default)]
+    pub drop_after_handling: bool,
+    /// Share of matching calls affected, 0..=1; all of them when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probability: Option<f64>,
+    /// Affect only the next N matching calls, then the rule is removed. In a listing this is
+    /// the number of calls left.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
+}
+
+impl FaultRule {
+    /// Checks the rule as the admin API does; the message names the offending field.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.endpoint != ANY_ENDPOINT
+            && self.endpoint != Endpoint::TOKEN_ANY_GRANT
+            && !Endpoint::ALL_KEYS.contains(&self.endpoint.as_str())
+        {
+            return Err(format!(
+                "endpoint must be \"*\", \"{}\" or one of {:?}",
+                Endpoint::TOKEN_ANY_GRANT,
+                Endpoint::ALL_KEYS
+            ));
+        }
+        if let Some(status) = self.status
+            && !(400..=599).contains(&status)
+        {
+            return Err("status must be within 400..=599".to_owned());
+        }
+        if self.retry_after.is_some() && self.status.is_none() {
+            return Err("retryAfter needs status".to_owned());
+        }
+        let outcomes = [
+            self.status.is_some(),
+            self.drop_connection,
+            self.drop_after_handling,
+        ];
+        if outcomes.into_iter().filter(|set| *set).count() > 1 {
+            return Err(
+                "status, dropConnection and dropAfterHandling exclude each other".to_owned(),
+            );
+        }
+        if self.latency_ms.is_none() && !outcomes.contains(&true) {
+            return Err(
+                "a rule needs latencyMs, status, dropConnection or dropAfterHandling".to_owned(),
+            );
+        }
+        if let Some(probability) = self.probability
+            && !(0.0..=1.0).contains(&probability)
+        {
+            return Err("probability must be within 0..=1".to_owned());
+        }
+        if self.count == Some(0) {
+            return Err("count must be at least 1".to_owned());
+        }
+        Ok(())
+    }
+
+    fn matches(&self, endpoint: Endpoint) -> bool {
+        self.endpoint == ANY_ENDPOINT
+            || self.endpoint == endpoint.key()
+            || (self.endpoint == Endpoint::TOKEN_ANY_GRANT
+                && matches!(endpoint, Endpoint::Token(_)))
+    }
+
+    fn fires(&self) -> bool {
+        match self.probability {
+            None => true,
+            Some(p) if p >= 1.0 => true,
+            Some(p) if p <= 0.0 => false,
+            // A failing random source affects nobody rather than everybody.
+            Some(p) => getrandom::u64().is_ok_and(|r| (r >> 11) as f64 / (1u64 << 53) as f64 <= p),
+        }
+    }
+}
+
+/// What the faults decided for one request.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct FaultPlan {
+    pub latency: Duration,
+    pub action: FaultAction,
+}
+
+#[derive(Debug, Default, PartialEq)]
+pub(crate) enum FaultAction {
+    #[default]
+    Handle,
+    Answer {
+        status: u16,
+        retry_after: Option<u64>,
+    },
+    Drop,
+    HandleThenDrop,
+}
+
+/// The active rules, in the order they were added.
+#[derive(Default)]
+pub(crate) struct Faults {
+    rules: Mutex<Vec<FaultRule>>,
+}
+
+impl Faults {
+    pub(crate) fn new(rules: Vec<FaultRule>) -> Self {
+        Self {
+            rules: Mutex::new(rules),
+        }
+    }
+
+    pub(crate) fn add(&self, rule: FaultRule) {
+        self.lock().push(rule);
+    }
+
+    pub(crate) fn clear(&self) {
+        self.lock().clear();
+    }
+
+    pub(crate) fn list(&self) -> Vec<FaultRule> {
+        self.lock().clone()
+    }
+
+    /// Every matching rule that fires adds its latency; the first one with an outcome decides
+    /// it. A firing rule uses up one of its `count`.
+    pub(crate) fn plan(&self, endpoint: Endpoint) -> FaultPlan {
+        let mut rules = self.lock();
+        let mut plan = FaultPlan::default();
+        if rules.is_empty() {
+            return plan;
+        }
+        rules.retain_mut(|rule| {
+            if !rule.matches(endpoint) || !rule.fires() {
+                return true;
+            }
+            plan.latency += Duration::from_millis(rule.latency_ms.unwrap_or(0));
+            if plan.action == FaultAction::Handle {
+                plan.action = if let Some(status) = rule.status {
+                    FaultAction::Answer {
+                        status,
+                        retry_after: rule.retry_after,
+                    }
+                } else if rule.drop_connection {
+                    FaultAction::Drop
+                } else if rule.drop_after_handling {
+                    FaultAction::HandleThenDrop
+                } else {
+                    FaultAction::Handle
+                };
+            }
+            match &mut rule.count {
+                Some(left) => {
+                    *left = left.saturating_sub(1);
+                    *left > 0
+                }
+                None => true,
+            }
+        });
+        plan
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<FaultRule>> {
+        self.rules
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sim::Grant;
+
+    fn rule(endpoint: &str) -> FaultRule {
+        FaultRule {
+            endpoint: endpoint.to_owned(),
+            status: Some(503),
+            ..FaultRule::default()
+        }
+    }
+
+    #[test]
+    fn token_rule_without_grant_matches_every_grant() {
+        let faults = Faults::new(vec![rule(Endpoint::TOKEN_ANY_GRANT)]);
+        for grant in [None, Some(Grant::Password), Some(Grant::ClientCredentials)] {
+            assert_ne!(
+                faults.plan(Endpoint::Token(grant)).action,
+                FaultAction::Handle
+            );
+        }
+        assert_eq!(faults.plan(Endpoint::GetUser).action, FaultAction::Handle);
+    }
+
+    #[test]
+    fn counted_rule_is_removed_when_spent() {
+        let faults = Faults::new(vec![FaultRule {
+            count: Some(2),
+            ..rule("*")
+        }]);
+        faults.plan(Endpoint::GetUser);
+        assert_eq!(faults.list()[0].count, Some(1));
+        faults.plan(Endpoint::DeleteUser);
+        assert!(faults.list().is_empty());
+    }
+
+    #[test]
+    fn validation_rejects_nonsense() {
+        assert!(rule("*").validate().is_ok());
+        assert!(rule("GET /nowhere").validate().is_err());
+        assert!(
+            FaultRule {
+                status: Some(200),
+                ..rule("*")
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            FaultRule {
+                probability: Some(1.5),
+                ..rule("*")
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            FaultRule {
+                drop_connection: true,
+                ..rule("*")
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            FaultRule {
+                status: None,
+                ..rule("*")
+            }
+            .validate()
+            .is_err()
+        );
+    }
+}

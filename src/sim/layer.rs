@@ -1,0 +1,285 @@
+//! What every simulated call goes through: request ids, endpoint naming, fault injection,
+//! error rendering and stats.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::faults::FaultAction;
+use super::state::SimState;
+use super::stats::Outcome;
+use super::wire::ApiError;
+
+const REQUEST_ID: &str = "x-request-id";
+const MAX_REQUEST_ID_LEN: usize = 255;
+/// Token requests are small forms; the body is read here to learn the grant.
+const MAX_TOKEN_BODY: usize = 64 * 1024;
+
+/// `grant_type` of a token request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Grant {
+    ClientCredentials,
+    Password,
+    RefreshToken,
+}
+
+/// A simulated finAPI endpoint, as named in stats and fault rules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Endpoint {
+    CreateProcesses,
+    ExchangeProcess,
+    /// `None` for a missing or unsupported grant.
+    Token(Option<Grant>),
+    CreateUser,
+    GetUser,
+    DeleteUser,
+}
+
+impl Endpoint {
+    /// The token endpoint regardless of grant; also the key of a request without a known grant.
+    pub(crate) const TOKEN_ANY_GRANT: &str = "POST /api/v2/oauth/token";
+
+    /// Every stats key.
+    pub(crate) const ALL_KEYS: [&str; 9] = [
+        "POST /api/v1/processes",
+        "GET /api/v1/processes/{processToken}",
+        "POST /api/v2/oauth/token client_credentials",
+        "POST /api/v2/oauth/token password",
+        "POST /api/v2/oauth/token refresh_token",
+        Self::TOKEN_ANY_GRANT,
+        "POST /api/v2/users",
+        "GET /api/v2/users",
+        "DELETE /api/v2/users",
+    ];
+
+    /// The key in stats and fault rules.
+    pub(crate) fn key(self) -> &'static str {
+        match self {
+            Self::CreateProcesses => "POST /api/v1/processes",
+            Self::ExchangeProcess => "GET /api/v1/processes/{processToken}",
+            Self::Token(Some(Grant::ClientCredentials)) => {
+                "POST /api/v2/oauth/token client_credentials"
+            }
+            Self::Token(Some(Grant::Password)) => "POST /api/v2/oauth/token password",
+            Self::Token(Some(Grant::RefreshToken)) => "POST /api/v2/oauth/token refresh_token",
+            Self::Token(None) => Self::TOKEN_ANY_GRANT,
+            Self::CreateUser => "POST /api/v2/users",
+            Self::GetUser => "GET /api/v2/users",
+            Self::DeleteUser => "DELETE /api/v2/users",
+        }
+    }
+
+    /// The `endpoint` of an ErrorMessage: method and path template, without the grant.
+    fn name(self) -> &'static str {
+        match self {
+            Self::Token(_) => Self::TOKEN_ANY_GRANT,
+            other => other.key(),
+        }
+    }
+
+    fn classify(method: &Method, path: &str) -> Option<Self> {
+        let endpoint = match (method.as_str(), path) {
+            ("POST", "/api/v1/processes") => Self::CreateProcesses,
+            ("POST", "/api/v2/oauth/token") => Self::Token(None),
+            ("POST", "/api/v2/users") => Self::CreateUser,
+            ("GET", "/api/v2/users") => Self::GetUser,
+            ("DELETE", "/api/v2/users") => Self::DeleteUser,
+            ("GET", path) => {
+                let token = path.strip_prefix("/api/v1/processes/")?;
+                if token.is_empty() || token.contains('/') {
+                    return None;
+                }
+                Self::ExchangeProcess
+            }
+            _ => return None,
+        };
+        Some(endpoint)
+    }
+}
+
+/// The middleware around every route, admin ones included.
+pub(crate) async fn around(
+    State(state): State<SimState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let endpoint = Endpoint::classify(&method, &path);
+    let name = endpoint.map_or_else(|| format!("{method} {path}"), |e| e.name().to_owned());
+    let (request_id, id_error) = match request_id(request.headers()) {
+        Ok(id) => (id, None),
+        Err(error) => (selfgen_request_id(), Some(error)),
+    };
+    let (response, endpoint, dropped) = match (id_error, endpoint) {
+        (Some(error), _) => (error.into_response(), endpoint, false),
+        (None, None) => (next.run(request).await, None, false),
+        (None, Some(endpoint)) => match with_grant(request, endpoint).await {
+            Ok((request, endpoint)) => {
+                let (response, dropped) = with_faults(&state, endpoint, request, next).await;
+                (response, Some(endpoint), dropped)
+            }
+            Err(error) => (error.into_response(), Some(endpoint), false),
+        },
+    };
+    let response = finish(response, &request_id, &name);
+    if let Some(endpoint) = endpoint {
+        let outcome = if dropped {
+            Outcome::Dropped
+        } else {
+            Outcome::Status(response.status().as_u16())
+        };
+        state.counters().record(endpoint.key(), outcome);
+        tracing::debug!(
+            endpoint = endpoint.key(),
+            ?outcome,
+            request_id,
+            "simulated finAPI call"
+        );
+    }
+    if dropped {
+        dropped_connection()
+    } else {
+        response
+    }
+}
+
+/// The request id to echo: the caller's, or a made-up `selfgen-<uuid>`.
+fn request_id(headers: &HeaderMap) -> Result<String, ApiError> {
+    match headers.get(REQUEST_ID) {
+        None => Ok(selfgen_request_id()),
+        Some(value) if value.is_empty() => Ok(selfgen_request_id()),
+        Some(value) => match value.to_str() {
+            Ok(id) if id.len() <= MAX_REQUEST_ID_LEN => Ok(id.to_owned()),
+            _ => Err(ApiError::bad_request(
+                "X-Request-Id must be at most 255 visible ASCII characters",
+            )),
+        },
+    }
+}
+
+fn selfgen_request_id() -> String {
+    format!("selfgen-{}", uuid::Uuid::new_v4())
+}
+
+/// For the token endpoint, reads the form to learn the grant, which names the endpoint.
+async fn with_grant(request: Request, endpoint: Endpoint) -> Result<(Request, Endpoint), ApiError> {
+    if endpoint != Endpoint::Token(None) {
+        return Ok((request, endpoint));
+    }
+    let (parts, body) = request.into_parts();
+    let bytes = axum::body::to_bytes(body, MAX_TOKEN_BODY)
+        .await
+        .map_err(|_| ApiError::bad_request("The request body is too large or unreadable"))?;
+    let grant = grant_of(&bytes);
+    Ok((
+        Request::from_parts(parts, Body::from(bytes)),
+        Endpoint::Token(grant),
+    ))
+}
+
+/// The `grant_type` of a form body; grant names need no percent-decoding.
+fn grant_of(form: &[u8]) -> Option<Grant> {
+    form.split(|byte| *byte == b'&')
+        .filter_map(|pair| pair.strip_prefix(b"grant_type="))
+        .map(|value| match value {
+            b"client_credentials" => Some(Grant::ClientCredentials),
+            b"password" => Some(Grant::Password),
+            b"refresh_token" => Some(Grant::RefreshToken),
+            _ => None,
+        })
+        .next()
+        .flatten()
+}
+
+/// Applies the fault rules; returns the response and whether the connection is to be dropped.
+async fn with_faults(
+    state: &SimState,
+    endpoint: Endpoint,
+    request: Request,
+    next: Next,
+) -> (Response, bool) {
+    let plan = state.faults().plan(endpoint);
+    if !plan.latency.is_zero() {
+        tokio::time::sleep(plan.latency).await;
+    }
+    match plan.action {
+        FaultAction::Handle => (next.run(request).await, false),
+        FaultAction::Answer {
+            status,
+            retry_after,
+        } => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let client_auth = matches!(endpoint, Endpoint::Token(_) | Endpoint::CreateProcesses);
+            (
+                ApiError::injected(status, client_auth, retry_after).into_response(),
+                false,
+            )
+        }
+        FaultAction::Drop => (StatusCode::OK.into_response(), true),
+        FaultAction::HandleThenDrop => (next.run(request).await, true),
+    }
+}
+
+/// Renders a pending [`ApiError`] and sets the `X-Request-Id` header.
+fn finish(mut response: Response, request_id: &str, endpoint: &str) -> Response {
+    if let Some(error) = response.extensions_mut().remove::<ApiError>() {
+        response = error.render(request_id, endpoint);
+    }
+    if let Ok(value) = HeaderValue::from_str(request_id) {
+        response.headers_mut().insert(REQUEST_ID, value);
+    }
+    response
+}
+
+/// A response whose body fails at once: hyper then closes the connection without completing
+/// a response, which the client sees as a transport error.
+fn dropped_connection() -> Response {
+    Response::new(Body::from_stream(FailingBody))
+}
+
+struct FailingBody;
+
+impl futures_core::Stream for FailingBody {
+    type Item = Result<Bytes, io::Error>;
+
+    fn poll_next(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        Poll::Ready(Some(Err(io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            "connection dropped by a simulator fault",
+        ))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grant_is_read_from_the_form() {
+        assert_eq!(
+            grant_of(b"client_id=a&grant_type=password&x=1"),
+            Some(Grant::Password)
+        );
+        assert_eq!(grant_of(b"grant_type=implicit"), None);
+        assert_eq!(grant_of(b""), None);
+    }
+
+    #[test]
+    fn classifies_paths() {
+        let get = Method::GET;
+        assert_eq!(
+            Endpoint::classify(&get, "/api/v1/processes/abc"),
+            Some(Endpoint::ExchangeProcess)
+        );
+        assert_eq!(Endpoint::classify(&get, "/api/v1/processes/"), None);
+        assert_eq!(Endpoint::classify(&get, "/api/v1/processes/a/b"), None);
+        assert_eq!(Endpoint::classify(&Method::PUT, "/api/v2/users"), None);
+    }
+}

@@ -1,0 +1,670 @@
+//! The simulated finAPI data: clients, tokens, users and processes, each table bounded and
+//! with expired entries swept.
+
+use std::collections::VecDeque;
+use std::collections::hash_map::{Entry as MapEntry, HashMap};
+use std::hash::Hash;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use super::faults::{FaultRule, Faults};
+use super::stats::{Counters, Stats};
+use super::wire::{ApiError, UserOut};
+use super::{SimClient, SimConfig};
+
+/// finAPI deletes the hidden user of a process one day after an exchange with `invalidate=true`
+/// and 30 days after the process otherwise.
+const HIDDEN_USER_GRACE_INVALIDATED: Duration = Duration::from_secs(24 * 3600);
+const HIDDEN_USER_GRACE: Duration = Duration::from_secs(30 * 24 * 3600);
+/// finAPI's documented limit of exchanges per process token.
+const MAX_EXCHANGES: u32 = 10;
+
+/// The table is at its configured bound even after sweeping expired entries.
+#[derive(Debug)]
+struct Full;
+
+struct Slot<V> {
+    value: V,
+    expires_at: Option<Instant>,
+}
+
+/// A bounded map whose entries may expire.
+///
+/// Expiry times go into a queue in insertion order; each table has one lifetime, so the queue is
+/// (nearly) sorted and sweeping pops only its expired front. A queued time is never earlier than
+/// its entry's real expiry, and reads treat expired entries as absent before they are swept.
+struct ExpiringMap<K, V> {
+    slots: HashMap<K, Slot<V>>,
+    expiries: VecDeque<(Instant, K)>,
+    capacity: usize,
+}
+
+impl<K: Clone + Eq + Hash, V> ExpiringMap<K, V> {
+    fn new(capacity: usize) -> Self {
+        Self {
+            slots: HashMap::new(),
+            expiries: VecDeque::new(),
+            capacity,
+        }
+    }
+
+    fn get(&self, key: &K, now: Instant) -> Option<(&V, Option<Instant>)> {
+        self.slots
+            .get(key)
+            .filter(|slot| is_live(slot.expires_at, now))
+            .map(|slot| (&slot.value, slot.expires_at))
+    }
+
+    fn get_mut(&mut self, key: &K, now: Instant) -> Option<&mut Slot<V>> {
+        self.slots
+            .get_mut(key)
+            .filter(|slot| is_live(slot.expires_at, now))
+    }
+
+    /// Whether `count` new keys fit, after sweeping.
+    fn has_room(&mut self, count: usize, now: Instant) -> bool {
+        if self.slots.len() + count > self.capacity {
+            self.sweep(now);
+        }
+        self.slots.len() + count <= self.capacity
+    }
+
+    fn insert(
+        &mut self,
+        key: K,
+        value: V,
+        expires_at: Option<Instant>,
+        now: Instant,
+    ) -> Result<(), Full> {
+        if !self.slots.contains_key(&key) && !self.has_room(1, now) {
+            return Err(Full);
+        }
+        if let Some(at) = expires_at {
+            self.expiries.push_back((at, key.clone()));
+            // Deleted entries leave their queue items behind; keep the queue near the map's size.
+            if self.expiries.len() > 2 * self.slots.len() + 1024 {
+                let slots = &self.slots;
+                self.expiries.retain(|(queued, key)| {
+                    slots
+                        .get(key)
+                        .and_then(|slot| slot.expires_at)
+                        .is_some_and(|at| at <= *queued)
+                });
+            }
+        }
+        self.slots.insert(key, Slot { value, expires_at });
+        Ok(())
+    }
+
+    fn remove(&mut self, key: &K) -> Option<V> {
+        self.slots.remove(key).map(|slot| slot.value)
+    }
+
+    /// Drops expired entries and returns them.
+    fn sweep(&mut self, now: Instant) -> Vec<(K, V)> {
+        let mut expired = Vec::new();
+        while let Some((at, _)) = self.expiries.front() {
+            if *at > now {
+                break;
+            }
+            let Some((_, key)) = self.expiries.pop_front() else {
+                break;
+            };
+            if let MapEntry::Occupied(slot) = self.slots.entry(key)
+                && !is_live(slot.get().expires_at, now)
+            {
+                let (key, slot) = slot.remove_entry();
+                expired.push((key, slot.value));
+            }
+        }
+        expired
+    }
+
+    fn clear(&mut self) {
+        self.slots.clear();
+        self.expiries.clear();
+    }
+}
+
+fn is_live(expires_at: Option<Instant>, now: Instant) -> bool {
+    expires_at.is_none_or(|at| at > now)
+}
+
+/// The end of a lifetime starting now; `Duration::ZERO` (or one too long to represent) never
+/// ends.
+fn deadline(now: Instant, ttl: Duration) -> Option<Instant> {
+    if ttl.is_zero() {
+        None
+    } else {
+        now.checked_add(ttl)
+    }
+}
+
+/// `expires_in` as finAPI reports it: whole seconds left, rounded up so that a token that is
+/// still valid never shows the `0` that means "never expires".
+fn expires_in(expires_at: Option<Instant>, now: Instant) -> u64 {
+    match expires_at {
+        None => 0,
+        Some(at) => {
+            let left = at.saturating_duration_since(now);
+            (left.as_secs() + u64::from(left.subsec_nanos() > 0)).max(1)
+        }
+    }
+}
+
+/// Who a bearer token stands for.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Subject {
+    Client(String),
+    User { client_id: String, user_key: String },
+}
+
+/// The access token currently handed out for a client or a client+user pair; finAPI returns the
+/// same token to the same credentials while it is valid.
+type SessionKey = Subject;
+
+struct User {
+    id: String,
+    password: String,
+    email: Option<String>,
+    phone: Option<String>,
+    is_auto_update_enabled: bool,
+    /// One refresh token per client; it lives as long as the user or until tokens are revoked.
+    refresh_tokens: HashMap<String, String>,
+}
+
+impl User {
+    fn to_wire(&self, password: &str) -> UserOut {
+        UserOut {
+            id: self.id.clone(),
+            password: password.to_owned(),
+            email: self.email.clone(),
+            phone: self.phone.clone(),
+            is_auto_update_enabled: self.is_auto_update_enabled,
+        }
+    }
+}
+
+struct Process {
+    client_id: String,
+    user_key: String,
+    exchanges: u32,
+    invalidated: bool,
+}
+
+struct Tables {
+    access_tokens: ExpiringMap<String, Subject>,
+    sessions: ExpiringMap<SessionKey, String>,
+    refresh_tokens: ExpiringMap<String, Subject>,
+    users: ExpiringMap<String, User>,
+    processes: ExpiringMap<String, Process>,
+}
+
+/// An issued access token with what the token endpoint reports about it.
+pub(crate) struct Issued {
+    pub access_token: String,
+    pub expires_in: u64,
+    pub refresh_token: Option<String>,
+}
+
+/// Input of `POST /api/v2/users` after validation.
+pub(crate) struct NewUser {
+    pub id: Option<String>,
+    pub password: Option<String>,
+    pub email: Option<String>,
+    pub phone: Option<String>,
+    pub is_auto_update_enabled: bool,
+}
+
+/// The simulator's shared state: cheap to clone, one per simulator.
+#[derive(Clone)]
+pub struct SimState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    clients: HashMap<String, String>,
+    client_token_ttl: Duration,
+    user_token_ttl: Duration,
+    process_token_ttl: Duration,
+    tables: Mutex<Tables>,
+    faults: Faults,
+    stats: Counters,
+}
+
+impl SimState {
+    /// State for `config`; faults in `config.faults` are active at once.
+    pub fn new(config: &SimConfig) -> Self {
+        let capacity = config.max_entries;
+        Self {
+            inner: Arc::new(Inner {
+                clients: config
+                    .clients
+                    .iter()
+                    .map(|SimClient { id, secret }| (id.clone(), secret.clone()))
+                    .collect(),
+                client_token_ttl: config.client_token_ttl,
+                user_token_ttl: config.user_token_ttl,
+                process_token_ttl: config.process_token_ttl,
+                tables: Mutex::new(Tables {
+                    access_tokens: ExpiringMap::new(capacity),
+                    sessions: ExpiringMap::new(capacity),
+                    refresh_tokens: ExpiringMap::new(capacity),
+                    users: ExpiringMap::new(capacity),
+                    processes: ExpiringMap::new(capacity),
+                }),
+                faults: Faults::new(config.faults.clone()),
+                stats: Counters::default(),
+            }),
+        }
+    }
+
+    pub(crate) fn faults(&self) -> &Faults {
+        &self.inner.faults
+    }
+
+    pub(crate) fn counters(&self) -> &Counters {
+        &self.inner.stats
+    }
+
+    fn tables(&self) -> MutexGuard<'_, Tables> {
+        self.inner
+            .tables
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> Stats {
+        self.inner.stats.snapshot()
+    }
+
+    /// Sets all counters back to zero.
+    pub fn reset_stats(&self) {
+        self.inner.stats.reset();
+    }
+
+    /// Adds a fault rule (unvalidated; see [`FaultRule::validate`]).
+    pub fn add_fault(&self, rule: FaultRule) {
+        self.inner.faults.add(rule);
+    }
+
+    /// Removes every fault rule.
+    pub fn clear_faults(&self) {
+        self.inner.faults.clear();
+    }
+
+    /// Invalidates every access and refresh token, as if finAPI had revoked them.
+    pub fn revoke_all_tokens(&self) {
+        let mut tables = self.tables();
+        tables.access_tokens.clear();
+        tables.sessions.clear();
+        tables.refresh_tokens.clear();
+    }
+
+    /// Drops everything that has expired.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        let mut tables = self.tables();
+        tables.access_tokens.sweep(now);
+        tables.sessions.sweep(now);
+        tables.processes.sweep(now);
+        for (key, user) in tables.users.sweep(now) {
+            self.forget_tokens(&mut tables, &key, &user);
+        }
+    }
+
+    /// The client id, if the credentials belong to a known client.
+    pub(crate) fn authenticate_client(
+        &self,
+        client_id: Option<&str>,
+        client_secret: Option<&str>,
+    ) -> Result<String, ApiError> {
+        match (client_id, client_secret) {
+            (Some(id), Some(secret))
+                if self
+                    .inner
+                    .clients
+                    .get(id)
+                    .is_some_and(|known| known == secret) =>
+            {
+                Ok(id.to_owned())
+            }
+            _ => Err(ApiError::invalid_client()),
+        }
+    }
+
+    /// Who the bearer token stands for; 401 for an unknown, expired or revoked token and for a
+    /// user token whose user is gone.
+    pub(crate) fn authenticate_bearer(&self, token: &str) -> Result<Subject, ApiError> {
+        let now = Instant::now();
+        let tables = self.tables();
+        let subject = tables
+            .access_tokens
+            .get(&token.to_owned(), now)
+            .map(|(subject, _)| subject.clone())
+            .ok_or_else(|| ApiError::invalid_token("Invalid access token"))?;
+        if let Subject::User { user_key, .. } = &subject
+            && tables.users.get(user_key, now).is_none()
+        {
+            return Err(ApiError::invalid_token("Invalid access token"));
+        }
+        Ok(subject)
+    }
+
+    /// Creates one process, each with a hidden user, per client reference.
+    pub(crate) fn create_processes(
+        &self,
+        client_id: &str,
+        references: Vec<String>,
+    ) -> Result<Vec<(String, String)>, ApiError> {
+        let now = Instant::now();
+        let process_deadline = deadline(now, self.inner.process_token_ttl);
+        let user_deadline = process_deadline.and_then(|at| at.checked_add(HIDDEN_USER_GRACE));
+        let mut created = Vec::with_capacity(references.len());
+        let mut hidden = Vec::with_capacity(references.len());
+        for reference in references {
+            let user = User {
+                id: uuid::Uuid::new_v4().to_string(),
+                password: random_token(16)?,
+                email: None,
+                phone: None,
+                is_auto_update_enabled: false,
+                refresh_tokens: HashMap::new(),
+            };
+            created.push((reference, uuid::Uuid::new_v4().to_string()));
+            hidden.push(user);
+        }
+        let mut tables = self.tables();
+        if !tables.processes.has_room(created.len(), now)
+            || !tables.users.has_room(hidden.len(), now)
+        {
+            return Err(full());
+        }
+        for ((_, process_token), user) in created.iter().zip(hidden) {
+            let user_key = user.id.to_lowercase();
+            let process = Process {
+                client_id: client_id.to_owned(),
+                user_key: user_key.clone(),
+                exchanges: 0,
+                invalidated: false,
+            };
+            tables
+                .users
+                .insert(user_key, user, user_deadline, now)
+                .map_err(|Full| full())?;
+            tables
+                .processes
+                .insert(process_token.clone(), process, process_deadline, now)
+                .map_err(|Full| full())?;
+        }
+        Ok(created)
+    }
+
+    /// Exchanges a process token for its hidden user's access token.
+    pub(crate) fn exchange(
+        &self,
+        process_token: &str,
+        invalidate: bool,
+    ) -> Result<String, ApiError> {
+        let now = Instant::now();
+        let refused = || ApiError::unknown_entity("Process token is unknown, used up or expired");
+        let token = random_token(48)?;
+        let mut tables = self.tables();
+        let process = tables
+            .processes
+            .get_mut(&process_token.to_owned(), now)
+            .filter(|slot| !slot.value.invalidated && slot.value.exchanges < MAX_EXCHANGES)
+            .ok_or_else(refused)?;
+        process.value.exchanges += 1;
+        process.value.invalidated = invalidate;
+        let subject = Subject::User {
+            client_id: process.value.client_id.clone(),
+            user_key: process.value.user_key.clone(),
+        };
+        if invalidate
+            && let Subject::User { user_key, .. } = &subject
+            && let Some(user) = tables.users.get_mut(user_key, now)
+        {
+            let soon = now.checked_add(HIDDEN_USER_GRACE_INVALIDATED);
+            user.expires_at = match (user.expires_at, soon) {
+                (Some(at), Some(soon)) => Some(at.min(soon)),
+                (at, soon) => at.or(soon),
+            };
+        }
+        let (access_token, _) = self.session_token(&mut tables, subject, token, now)?;
+        Ok(access_token)
+    }
+
+    /// `grant_type=client_credentials`.
+    pub(crate) fn client_token(&self, client_id: &str) -> Result<Issued, ApiError> {
+        let now = Instant::now();
+        let token = random_token(48)?;
+        let mut tables = self.tables();
+        let (access_token, expires_at) = self.session_token(
+            &mut tables,
+            Subject::Client(client_id.to_owned()),
+            token,
+            now,
+        )?;
+        Ok(Issued {
+            access_token,
+            expires_in: expires_in(expires_at, now),
+            refresh_token: None,
+        })
+    }
+
+    /// `grant_type=password`: the user's token and the client's refresh token for it.
+    pub(crate) fn password_token(
+        &self,
+        client_id: &str,
+        username: &str,
+        password: &str,
+    ) -> Result<Issued, ApiError> {
+        let now = Instant::now();
+        let bad_credentials = || ApiError::bad_request("Bad user credentials");
+        let token = random_token(48)?;
+        let new_refresh_token = random_token(48)?;
+        let user_key = username.to_lowercase();
+        let mut tables = self.tables();
+        match tables.users.get(&user_key, now) {
+            Some((user, _)) if user.password == password => {}
+            _ => return Err(bad_credentials()),
+        }
+        let subject = Subject::User {
+            client_id: client_id.to_owned(),
+            user_key: user_key.clone(),
+        };
+        let existing = tables
+            .users
+            .get(&user_key, now)
+            .and_then(|(user, _)| user.refresh_tokens.get(client_id).cloned())
+            .filter(|refresh| tables.refresh_tokens.get(refresh, now).is_some());
+        let refresh_token = match existing {
+            Some(refresh) => refresh,
+            None => {
+                tables
+                    .refresh_tokens
+                    .insert(new_refresh_token.clone(), subject.clone(), None, now)
+                    .map_err(|Full| full())?;
+                if let Some(user) = tables.users.get_mut(&user_key, now) {
+                    user.value
+                        .refresh_tokens
+                        .insert(client_id.to_owned(), new_refresh_token.clone());
+                }
+                new_refresh_token
+            }
+        };
+        let (access_token, expires_at) = self.session_token(&mut tables, subject, token, now)?;
+        Ok(Issued {
+            access_token,
+            expires_in: expires_in(expires_at, now),
+            refresh_token: Some(refresh_token),
+        })
+    }
+
+    /// `grant_type=refresh_token`: a user token for a refresh token issued to this client.
+    pub(crate) fn refresh_token(
+        &self,
+        client_id: &str,
+        refresh_token: &str,
+    ) -> Result<Issued, ApiError> {
+        let now = Instant::now();
+        let token = random_token(48)?;
+        let mut tables = self.tables();
+        let subject = tables
+            .refresh_tokens
+            .get(&refresh_token.to_owned(), now)
+            .map(|(subject, _)| subject.clone())
+            .filter(|subject| {
+                matches!(subject, Subject::User { client_id: owner, user_key }
+                if owner == client_id && tables.users.get(user_key, now).is_some())
+            })
+            .ok_or_else(|| ApiError::bad_request("Invalid refresh token"))?;
+        let (access_token, expires_at) = self.session_token(&mut tables, subject, token, now)?;
+        Ok(Issued {
+            access_token,
+            expires_in: expires_in(expires_at, now),
+            refresh_token: None,
+        })
+    }
+
+    /// The valid token of this session, or `fresh` registered as its new token.
+    fn session_token(
+        &self,
+        tables: &mut Tables,
+        subject: Subject,
+        fresh: String,
+        now: Instant,
+    ) -> Result<(String, Option<Instant>), ApiError> {
+        if let Some((token, expires_at)) = tables.sessions.get(&subject, now) {
+            return Ok((token.clone(), expires_at));
+        }
+        let ttl = match subject {
+            Subject::Client(_) => self.inner.client_token_ttl,
+            Subject::User { .. } => self.inner.user_token_ttl,
+        };
+        let expires_at = deadline(now, ttl);
+        if !tables.access_tokens.has_room(1, now) || !tables.sessions.has_room(1, now) {
+            return Err(full());
+        }
+        tables
+            .access_tokens
+            .insert(fresh.clone(), subject.clone(), expires_at, now)
+            .map_err(|Full| full())?;
+        tables
+            .sessions
+            .insert(subject, fresh.clone(), expires_at, now)
+            .map_err(|Full| full())?;
+        Ok((fresh, expires_at))
+    }
+
+    /// Creates a user; the answer carries the password in plain text.
+    pub(crate) fn create_user(&self, new: NewUser) -> Result<UserOut, ApiError> {
+        let now = Instant::now();
+        let id = new.id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let password = match new.password {
+            Some(password) => password,
+            None => random_token(16)?,
+        };
+        let user = User {
+            id,
+            password,
+            email: new.email,
+            phone: new.phone,
+            is_auto_update_enabled: new.is_auto_update_enabled,
+            refresh_tokens: HashMap::new(),
+        };
+        let key = user.id.to_lowercase();
+        let out = user.to_wire(&user.password);
+        let mut tables = self.tables();
+        if tables.users.get(&key, now).is_some() {
+            return Err(ApiError::entity_exists(
+                "A user with this id already exists",
+            ));
+        }
+        tables
+            .users
+            .insert(key, user, None, now)
+            .map_err(|Full| full())?;
+        Ok(out)
+    }
+
+    /// The user with its password masked as finAPI does.
+    pub(crate) fn get_user(&self, user_key: &str) -> Result<UserOut, ApiError> {
+        let tables = self.tables();
+        tables
+            .users
+            .get(&user_key.to_owned(), Instant::now())
+            .map(|(user, _)| user.to_wire("XXXXX"))
+            .ok_or_else(|| ApiError::invalid_token("Invalid access token"))
+    }
+
+    /// Deletes the user and every token issued for it.
+    pub(crate) fn delete_user(&self, user_key: &str) -> Result<(), ApiError> {
+        let mut tables = self.tables();
+        let user = tables
+            .users
+            .remove(&user_key.to_owned())
+            .ok_or_else(|| ApiError::invalid_token("Invalid access token"))?;
+        self.forget_tokens(&mut tables, user_key, &user);
+        Ok(())
+    }
+
+    fn forget_tokens(&self, tables: &mut Tables, user_key: &str, user: &User) {
+        for client_id in self.inner.clients.keys() {
+            let session = Subject::User {
+                client_id: client_id.clone(),
+                user_key: user_key.to_owned(),
+            };
+            if let Some(token) = tables.sessions.remove(&session) {
+                tables.access_tokens.remove(&token);
+            }
+        }
+        for refresh in user.refresh_tokens.values() {
+            tables.refresh_tokens.remove(refresh);
+        }
+    }
+}
+
+fn full() -> ApiError {
+    ApiError::unexpected("The simulator's tables are full")
+}
+
+/// `bytes` random bytes as lowercase hex: URL-safe, twice as many characters.
+fn random_token(bytes: usize) -> Result<String, ApiError> {
+    let mut buffer = vec![0u8; bytes];
+    getrandom::fill(&mut buffer).map_err(|_| ApiError::unexpected("No random source"))?;
+    Ok(buffer.iter().map(|byte| format!("{byte:02x}")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expired_entries_are_swept_and_free_room() {
+        let now = Instant::now();
+        let mut map = ExpiringMap::new(2);
+        map.insert(1, "a", Some(now + Duration::from_secs(1)), now)
+            .unwrap();
+        map.insert(2, "b", None, now).unwrap();
+        assert!(map.insert(3, "c", None, now).is_err());
+        let later = now + Duration::from_secs(2);
+        assert!(map.get(&1, later).is_none());
+        map.insert(3, "c", None, later).unwrap();
+        assert_eq!(map.slots.len(), 2);
+    }
+
+    #[test]
+    fn expires_in_rounds_up_and_zero_means_never() {
+        let now = Instant::now();
+        assert_eq!(expires_in(None, now), 0);
+        assert_eq!(expires_in(Some(now + Duration::from_millis(1)), now), 1);
+        assert_eq!(
+            expires_in(Some(now + Duration::from_millis(3_599_500)), now),
+            3600
+        );
+        assert_eq!(expires_in(Some(now), now), 1);
+    }
+}
