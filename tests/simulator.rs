@@ -221,6 +221,13 @@ async fn processes_are_created_per_reference_and_exchange_for_user_tokens() {
             .status(),
         StatusCode::OK
     );
+    assert_error(
+        sim.exchange(&tokens[0], false).await,
+        StatusCode::NOT_FOUND,
+        "UNKNOWN_ENTITY",
+    )
+    .await;
+    sim.exchanged_token(&tokens[1], false).await;
 }
 
 #[tokio::test]
