@@ -817,3 +817,28 @@ async fn shutdown_stops_serving() {
     sim.handle.shutdown().await;
     assert!(reqwest::get(url).await.is_err());
 }
+
+#[tokio::test]
+async fn dropped_connection_sends_not_a_single_byte() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let sim = sim().await;
+    sim.handle.add_fault(FaultRule {
+        drop_connection: true,
+        ..fault("*")
+    });
+    let mut stream = tokio::net::TcpStream::connect(sim.handle.addr())
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET /api/v2/users HTTP/1.1\r\nHost: sim\r\n\r\n")
+        .await
+        .unwrap();
+    let mut received = Vec::new();
+    let _ = stream.read_to_end(&mut received).await;
+    assert!(
+        received.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&received)
+    );
+}
