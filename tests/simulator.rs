@@ -221,6 +221,13 @@ async fn processes_are_created_per_reference_and_exchange_for_user_tokens() {
             .status(),
         StatusCode::OK
     );
+    assert_error(
+        sim.exchange(&tokens[0], false).await,
+        StatusCode::NOT_FOUND,
+        "UNKNOWN_ENTITY",
+    )
+    .await;
+    sim.exchanged_token(&tokens[1], false).await;
 }
 
 #[tokio::test]
@@ -809,4 +816,29 @@ async fn shutdown_stops_serving() {
     let url = sim.url("/__sim/stats");
     sim.handle.shutdown().await;
     assert!(reqwest::get(url).await.is_err());
+}
+
+#[tokio::test]
+async fn dropped_connection_sends_not_a_single_byte() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let sim = sim().await;
+    sim.handle.add_fault(FaultRule {
+        drop_connection: true,
+        ..fault("*")
+    });
+    let mut stream = tokio::net::TcpStream::connect(sim.handle.addr())
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET /api/v2/users HTTP/1.1\r\nHost: sim\r\n\r\n")
+        .await
+        .unwrap();
+    let mut received = Vec::new();
+    let _ = stream.read_to_end(&mut received).await;
+    assert!(
+        received.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&received)
+    );
 }

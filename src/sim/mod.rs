@@ -12,6 +12,16 @@
 //! | `POST /__sim/revoke-tokens` | invalidates every access and refresh token, `204` |
 //! | `GET /__sim/stats` | [`Stats`] as JSON |
 //! | `DELETE /__sim/stats` | resets the stats, `204` |
+//!
+//! Where the reference is silent, the simulator
+//! - keeps one user namespace for all clients, and any known client may log a user in;
+//! - reports `expires_in` rounded up, so a token still valid never shows `0` ("never expires");
+//! - returns the same access token to every grant of the same client+user while it is valid
+//!   (exchanges included), and one refresh token per client+user that lives as long as the user;
+//!   the `refresh_token` grant answers without a new refresh token;
+//! - checks client credentials before the grant, and bearer tokens before the body;
+//! - answers an invalid `X-Request-Id` (over 255 characters or not visible ASCII) with `400`
+//!   under a fresh `selfgen-` id, and unknown paths with `404 UNKNOWN_ENTITY`, not counted.
 
 mod admin;
 mod api;

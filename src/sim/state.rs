@@ -1,6 +1,7 @@
 //! The simulated finAPI data: clients, tokens, users and processes, each table bounded and
 //! with expired entries swept.
 
+use std::borrow::Borrow;
 use std::collections::VecDeque;
 use std::collections::hash_map::{Entry as MapEntry, HashMap};
 use std::hash::Hash;
@@ -48,14 +49,22 @@ impl<K: Clone + Eq + Hash, V> ExpiringMap<K, V> {
         }
     }
 
-    fn get(&self, key: &K, now: Instant) -> Option<(&V, Option<Instant>)> {
+    fn get<Q>(&self, key: &Q, now: Instant) -> Option<(&V, Option<Instant>)>
+    where
+        K: Borrow<Q>,
+        Q: Eq + Hash + ?Sized,
+    {
         self.slots
             .get(key)
             .filter(|slot| is_live(slot.expires_at, now))
             .map(|slot| (&slot.value, slot.expires_at))
     }
 
-    fn get_mut(&mut self, key: &K, now: Instant) -> Option<&mut Slot<V>> {
+    fn get_mut<Q>(&mut self, key: &Q, now: Instant) -> Option<&mut Slot<V>>
+    where
+        K: Borrow<Q>,
+        Q: Eq + Hash + ?Sized,
+    {
         self.slots
             .get_mut(key)
             .filter(|slot| is_live(slot.expires_at, now))
@@ -96,7 +105,11 @@ impl<K: Clone + Eq + Hash, V> ExpiringMap<K, V> {
         Ok(())
     }
 
-    fn remove(&mut self, key: &K) -> Option<V> {
+    fn remove<Q>(&mut self, key: &Q) -> Option<V>
+    where
+        K: Borrow<Q>,
+        Q: Eq + Hash + ?Sized,
+    {
         self.slots.remove(key).map(|slot| slot.value)
     }
 
@@ -341,7 +354,7 @@ impl SimState {
         let tables = self.tables();
         let subject = tables
             .access_tokens
-            .get(&token.to_owned(), now)
+            .get(token, now)
             .map(|(subject, _)| subject.clone())
             .ok_or_else(|| ApiError::invalid_token("Invalid access token"))?;
         if let Subject::User { user_key, .. } = &subject
@@ -411,10 +424,14 @@ impl SimState {
         let refused = || ApiError::unknown_entity("Process token is unknown, used up or expired");
         let token = random_token(48)?;
         let mut tables = self.tables();
-        let process = tables
-            .processes
-            .get_mut(&process_token.to_owned(), now)
+        let Tables {
+            processes, users, ..
+        } = &mut *tables;
+        // A process whose hidden user was deleted has nothing left to hand out.
+        let process = processes
+            .get_mut(process_token, now)
             .filter(|slot| !slot.value.invalidated && slot.value.exchanges < MAX_EXCHANGES)
+            .filter(|slot| users.get(&slot.value.user_key, now).is_some())
             .ok_or_else(refused)?;
         process.value.exchanges += 1;
         process.value.invalidated = invalidate;
@@ -514,7 +531,7 @@ impl SimState {
         let mut tables = self.tables();
         let subject = tables
             .refresh_tokens
-            .get(&refresh_token.to_owned(), now)
+            .get(refresh_token, now)
             .map(|(subject, _)| subject.clone())
             .filter(|subject| {
                 matches!(subject, Subject::User { client_id: owner, user_key }
@@ -595,7 +612,7 @@ impl SimState {
         let tables = self.tables();
         tables
             .users
-            .get(&user_key.to_owned(), Instant::now())
+            .get(user_key, Instant::now())
             .map(|(user, _)| user.to_wire("XXXXX"))
             .ok_or_else(|| ApiError::invalid_token("Invalid access token"))
     }
@@ -605,7 +622,7 @@ impl SimState {
         let mut tables = self.tables();
         let user = tables
             .users
-            .remove(&user_key.to_owned())
+            .remove(user_key)
             .ok_or_else(|| ApiError::invalid_token("Invalid access token"))?;
         self.forget_tokens(&mut tables, user_key, &user);
         Ok(())
