@@ -192,7 +192,10 @@ impl Settings {
         let mut merged = defaults.clone();
         if let Some(path) = file {
             let text = std::fs::read_to_string(path).map_err(|e| {
-                ConfigError::single("--config", format!("cannot read {}: {}", path.display(), e.kind()))
+                ConfigError::single(
+                    "--config",
+                    format!("cannot read {}: {}", path.display(), e.kind()),
+                )
             })?;
             let table: Table = text
                 .parse()
@@ -250,7 +253,10 @@ impl Settings {
         if f.client_id.trim().is_empty() {
             problem("finapi.client_id", "must be set".into());
         } else if f.client_id.chars().any(|c| c.is_control()) {
-            problem("finapi.client_id", "must not contain control characters".into());
+            problem(
+                "finapi.client_id",
+                "must not contain control characters".into(),
+            );
         }
         match (&f.client_secret, &f.client_secret_file) {
             (Some(_), Some(_)) => problem(
@@ -396,7 +402,11 @@ fn overlay_file(
     problems: &mut Vec<(String, String)>,
 ) {
     for (name, value) in table {
-        let key = if prefix.is_empty() { name } else { format!("{prefix}.{name}") };
+        let key = if prefix.is_empty() {
+            name
+        } else {
+            format!("{prefix}.{name}")
+        };
         match (expected_kind(defaults, &key), value) {
             (None, _) => problems.push((key, "unknown key".to_owned())),
             (Some(Some(toml::Value::Table(_))), toml::Value::Table(t)) => {
@@ -560,10 +570,7 @@ mod tests {
     #[test]
     fn wrong_type_names_the_key() {
         let mut vars = valid_env();
-        vars.push((
-            "GIROIDENT_BROKER_SERVER__DRAIN_SECS".into(),
-            "soon".into(),
-        ));
+        vars.push(("GIROIDENT_BROKER_SERVER__DRAIN_SECS".into(), "soon".into()));
         let err = Settings::load_with_env(None, vars).unwrap_err();
         assert!(err.mentions("server.drain_secs"), "{err}");
     }

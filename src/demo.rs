@@ -91,7 +91,10 @@ fn instructions(broker: SocketAddr, sim_url: &str) -> String {
         text,
         "  curl -s -X POST {b}/kyc-sessions -H 'Content-Type: application/json' \\\n    -d '{{\"flow\":\"access\",\"email\":\"jane@example.com\"}}'"
     );
-    let _ = writeln!(text, "\nCheck a token with the simulator, then delete its user:");
+    let _ = writeln!(
+        text,
+        "\nCheck a token with the simulator, then delete its user:"
+    );
     let _ = writeln!(
         text,
         "  curl -s {sim_url}/api/v2/users -H \"Authorization: Bearer $TOKEN\""

@@ -2,12 +2,12 @@
 //! keeping the finAPI client secrets on the server.
 #![forbid(unsafe_code)]
 
-pub mod sim;
 pub mod api;
 pub mod config;
 pub mod demo;
 pub mod finapi;
 pub mod flows;
+pub mod sim;
 pub mod startup;
 pub mod telemetry;
 pub mod token_cache;

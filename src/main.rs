@@ -56,6 +56,10 @@ enum Command {
         /// Lifetime of user tokens in seconds (0: never expire).
         #[arg(long, default_value_t = 3600)]
         user_token_ttl_secs: u64,
+        /// A fault rule active from the start, as JSON (the body of `POST /__sim/faults`);
+        /// may be repeated.
+        #[arg(long = "fault", value_name = "JSON", value_parser = parse_fault)]
+        faults: Vec<sim::FaultRule>,
     },
 }
 
@@ -90,6 +94,7 @@ async fn main() -> ExitCode {
             client_secret_file,
             client_token_ttl_secs,
             user_token_ttl_secs,
+            faults,
         } => {
             telemetry::init(LogFormat::Auto, "info");
             let secret = match sim_secret(client_secret_file) {
@@ -107,6 +112,7 @@ async fn main() -> ExitCode {
                 }],
                 client_token_ttl: Duration::from_secs(client_token_ttl_secs),
                 user_token_ttl: Duration::from_secs(user_token_ttl_secs),
+                faults,
                 ..sim::SimConfig::default()
             };
             match sim::run(config, shutdown_signal()).await {
@@ -156,4 +162,10 @@ fn sim_secret(file: Option<PathBuf>) -> Result<String, String> {
     }
     Ok(std::env::var("GIROIDENT_SIM_CLIENT_SECRET")
         .unwrap_or_else(|_| sim::DEMO_CLIENT_SECRET.to_owned()))
+}
+
+fn parse_fault(json: &str) -> Result<sim::FaultRule, String> {
+    let rule: sim::FaultRule = serde_json::from_str(json).map_err(|e| e.to_string())?;
+    rule.validate()?;
+    Ok(rule)
 }

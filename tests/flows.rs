@@ -27,7 +27,9 @@ async fn standalone_flow_returns_a_user_token_that_works() {
 async fn access_flow_returns_a_user_token_and_the_user_id() {
     let env = TestEnv::start().await;
     let response = env
-        .start_session(json!({"flow": "access", "email": "jane@example.com", "phone": "+49 89 1234"}))
+        .start_session(
+            json!({"flow": "access", "email": "jane@example.com", "phone": "+49 89 1234"}),
+        )
         .await;
     let session = expect_created(response).await;
     assert_eq!(session["flow"], "access");
@@ -82,7 +84,12 @@ async fn deleting_needs_a_bearer_user_token() {
     expect_problem(response, 401, "MISSING_USER_TOKEN").await;
     // A client token is not a user token.
     let client_token = env.sim_client_token().await;
-    expect_problem(env.delete_current(&client_token).await, 403, "NOT_A_USER_TOKEN").await;
+    expect_problem(
+        env.delete_current(&client_token).await,
+        403,
+        "NOT_A_USER_TOKEN",
+    )
+    .await;
     env.stop().await;
 }
 
@@ -206,7 +213,12 @@ async fn a_second_401_on_a_fresh_client_token_is_an_error() {
         count: Some(2),
         ..FaultRule::default()
     });
-    expect_problem(env.start_session(json!({"flow": "access"})).await, 502, "UPSTREAM_REJECTED").await;
+    expect_problem(
+        env.start_session(json!({"flow": "access"})).await,
+        502,
+        "UPSTREAM_REJECTED",
+    )
+    .await;
     assert_eq!(env.calls(CREATE_USER, "401"), 2);
     assert_eq!(env.all_calls(CLIENT_TOKEN), 2);
     env.stop().await;
@@ -281,16 +293,18 @@ async fn a_dropped_connection_is_a_bad_gateway() {
         count: Some(1),
         ..FaultRule::default()
     });
-    expect_problem(env.start_session(json!({"flow": "access"})).await, 502, "UPSTREAM_ERROR").await;
+    expect_problem(
+        env.start_session(json!({"flow": "access"})).await,
+        502,
+        "UPSTREAM_ERROR",
+    )
+    .await;
     env.stop().await;
 }
 
 #[tokio::test]
 async fn a_slow_finapi_call_times_out_with_504() {
-    let env = TestEnv::with(SimConfig::default(), |s| {
-        s.finapi.request_timeout_ms = 200
-    })
-    .await;
+    let env = TestEnv::with(SimConfig::default(), |s| s.finapi.request_timeout_ms = 200).await;
     env.sim.add_fault(FaultRule {
         endpoint: CREATE_PROCESS.into(),
         latency_ms: Some(1000),
@@ -306,10 +320,15 @@ async fn a_slow_finapi_call_times_out_with_504() {
 
 #[tokio::test]
 async fn an_unreachable_finapi_is_a_503() {
-    let sim = giroident_broker::sim::start(SimConfig::default()).await.unwrap();
+    let sim = giroident_broker::sim::start(SimConfig::default())
+        .await
+        .unwrap();
     let mut settings = settings_for(&sim);
     // A port nothing listens on: bind one, then close it.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     settings.finapi.process_controller_url = format!("http://{closed}");
     let env = TestEnv::with_settings(sim, &settings).await;
     let response = env
@@ -332,7 +351,11 @@ async fn the_request_id_is_echoed_and_passed_to_finapi() {
         .unwrap();
     assert_eq!(response.headers()["x-request-id"], "gateway-abc-123");
     assert!(
-        env.sim.state().seen_request_ids().iter().any(|id| id == "gateway-abc-123"),
+        env.sim
+            .state()
+            .seen_request_ids()
+            .iter()
+            .any(|id| id == "gateway-abc-123"),
         "finAPI never saw the request id"
     );
     // An unsafe id is replaced, not echoed.

@@ -103,14 +103,18 @@ impl ApiError {
             Self::MalformedJson(d) => {
                 Kind::new(S::BAD_REQUEST, "MALFORMED_JSON", "Malformed JSON body").detail(d)
             }
-            Self::InvalidBody(d) => {
-                Kind::new(S::BAD_REQUEST, "INVALID_BODY", "Request body of the wrong shape")
-                    .detail(d)
-            }
-            Self::InvalidField(e) => {
-                Kind::new(S::UNPROCESSABLE_ENTITY, "INVALID_FIELD", "Invalid field value")
-                    .detail(e.to_string())
-            }
+            Self::InvalidBody(d) => Kind::new(
+                S::BAD_REQUEST,
+                "INVALID_BODY",
+                "Request body of the wrong shape",
+            )
+            .detail(d),
+            Self::InvalidField(e) => Kind::new(
+                S::UNPROCESSABLE_ENTITY,
+                "INVALID_FIELD",
+                "Invalid field value",
+            )
+            .detail(e.to_string()),
             Self::BodyTooLarge => Kind::new(
                 S::PAYLOAD_TOO_LARGE,
                 "BODY_TOO_LARGE",
@@ -264,7 +268,10 @@ impl IntoResponse for ApiError {
         );
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         if let Some(after) = kind.retry_after {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(after.as_secs().max(1)));
+            headers.insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(after.as_secs().max(1)),
+            );
         }
         response
     }

@@ -21,7 +21,9 @@ where
         match axum::Json::<T>::from_request(req, state).await {
             Ok(axum::Json(value)) => Ok(Self(value)),
             Err(rejection) => Err(match rejection {
-                JsonRejection::JsonDataError(e) => ApiError::InvalidBody(serde_detail(&e.body_text())),
+                JsonRejection::JsonDataError(e) => {
+                    ApiError::InvalidBody(serde_detail(&e.body_text()))
+                }
                 JsonRejection::JsonSyntaxError(e) => {
                     ApiError::MalformedJson(serde_detail(&e.body_text()))
                 }

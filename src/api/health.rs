@@ -1,10 +1,10 @@
 //! `GET /livez` (the process is up) and `GET /readyz` (ready to serve; 503 while draining).
 
 use axum::Json;
+use axum::Router;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::Router;
 use serde_json::json;
 
 use super::AppState;

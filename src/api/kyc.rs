@@ -131,7 +131,10 @@ fn session_response(session: &KycSession) -> Response {
     (
         StatusCode::CREATED,
         [
-            (header::CONTENT_TYPE, HeaderValue::from_static("application/json")),
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            ),
             (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
             (header::PRAGMA, HeaderValue::from_static("no-cache")),
         ],
@@ -184,16 +187,26 @@ mod tests {
             "clientReference"
         );
         let email = body(r#"{"clientReference":"c-1","email":"a@b.c"}"#);
-        assert_eq!(email.validate(FlowKind::Standalone).unwrap_err().field, "email");
+        assert_eq!(
+            email.validate(FlowKind::Standalone).unwrap_err().field,
+            "email"
+        );
     }
 
     #[test]
     fn access_refuses_a_reference_and_checks_contact_fields() {
-        assert!(body(r#"{"flow":"access"}"#).validate(FlowKind::Standalone).is_ok());
+        assert!(
+            body(r#"{"flow":"access"}"#)
+                .validate(FlowKind::Standalone)
+                .is_ok()
+        );
         let reference = body(r#"{"flow":"access","clientReference":"c-1"}"#);
         assert!(reference.validate(FlowKind::Standalone).is_err());
         let phone = body(r#"{"flow":"access","phone":"call me"}"#);
-        assert_eq!(phone.validate(FlowKind::Standalone).unwrap_err().field, "phone");
+        assert_eq!(
+            phone.validate(FlowKind::Standalone).unwrap_err().field,
+            "phone"
+        );
     }
 
     #[test]
@@ -209,9 +222,15 @@ mod tests {
     fn bearer_token_parsing() {
         let mut h = HeaderMap::new();
         assert!(bearer_token(&h).is_none());
-        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer abc.DEF-1"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer abc.DEF-1"),
+        );
         assert_eq!(bearer_token(&h).unwrap().expose_secret(), "abc.DEF-1");
-        h.insert(header::AUTHORIZATION, HeaderValue::from_static("bearer abc"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("bearer abc"),
+        );
         assert!(bearer_token(&h).is_some());
         for bad in ["Basic abc", "Bearer", "Bearer ", "Bearer a b"] {
             h.insert(header::AUTHORIZATION, HeaderValue::from_static(bad));

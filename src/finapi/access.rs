@@ -42,8 +42,12 @@ impl AccessClient {
 
     /// `grant_type=client_credentials`: a client token.
     pub async fn client_token(&self, request_id: &str) -> Result<AccessToken, UpstreamError> {
-        self.token(Step::ClientToken, &[("grant_type", "client_credentials")], request_id)
-            .await
+        self.token(
+            Step::ClientToken,
+            &[("grant_type", "client_credentials")],
+            request_id,
+        )
+        .await
     }
 
     /// `grant_type=password`: a token for the given user.
@@ -70,7 +74,10 @@ impl AccessClient {
         let mut form: Vec<(&str, &str)> = Vec::with_capacity(params.len() + 2);
         form.extend_from_slice(params);
         form.push(("client_id", &self.credentials.client_id));
-        form.push(("client_secret", self.credentials.client_secret.expose_secret()));
+        form.push((
+            "client_secret",
+            self.credentials.client_secret.expose_secret(),
+        ));
         let request = self.http.post(self.token_url.clone()).form(&form);
         let response = send(step, request, request_id, StatusCode::OK).await?;
         Ok(decode::<TokenBody>(step, response).await?.into())

@@ -50,7 +50,11 @@ impl ProcessControllerClient {
         created
             .processes
             .into_iter()
-            .find(|p| p.client_reference.as_deref().is_none_or(|r| r == client_reference))
+            .find(|p| {
+                p.client_reference
+                    .as_deref()
+                    .is_none_or(|r| r == client_reference)
+            })
             .map(|p| p.process_token)
             .ok_or(UpstreamError::Protocol {
                 step,

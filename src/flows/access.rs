@@ -118,6 +118,10 @@ mod tests {
         let b = generate_password().unwrap();
         assert_ne!(a.expose_secret(), b.expose_secret());
         assert_eq!(a.expose_secret().len(), PASSWORD_LEN);
-        assert!(a.expose_secret().bytes().all(|c| PASSWORD_ALPHABET.contains(&c)));
+        assert!(
+            a.expose_secret()
+                .bytes()
+                .all(|c| PASSWORD_ALPHABET.contains(&c))
+        );
     }
 }

@@ -2,7 +2,9 @@
 
 use crate::config::FlowKind;
 
-use super::{ClientReference, FlowError, Flows, KycSession, RequestContext, classify_credentials_call};
+use super::{
+    ClientReference, FlowError, Flows, KycSession, RequestContext, classify_credentials_call,
+};
 
 impl Flows {
     /// Creates a process for the reference and exchanges its token, once, for the user token.
@@ -13,11 +15,7 @@ impl Flows {
     ) -> Result<KycSession, FlowError> {
         let process_token = self
             .processes
-            .create_process(
-                client_reference.as_str(),
-                &self.process_id,
-                &ctx.request_id,
-            )
+            .create_process(client_reference.as_str(), &self.process_id, &ctx.request_id)
             .await
             .map_err(classify_credentials_call)?;
         // Exactly one exchange: with invalidate=true the process token is spent by it, so a

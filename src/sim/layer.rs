@@ -136,6 +136,9 @@ pub(crate) async fn around(
             Outcome::Status(response.status().as_u16())
         };
         state.counters().record(endpoint.key(), outcome);
+        if !request_id.starts_with("selfgen-") {
+            state.remember_request_id(&request_id);
+        }
         tracing::debug!(
             endpoint = endpoint.key(),
             ?outcome,

@@ -105,6 +105,13 @@ impl<K: Clone + Eq + Hash, V> ExpiringMap<K, V> {
         Ok(())
     }
 
+    fn live(&self, now: Instant) -> impl Iterator<Item = (&K, &V)> {
+        self.slots
+            .iter()
+            .filter(move |(_, slot)| is_live(slot.expires_at, now))
+            .map(|(key, slot)| (key, &slot.value))
+    }
+
     fn remove<Q>(&mut self, key: &Q) -> Option<V>
     where
         K: Borrow<Q>,
@@ -243,7 +250,11 @@ struct Inner {
     tables: Mutex<Tables>,
     faults: Faults,
     stats: Counters,
+    recent_request_ids: Mutex<VecDeque<String>>,
 }
+
+/// How many caller-given request ids the simulator remembers for inspection.
+const RECENT_REQUEST_IDS: usize = 1024;
 
 impl SimState {
     /// State for `config`; faults in `config.faults` are active at once.
@@ -268,6 +279,7 @@ impl SimState {
                 }),
                 faults: Faults::new(config.faults.clone()),
                 stats: Counters::default(),
+                recent_request_ids: Mutex::new(VecDeque::with_capacity(RECENT_REQUEST_IDS)),
             }),
         }
     }
@@ -313,6 +325,39 @@ impl SimState {
         tables.access_tokens.clear();
         tables.sessions.clear();
         tables.refresh_tokens.clear();
+    }
+
+    /// Every live process: its token, how often it was exchanged, and whether an exchange
+    /// invalidated it. For tests that check how a client used the Process Controller.
+    pub fn process_exchanges(&self) -> Vec<(String, u32, bool)> {
+        let tables = self.tables();
+        tables
+            .processes
+            .live(Instant::now())
+            .map(|(token, p)| (token.clone(), p.exchanges, p.invalidated))
+            .collect()
+    }
+
+    /// The last request ids that callers sent with finAPI calls (at most 1024), oldest first.
+    pub fn seen_request_ids(&self) -> Vec<String> {
+        let ids = self
+            .inner
+            .recent_request_ids
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        ids.iter().cloned().collect()
+    }
+
+    pub(crate) fn remember_request_id(&self, id: &str) {
+        let mut ids = self
+            .inner
+            .recent_request_ids
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if ids.len() == RECENT_REQUEST_IDS {
+            ids.pop_front();
+        }
+        ids.push_back(id.to_owned());
     }
 
     /// Drops everything that has expired.
