@@ -23,6 +23,10 @@ pub const ENV_PREFIX: &str = "GIROIDENT_BROKER_";
 pub struct Settings {
     /// The broker's own HTTP listener.
     pub server: ServerSettings,
+    /// Who may call the broker.
+    pub auth: AuthSettings,
+    /// Limits on requests.
+    pub limits: LimitsSettings,
     /// How to reach finAPI and with which client.
     pub finapi: FinapiSettings,
     /// Choices of the GiroIdent flows.
@@ -44,6 +48,87 @@ pub struct ServerSettings {
     pub drain_secs: u64,
     /// Upper bound in seconds for handling one request, upstream calls included.
     pub request_timeout_secs: u64,
+}
+
+/// Who may call the broker.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    /// Let every request in without an API key (as caller `anonymous`, all flows). For local
+    /// experiments only; a warning is logged at start.
+    pub disabled: bool,
+    /// The callers, as `[[auth.callers]]` tables in a `--config` file (or TOML in
+    /// `GIROIDENT_BROKER_AUTH__CALLERS`).
+    pub callers: Vec<CallerSettings>,
+}
+
+/// One caller of the broker (a backend) and its API key.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallerSettings {
+    /// Name in logs and metrics: 1 to 64 characters of `A-Z a-z 0-9 - _ .`.
+    pub name: String,
+    /// SHA-256 of the API key, 64 hex digits, so the configuration never holds the key.
+    #[serde(default)]
+    pub key_sha256: Option<String>,
+    /// A file holding the API key (a Docker or Kubernetes secret).
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// The name of an environment variable holding the API key.
+    #[serde(default)]
+    pub key_env: Option<String>,
+    /// Flows this caller may start: `standalone`, `access`.
+    pub flows: Vec<String>,
+    /// Requests per second for this caller, instead of `limits.caller_rate_per_sec`.
+    #[serde(default)]
+    pub rate_per_sec: Option<u64>,
+    /// Burst for this caller, instead of `limits.caller_burst`.
+    #[serde(default)]
+    pub burst: Option<u64>,
+    /// SHA-256 of the key, resolved from whichever source is configured.
+    #[serde(skip)]
+    key_digest: Option<[u8; 32]>,
+}
+
+impl fmt::Debug for CallerSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CallerSettings")
+            .field("name", &self.name)
+            .field("flows", &self.flows)
+            .field("key", &"[REDACTED]")
+            .finish()
+    }
+}
+
+impl CallerSettings {
+    /// SHA-256 of the caller's API key (set once the settings are validated).
+    pub fn key_digest(&self) -> Option<[u8; 32]> {
+        self.key_digest
+    }
+
+    /// The flows this caller may start (validated names only).
+    pub fn flow_kinds(&self) -> Vec<FlowKind> {
+        self.flows
+            .iter()
+            .filter_map(|f| FlowKind::parse(f))
+            .collect()
+    }
+}
+
+/// Limits on requests.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSettings {
+    /// Largest accepted request body in bytes (413 beyond).
+    pub max_body_bytes: u64,
+    /// Seconds a client may take to send the request headers, and again to send the body.
+    pub read_timeout_secs: u64,
+    /// Requests handled at once; beyond it new requests get 503 at once (load shedding).
+    pub max_in_flight: u64,
+    /// Requests per second each caller may make on average (token-bucket refill rate).
+    pub caller_rate_per_sec: u64,
+    /// Requests each caller may make in a burst (token-bucket size).
+    pub caller_burst: u64,
 }
 
 /// How to reach finAPI and with which client.
@@ -202,9 +287,17 @@ impl Settings {
                 .map_err(|e| ConfigError::single("--config", format!("{}: {e}", path.display())))?;
             overlay_file(&defaults, &mut merged, table, "", &mut problems);
         }
-        for (name, value) in env {
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        for (name, value) in &env {
             if let Some(rest) = name.strip_prefix(ENV_PREFIX) {
-                overlay_env(&defaults, &mut merged, &name, rest, value, &mut problems);
+                overlay_env(
+                    &defaults,
+                    &mut merged,
+                    name,
+                    rest,
+                    value.clone(),
+                    &mut problems,
+                );
             }
         }
         if !problems.is_empty() {
@@ -213,7 +306,8 @@ impl Settings {
         let mut settings: Settings = toml::Value::Table(merged)
             .try_into()
             .map_err(|e| ConfigError::single("(config)", e.to_string()))?;
-        settings.resolve_and_validate()?;
+        let lookup = |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        settings.resolve_and_validate(&lookup)?;
         Ok(settings)
     }
 
@@ -222,10 +316,12 @@ impl Settings {
         Self::load_with_env(None, std::iter::empty())
     }
 
-    /// Reads the client secret file, if configured, and checks every value. Public so that
-    /// settings built in code (demo, tests) go through the same checks.
-    pub fn resolve_and_validate(&mut self) -> Result<(), ConfigError> {
-        let mut problems = Vec::new();
+    /// Reads the secret files and variables, if configured, and checks every value.
+    fn resolve_and_validate(
+        &mut self,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<(), ConfigError> {
+        let mut problems = self.resolve_callers(env);
         let mut problem = |key: &str, msg: String| problems.push((key.to_owned(), msg));
 
         if self.server.listen.parse::<SocketAddr>().is_err() {
@@ -306,6 +402,24 @@ impl Settings {
             );
         }
 
+        let l = &self.limits;
+        for (key, value) in [
+            ("limits.read_timeout_secs", l.read_timeout_secs),
+            ("limits.max_in_flight", l.max_in_flight),
+            ("limits.caller_rate_per_sec", l.caller_rate_per_sec),
+            ("limits.caller_burst", l.caller_burst),
+        ] {
+            if value == 0 {
+                problem(key, "must be at least 1".into());
+            }
+        }
+        if !(1..=1024 * 1024).contains(&l.max_body_bytes) {
+            problem(
+                "limits.max_body_bytes",
+                "must be between 1 and 1048576".into(),
+            );
+        }
+
         if self.log_format().is_none() {
             problem(
                 "log.format",
@@ -324,6 +438,82 @@ impl Settings {
         } else {
             Err(ConfigError { problems })
         }
+    }
+
+    /// Resolves every caller's key to its SHA-256 and checks the callers.
+    fn resolve_callers(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Vec<(String, String)> {
+        let mut problems = Vec::new();
+        if !self.auth.disabled && self.auth.callers.is_empty() {
+            problems.push((
+                "auth.callers".to_owned(),
+                "no callers configured: add [[auth.callers]] or set auth.disabled = true"
+                    .to_owned(),
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        let mut digests = std::collections::HashSet::new();
+        for (i, caller) in self.auth.callers.iter_mut().enumerate() {
+            let key = |field: &str| format!("auth.callers[{i}].{field}");
+            let name_ok = !caller.name.is_empty()
+                && caller.name.len() <= 64
+                && caller
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+            if !name_ok {
+                problems.push((
+                    key("name"),
+                    "must be 1 to 64 characters of A-Z a-z 0-9 - _ .".into(),
+                ));
+            } else if !names.insert(caller.name.clone()) {
+                problems.push((key("name"), format!("{:?} is used twice", caller.name)));
+            }
+            if caller.flows.is_empty() {
+                problems.push((key("flows"), "must name at least one flow".into()));
+            }
+            for flow in &caller.flows {
+                if FlowKind::parse(flow).is_none() {
+                    problems.push((
+                        key("flows"),
+                        format!("{flow:?} is not a flow: use \"standalone\" or \"access\""),
+                    ));
+                }
+            }
+            for (field, value) in [
+                ("rate_per_sec", caller.rate_per_sec),
+                ("burst", caller.burst),
+            ] {
+                if value == Some(0) {
+                    problems.push((key(field), "must be at least 1".into()));
+                }
+            }
+            let digest = match (&caller.key_sha256, &caller.key_file, &caller.key_env) {
+                (Some(hex), None, None) => decode_sha256(hex)
+                    .ok_or_else(|| (key("key_sha256"), "must be 64 hex digits".to_owned())),
+                (None, Some(path), None) => read_secret_file(path)
+                    .map(|k| sha256(k.expose_secret().as_bytes()))
+                    .map_err(|msg| (key("key_file"), msg)),
+                (None, None, Some(var)) => match env(var) {
+                    Some(k) if !k.is_empty() => Ok(sha256(k.as_bytes())),
+                    _ => Err((
+                        key("key_env"),
+                        format!("environment variable {var} is not set"),
+                    )),
+                },
+                _ => Err((
+                    key("key_sha256"),
+                    "set exactly one of key_sha256, key_file and key_env".to_owned(),
+                )),
+            };
+            match digest {
+                Ok(d) if !digests.insert(d) => {
+                    problems.push((key("key_sha256"), "another caller has the same key".into()))
+                }
+                Ok(d) => caller.key_digest = Some(d),
+                Err(p) => problems.push(p),
+            }
+        }
+        problems
     }
 
     /// The listen address (validated at load).
@@ -500,6 +690,30 @@ fn read_secret_file(path: &Path) -> Result<SecretString, String> {
     Ok(SecretString::from(secret.to_owned()))
 }
 
+/// SHA-256 of `bytes`.
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).into()
+}
+
+/// Lower-case hex of a digest.
+pub fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn decode_sha256(hex: &str) -> Option<[u8; 32]> {
+    let hex = hex.as_bytes();
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in hex.chunks(2).enumerate() {
+        let text = std::str::from_utf8(pair).ok()?;
+        out[i] = u8::from_str_radix(text, 16).ok()?;
+    }
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -511,11 +725,77 @@ mod tests {
             .collect()
     }
 
+    const WEB_KEY_SHA256: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"; // sha256("test")
+
     fn valid_env() -> Vec<(String, String)> {
         env(&[
             ("GIROIDENT_BROKER_FINAPI__CLIENT_ID", "client"),
             ("GIROIDENT_BROKER_FINAPI__CLIENT_SECRET", "s3cret"),
+            (
+                "GIROIDENT_BROKER_AUTH__CALLERS",
+                &format!(
+                    r#"[{{name = "web", key_sha256 = "{WEB_KEY_SHA256}", flows = ["standalone", "access"]}}]"#
+                ),
+            ),
         ])
+    }
+
+    fn with_callers(callers_toml: &str) -> Result<Settings, ConfigError> {
+        let mut vars = valid_env();
+        vars.retain(|(k, _)| k != "GIROIDENT_BROKER_AUTH__CALLERS");
+        vars.push(("GIROIDENT_BROKER_AUTH__CALLERS".into(), callers_toml.into()));
+        vars.push(("WEB_API_KEY".into(), "from-env".into()));
+        Settings::load_with_env(None, vars)
+    }
+
+    #[test]
+    fn callers_resolve_their_key_digests() {
+        let s = Settings::load_with_env(None, valid_env()).expect("valid");
+        let caller = &s.auth.callers[0];
+        assert_eq!(caller.key_digest(), Some(sha256(b"test")));
+        assert_eq!(
+            caller.flow_kinds(),
+            [FlowKind::Standalone, FlowKind::Access]
+        );
+        let s = with_callers(r#"[{name = "a", key_env = "WEB_API_KEY", flows = ["access"]}]"#)
+            .expect("valid");
+        assert_eq!(s.auth.callers[0].key_digest(), Some(sha256(b"from-env")));
+        assert!(!format!("{s:?}").contains("from-env"));
+    }
+
+    #[test]
+    fn no_callers_is_refused_unless_auth_is_disabled() {
+        let err = with_callers("[]").unwrap_err();
+        assert!(err.mentions("auth.callers"), "{err}");
+        let mut vars = valid_env();
+        vars.retain(|(k, _)| k != "GIROIDENT_BROKER_AUTH__CALLERS");
+        vars.push(("GIROIDENT_BROKER_AUTH__DISABLED".into(), "true".into()));
+        assert!(Settings::load_with_env(None, vars).is_ok());
+    }
+
+    #[test]
+    fn every_caller_problem_is_reported_with_its_index() {
+        let err = with_callers(&format!(
+            r#"[{{name = "bad name", key_sha256 = "zz", flows = []}},
+                {{name = "b", key_env = "MISSING_VAR", flows = ["video"], burst = 0}},
+                {{name = "c", key_sha256 = "{WEB_KEY_SHA256}", key_env = "WEB_API_KEY", flows = ["access"]}},
+                {{name = "d", key_sha256 = "{WEB_KEY_SHA256}", flows = ["access"]}},
+                {{name = "d", key_sha256 = "{WEB_KEY_SHA256}", flows = ["access"]}}]"#
+        ))
+        .unwrap_err();
+        for key in [
+            "auth.callers[0].name",
+            "auth.callers[0].key_sha256",
+            "auth.callers[0].flows",
+            "auth.callers[1].key_env",
+            "auth.callers[1].flows",
+            "auth.callers[1].burst",
+            "auth.callers[2].key_sha256",
+            "auth.callers[4].name",
+            "auth.callers[4].key_sha256",
+        ] {
+            assert!(err.mentions(key), "{key} missing from: {err}");
+        }
     }
 
     #[test]
@@ -548,6 +828,8 @@ mod tests {
             ("GIROIDENT_BROKER_FLOWS__PROCESS_ID", "GIRO IDENT"),
             ("GIROIDENT_BROKER_LOG__FORMAT", "xml"),
             ("GIROIDENT_BROKER_LOG__FILTER", "info,[[["),
+            ("GIROIDENT_BROKER_LIMITS__MAX_IN_FLIGHT", "0"),
+            ("GIROIDENT_BROKER_LIMITS__MAX_BODY_BYTES", "0"),
         ]));
         let err = Settings::load_with_env(None, vars).unwrap_err();
         for key in [
@@ -561,10 +843,12 @@ mod tests {
             "flows.process_id",
             "log.format",
             "log.filter",
+            "limits.max_in_flight",
+            "limits.max_body_bytes",
         ] {
             assert!(err.mentions(key), "{key} missing from: {err}");
         }
-        assert_eq!(err.problems.len(), 10, "{err}");
+        assert_eq!(err.problems.len(), 12, "{err}");
     }
 
     #[test]
@@ -607,13 +891,12 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("secret");
         std::fs::write(&path, "from-file\n").unwrap();
-        let vars = env(&[
-            ("GIROIDENT_BROKER_FINAPI__CLIENT_ID", "client"),
-            (
-                "GIROIDENT_BROKER_FINAPI__CLIENT_SECRET_FILE",
-                path.to_str().unwrap(),
-            ),
-        ]);
+        let mut vars = valid_env();
+        vars.retain(|(k, _)| !k.ends_with("CLIENT_SECRET"));
+        vars.push((
+            "GIROIDENT_BROKER_FINAPI__CLIENT_SECRET_FILE".into(),
+            path.to_str().unwrap().into(),
+        ));
         let s = Settings::load_with_env(None, vars).expect("valid");
         assert_eq!(
             s.finapi.client_secret.as_ref().unwrap().expose_secret(),

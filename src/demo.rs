@@ -4,7 +4,9 @@
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 
-use crate::config::{ConfigError, Settings};
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::config::{ConfigError, Settings, sha256, to_hex};
 use crate::sim::{self, DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, SimConfig};
 use crate::startup::{Application, StartupError};
 
@@ -26,9 +28,21 @@ pub enum DemoError {
     Startup(#[from] StartupError),
 }
 
-/// Broker settings pointing at a simulator, with the demo client and no drain period.
-pub fn settings_for_simulator(listen: SocketAddr, sim_url: &str) -> Result<Settings, ConfigError> {
+/// Broker settings pointing at a simulator, with the demo client, one caller `demo` holding
+/// `api_key` and allowed both flows, and no drain period.
+pub fn settings_for_simulator(
+    listen: SocketAddr,
+    sim_url: &str,
+    api_key: &SecretString,
+) -> Result<Settings, ConfigError> {
+    let digest = to_hex(&sha256(api_key.expose_secret().as_bytes()));
     let vars = [
+        (
+            "AUTH__CALLERS",
+            format!(
+                r#"[{{name = "demo", key_sha256 = "{digest}", flows = ["standalone", "access"]}}]"#
+            ),
+        ),
         ("SERVER__LISTEN", listen.to_string()),
         ("SERVER__DRAIN_SECS", "0".to_owned()),
         ("FINAPI__ACCESS_URL", sim_url.to_owned()),
@@ -44,10 +58,16 @@ pub fn settings_for_simulator(listen: SocketAddr, sim_url: &str) -> Result<Setti
     )
 }
 
+/// A random API key for the demo (32 characters of `A-Z a-z 0-9`).
+pub fn generate_api_key() -> Result<SecretString, getrandom::Error> {
+    crate::random::alphanumeric(32)
+}
+
 /// Starts both, prints what to curl, and serves until `shutdown` completes.
 pub async fn run(
     listen: SocketAddr,
     sim_listen: SocketAddr,
+    api_key: SecretString,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), DemoError> {
     let sim = sim::start(SimConfig {
@@ -59,9 +79,12 @@ pub async fn run(
         addr: sim_listen,
         source,
     })?;
-    let settings = settings_for_simulator(listen, &sim.base_url())?;
+    let settings = settings_for_simulator(listen, &sim.base_url(), &api_key)?;
     let app = Application::build(&settings).await?;
-    println!("{}", instructions(app.local_addr(), &sim.base_url()));
+    println!(
+        "{}",
+        instructions(app.local_addr(), &sim.base_url(), api_key.expose_secret())
+    );
     let served = app.run_until_stopped(shutdown).await;
     sim.shutdown().await;
     served.map_err(|source| {
@@ -72,11 +95,15 @@ pub async fn run(
     })
 }
 
-fn instructions(broker: SocketAddr, sim_url: &str) -> String {
+fn instructions(broker: SocketAddr, sim_url: &str, api_key: &str) -> String {
     let b = format!("http://{broker}");
     let mut text = String::new();
     let _ = writeln!(text, "giroident-broker demo");
     let _ = writeln!(text, "  broker:    {b}");
+    let _ = writeln!(
+        text,
+        "  API key:   {api_key}   (caller \"demo\", both flows)"
+    );
     let _ = writeln!(
         text,
         "  simulator: {sim_url}   (finAPI stand-in; call counts at {sim_url}/__sim/stats)"
@@ -84,12 +111,12 @@ fn instructions(broker: SocketAddr, sim_url: &str) -> String {
     let _ = writeln!(text, "\nStandalone flow (Process Controller):");
     let _ = writeln!(
         text,
-        "  curl -s -X POST {b}/kyc-sessions -H 'Content-Type: application/json' \\\n    -d '{{\"flow\":\"standalone\",\"clientReference\":\"customer-4711\"}}'"
+        "  curl -s -X POST {b}/kyc-sessions -H 'X-Api-Key: {api_key}' -H 'Content-Type: application/json' \\\n    -d '{{\"flow\":\"standalone\",\"clientReference\":\"customer-4711\"}}'"
     );
     let _ = writeln!(text, "\nAccess flow (new finAPI user):");
     let _ = writeln!(
         text,
-        "  curl -s -X POST {b}/kyc-sessions -H 'Content-Type: application/json' \\\n    -d '{{\"flow\":\"access\",\"email\":\"jane@example.com\"}}'"
+        "  curl -s -X POST {b}/kyc-sessions -H 'X-Api-Key: {api_key}' -H 'Content-Type: application/json' \\\n    -d '{{\"flow\":\"access\",\"email\":\"jane@example.com\"}}'"
     );
     let _ = writeln!(
         text,
@@ -101,7 +128,7 @@ fn instructions(broker: SocketAddr, sim_url: &str) -> String {
     );
     let _ = writeln!(
         text,
-        "  curl -s -i -X DELETE {b}/kyc-sessions/current -H \"Authorization: Bearer $TOKEN\""
+        "  curl -s -i -X DELETE {b}/kyc-sessions/current -H 'X-Api-Key: {api_key}' -H \"Authorization: Bearer $TOKEN\""
     );
     let _ = write!(text, "\nPress Ctrl-C to stop.");
     text

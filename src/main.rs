@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use giroident_broker::config::{LogFormat, Settings};
 use giroident_broker::startup::{Application, shutdown_signal};
 use giroident_broker::{api::cause_chain, demo, sim, telemetry};
+use secrecy::SecretString;
 
 /// Hands out finAPI user access tokens for GiroIdent KYC checks; keeps the client secrets.
 #[derive(Parser)]
@@ -37,6 +38,9 @@ enum Command {
         /// Simulator address (port 0: any free port).
         #[arg(long, default_value = "127.0.0.1:0")]
         sim_listen: SocketAddr,
+        /// API key of the demo caller (default: a random one, printed at start).
+        #[arg(long)]
+        api_key: Option<String>,
     },
     /// Run the finAPI simulator alone. The client secret comes from the environment variable
     /// GIROIDENT_SIM_CLIENT_SECRET or --client-secret-file (default: the demo secret).
@@ -78,9 +82,23 @@ async fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Demo { listen, sim_listen } => {
+        Command::Demo {
+            listen,
+            sim_listen,
+            api_key,
+        } => {
             telemetry::init(LogFormat::Pretty, "info");
-            match demo::run(listen, sim_listen, shutdown_signal()).await {
+            let api_key = match api_key
+                .map(SecretString::from)
+                .map_or_else(demo::generate_api_key, Ok)
+            {
+                Ok(key) => key,
+                Err(err) => {
+                    eprintln!("demo failed: no API key: {err}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match demo::run(listen, sim_listen, api_key, shutdown_signal()).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
                     eprintln!("demo failed: {}", cause_chain(&err));

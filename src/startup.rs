@@ -6,8 +6,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
+use crate::api::auth::Callers;
 use crate::api::{self, AppState, Readiness};
 use crate::config::Settings;
 use crate::finapi::{self, InvalidBaseUrl};
@@ -41,6 +46,7 @@ pub struct Application {
     router: axum::Router,
     readiness: Readiness,
     drain: Duration,
+    header_read_timeout: Duration,
 }
 
 impl Application {
@@ -53,11 +59,25 @@ impl Application {
         .map_err(StartupError::HttpClient)?;
         let flows = Flows::new(settings, http)?;
         let readiness = Readiness::new();
+        let callers = Callers::from_settings(settings);
+        if callers.disabled() {
+            tracing::warn!(
+                "authentication is disabled (auth.disabled = true): anyone who reaches the broker can start KYC sessions"
+            );
+        }
+        let limits = &settings.limits;
+        let read_timeout = Duration::from_secs(limits.read_timeout_secs);
         let state = AppState {
             flows: Arc::new(flows),
             default_flow: settings.default_flow(),
             request_timeout: Duration::from_secs(settings.server.request_timeout_secs),
             readiness: readiness.clone(),
+            callers: Arc::new(callers),
+            in_flight: Arc::new(Semaphore::new(
+                usize::try_from(limits.max_in_flight).unwrap_or(Semaphore::MAX_PERMITS),
+            )),
+            max_body_bytes: usize::try_from(limits.max_body_bytes).unwrap_or(usize::MAX),
+            read_timeout,
         };
         let addr = settings.listen_addr()?;
         let listener = TcpListener::bind(addr)
@@ -72,6 +92,7 @@ impl Application {
             router: api::router(state),
             readiness,
             drain: settings.drain(),
+            header_read_timeout: read_timeout,
         })
     }
 
@@ -86,11 +107,20 @@ impl Application {
     }
 
     /// Serves until `shutdown` completes; then `/readyz` answers 503, requests are still served
-    /// for the drain period, and in-flight requests finish before this returns.
+    /// for the drain period, the listener closes, and in-flight requests finish before this
+    /// returns.
+    ///
+    /// The accept loop is hyper's own rather than `axum::serve` because that has no timeout
+    /// for reading request headers, and a client that never finishes its headers would hold a
+    /// connection forever.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(TokioTimer::new())
+            .header_read_timeout(self.header_read_timeout);
+        let graceful = GracefulShutdown::new();
         let readiness = self.readiness.clone();
         let drain = self.drain;
         let stop = async move {
@@ -100,10 +130,33 @@ impl Application {
             tokio::time::sleep(drain).await;
             tracing::info!("drain period over: finishing in-flight requests");
         };
+        tokio::pin!(stop);
         tracing::info!(addr = %self.addr, "broker listening");
-        axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(stop)
-            .await?;
+        loop {
+            let (stream, _peer) = tokio::select! {
+                () = &mut stop => break,
+                accepted = self.listener.accept() => match accepted {
+                    Ok(conn) => conn,
+                    Err(err) => {
+                        // Running out of file descriptors must not spin the loop.
+                        tracing::warn!(error = %err, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = stream.set_nodelay(true);
+            let service = TowerToHyperService::new(self.router.clone());
+            let connection = http.serve_connection(TokioIo::new(stream), service);
+            let connection = graceful.watch(connection);
+            tokio::spawn(async move {
+                if let Err(err) = connection.await {
+                    tracing::debug!(error = %err, "connection ended with an error");
+                }
+            });
+        }
+        drop(self.listener);
+        graceful.shutdown().await;
         tracing::info!("broker stopped");
         Ok(())
     }

@@ -38,6 +38,24 @@ pub enum ApiError {
     /// 415 `UNSUPPORTED_MEDIA_TYPE`: a body that is not declared as JSON.
     #[error("request body is not declared as JSON")]
     UnsupportedMediaType,
+    /// 401 `MISSING_API_KEY`: no `X-Api-Key`.
+    #[error("missing API key")]
+    MissingApiKey,
+    /// 401 `INVALID_API_KEY`: an `X-Api-Key` no caller has.
+    #[error("unknown API key")]
+    InvalidApiKey,
+    /// 403 `FLOW_NOT_ALLOWED`: the caller may not start this flow.
+    #[error("flow {} not allowed for this caller", .0.as_str())]
+    FlowNotAllowed(crate::config::FlowKind),
+    /// 429 `RATE_LIMITED`: the caller's rate limit is used up; `Retry-After` says for how long.
+    #[error("rate limit exceeded")]
+    RateLimited { retry_after: Duration },
+    /// 503 `OVERLOADED`: too many requests in flight; shed at once.
+    #[error("too many requests in flight")]
+    Overloaded,
+    /// 408 `BODY_TIMEOUT`: the request body did not arrive in time.
+    #[error("request body not received in time")]
+    BodyTimeout,
     /// 401 `MISSING_USER_TOKEN`: no `Authorization: Bearer` user token where one is needed.
     #[error("missing or malformed bearer user token")]
     MissingUserToken,
@@ -124,6 +142,42 @@ impl ApiError {
                 S::UNSUPPORTED_MEDIA_TYPE,
                 "UNSUPPORTED_MEDIA_TYPE",
                 "Request body must be application/json",
+            ),
+            Self::MissingApiKey => Kind::new(
+                S::UNAUTHORIZED,
+                "MISSING_API_KEY",
+                "An API key is required in X-Api-Key",
+            ),
+            Self::InvalidApiKey => Kind::new(S::UNAUTHORIZED, "INVALID_API_KEY", "Unknown API key"),
+            Self::FlowNotAllowed(flow) => Kind::new(
+                S::FORBIDDEN,
+                "FLOW_NOT_ALLOWED",
+                "This caller may not start this flow",
+            )
+            .detail(format!(
+                "flow {} is not allowed for this API key",
+                flow.as_str()
+            )),
+            Self::RateLimited { retry_after } => Kind {
+                retry_after: Some(*retry_after),
+                ..Kind::new(
+                    S::TOO_MANY_REQUESTS,
+                    "RATE_LIMITED",
+                    "Rate limit exceeded; retry later",
+                )
+            },
+            Self::Overloaded => Kind {
+                retry_after: Some(Duration::from_secs(1)),
+                ..Kind::new(
+                    S::SERVICE_UNAVAILABLE,
+                    "OVERLOADED",
+                    "Too many requests in flight; retry later",
+                )
+            },
+            Self::BodyTimeout => Kind::new(
+                S::REQUEST_TIMEOUT,
+                "BODY_TIMEOUT",
+                "The request body did not arrive in time",
             ),
             Self::MissingUserToken => Kind::new(
                 S::UNAUTHORIZED,

@@ -1,40 +1,84 @@
-//! A JSON body extractor whose refusals answer in the problem shape.
+//! A JSON body extractor whose refusals answer in the problem shape. It checks the content
+//! type, reads the body within `limits.read_timeout_secs` and `limits.max_body_bytes`, then
+//! parses it.
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Request};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, header};
 use serde::de::DeserializeOwned;
 
+use super::AppState;
 use super::error::ApiError;
 
-/// `axum::Json`, with every rejection turned into an [`ApiError`].
+/// A JSON request body, with every refusal turned into an [`ApiError`].
 pub struct ApiJson<T>(pub T);
 
-impl<S, T> FromRequest<S> for ApiJson<T>
+impl<T> FromRequest<AppState> for ApiJson<T>
 where
     T: DeserializeOwned,
-    S: Send + Sync,
 {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        if !is_json(req.headers()) {
+            return Err(ApiError::UnsupportedMediaType);
+        }
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > state.max_body_bytes as u64) {
+            return Err(ApiError::BodyTooLarge);
+        }
+        let read = axum::body::to_bytes(req.into_body(), state.max_body_bytes);
+        let bytes = match tokio::time::timeout(state.read_timeout, read).await {
+            Err(_) => return Err(ApiError::BodyTimeout),
+            Ok(Err(err)) if is_length_limit(&err) => return Err(ApiError::BodyTooLarge),
+            Ok(Err(_)) => return Err(ApiError::MalformedJson("the body could not be read".into())),
+            Ok(Ok(bytes)) => bytes,
+        };
+        match axum::Json::<T>::from_bytes(&bytes) {
             Ok(axum::Json(value)) => Ok(Self(value)),
-            Err(rejection) => Err(match rejection {
-                JsonRejection::JsonDataError(e) => {
-                    ApiError::InvalidBody(serde_detail(&e.body_text()))
-                }
-                JsonRejection::JsonSyntaxError(e) => {
-                    ApiError::MalformedJson(serde_detail(&e.body_text()))
-                }
-                JsonRejection::MissingJsonContentType(_) => ApiError::UnsupportedMediaType,
-                JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                    ApiError::BodyTooLarge
-                }
-                other => ApiError::MalformedJson(other.body_text()),
-            }),
+            Err(JsonRejection::JsonDataError(e)) => {
+                Err(ApiError::InvalidBody(serde_detail(&e.body_text())))
+            }
+            Err(rejection) => Err(ApiError::MalformedJson(serde_detail(
+                &rejection.body_text(),
+            ))),
         }
     }
+}
+
+/// `application/json` or `application/<anything>+json`, parameters allowed.
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(value) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = value
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    match essence.split_once('/') {
+        Some(("application", sub)) => sub == "json" || sub.ends_with("+json"),
+        _ => false,
+    }
+}
+
+fn is_length_limit(err: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = source {
+        if e.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// axum prefixes serde's message with a generic sentence; keep serde's part.
@@ -42,4 +86,28 @@ fn serde_detail(text: &str) -> String {
     text.split_once(": ")
         .map_or(text, |(_, rest)| rest)
         .to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    #[test]
+    fn json_content_types() {
+        let mut h = HeaderMap::new();
+        assert!(!is_json(&h));
+        for (value, ok) in [
+            ("application/json", true),
+            ("application/json; charset=utf-8", true),
+            ("Application/JSON", true),
+            ("application/problem+json", true),
+            ("text/json", false),
+            ("text/plain", false),
+            ("application/x-www-form-urlencoded", false),
+        ] {
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static(value));
+            assert_eq!(is_json(&h), ok, "{value}");
+        }
+    }
 }

@@ -14,6 +14,7 @@ use crate::flows::{
 };
 
 use super::AppState;
+use super::auth::CallerExt;
 use super::error::ApiError;
 use super::extract::ApiJson;
 use super::request_id::RequestId;
@@ -96,11 +97,15 @@ struct SessionBody<'a> {
 async fn create_session(
     State(state): State<AppState>,
     Extension(RequestId(request_id)): Extension<RequestId>,
+    Extension(CallerExt(caller)): Extension<CallerExt>,
     ApiJson(body): ApiJson<CreateSessionBody>,
 ) -> Result<Response, ApiError> {
     let request = body
         .validate(state.default_flow)
         .map_err(ApiError::InvalidField)?;
+    if !caller.may_use(request.flow()) {
+        return Err(ApiError::FlowNotAllowed(request.flow()));
+    }
     let ctx = RequestContext { request_id };
     let session = tokio::time::timeout(
         state.request_timeout,

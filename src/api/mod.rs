@@ -1,6 +1,7 @@
 //! The broker's HTTP API. Each module owns its routes; this one assembles them with the
 //! middleware every request passes through.
 
+pub mod auth;
 mod error;
 mod extract;
 mod health;
@@ -12,8 +13,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
 use axum::http::header;
+use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
@@ -23,9 +24,6 @@ use crate::flows::Flows;
 
 pub use error::{ApiError, cause_chain, problem_type};
 pub use kyc::CreateSessionBody;
-
-/// Largest accepted request body.
-pub const MAX_BODY_BYTES: usize = 16 * 1024;
 
 /// Whether the broker takes traffic; cleared when shutdown starts.
 #[derive(Clone, Debug)]
@@ -65,16 +63,27 @@ pub struct AppState {
     pub request_timeout: Duration,
     /// Readiness, shared with the shutdown logic.
     pub readiness: Readiness,
+    /// The configured callers.
+    pub callers: Arc<auth::Callers>,
+    /// Permits for requests in flight (load shedding).
+    pub in_flight: Arc<tokio::sync::Semaphore>,
+    /// Largest accepted request body in bytes.
+    pub max_body_bytes: usize,
+    /// Time allowed for receiving a request body.
+    pub read_timeout: Duration,
 }
 
 /// The whole API with its middleware.
 pub fn router(state: AppState) -> Router {
+    // Authentication before load shedding: requests from unknown callers never take a permit.
+    let kyc = kyc::router()
+        .route_layer(from_fn_with_state(state.clone(), auth::shed_load))
+        .route_layer(from_fn_with_state(state.clone(), auth::require_caller));
     Router::new()
-        .merge(kyc::router())
+        .merge(kyc)
         .merge(health::router())
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(CatchPanicLayer::custom(|_| -> Response {
             tracing::error!("a request handler panicked");
             ApiError::Internal.into_response()

@@ -52,6 +52,7 @@ pub async fn middleware(mut request: Request, next: Next) -> Response {
         request_id = %id,
         method = %request.method(),
         path = %request.uri().path(),
+        caller = tracing::field::Empty,
     );
     let started = Instant::now();
     let mut response = CURRENT

@@ -57,6 +57,16 @@ pub enum SessionRequest {
     },
 }
 
+impl SessionRequest {
+    /// The flow this request runs.
+    pub fn flow(&self) -> FlowKind {
+        match self {
+            Self::Standalone { .. } => FlowKind::Standalone,
+            Self::Access { .. } => FlowKind::Access,
+        }
+    }
+}
+
 /// Why a flow failed. Upstream causes are shared (`Arc`) because one failed client-token fetch
 /// is the cause of every request that waited for it.
 #[derive(Debug, thiserror::Error)]

@@ -21,9 +21,19 @@ pub struct TestEnv {
     server: Option<JoinHandle<std::io::Result<()>>>,
 }
 
-/// Settings for a broker in front of `sim`, with the demo client.
+/// The API key of the test caller `demo` (both flows).
+pub const TEST_API_KEY: &str = "test-api-key-0123456789";
+
+/// Settings for a broker in front of `sim`, with the demo client and the test caller.
 pub fn settings_for(sim: &SimHandle) -> Settings {
-    settings_for_simulator("127.0.0.1:0".parse().unwrap(), &sim.base_url()).unwrap()
+    let key = secrecy::SecretString::from(TEST_API_KEY);
+    let mut settings =
+        settings_for_simulator("127.0.0.1:0".parse().unwrap(), &sim.base_url(), &key).unwrap();
+    // Tests fire bursts of hundreds of requests; rate limits are tested on their own.
+    settings.limits.caller_rate_per_sec = 1_000_000;
+    settings.limits.caller_burst = 1_000_000;
+    settings.limits.max_in_flight = 10_000;
+    settings
 }
 
 impl TestEnv {
@@ -51,7 +61,7 @@ impl TestEnv {
         Self {
             sim,
             broker_url,
-            http: reqwest::Client::new(),
+            http: client_with_key(TEST_API_KEY),
             stop: Some(stop),
             server: Some(server),
         }
@@ -154,6 +164,16 @@ pub const PASSWORD_TOKEN: &str = "POST /api/v2/oauth/token password";
 pub const CREATE_USER: &str = "POST /api/v2/users";
 pub const CREATE_PROCESS: &str = "POST /api/v1/processes";
 pub const EXCHANGE: &str = "GET /api/v1/processes/{processToken}";
+
+/// An HTTP client that sends `X-Api-Key: key` with every request.
+pub fn client_with_key(key: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert("x-api-key", key.parse().expect("header value"));
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .expect("client")
+}
 
 /// Asserts a `201` with the token headers and returns the body.
 pub async fn expect_created(response: reqwest::Response) -> Value {
