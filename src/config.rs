@@ -101,6 +101,21 @@ impl fmt::Debug for CallerSettings {
 }
 
 impl CallerSettings {
+    /// A caller built in code (tests, tools), holding only the digest of `key`.
+    pub fn from_key(name: &str, key: &[u8], flows: &[FlowKind]) -> Self {
+        let digest = sha256(key);
+        Self {
+            name: name.to_owned(),
+            key_sha256: Some(to_hex(&digest)),
+            key_file: None,
+            key_env: None,
+            flows: flows.iter().map(|f| f.as_str().to_owned()).collect(),
+            rate_per_sec: None,
+            burst: None,
+            key_digest: Some(digest),
+        }
+    }
+
     /// SHA-256 of the caller's API key (set once the settings are validated).
     pub fn key_digest(&self) -> Option<[u8; 32]> {
         self.key_digest
@@ -221,7 +236,7 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 /// Which flow a KYC session runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FlowKind {
     /// Process Controller: process token exchanged for a user token.
@@ -245,6 +260,15 @@ impl FlowKind {
             "access" => Some(Self::Access),
             _ => None,
         }
+    }
+}
+
+impl<'de> Deserialize<'de> for FlowKind {
+    // By hand, because serde_json reports a derived enum given a number as a syntax error.
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        Self::parse(&name)
+            .ok_or_else(|| serde::de::Error::unknown_variant(&name, &["standalone", "access"]))
     }
 }
 

@@ -39,6 +39,10 @@ where
             Ok(Ok(bytes)) => bytes,
         };
         match axum::Json::<T>::from_bytes(&bytes) {
+            // serde also fills a struct from a JSON array, by position: only objects are bodies.
+            Ok(_) if bytes.trim_ascii_start().first() != Some(&b'{') => Err(ApiError::InvalidBody(
+                "the body must be a JSON object".to_owned(),
+            )),
             Ok(axum::Json(value)) => Ok(Self(value)),
             Err(JsonRejection::JsonDataError(e)) => {
                 Err(ApiError::InvalidBody(serde_detail(&e.body_text())))

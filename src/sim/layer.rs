@@ -117,6 +117,10 @@ pub(crate) async fn around(
         Ok(id) => (id, None),
         Err(error) => (selfgen_request_id(), Some(error)),
     };
+    if endpoint.is_some() && id_error.is_none() && !request_id.starts_with("selfgen-") {
+        // Remembered on arrival, so that tests can tell a request is being handled.
+        state.remember_request_id(&request_id);
+    }
     let (response, endpoint, dropped) = match (id_error, endpoint) {
         (Some(error), _) => (error.into_response(), endpoint, false),
         (None, None) => (next.run(request).await, None, false),
@@ -136,9 +140,6 @@ pub(crate) async fn around(
             Outcome::Status(response.status().as_u16())
         };
         state.counters().record(endpoint.key(), outcome);
-        if !request_id.starts_with("selfgen-") {
-            state.remember_request_id(&request_id);
-        }
         tracing::debug!(
             endpoint = endpoint.key(),
             ?outcome,

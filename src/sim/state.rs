@@ -338,7 +338,33 @@ impl SimState {
             .collect()
     }
 
-    /// The last request ids that callers sent with finAPI calls (at most 1024), oldest first.
+    /// Every live access token, split into client tokens and user tokens. For tests that look
+    /// for tokens where they must not be.
+    pub fn live_tokens(&self) -> (Vec<String>, Vec<String>) {
+        let tables = self.tables();
+        let (mut client, mut user) = (Vec::new(), Vec::new());
+        for (token, subject) in tables.access_tokens.live(Instant::now()) {
+            match subject {
+                Subject::Client(_) => client.push(token.clone()),
+                Subject::User { .. } => user.push(token.clone()),
+            }
+        }
+        (client, user)
+    }
+
+    /// The password of every live user. For tests that look for passwords where they must not
+    /// be.
+    pub fn user_passwords(&self) -> Vec<String> {
+        let tables = self.tables();
+        tables
+            .users
+            .live(Instant::now())
+            .map(|(_, user)| user.password.clone())
+            .collect()
+    }
+
+    /// The last request ids that callers sent with finAPI calls (at most 1024), oldest first,
+    /// remembered as the calls arrive.
     pub fn seen_request_ids(&self) -> Vec<String> {
         let ids = self
             .inner

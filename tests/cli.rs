@@ -1,0 +1,62 @@
+//! The command line: configuration errors are reported with their keys and exit code 2.
+
+use std::process::Command;
+
+fn broker(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_giroident-broker"))
+        .args(args)
+        .env_clear()
+        .envs(env.iter().copied())
+        .output()
+        .expect("the binary runs")
+}
+
+const VALID: &[(&str, &str)] = &[
+    ("GIROIDENT_BROKER_FINAPI__CLIENT_ID", "client"),
+    ("GIROIDENT_BROKER_FINAPI__CLIENT_SECRET", "cli-test-secret"),
+    ("GIROIDENT_BROKER_AUTH__DISABLED", "true"),
+];
+
+#[test]
+fn check_config_accepts_a_valid_configuration() {
+    let out = broker(&["check-config"], VALID);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn check_config_reports_every_problem_with_its_key_and_exits_2() {
+    let mut env = VALID.to_vec();
+    env.retain(|(k, _)| !k.ends_with("CLIENT_ID"));
+    env.push(("GIROIDENT_BROKER_SERVER__LISTEN", "nowhere"));
+    env.push(("GIROIDENT_BROKER_FLOWS__DEFAULT_FLOW", "video"));
+    let out = broker(&["check-config"], &env);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for key in ["finapi.client_id", "server.listen", "flows.default_flow"] {
+        assert!(stderr.contains(key), "{key} missing from {stderr}");
+    }
+    assert!(!stderr.contains("cli-test-secret"), "{stderr}");
+}
+
+#[test]
+fn serve_refuses_to_start_on_a_bad_configuration() {
+    let out = broker(&["serve"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("finapi.client_secret"), "{stderr}");
+    assert!(stderr.contains("auth.callers"), "{stderr}");
+}
+
+#[test]
+fn a_missing_config_file_is_reported() {
+    let out = broker(
+        &["check-config", "--config", "/nonexistent/broker.toml"],
+        VALID,
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--config"));
+}

@@ -1,0 +1,252 @@
+//! No secret reaches a log line or a response: every flow and every error path runs with
+//! logging at TRACE captured, then every client secret, API key, user password and client
+//! token is looked for, and user access tokens are allowed only in `201` bodies.
+
+mod common;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use common::*;
+use giroident_broker::config::{CallerSettings, FlowKind, LogFormat};
+use giroident_broker::sim::{self, FaultRule, SimClient, SimConfig};
+use serde_json::json;
+
+/// Log output, shared with the subscriber.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Everything the broker answered, as text.
+#[derive(Default)]
+struct Answers(Vec<(u16, String)>);
+
+impl Answers {
+    async fn record(&mut self, response: reqwest::Response) -> (u16, serde_json::Value) {
+        let status = response.status().as_u16();
+        let headers = format!("{:?}", response.headers());
+        let body = response.text().await.unwrap();
+        self.0.push((status, format!("{headers}\n{body}")));
+        (status, serde_json::from_str(&body).unwrap_or_default())
+    }
+}
+
+/// What must never leak, gathered as the test goes.
+#[derive(Default)]
+struct Secrets {
+    never: Vec<(&'static str, String)>,
+    user_tokens: Vec<String>,
+}
+
+impl Secrets {
+    fn gather(&mut self, env: &TestEnv) {
+        let (client_tokens, user_tokens) = env.sim.state().live_tokens();
+        for token in client_tokens {
+            self.never.push(("client token", token));
+        }
+        for password in env.sim.state().user_passwords() {
+            self.never.push(("user password", password));
+        }
+        self.user_tokens.extend(user_tokens);
+    }
+}
+
+const CLIENT_SECRET: &str = "leak-test-client-secret-7f3a9c";
+const OTHER_KEY: &str = "leak-test-other-caller-key-51b2";
+
+#[tokio::test]
+async fn no_secret_reaches_logs_or_responses() {
+    let logs = Captured::default();
+    let writer = logs.clone();
+    assert!(giroident_broker::telemetry::init_with_writer(
+        LogFormat::Json,
+        "trace",
+        move || writer.clone()
+    ));
+
+    let sim_config = SimConfig {
+        clients: vec![SimClient {
+            id: sim::DEMO_CLIENT_ID.into(),
+            secret: CLIENT_SECRET.into(),
+        }],
+        ..SimConfig::default()
+    };
+    let env = TestEnv::with(sim_config, |s| {
+        s.finapi.client_secret = Some(CLIENT_SECRET.into());
+        s.auth.callers.push(CallerSettings::from_key(
+            "other",
+            OTHER_KEY.as_bytes(),
+            &[FlowKind::Access],
+        ));
+    })
+    .await;
+    let mut answers = Answers::default();
+    let mut secrets = Secrets::default();
+
+    // Both flows, and deletion.
+    let (_, standalone) = answers
+        .record(
+            env.start_session(json!({"flow": "standalone", "clientReference": "c-1"}))
+                .await,
+        )
+        .await;
+    let (_, access) = answers
+        .record(
+            env.start_session(json!({"flow": "access", "email": "jane@example.com"}))
+                .await,
+        )
+        .await;
+    secrets.gather(&env);
+    let access_token = access["accessToken"].as_str().unwrap().to_owned();
+    answers
+        .record(env.delete_current(&access_token).await)
+        .await;
+    answers
+        .record(env.delete_current(&access_token).await)
+        .await;
+    let standalone_token = standalone["accessToken"].as_str().unwrap();
+    answers
+        .record(env.delete_current(standalone_token).await)
+        .await;
+
+    // Caller errors.
+    let plain = reqwest::Client::new();
+    let url = format!("{}/kyc-sessions", env.broker_url);
+    for key in [None, Some("wrong-key"), Some(OTHER_KEY)] {
+        let mut request = plain
+            .post(&url)
+            .json(&json!({"flow": "standalone", "clientReference": "c-2"}));
+        if let Some(key) = key {
+            request = request.header("x-api-key", key);
+        }
+        answers.record(request.send().await.unwrap()).await;
+    }
+    // Bad input.
+    for body in [
+        r#"{"flow":"#,
+        r#"{"flow":"access","password":"x"}"#,
+        r#"{"flow":"access","email":"bad"}"#,
+    ] {
+        let request = env
+            .http
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(body);
+        answers.record(request.send().await.unwrap()).await;
+    }
+    answers
+        .record(
+            env.http
+                .get(format!("{}/nowhere", env.broker_url))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+
+    // Upstream errors: a revoked client token (invalidated and replaced), one refused twice,
+    // finAPI unavailable, a dropped connection, a lost exchange answer.
+    env.sim.revoke_all_tokens();
+    answers
+        .record(env.start_session(json!({"flow": "access"})).await)
+        .await;
+    secrets.gather(&env);
+    for rule in [
+        FaultRule {
+            endpoint: CREATE_USER.into(),
+            status: Some(401),
+            count: Some(2),
+            ..FaultRule::default()
+        },
+        FaultRule {
+            endpoint: CREATE_USER.into(),
+            status: Some(503),
+            retry_after: Some(1),
+            count: Some(1),
+            ..FaultRule::default()
+        },
+        FaultRule {
+            endpoint: PASSWORD_TOKEN.into(),
+            drop_connection: true,
+            count: Some(1),
+            ..FaultRule::default()
+        },
+    ] {
+        env.sim.add_fault(rule);
+        answers
+            .record(env.start_session(json!({"flow": "access"})).await)
+            .await;
+        secrets.gather(&env);
+    }
+    env.sim.add_fault(FaultRule {
+        endpoint: EXCHANGE.into(),
+        drop_after_handling: true,
+        count: Some(1),
+        ..FaultRule::default()
+    });
+    answers
+        .record(
+            env.start_session(json!({"flow": "standalone", "clientReference": "c-3"}))
+                .await,
+        )
+        .await;
+    secrets.gather(&env);
+    env.stop().await;
+
+    // A broker whose client secret finAPI refuses: that secret must not leak either.
+    let wrong_secret = "leak-test-wrong-secret-0d41";
+    let env = TestEnv::with(SimConfig::default(), |s| {
+        s.finapi.client_secret = Some(wrong_secret.into());
+    })
+    .await;
+    for body in [
+        json!({"flow": "access"}),
+        json!({"flow": "standalone", "clientReference": "c-4"}),
+    ] {
+        let (status, _) = answers.record(env.start_session(body).await).await;
+        assert_eq!(status, 502);
+    }
+    env.stop().await;
+
+    secrets.never.push(("client secret", CLIENT_SECRET.into()));
+    secrets.never.push(("client secret", wrong_secret.into()));
+    secrets.never.push(("API key", TEST_API_KEY.into()));
+    secrets.never.push(("API key", OTHER_KEY.into()));
+
+    let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        logs.lines().count() > 50,
+        "too few log lines captured: the test would prove nothing"
+    );
+    assert!(logs.contains("\"level\":\"TRACE\"") || logs.contains("\"level\":\"DEBUG\""));
+    assert!(secrets.user_tokens.len() >= 2 && secrets.never.len() >= 8);
+    for (what, secret) in &secrets.never {
+        assert!(!logs.contains(secret.as_str()), "a {what} is in the logs");
+        for (status, answer) in &answers.0 {
+            assert!(
+                !answer.contains(secret.as_str()),
+                "a {what} is in a {status} answer"
+            );
+        }
+    }
+    for token in &secrets.user_tokens {
+        assert!(
+            !logs.contains(token.as_str()),
+            "a user access token is in the logs"
+        );
+        for (status, answer) in &answers.0 {
+            if answer.contains(token.as_str()) {
+                assert_eq!(*status, 201, "a user access token is in a {status} answer");
+            }
+        }
+    }
+}
