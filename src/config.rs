@@ -23,6 +23,8 @@ pub const ENV_PREFIX: &str = "GIROIDENT_BROKER_";
 pub struct Settings {
     /// The broker's own HTTP listener.
     pub server: ServerSettings,
+    /// The admin listener: metrics and health, never exposed through the gateway.
+    pub admin: AdminSettings,
     /// Who may call the broker.
     pub auth: AuthSettings,
     /// Limits on requests.
@@ -48,6 +50,15 @@ pub struct ServerSettings {
     pub drain_secs: u64,
     /// Upper bound in seconds for handling one request, upstream calls included.
     pub request_timeout_secs: u64,
+}
+
+/// The admin listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSettings {
+    /// Address and port of `/metrics`, `/livez` and `/readyz` for Prometheus and probes; keep
+    /// it off the gateway (loopback by default).
+    pub listen: String,
 }
 
 /// Who may call the broker.
@@ -357,6 +368,15 @@ impl Settings {
                 ),
             );
         }
+        if self.admin.listen.parse::<SocketAddr>().is_err() {
+            problem(
+                "admin.listen",
+                format!(
+                    "{:?} is not an address with a port, e.g. 127.0.0.1:9090",
+                    self.admin.listen
+                ),
+            );
+        }
         if self.server.request_timeout_secs == 0 {
             problem("server.request_timeout_secs", "must be at least 1".into());
         }
@@ -544,6 +564,13 @@ impl Settings {
     pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
         self.server.listen.parse().map_err(|_| {
             ConfigError::single("server.listen", "not an address with a port".to_owned())
+        })
+    }
+
+    /// The admin listen address (validated at load).
+    pub fn admin_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.admin.listen.parse().map_err(|_| {
+            ConfigError::single("admin.listen", "not an address with a port".to_owned())
         })
     }
 

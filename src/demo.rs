@@ -32,6 +32,7 @@ pub enum DemoError {
 /// `api_key` and allowed both flows, and no drain period.
 pub fn settings_for_simulator(
     listen: SocketAddr,
+    admin_listen: SocketAddr,
     sim_url: &str,
     api_key: &SecretString,
 ) -> Result<Settings, ConfigError> {
@@ -45,6 +46,7 @@ pub fn settings_for_simulator(
         ),
         ("SERVER__LISTEN", listen.to_string()),
         ("SERVER__DRAIN_SECS", "0".to_owned()),
+        ("ADMIN__LISTEN", admin_listen.to_string()),
         ("FINAPI__ACCESS_URL", sim_url.to_owned()),
         ("FINAPI__PROCESS_CONTROLLER_URL", sim_url.to_owned()),
         ("FINAPI__ALLOW_INSECURE_HTTP", "true".to_owned()),
@@ -79,7 +81,8 @@ pub async fn run(
         addr: sim_listen,
         source,
     })?;
-    let settings = settings_for_simulator(listen, &sim.base_url(), &api_key)?;
+    let admin_listen = SocketAddr::new(listen.ip(), 0);
+    let settings = settings_for_simulator(listen, admin_listen, &sim.base_url(), &api_key)?;
     let app = Application::build(&settings).await?;
     println!(
         "{}",

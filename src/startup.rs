@@ -10,7 +10,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 
 use crate::api::auth::Callers;
 use crate::api::{self, AppState, Readiness};
@@ -44,6 +44,9 @@ pub struct Application {
     listener: TcpListener,
     addr: SocketAddr,
     router: axum::Router,
+    admin_listener: TcpListener,
+    admin_addr: SocketAddr,
+    admin_router: axum::Router,
     readiness: Readiness,
     drain: Duration,
     header_read_timeout: Duration,
@@ -79,16 +82,18 @@ impl Application {
             max_body_bytes: usize::try_from(limits.max_body_bytes).unwrap_or(usize::MAX),
             read_timeout,
         };
-        let addr = settings.listen_addr()?;
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartupError::Bind { addr, source })?;
-        let addr = listener
-            .local_addr()
-            .map_err(|source| StartupError::Bind { addr, source })?;
+        // The recorder must be in place before the first metric is recorded.
+        if crate::telemetry::metrics::handle().is_none() {
+            tracing::warn!("another metrics recorder is installed: /metrics stays empty");
+        }
+        let (listener, addr) = bind(settings.listen_addr()?).await?;
+        let (admin_listener, admin_addr) = bind(settings.admin_addr()?).await?;
         Ok(Self {
             listener,
             addr,
+            admin_listener,
+            admin_addr,
+            admin_router: api::admin_router(state.clone()),
             router: api::router(state),
             readiness,
             drain: settings.drain(),
@@ -99,6 +104,11 @@ impl Application {
     /// The bound address (the real port when configured with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The bound admin address (metrics and probes).
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
     }
 
     /// The bound port.
@@ -117,49 +127,78 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        let mut http = hyper::server::conn::http1::Builder::new();
-        http.timer(TokioTimer::new())
-            .header_read_timeout(self.header_read_timeout);
-        let graceful = GracefulShutdown::new();
+        let (stop_tx, stop_rx) = watch::channel(false);
         let readiness = self.readiness.clone();
         let drain = self.drain;
-        let stop = async move {
+        tokio::spawn(async move {
             shutdown.await;
             readiness.set_draining();
             tracing::info!(drain_secs = drain.as_secs(), "shutting down: draining");
             tokio::time::sleep(drain).await;
             tracing::info!("drain period over: finishing in-flight requests");
-        };
-        tokio::pin!(stop);
-        tracing::info!(addr = %self.addr, "broker listening");
-        loop {
-            let (stream, _peer) = tokio::select! {
-                () = &mut stop => break,
-                accepted = self.listener.accept() => match accepted {
-                    Ok(conn) => conn,
-                    Err(err) => {
-                        // Running out of file descriptors must not spin the loop.
-                        tracing::warn!(error = %err, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let _ = stream.set_nodelay(true);
-            let service = TowerToHyperService::new(self.router.clone());
-            let connection = http.serve_connection(TokioIo::new(stream), service);
-            let connection = graceful.watch(connection);
-            tokio::spawn(async move {
-                if let Err(err) = connection.await {
-                    tracing::debug!(error = %err, "connection ended with an error");
-                }
-            });
-        }
-        drop(self.listener);
-        graceful.shutdown().await;
+            let _ = stop_tx.send(true);
+        });
+        tracing::info!(addr = %self.addr, admin_addr = %self.admin_addr, "broker listening");
+        let timeout = self.header_read_timeout;
+        tokio::join!(
+            serve(self.listener, self.router, timeout, stop_rx.clone()),
+            serve(self.admin_listener, self.admin_router, timeout, stop_rx),
+        );
         tracing::info!("broker stopped");
         Ok(())
     }
+}
+
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartupError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartupError::Bind { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| StartupError::Bind { addr, source })?;
+    Ok((listener, bound))
+}
+
+/// Accepts connections until `stop` turns true, then closes the listener and waits for the
+/// open connections' requests to finish.
+///
+/// The accept loop is hyper's own rather than `axum::serve` because that has no timeout for
+/// reading request headers, and a client that never finishes its headers would hold a
+/// connection forever.
+async fn serve(
+    listener: TcpListener,
+    router: axum::Router,
+    header_read_timeout: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (stream, _peer) = tokio::select! {
+            _ = stop.changed() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(err) => {
+                    // Running out of file descriptors must not spin the loop.
+                    tracing::warn!(error = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(router.clone());
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                tracing::debug!(error = %err, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
 }
 
 /// Completes on SIGTERM or Ctrl-C.

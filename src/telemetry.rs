@@ -43,3 +43,66 @@ where
         builder.try_init().is_ok()
     }
 }
+
+/// Prometheus metrics: names, and the one recorder of the process.
+pub mod metrics {
+    use std::sync::OnceLock;
+
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+    /// Requests by route, method, status and caller (counter).
+    pub const HTTP_REQUESTS: &str = "broker_http_requests_total";
+    /// Request latency by route, method, status and caller (histogram, seconds).
+    pub const HTTP_DURATION: &str = "broker_http_request_duration_seconds";
+    /// Requests being handled (gauge).
+    pub const HTTP_IN_FLIGHT: &str = "broker_http_requests_in_flight";
+    /// finAPI calls by service, step and outcome (counter).
+    pub const FINAPI_CALLS: &str = "broker_finapi_calls_total";
+    /// finAPI call latency by service, step and outcome (histogram, seconds).
+    pub const FINAPI_DURATION: &str = "broker_finapi_call_duration_seconds";
+    /// Client-token cache lookups by result: `hit` or `miss` (counter).
+    pub const TOKEN_CACHE: &str = "broker_client_token_cache_lookups_total";
+    /// Client-token fetches by trigger (`request`, `refresh`) and outcome (counter).
+    pub const TOKEN_FETCHES: &str = "broker_client_token_fetches_total";
+    /// KYC sessions by flow and outcome (`created` or the error code) (counter).
+    pub const SESSIONS: &str = "broker_kyc_sessions_total";
+    /// User deletions by outcome (`deleted` or the error code) (counter).
+    pub const DELETIONS: &str = "broker_user_deletions_total";
+
+    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+    /// The process's Prometheus recorder, installed on first use. `None` if another recorder
+    /// was installed first.
+    pub fn handle() -> Option<&'static PrometheusHandle> {
+        HANDLE.get_or_init(install).as_ref()
+    }
+
+    fn install() -> Option<PrometheusHandle> {
+        let buckets = [
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ];
+        let handle = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
+            .ok()?
+            .install_recorder()
+            .ok()?;
+        describe();
+        Some(handle)
+    }
+
+    fn describe() {
+        use ::metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+        describe_counter!(
+            HTTP_REQUESTS,
+            "Requests by route, method, status and caller"
+        );
+        describe_histogram!(HTTP_DURATION, Unit::Seconds, "Request latency");
+        describe_gauge!(HTTP_IN_FLIGHT, "Requests being handled");
+        describe_counter!(FINAPI_CALLS, "finAPI calls by service, step and outcome");
+        describe_histogram!(FINAPI_DURATION, Unit::Seconds, "finAPI call latency");
+        describe_counter!(TOKEN_CACHE, "Client-token cache lookups by result");
+        describe_counter!(TOKEN_FETCHES, "Client-token fetches by trigger and outcome");
+        describe_counter!(SESSIONS, "KYC sessions by flow and outcome");
+        describe_counter!(DELETIONS, "User deletions by outcome");
+    }
+}

@@ -107,10 +107,13 @@ impl ClientTokenCache {
     /// The fetch runs in its own task: when the request that started it goes away, the fetch
     /// still completes and fills the cache for the others.
     pub async fn get(&self, request_id: &str) -> Result<Arc<ClientToken>, TokenError> {
+        use crate::telemetry::metrics::TOKEN_CACHE;
         let key = self.access.client_id();
         if let Some(token) = self.cache.get(key).await {
+            metrics::counter!(TOKEN_CACHE, "result" => "hit").increment(1);
             return Ok(token);
         }
+        metrics::counter!(TOKEN_CACHE, "result" => "miss").increment(1);
         let this = self.clone();
         let request_id = request_id.to_owned();
         tokio::spawn(async move {
@@ -125,7 +128,11 @@ impl ClientTokenCache {
     }
 
     async fn fetch(&self, request_id: &str) -> Result<Arc<ClientToken>, UpstreamError> {
-        let token = self.access.client_token(request_id).await?;
+        use crate::telemetry::metrics::TOKEN_FETCHES;
+        let result = self.access.client_token(request_id).await;
+        let outcome = if result.is_ok() { "ok" } else { "error" };
+        metrics::counter!(TOKEN_FETCHES, "trigger" => "request", "outcome" => outcome).increment(1);
+        let token = result?;
         let keep_for = keep_for(token.expires_in, self.margin);
         tracing::debug!(
             expires_in = token.expires_in,

@@ -164,8 +164,11 @@ pub async fn require_caller(
     caller
         .try_acquire()
         .map_err(|wait| ApiError::RateLimited { retry_after: wait })?;
-    request.extensions_mut().insert(CallerExt(caller));
-    Ok(next.run(request).await)
+    request.extensions_mut().insert(CallerExt(caller.clone()));
+    let mut response = next.run(request).await;
+    // For the request metrics, recorded further out.
+    response.extensions_mut().insert(CallerExt(caller));
+    Ok(response)
 }
 
 /// Middleware: refuses at once with 503 when `limits.max_in_flight` requests are being

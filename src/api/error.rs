@@ -115,6 +115,11 @@ impl Kind {
 }
 
 impl ApiError {
+    /// The stable `code` of the answer.
+    pub fn code(&self) -> &'static str {
+        self.kind().code
+    }
+
     fn kind(&self) -> Kind {
         use StatusCode as S;
         match self {

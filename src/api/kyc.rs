@@ -14,10 +14,11 @@ use crate::flows::{
 };
 
 use super::AppState;
-use super::auth::CallerExt;
+use super::auth::{Caller, CallerExt};
 use super::error::ApiError;
 use super::extract::ApiJson;
 use super::request_id::RequestId;
+use crate::telemetry::metrics::{DELETIONS, SESSIONS};
 
 /// Longest bearer token accepted for deletion (finAPI allows up to 8192 characters).
 const MAX_TOKEN_LEN: usize = 8192;
@@ -103,6 +104,23 @@ async fn create_session(
     let request = body
         .validate(state.default_flow)
         .map_err(ApiError::InvalidField)?;
+    let flow = request.flow();
+    tracing::Span::current().record("flow", flow.as_str());
+    let result = start_session(&state, &caller, request, request_id).await;
+    let outcome = match &result {
+        Ok(_) => "created",
+        Err(err) => err.code(),
+    };
+    metrics::counter!(SESSIONS, "flow" => flow.as_str(), "outcome" => outcome).increment(1);
+    result
+}
+
+async fn start_session(
+    state: &AppState,
+    caller: &Caller,
+    request: SessionRequest,
+    request_id: String,
+) -> Result<Response, ApiError> {
     if !caller.may_use(request.flow()) {
         return Err(ApiError::FlowNotAllowed(request.flow()));
     }
@@ -113,11 +131,7 @@ async fn create_session(
     )
     .await
     .map_err(|_| ApiError::Timeout)??;
-    tracing::info!(
-        flow = session.flow.as_str(),
-        user_id = session.user_id.as_deref(),
-        "KYC session started"
-    );
+    tracing::info!(user_id = session.user_id.as_deref(), "KYC session started");
     Ok(session_response(&session))
 }
 
@@ -153,13 +167,22 @@ async fn delete_current(
     Extension(RequestId(request_id)): Extension<RequestId>,
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
-    let token = bearer_token(&headers).ok_or(ApiError::MissingUserToken)?;
-    let ctx = RequestContext { request_id };
-    tokio::time::timeout(state.request_timeout, state.flows.delete_user(&token, &ctx))
-        .await
-        .map_err(|_| ApiError::Timeout)??;
-    tracing::info!("finAPI user deleted");
-    Ok(StatusCode::NO_CONTENT)
+    let result: Result<StatusCode, ApiError> = async {
+        let token = bearer_token(&headers).ok_or(ApiError::MissingUserToken)?;
+        let ctx = RequestContext { request_id };
+        tokio::time::timeout(state.request_timeout, state.flows.delete_user(&token, &ctx))
+            .await
+            .map_err(|_| ApiError::Timeout)??;
+        tracing::info!("finAPI user deleted");
+        Ok(StatusCode::NO_CONTENT)
+    }
+    .await;
+    let outcome = match &result {
+        Ok(_) => "deleted",
+        Err(err) => err.code(),
+    };
+    metrics::counter!(DELETIONS, "outcome" => outcome).increment(1);
+    result
 }
 
 /// The token of `Authorization: Bearer <token>`: visible ASCII only, at most 8192 characters.

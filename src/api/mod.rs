@@ -1,6 +1,7 @@
 //! The broker's HTTP API. Each module owns its routes; this one assembles them with the
 //! middleware every request passes through.
 
+mod admin;
 pub mod auth;
 mod error;
 mod extract;
@@ -22,8 +23,19 @@ use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use crate::config::FlowKind;
 use crate::flows::Flows;
 
+pub use admin::admin_router;
 pub use error::{ApiError, cause_chain, problem_type};
 pub use kyc::CreateSessionBody;
+
+/// Every path the API serves (none has parameters); used to label metrics.
+pub const ROUTES: &[&str] = &[
+    "/kyc-sessions",
+    "/kyc-sessions/current",
+    "/livez",
+    "/readyz",
+    "/metrics",
+    "/openapi.json",
+];
 
 /// Whether the broker takes traffic; cleared when shutdown starts.
 #[derive(Clone, Debug)]

@@ -11,6 +11,9 @@ use axum::middleware::Next;
 use axum::response::Response;
 use tracing::Instrument;
 
+use super::auth::CallerExt;
+use crate::telemetry::metrics::{HTTP_DURATION, HTTP_IN_FLIGHT, HTTP_REQUESTS};
+
 /// The request id header, in both directions and towards finAPI.
 pub const HEADER: &str = "x-request-id";
 /// Longest request id taken from a caller (finAPI's limit).
@@ -53,23 +56,66 @@ pub async fn middleware(mut request: Request, next: Next) -> Response {
         method = %request.method(),
         path = %request.uri().path(),
         caller = tracing::field::Empty,
+        flow = tracing::field::Empty,
     );
+    let route = route_label(request.uri().path());
+    let method = method_label(request.method());
     let started = Instant::now();
+    let in_flight = metrics::gauge!(HTTP_IN_FLIGHT);
+    in_flight.increment(1);
     let mut response = CURRENT
         .scope(id.clone(), next.run(request))
         .instrument(span.clone())
         .await;
+    in_flight.decrement(1);
+    let elapsed = started.elapsed();
     span.in_scope(|| {
         tracing::info!(
             status = response.status().as_u16(),
-            latency_ms = started.elapsed().as_secs_f64() * 1e3,
+            latency_ms = elapsed.as_secs_f64() * 1e3,
             "request finished"
         );
     });
+    let caller = response
+        .extensions()
+        .get::<CallerExt>()
+        .map_or_else(|| "none".to_owned(), |c| c.0.name.to_string());
+    let labels = [
+        ("route", route.to_owned()),
+        ("method", method.to_owned()),
+        ("status", response.status().as_str().to_owned()),
+        ("caller", caller),
+    ];
+    metrics::counter!(HTTP_REQUESTS, &labels).increment(1);
+    metrics::histogram!(HTTP_DURATION, &labels).record(elapsed.as_secs_f64());
     if let Ok(value) = HeaderValue::from_str(&id) {
         response.headers_mut().insert(HEADER, value);
     }
     response
+}
+
+/// The route of a path, for metric labels: the API's paths have no parameters, so a known path
+/// is its own route; anything else is `unmatched` (the label set stays bounded).
+fn route_label(path: &str) -> &'static str {
+    super::ROUTES
+        .iter()
+        .find(|route| **route == path)
+        .copied()
+        .unwrap_or("unmatched")
+}
+
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::DELETE => "DELETE",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
 }
 
 #[cfg(test)]

@@ -71,6 +71,14 @@ pub enum Step {
 }
 
 impl Step {
+    /// The finAPI service the call goes to: `access` or `process_controller`.
+    pub fn service(self) -> &'static str {
+        match self {
+            Self::ClientToken | Self::CreateUser | Self::UserToken | Self::DeleteUser => "access",
+            Self::CreateProcess | Self::ExchangeProcessToken => "process_controller",
+        }
+    }
+
     /// A stable name for logs.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -213,16 +221,24 @@ async fn send(
 ) -> Result<Response, UpstreamError> {
     let started = Instant::now();
     let result = request.header("X-Request-Id", request_id).send().await;
-    let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
+    let elapsed = started.elapsed();
+    let elapsed_ms = elapsed.as_secs_f64() * 1e3;
     let response = match result {
         Ok(response) => response,
         Err(err) => {
             let err = UpstreamError::from_reqwest(step, err);
+            let outcome = match &err {
+                UpstreamError::Timeout { .. } => "timeout",
+                UpstreamError::Connect { .. } => "connect_error",
+                _ => "transport_error",
+            };
+            record_call(step, outcome, elapsed);
             tracing::debug!(step = step.as_str(), elapsed_ms, error = %err, "finAPI call failed");
             return Err(err);
         }
     };
     let status = response.status();
+    record_call(step, status.as_str(), elapsed);
     let finapi_request_id = response
         .headers()
         .get("X-Request-Id")
@@ -252,6 +268,17 @@ async fn send(
         code,
         retry_after,
     })
+}
+
+fn record_call(step: Step, outcome: &str, elapsed: Duration) {
+    use crate::telemetry::metrics::{FINAPI_CALLS, FINAPI_DURATION};
+    let labels = [
+        ("service", step.service().to_owned()),
+        ("step", step.as_str().to_owned()),
+        ("outcome", outcome.to_owned()),
+    ];
+    metrics::counter!(FINAPI_CALLS, &labels).increment(1);
+    metrics::histogram!(FINAPI_DURATION, &labels).record(elapsed.as_secs_f64());
 }
 
 async fn decode<T: DeserializeOwned>(step: Step, response: Response) -> Result<T, UpstreamError> {

@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 pub struct TestEnv {
     pub sim: SimHandle,
     pub broker_url: String,
+    pub admin_url: String,
     pub http: reqwest::Client,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<std::io::Result<()>>>,
@@ -27,8 +28,8 @@ pub const TEST_API_KEY: &str = "test-api-key-0123456789";
 /// Settings for a broker in front of `sim`, with the demo client and the test caller.
 pub fn settings_for(sim: &SimHandle) -> Settings {
     let key = secrecy::SecretString::from(TEST_API_KEY);
-    let mut settings =
-        settings_for_simulator("127.0.0.1:0".parse().unwrap(), &sim.base_url(), &key).unwrap();
+    let any_port = "127.0.0.1:0".parse().unwrap();
+    let mut settings = settings_for_simulator(any_port, any_port, &sim.base_url(), &key).unwrap();
     // Tests fire bursts of hundreds of requests; rate limits are tested on their own.
     settings.limits.caller_rate_per_sec = 1_000_000;
     settings.limits.caller_burst = 1_000_000;
@@ -54,6 +55,7 @@ impl TestEnv {
     pub async fn with_settings(sim: SimHandle, settings: &Settings) -> Self {
         let app = Application::build(settings).await.expect("broker starts");
         let broker_url = format!("http://{}", app.local_addr());
+        let admin_url = format!("http://{}", app.admin_addr());
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(app.run_until_stopped(async {
             let _ = stopped.await;
@@ -61,6 +63,7 @@ impl TestEnv {
         Self {
             sim,
             broker_url,
+            admin_url,
             http: client_with_key(TEST_API_KEY),
             stop: Some(stop),
             server: Some(server),
