@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use giroident_broker::config::{LogFormat, Settings};
 use giroident_broker::startup::{Application, shutdown_signal};
-use giroident_broker::{api::cause_chain, demo, sim, telemetry};
+use giroident_broker::{api::cause_chain, demo, healthcheck, sim, telemetry};
 use secrecy::SecretString;
 
 /// Hands out finAPI user access tokens for GiroIdent KYC checks; keeps the client secrets.
@@ -64,6 +64,13 @@ enum Command {
         /// may be repeated.
         #[arg(long = "fault", value_name = "JSON", value_parser = parse_fault)]
         faults: Vec<sim::FaultRule>,
+    },
+    /// GET a health endpoint and exit 0 on a 2xx answer, 1 otherwise (for container
+    /// healthchecks in images without curl).
+    Healthcheck {
+        /// The URL to check.
+        #[arg(long, default_value = healthcheck::DEFAULT_URL)]
+        url: reqwest::Url,
     },
 }
 
@@ -141,6 +148,7 @@ async fn main() -> ExitCode {
                 }
             }
         }
+        Command::Healthcheck { url } => healthcheck::run(url).await,
     }
 }
 
