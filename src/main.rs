@@ -30,6 +30,8 @@ enum Command {
     Serve,
     /// Load and validate the configuration, report every problem, and exit.
     CheckConfig,
+    /// Print the OpenAPI 3.1 document of the API (as checked in at docs/openapi.json).
+    Openapi,
     /// Run the finAPI simulator and the broker together on loopback with demo credentials.
     Demo {
         /// Broker address.
@@ -79,6 +81,10 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(cli.config).await,
+        Command::Openapi => {
+            println!("{}", giroident_broker::api::openapi_document());
+            ExitCode::SUCCESS
+        }
         Command::CheckConfig => match Settings::load(cli.config.as_deref()) {
             Ok(_) => {
                 println!("configuration is valid");

@@ -284,17 +284,27 @@ fn upstream_kind(err: &UpstreamError) -> Kind {
     }
 }
 
-/// The problem document (RFC 9457).
-#[derive(Serialize)]
+/// An error answer: a problem document (RFC 9457, `application/problem+json`).
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct Problem<'a> {
+pub(super) struct Problem<'a> {
+    /// `urn:giroident-broker:problem:<code in kebab case>`.
     #[serde(rename = "type")]
+    #[schema(example = "urn:giroident-broker:problem:invalid-field")]
     type_uri: String,
+    /// A short summary for people.
     title: &'a str,
+    /// The HTTP status.
+    #[schema(minimum = 400, maximum = 599)]
     status: u16,
+    /// What was wrong, for people; absent where there is nothing to add.
     #[serde(skip_serializing_if = "Option::is_none")]
     detail: Option<&'a str>,
+    /// The stable error code (see the README's table).
+    #[schema(example = "INVALID_FIELD")]
     code: &'a str,
+    /// The request id, also in `X-Request-Id`.
+    #[schema(required = true)]
     request_id: Option<String>,
 }
 

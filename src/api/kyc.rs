@@ -7,6 +7,7 @@ use axum::routing::{delete, post};
 use axum::{Extension, Router};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::config::FlowKind;
 use crate::flows::{
@@ -15,7 +16,7 @@ use crate::flows::{
 
 use super::AppState;
 use super::auth::{Caller, CallerExt};
-use super::error::ApiError;
+use super::error::{ApiError, Problem};
 use super::extract::ApiJson;
 use super::request_id::RequestId;
 use crate::telemetry::metrics::{DELETIONS, SESSIONS};
@@ -29,21 +30,30 @@ pub fn router() -> Router<AppState> {
         .route("/kyc-sessions/current", delete(delete_current))
 }
 
-/// The body of `POST /kyc-sessions`.
-#[derive(Debug, Deserialize)]
+/// The body of `POST /kyc-sessions`. Unknown fields are refused.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[schema(example = json!({"flow": "standalone", "clientReference": "customer-4711"}))]
 pub struct CreateSessionBody {
     /// `standalone` or `access`; the configured default when absent.
     #[serde(default)]
     pub flow: Option<FlowKind>,
-    /// Required by `standalone`, refused by `access`.
+    /// The caller's reference for the process. Required by `standalone`, refused by `access`.
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9._:@+-]+$")]
     pub client_reference: Option<String>,
-    /// Optional for `access`, refused by `standalone`.
+    /// E-mail of the new finAPI user. Optional for `access`, refused by `standalone`. One `@`
+    /// with text on both sides; no white space or control characters.
     #[serde(default)]
+    #[schema(
+        max_length = 320,
+        pattern = "^[^@\\s\\u0000-\\u001f\\u007f-\\u009f]+@[^@\\s\\u0000-\\u001f\\u007f-\\u009f]+$"
+    )]
     pub email: Option<String>,
-    /// Optional for `access`, refused by `standalone`.
+    /// Phone of the new finAPI user. Optional for `access`, refused by `standalone`. Digits,
+    /// spaces and `+ - ( ) /`, at least one digit.
     #[serde(default)]
+    #[schema(max_length = 50, pattern = "^[0-9 +()/-]*[0-9][0-9 +()/-]*$")]
     pub phone: Option<String>,
 }
 
@@ -83,19 +93,53 @@ impl CreateSessionBody {
     }
 }
 
-/// The answer of `POST /kyc-sessions`.
-#[derive(Serialize)]
+/// The answer of `POST /kyc-sessions`: the finAPI user's access token, for GiroIdent.
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct SessionBody<'a> {
+pub(super) struct SessionBody<'a> {
+    /// The user's access token.
     access_token: &'a str,
+    /// `bearer`.
     token_type: &'a str,
+    /// Seconds the token is valid, as finAPI says; null for the standalone flow, whose token
+    /// exchange gives none.
+    #[schema(required = true, minimum = 0)]
     expires_in: Option<u64>,
+    /// The flow that ran.
     flow: FlowKind,
+    /// The finAPI user id (access flow only).
     #[serde(skip_serializing_if = "Option::is_none")]
     user_id: Option<&'a str>,
 }
 
-async fn create_session(
+/// Start a KYC session.
+///
+/// Runs the standalone (Process Controller) or the access flow at finAPI and answers with the
+/// user's access token.
+#[utoipa::path(
+    post,
+    path = "/kyc-sessions",
+    tag = "kyc",
+    security(("api_key" = [])),
+    params(("X-Request-Id" = Option<String>, Header, description = "Request id (at most 255 characters of A-Z a-z 0-9 - _ . : /); generated when absent or unsafe")),
+    request_body(content = CreateSessionBody, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Session started; `Cache-Control: no-store`", body = SessionBody),
+        (status = 400, description = "MALFORMED_JSON, INVALID_BODY", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "MISSING_API_KEY, INVALID_API_KEY", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "FLOW_NOT_ALLOWED", body = Problem, content_type = "application/problem+json"),
+        (status = 408, description = "BODY_TIMEOUT", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "BODY_TOO_LARGE", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "UNSUPPORTED_MEDIA_TYPE", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "INVALID_FIELD", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "RATE_LIMITED, with Retry-After", body = Problem, content_type = "application/problem+json"),
+        (status = 500, description = "INTERNAL", body = Problem, content_type = "application/problem+json"),
+        (status = 502, description = "UPSTREAM_REJECTED, UPSTREAM_ERROR", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "UPSTREAM_UNAVAILABLE, OVERLOADED (Retry-After where known)", body = Problem, content_type = "application/problem+json"),
+        (status = 504, description = "UPSTREAM_TIMEOUT, REQUEST_TIMEOUT", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(super) async fn create_session(
     State(state): State<AppState>,
     Extension(RequestId(request_id)): Extension<RequestId>,
     Extension(CallerExt(caller)): Extension<CallerExt>,
@@ -162,7 +206,29 @@ fn session_response(session: &KycSession) -> Response {
         .into_response()
 }
 
-async fn delete_current(
+/// Delete the finAPI user of a user access token.
+///
+/// finAPI's "delete the authorised user". Delete a user only after the GiroIdent check's final
+/// result is in.
+#[utoipa::path(
+    delete,
+    path = "/kyc-sessions/current",
+    tag = "kyc",
+    security(("api_key" = [], "user_token" = [])),
+    params(("X-Request-Id" = Option<String>, Header, description = "Request id, as for POST /kyc-sessions")),
+    responses(
+        (status = 204, description = "The user is deleted"),
+        (status = 401, description = "MISSING_API_KEY, INVALID_API_KEY, MISSING_USER_TOKEN, USER_TOKEN_REJECTED", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "NOT_A_USER_TOKEN", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "USER_LOCKED", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "RATE_LIMITED, with Retry-After", body = Problem, content_type = "application/problem+json"),
+        (status = 500, description = "INTERNAL", body = Problem, content_type = "application/problem+json"),
+        (status = 502, description = "UPSTREAM_REJECTED, UPSTREAM_ERROR", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "UPSTREAM_UNAVAILABLE, OVERLOADED", body = Problem, content_type = "application/problem+json"),
+        (status = 504, description = "UPSTREAM_TIMEOUT, REQUEST_TIMEOUT", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(super) async fn delete_current(
     State(state): State<AppState>,
     Extension(RequestId(request_id)): Extension<RequestId>,
     headers: HeaderMap,

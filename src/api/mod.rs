@@ -7,6 +7,7 @@ mod error;
 mod extract;
 mod health;
 mod kyc;
+mod openapi;
 pub mod request_id;
 
 use std::sync::Arc;
@@ -26,6 +27,7 @@ use crate::flows::Flows;
 pub use admin::admin_router;
 pub use error::{ApiError, cause_chain, problem_type};
 pub use kyc::CreateSessionBody;
+pub use openapi::document as openapi_document;
 
 /// Every path the API serves (none has parameters); used to label metrics.
 pub const ROUTES: &[&str] = &[
@@ -94,6 +96,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(kyc)
         .merge(health::router())
+        .route("/openapi.json", axum::routing::get(openapi::openapi_json))
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(CatchPanicLayer::custom(|_| -> Response {
