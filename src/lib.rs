@@ -7,6 +7,7 @@ pub mod config;
 pub mod demo;
 pub mod finapi;
 pub mod flows;
+pub mod resilience;
 pub mod sim;
 pub mod startup;
 pub mod telemetry;

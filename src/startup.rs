@@ -41,6 +41,7 @@ pub struct Application {
     router: axum::Router,
     readiness: Readiness,
     drain: Duration,
+    flows: Arc<Flows>,
 }
 
 impl Application {
@@ -51,10 +52,10 @@ impl Application {
             Duration::from_millis(settings.finapi.request_timeout_ms),
         )
         .map_err(StartupError::HttpClient)?;
-        let flows = Flows::new(settings, http)?;
+        let flows = Arc::new(Flows::new(settings, http)?);
         let readiness = Readiness::new();
         let state = AppState {
-            flows: Arc::new(flows),
+            flows: flows.clone(),
             default_flow: settings.default_flow(),
             request_timeout: Duration::from_secs(settings.server.request_timeout_secs),
             readiness: readiness.clone(),
@@ -72,12 +73,18 @@ impl Application {
             router: api::router(state),
             readiness,
             drain: settings.drain(),
+            flows,
         })
     }
 
     /// The bound address (the real port when configured with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The flows this broker runs (their resilience counters, for tests).
+    pub fn flows(&self) -> Arc<Flows> {
+        self.flows.clone()
     }
 
     /// The bound port.

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use giroident_broker::config::Settings;
 use giroident_broker::demo::settings_for_simulator;
+use giroident_broker::flows::{Flows, ResilienceSnapshot};
 use giroident_broker::sim::{self, SimConfig, SimHandle};
 use giroident_broker::startup::Application;
 use serde_json::{Value, json};
@@ -17,6 +18,7 @@ pub struct TestEnv {
     pub sim: SimHandle,
     pub broker_url: String,
     pub http: reqwest::Client,
+    pub flows: std::sync::Arc<Flows>,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<std::io::Result<()>>>,
 }
@@ -44,6 +46,7 @@ impl TestEnv {
     pub async fn with_settings(sim: SimHandle, settings: &Settings) -> Self {
         let app = Application::build(settings).await.expect("broker starts");
         let broker_url = format!("http://{}", app.local_addr());
+        let flows = app.flows();
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(app.run_until_stopped(async {
             let _ = stopped.await;
@@ -52,6 +55,7 @@ impl TestEnv {
             sim,
             broker_url,
             http: reqwest::Client::new(),
+            flows,
             stop: Some(stop),
             server: Some(server),
         }
@@ -136,6 +140,11 @@ impl TestEnv {
             .get(endpoint)
             .map(|by_status| by_status.values().sum())
             .unwrap_or(0)
+    }
+
+    /// The broker's resilience counters.
+    pub fn resilience(&self) -> ResilienceSnapshot {
+        self.flows.stats()
     }
 
     /// Stops the broker (after its drain period) and the simulator.
