@@ -36,7 +36,7 @@ use crate::finapi::{AccessClient, AccessToken, UpstreamError};
 use crate::resilience::{Deadline, RetryPolicy};
 
 /// Interval of the refresh's calls in the last second of a token's life.
-pub const END_POLL: Duration = Duration::from_millis(50);
+pub const END_POLL: Duration = Duration::from_millis(25);
 /// How long past its end an entry stays, so that the refresh can replace it before requests
 /// find nothing: `END_POLL`, one call, and finAPI's rounding to whole seconds.
 const END_GRACE: Duration = Duration::from_secs(2);
@@ -117,6 +117,14 @@ pub struct ClientTokenCache {
 
 struct KeepFor;
 
+impl KeepFor {
+    fn keep(value: &ClientToken) -> Option<Duration> {
+        value
+            .ends_at
+            .map(|end| end.saturating_duration_since(Instant::now()) + END_GRACE)
+    }
+}
+
 impl Expiry<String, Arc<ClientToken>> for KeepFor {
     fn expire_after_create(
         &self,
@@ -124,9 +132,18 @@ impl Expiry<String, Arc<ClientToken>> for KeepFor {
         value: &Arc<ClientToken>,
         _created_at: std::time::Instant,
     ) -> Option<Duration> {
-        value
-            .ends_at
-            .map(|end| end.saturating_duration_since(Instant::now()) + END_GRACE)
+        Self::keep(value)
+    }
+
+    // A refreshed token replaces the entry: it lives by its own end, not its predecessor's.
+    fn expire_after_update(
+        &self,
+        _key: &String,
+        value: &Arc<ClientToken>,
+        _updated_at: std::time::Instant,
+        _duration_until_expiry: Option<Duration>,
+    ) -> Option<Duration> {
+        Self::keep(value)
     }
 }
 
