@@ -408,6 +408,62 @@ async fn a_second_lost_exchange_answer_fails_cleanly() {
     env.stop().await;
 }
 
+/// Eight callers starting access sessions back to back for `period`, each of which must
+/// succeed; returns how many ran.
+async fn steady_access_load(env: &TestEnv, period: Duration) -> u64 {
+    let stop = Arc::new(AtomicBool::new(false));
+    let sessions = Arc::new(AtomicU64::new(0));
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (http, url) = (env.http.clone(), env.broker_url.clone());
+        let (stop, sessions) = (stop.clone(), sessions.clone());
+        workers.spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let response = http
+                    .post(format!("{url}/kyc-sessions"))
+                    .json(&json!({"flow": "access"}))
+                    .send()
+                    .await
+                    .unwrap();
+                let status = response.status();
+                assert_eq!(status, 201, "{}", response.text().await.unwrap());
+                sessions.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+    tokio::time::sleep(period).await;
+    stop.store(true, Ordering::Relaxed);
+    workers.join_all().await;
+    sessions.load(Ordering::Relaxed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_background_refresh_keeps_the_token_and_tries_again() {
+    let lifetime = Duration::from_secs(2);
+    let sim = SimConfig {
+        client_token_ttl: lifetime,
+        ..SimConfig::default()
+    };
+    let env = TestEnv::with(sim, |s| {
+        fast_retries(s);
+        s.token_cache.refresh_ahead_secs = 1;
+    })
+    .await;
+    env.access_session().await; // warm-up
+    env.sim.add_fault(FaultRule {
+        endpoint: CLIENT_TOKEN.into(),
+        status: Some(503),
+        count: Some(3),
+        ..FaultRule::default()
+    });
+    steady_access_load(&env, lifetime + Duration::from_millis(500)).await;
+    let s = env.resilience();
+    assert_eq!(s.client_token_background_failures, 3, "{s:?}");
+    assert_eq!(s.client_token_request_path_fetches, 1, "{s:?}");
+    assert!(s.client_tokens_refreshed >= 1, "{s:?}");
+    env.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_steady_load_client_tokens_are_refreshed_in_the_background() {
     let lifetime = Duration::from_secs(2);
@@ -424,29 +480,8 @@ async fn under_steady_load_client_tokens_are_refreshed_in_the_background() {
     let warm = env.resilience();
     assert_eq!(warm.client_token_request_path_fetches, 1);
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let sessions = Arc::new(AtomicU64::new(0));
-    let mut workers = tokio::task::JoinSet::new();
-    for _ in 0..8 {
-        let (http, url) = (env.http.clone(), env.broker_url.clone());
-        let (stop, sessions) = (stop.clone(), sessions.clone());
-        workers.spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                let response = http
-                    .post(format!("{url}/kyc-sessions"))
-                    .json(&json!({"flow": "access"}))
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(response.status(), 201, "{}", response.text().await.unwrap());
-                sessions.fetch_add(1, Ordering::Relaxed);
-            }
-        });
-    }
     // Three token lifetimes and a bit.
-    tokio::time::sleep(lifetime * 3 + Duration::from_millis(500)).await;
-    stop.store(true, Ordering::Relaxed);
-    workers.join_all().await;
+    let sessions = steady_access_load(&env, lifetime * 3 + Duration::from_millis(500)).await;
 
     let s = env.resilience();
     let client_token_calls = env.all_calls(CLIENT_TOKEN);
@@ -454,7 +489,7 @@ async fn under_steady_load_client_tokens_are_refreshed_in_the_background() {
         "scenario 4 sessions={} client_token_calls={client_token_calls} \
          request_path_fetches_after_warm_up={} background_fetches={} tokens_refreshed={} \
          waits_for_refresh={} create_user_401={} stats={s:?}",
-        sessions.load(Ordering::Relaxed),
+        sessions,
         s.client_token_request_path_fetches - warm.client_token_request_path_fetches,
         s.client_token_background_fetches,
         s.client_tokens_refreshed,
