@@ -37,6 +37,8 @@ pub struct Settings {
     pub token_cache: TokenCacheSettings,
     /// Logging.
     pub log: LogSettings,
+    /// Retries, time budgets and circuit breakers around finAPI calls.
+    pub resilience: ResilienceSettings,
 }
 
 /// The broker's own HTTP listener.
@@ -199,9 +201,10 @@ pub struct FlowSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenCacheSettings {
-    /// Seconds before a client token's expiry at which the cached entry is dropped (see the
-    /// README for the rule applied to short-lived tokens).
-    pub safety_margin_secs: u64,
+    /// Seconds before a client token's expiry at which a request reading it starts a
+    /// background refresh (half of its life for tokens shorter than twice this); see the README
+    /// for why finAPI's "same token while valid" rule makes the refresh end at expiry.
+    pub refresh_ahead_secs: u64,
 }
 
 /// Logging.
@@ -212,6 +215,31 @@ pub struct LogSettings {
     pub format: String,
     /// Filter in `RUST_LOG` syntax; `RUST_LOG` itself, when set, wins.
     pub filter: String,
+}
+
+/// Retries, time budgets and circuit breakers around finAPI calls.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResilienceSettings {
+    /// Attempts of one finAPI call, the first included, where a retry is safe (the process
+    /// token exchange is never retried).
+    pub max_attempts: u32,
+    /// Milliseconds: upper bound of the first backoff; each further one doubles it (full
+    /// jitter: the wait is uniform between 0 and the bound).
+    pub base_backoff_ms: u64,
+    /// Milliseconds: upper bound of any backoff.
+    pub max_backoff_ms: u64,
+    /// Milliseconds: the longest finAPI `Retry-After` the broker waits out before a retry; a
+    /// longer one ends the session at once with `503` and that `Retry-After`.
+    pub max_retry_after_ms: u64,
+    /// Milliseconds: total time budget of one KYC session, retries and waits included. A retry
+    /// is only started when a whole `finapi.request_timeout_ms` still fits into it.
+    pub session_budget_ms: u64,
+    /// Failures in a row (connect errors, timeouts, broken connections, 5xx, 429) that open
+    /// the circuit breaker of an upstream service.
+    pub breaker_failure_threshold: u32,
+    /// Milliseconds an open breaker refuses calls before it lets one probe through.
+    pub breaker_cooldown_ms: u64,
 }
 
 /// A configuration that could not be loaded: every problem found, each with its key.
@@ -463,6 +491,7 @@ impl Settings {
                 "must be between 1 and 1048576".into(),
             );
         }
+        self.validate_resilience(&mut problem);
 
         if self.log_format().is_none() {
             problem(
@@ -558,6 +587,51 @@ impl Settings {
             }
         }
         problems
+    }
+
+    fn validate_resilience(&self, problem: &mut impl FnMut(&str, String)) {
+        let r = &self.resilience;
+        if r.max_attempts == 0 || r.max_attempts > 10 {
+            problem("resilience.max_attempts", "must be 1 to 10".into());
+        }
+        if r.base_backoff_ms == 0 {
+            problem("resilience.base_backoff_ms", "must be at least 1".into());
+        }
+        if r.max_backoff_ms < r.base_backoff_ms {
+            problem(
+                "resilience.max_backoff_ms",
+                "must be at least resilience.base_backoff_ms".into(),
+            );
+        }
+        // Compared only with valid values, so that one mistake is reported once.
+        if self.finapi.request_timeout_ms > 0
+            && r.session_budget_ms < self.finapi.request_timeout_ms
+        {
+            problem(
+                "resilience.session_budget_ms",
+                "must be at least finapi.request_timeout_ms".into(),
+            );
+        }
+        if self.server.request_timeout_secs > 0
+            && r.session_budget_ms > self.server.request_timeout_secs.saturating_mul(1000)
+        {
+            problem(
+                "resilience.session_budget_ms",
+                "must not exceed server.request_timeout_secs".into(),
+            );
+        }
+        if r.breaker_failure_threshold == 0 {
+            problem(
+                "resilience.breaker_failure_threshold",
+                "must be at least 1".into(),
+            );
+        }
+        if r.breaker_cooldown_ms == 0 {
+            problem(
+                "resilience.breaker_cooldown_ms",
+                "must be at least 1".into(),
+            );
+        }
     }
 
     /// The listen address (validated at load).
@@ -900,6 +974,42 @@ mod tests {
             assert!(err.mentions(key), "{key} missing from: {err}");
         }
         assert_eq!(err.problems.len(), 12, "{err}");
+    }
+
+    #[test]
+    fn resilience_settings_are_checked_with_their_keys() {
+        let mut vars = valid_env();
+        vars.extend(env(&[
+            ("GIROIDENT_BROKER_RESILIENCE__MAX_ATTEMPTS", "0"),
+            ("GIROIDENT_BROKER_RESILIENCE__BASE_BACKOFF_MS", "500"),
+            ("GIROIDENT_BROKER_RESILIENCE__MAX_BACKOFF_MS", "100"),
+            ("GIROIDENT_BROKER_RESILIENCE__SESSION_BUDGET_MS", "40000"),
+            (
+                "GIROIDENT_BROKER_RESILIENCE__BREAKER_FAILURE_THRESHOLD",
+                "0",
+            ),
+            ("GIROIDENT_BROKER_RESILIENCE__BREAKER_COOLDOWN_MS", "0"),
+        ]));
+        let err = Settings::load_with_env(None, vars).unwrap_err();
+        for key in [
+            "resilience.max_attempts",
+            "resilience.max_backoff_ms",
+            "resilience.session_budget_ms",
+            "resilience.breaker_failure_threshold",
+            "resilience.breaker_cooldown_ms",
+        ] {
+            assert!(err.mentions(key), "{key} missing from: {err}");
+        }
+        let mut vars = valid_env();
+        vars.push((
+            "GIROIDENT_BROKER_RESILIENCE__SESSION_BUDGET_MS".into(),
+            "5000".into(),
+        ));
+        let err = Settings::load_with_env(None, vars).unwrap_err();
+        assert!(
+            err.to_string().contains("finapi.request_timeout_ms"),
+            "{err}"
+        );
     }
 
     #[test]

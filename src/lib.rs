@@ -9,6 +9,7 @@ pub mod finapi;
 pub mod flows;
 pub mod healthcheck;
 pub mod random;
+pub mod resilience;
 pub mod sim;
 pub mod startup;
 pub mod telemetry;

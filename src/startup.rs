@@ -50,6 +50,7 @@ pub struct Application {
     readiness: Readiness,
     drain: Duration,
     header_read_timeout: Duration,
+    flows: Arc<Flows>,
 }
 
 impl Application {
@@ -60,7 +61,7 @@ impl Application {
             Duration::from_millis(settings.finapi.request_timeout_ms),
         )
         .map_err(StartupError::HttpClient)?;
-        let flows = Flows::new(settings, http)?;
+        let flows = Arc::new(Flows::new(settings, http)?);
         let readiness = Readiness::new();
         let callers = Callers::from_settings(settings);
         if callers.disabled() {
@@ -71,7 +72,7 @@ impl Application {
         let limits = &settings.limits;
         let read_timeout = Duration::from_secs(limits.read_timeout_secs);
         let state = AppState {
-            flows: Arc::new(flows),
+            flows: flows.clone(),
             default_flow: settings.default_flow(),
             request_timeout: Duration::from_secs(settings.server.request_timeout_secs),
             readiness: readiness.clone(),
@@ -98,6 +99,7 @@ impl Application {
             readiness,
             drain: settings.drain(),
             header_read_timeout: read_timeout,
+            flows,
         })
     }
 
@@ -109,6 +111,11 @@ impl Application {
     /// The bound admin address (metrics and probes).
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin_addr
+    }
+
+    /// The flows this broker runs (their resilience counters, for tests).
+    pub fn flows(&self) -> Arc<Flows> {
+        self.flows.clone()
     }
 
     /// The bound port.

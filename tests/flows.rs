@@ -139,23 +139,6 @@ async fn invalidation_can_be_switched_off() {
 }
 
 #[tokio::test]
-async fn a_lost_exchange_answer_is_not_retried() {
-    let env = TestEnv::start().await;
-    env.sim.add_fault(FaultRule {
-        endpoint: EXCHANGE.into(),
-        drop_after_handling: true,
-        count: Some(1),
-        ..FaultRule::default()
-    });
-    let response = env
-        .start_session(json!({"flow": "standalone", "clientReference": "c-1"}))
-        .await;
-    expect_problem(response, 502, "UPSTREAM_ERROR").await;
-    assert_eq!(env.all_calls(EXCHANGE), 1);
-    env.stop().await;
-}
-
-#[tokio::test]
 async fn concurrent_cold_start_requests_fetch_one_client_token() {
     let env = TestEnv::start().await;
     let mut requests = tokio::task::JoinSet::new();
@@ -264,7 +247,8 @@ async fn finapi_unavailable_is_a_503_with_retry_after() {
 
 #[tokio::test]
 async fn finapi_errors_map_to_documented_statuses() {
-    let env = TestEnv::start().await;
+    // One attempt: the mapping of a single failure, without retries (tests/resilience.rs).
+    let env = TestEnv::with(SimConfig::default(), |s| s.resilience.max_attempts = 1).await;
     for (status, expected, code) in [
         (500, 502, "UPSTREAM_ERROR"),
         (502, 502, "UPSTREAM_ERROR"),
@@ -286,7 +270,8 @@ async fn finapi_errors_map_to_documented_statuses() {
 
 #[tokio::test]
 async fn a_dropped_connection_is_a_bad_gateway() {
-    let env = TestEnv::start().await;
+    // One attempt: the mapping of a single failure, without retries (tests/resilience.rs).
+    let env = TestEnv::with(SimConfig::default(), |s| s.resilience.max_attempts = 1).await;
     env.sim.add_fault(FaultRule {
         endpoint: PASSWORD_TOKEN.into(),
         drop_connection: true,
@@ -304,7 +289,11 @@ async fn a_dropped_connection_is_a_bad_gateway() {
 
 #[tokio::test]
 async fn a_slow_finapi_call_times_out_with_504() {
-    let env = TestEnv::with(SimConfig::default(), |s| s.finapi.request_timeout_ms = 200).await;
+    let env = TestEnv::with(SimConfig::default(), |s| {
+        s.finapi.request_timeout_ms = 200;
+        s.resilience.max_attempts = 1;
+    })
+    .await;
     env.sim.add_fault(FaultRule {
         endpoint: CREATE_PROCESS.into(),
         latency_ms: Some(1000),

@@ -250,7 +250,7 @@ async fn metrics_name_routes_callers_steps_and_outcomes() {
 
 #[tokio::test]
 async fn upstream_failures_are_counted_by_outcome() {
-    let env = TestEnv::with(SimConfig::default(), |_| {}).await;
+    let env = TestEnv::with(SimConfig::default(), |s| s.resilience.max_attempts = 1).await;
     env.sim.add_fault(FaultRule {
         endpoint: CREATE_PROCESS.into(),
         status: Some(500),

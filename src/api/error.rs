@@ -235,6 +235,15 @@ fn flow_kind(err: &FlowError) -> Kind {
             "finAPI keeps the user locked; try again later",
         ),
         FlowError::Upstream(e) => upstream_kind(e),
+        FlowError::BudgetExhausted(_) => Kind::new(
+            S::GATEWAY_TIMEOUT,
+            "UPSTREAM_TIMEOUT",
+            "finAPI did not answer in time",
+        ),
+        // Never a half result: whatever stopped the user's token, the session failed upstream.
+        FlowError::OrphanedUser { .. } => {
+            Kind::new(S::BAD_GATEWAY, "UPSTREAM_ERROR", "finAPI failed")
+        }
         FlowError::TokenFetchAborted | FlowError::NoRandomness => {
             Kind::new(S::INTERNAL_SERVER_ERROR, "INTERNAL", "Internal error")
         }
@@ -260,6 +269,10 @@ fn upstream_kind(err: &UpstreamError) -> Kind {
     let failed = || Kind::new(S::BAD_GATEWAY, "UPSTREAM_ERROR", "finAPI failed");
     match err {
         UpstreamError::Connect { .. } => unavailable(),
+        UpstreamError::CircuitOpen { retry_after, .. } => Kind {
+            retry_after: Some((*retry_after).min(MAX_RETRY_AFTER)),
+            ..unavailable()
+        },
         UpstreamError::Timeout { .. } => timeout(),
         UpstreamError::Transport { .. }
         | UpstreamError::Protocol { .. }

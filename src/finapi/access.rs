@@ -6,6 +6,8 @@ use reqwest::StatusCode;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
+use crate::resilience::CircuitBreaker;
+
 use super::{
     AccessToken, ClientCredentials, InvalidBaseUrl, NewUser, Step, TokenBody, UpstreamError,
     decode, endpoint, send,
@@ -18,21 +20,30 @@ pub struct AccessClient {
     token_url: reqwest::Url,
     users_url: reqwest::Url,
     credentials: Arc<ClientCredentials>,
+    breaker: Arc<CircuitBreaker>,
 }
 
 impl AccessClient {
-    /// A client for the Access service at `base_url`, acting as the given finAPI client.
+    /// A client for the Access service at `base_url`, acting as the given finAPI client, its
+    /// calls guarded by `breaker`.
     pub fn new(
         http: reqwest::Client,
         base_url: &str,
         credentials: Arc<ClientCredentials>,
+        breaker: Arc<CircuitBreaker>,
     ) -> Result<Self, InvalidBaseUrl> {
         Ok(Self {
             http,
             token_url: endpoint(base_url, "/api/v2/oauth/token")?,
             users_url: endpoint(base_url, "/api/v2/users")?,
             credentials,
+            breaker,
         })
+    }
+
+    /// The circuit breaker guarding this service.
+    pub fn breaker(&self) -> &CircuitBreaker {
+        &self.breaker
     }
 
     /// The finAPI client id this client acts as.
@@ -79,7 +90,7 @@ impl AccessClient {
             self.credentials.client_secret.expose_secret(),
         ));
         let request = self.http.post(self.token_url.clone()).form(&form);
-        let response = send(step, request, request_id, StatusCode::OK).await?;
+        let response = send(&self.breaker, step, request, request_id, StatusCode::OK).await?;
         Ok(decode::<TokenBody>(step, response).await?.into())
     }
 
@@ -102,7 +113,14 @@ impl AccessClient {
             .post(self.users_url.clone())
             .bearer_auth(client_token.expose_secret())
             .json(&body);
-        let response = send(Step::CreateUser, request, request_id, StatusCode::CREATED).await?;
+        let response = send(
+            &self.breaker,
+            Step::CreateUser,
+            request,
+            request_id,
+            StatusCode::CREATED,
+        )
+        .await?;
         // The answer repeats the password in plain text; only the id is read from it.
         Ok(decode::<CreatedUser>(Step::CreateUser, response).await?.id)
     }
@@ -117,7 +135,14 @@ impl AccessClient {
             .http
             .delete(self.users_url.clone())
             .bearer_auth(user_token.expose_secret());
-        send(Step::DeleteUser, request, request_id, StatusCode::OK).await?;
+        send(
+            &self.breaker,
+            Step::DeleteUser,
+            request,
+            request_id,
+            StatusCode::OK,
+        )
+        .await?;
         Ok(())
     }
 }

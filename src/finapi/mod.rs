@@ -11,6 +11,8 @@ mod process;
 use std::fmt;
 use std::time::{Duration, Instant};
 
+use crate::resilience::CircuitBreaker;
+
 use reqwest::header::{HeaderMap, RETRY_AFTER};
 use reqwest::{RequestBuilder, Response, StatusCode};
 use secrecy::SecretString;
@@ -133,6 +135,14 @@ pub enum UpstreamError {
         /// The `Retry-After` header in seconds, when given.
         retry_after: Option<Duration>,
     },
+    /// The circuit breaker of the service is open: the call was not made.
+    #[error("finAPI call {step} not made: the {service} circuit is open")]
+    CircuitOpen {
+        step: Step,
+        service: &'static str,
+        /// Time until the breaker lets a probe through (whole seconds, at least one).
+        retry_after: Duration,
+    },
     /// finAPI's answer broke the contract in a way a decoder cannot see.
     #[error("finAPI call {step} answered unexpectedly: {detail}")]
     Protocol { step: Step, detail: &'static str },
@@ -150,6 +160,7 @@ impl UpstreamError {
             | Self::Timeout { step, .. }
             | Self::Transport { step, .. }
             | Self::Status { step, .. }
+            | Self::CircuitOpen { step, .. }
             | Self::Protocol { step, .. }
             | Self::Decode { step, .. } => *step,
         }
@@ -163,11 +174,57 @@ impl UpstreamError {
         }
     }
 
-    /// finAPI's `Retry-After`, when it sent one.
+    /// finAPI's `Retry-After`, when it sent one, or the open breaker's remaining cool-down.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::Status { retry_after, .. } => *retry_after,
+            Self::CircuitOpen { retry_after, .. } => Some(*retry_after),
             _ => None,
+        }
+    }
+
+    /// finAPI's error code (ErrorMessage `code` or OAuth `error`), when it answered with one.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            Self::Status { code, .. } => code.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// Trouble that may pass: connect errors, timeouts, broken connections, `429`, `500`,
+    /// `502`, `503`, `504`. Whether a retry is *safe* is for the caller to decide.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Connect { .. } | Self::Timeout { .. } | Self::Transport { .. } => true,
+            Self::Status { status, .. } => matches!(status.as_u16(), 429 | 500 | 502 | 503 | 504),
+            Self::CircuitOpen { .. } | Self::Protocol { .. } | Self::Decode { .. } => false,
+        }
+    }
+
+    /// Whether finAPI may have carried the call out although the broker did not see it succeed:
+    /// the answer was lost (timeout, broken connection) or finAPI failed while handling it
+    /// (`500`, `502`, `504`). Not so for connect errors, `429` and `503`, which are refusals
+    /// before any handling (assumed, as finAPI documents neither).
+    pub fn may_have_been_handled(&self) -> bool {
+        match self {
+            Self::Timeout { .. } | Self::Transport { .. } => true,
+            Self::Status { status, .. } => matches!(status.as_u16(), 500 | 502 | 504),
+            _ => false,
+        }
+    }
+
+    /// Whether the answer, if any, never arrived: a timeout or a broken connection.
+    pub fn answer_lost(&self) -> bool {
+        matches!(self, Self::Timeout { .. } | Self::Transport { .. })
+    }
+
+    /// Whether this outcome counts against the service's circuit breaker: connect errors,
+    /// timeouts, broken connections, 5xx and 429; not refusals of the request (other 4xx).
+    fn is_breaker_failure(&self) -> bool {
+        match self {
+            Self::Connect { .. } | Self::Timeout { .. } | Self::Transport { .. } => true,
+            Self::Status { status, .. } => status.is_server_error() || status.as_u16() == 429,
+            _ => false,
         }
     }
 
@@ -212,8 +269,32 @@ fn endpoint(base: &str, path: &str) -> Result<reqwest::Url, InvalidBaseUrl> {
         .map_err(|_| InvalidBaseUrl(base.to_owned()))
 }
 
-/// Sends one call, logs its outcome and turns any answer but `expected` into an error.
+/// Sends one call through the service's circuit breaker, logs its outcome and turns any answer
+/// but `expected` into an error.
 async fn send(
+    breaker: &CircuitBreaker,
+    step: Step,
+    request: RequestBuilder,
+    request_id: &str,
+    expected: StatusCode,
+) -> Result<Response, UpstreamError> {
+    let permit = breaker
+        .acquire()
+        .map_err(|open| UpstreamError::CircuitOpen {
+            step,
+            service: breaker.service(),
+            retry_after: open.retry_after,
+        })?;
+    let result = call(step, request, request_id, expected).await;
+    permit.record(
+        result
+            .as_ref()
+            .is_err_and(UpstreamError::is_breaker_failure),
+    );
+    result
+}
+
+async fn call(
     step: Step,
     request: RequestBuilder,
     request_id: &str,

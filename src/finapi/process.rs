@@ -6,6 +6,8 @@ use reqwest::StatusCode;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
+use crate::resilience::CircuitBreaker;
+
 use super::{ClientCredentials, InvalidBaseUrl, Step, UpstreamError, decode, endpoint, send};
 
 /// Client of the finAPI Process Controller. Cheap to clone.
@@ -14,20 +16,29 @@ pub struct ProcessControllerClient {
     http: reqwest::Client,
     processes_url: reqwest::Url,
     credentials: Arc<ClientCredentials>,
+    breaker: Arc<CircuitBreaker>,
 }
 
 impl ProcessControllerClient {
-    /// A client for the Process Controller at `base_url`, acting as the given finAPI client.
+    /// A client for the Process Controller at `base_url`, acting as the given finAPI client,
+    /// its calls guarded by `breaker`.
     pub fn new(
         http: reqwest::Client,
         base_url: &str,
         credentials: Arc<ClientCredentials>,
+        breaker: Arc<CircuitBreaker>,
     ) -> Result<Self, InvalidBaseUrl> {
         Ok(Self {
             http,
             processes_url: endpoint(base_url, "/api/v1/processes")?,
             credentials,
+            breaker,
         })
+    }
+
+    /// The circuit breaker guarding this service.
+    pub fn breaker(&self) -> &CircuitBreaker {
+        &self.breaker
     }
 
     /// `POST /api/v1/processes` for one client reference; returns its process token.
@@ -45,7 +56,14 @@ impl ProcessControllerClient {
             process_id,
         };
         let request = self.http.post(self.processes_url.clone()).json(&body);
-        let response = send(step, request, request_id, StatusCode::CREATED).await?;
+        let response = send(
+            &self.breaker,
+            step,
+            request,
+            request_id,
+            StatusCode::CREATED,
+        )
+        .await?;
         let created: CreatedProcesses = decode(step, response).await?;
         created
             .processes
@@ -80,7 +98,14 @@ impl ProcessControllerClient {
             .push(process_token.expose_secret());
         url.query_pairs_mut()
             .append_pair("invalidate", if invalidate { "true" } else { "false" });
-        let response = send(step, self.http.get(url), request_id, StatusCode::OK).await?;
+        let response = send(
+            &self.breaker,
+            step,
+            self.http.get(url),
+            request_id,
+            StatusCode::OK,
+        )
+        .await?;
         Ok(decode::<ExchangedToken>(step, response).await?.access_token)
     }
 }

@@ -1,9 +1,13 @@
 //! Use case 2: GiroIdent together with other finAPI products, through a new Access user.
 
+use std::sync::Arc;
+
 use secrecy::SecretString;
 
 use crate::config::FlowKind;
-use crate::finapi::NewUser;
+use crate::finapi::{AccessToken, NewUser, Step};
+use crate::resilience::Deadline;
+use crate::token_cache::ClientToken;
 
 use super::{
     Email, FlowError, Flows, KycSession, Phone, RequestContext, classify_credentials_call,
@@ -14,12 +18,15 @@ use super::{
 const PASSWORD_LEN: usize = 32;
 
 impl Flows {
-    /// Creates a user with the cached client token and returns that user's token.
+    /// Creates a user with the cached client token and returns that user's token. A user that
+    /// was created but whose token cannot be had is logged and counted as orphaned; the caller
+    /// gets a clean error, never a half result.
     pub(super) async fn access(
         &self,
         email: Option<Email>,
         phone: Option<Phone>,
         ctx: &RequestContext,
+        deadline: &Deadline,
     ) -> Result<KycSession, FlowError> {
         let user = NewUser {
             id: generate_user_id(),
@@ -27,12 +34,25 @@ impl Flows {
             email: email.map(|e| e.as_str().to_owned()),
             phone: phone.map(|p| p.as_str().to_owned()),
         };
-        let user_id = self.create_user(&user, ctx).await?;
-        let token = self
-            .access
-            .user_token(&user_id, &user.password, &ctx.request_id)
+        let user_id = self.create_user(&user, ctx, deadline).await?;
+        let token = match self
+            .user_token(&user_id, &user.password, ctx, deadline)
             .await
-            .map_err(classify_credentials_call)?;
+        {
+            Ok(token) => token,
+            Err(err) => {
+                self.stats.user_orphaned();
+                tracing::warn!(
+                    user_id,
+                    error = %crate::api::cause_chain(&err),
+                    "finAPI user created but its token could not be had: orphaned, delete it"
+                );
+                return Err(FlowError::OrphanedUser {
+                    user_id,
+                    source: Box::new(err),
+                });
+            }
+        };
         Ok(KycSession {
             access_token: token.token,
             token_type: token.token_type,
@@ -42,33 +62,115 @@ impl Flows {
         })
     }
 
-    /// `POST /api/v2/users` with the cached client token. A 401 means finAPI no longer accepts
-    /// that token: the entry is dropped (if it still holds it) and the call is made once more
-    /// with a fresh one. A 401 creates no user, so the retry cannot duplicate one.
-    async fn create_user(&self, user: &NewUser, ctx: &RequestContext) -> Result<String, FlowError> {
-        let token = self.tokens.get(&ctx.request_id).await?;
-        match self
-            .access
-            .create_user(&token.token, user, &ctx.request_id)
-            .await
-        {
-            Err(err) if is_unauthorized(&err) => {
-                tracing::debug!("client token refused; fetching a new one");
-                self.tokens.invalidate(&token).await;
-            }
-            other => return Ok(other?),
-        }
-        let token = self.tokens.get(&ctx.request_id).await?;
-        self.access
-            .create_user(&token.token, user, &ctx.request_id)
-            .await
-            .map_err(|err| {
-                if is_unauthorized(&err) {
-                    FlowError::ClientTokenRejected(err.into())
-                } else {
-                    err.into()
+    /// The client token, waited for at most until the deadline.
+    async fn client_token(
+        &self,
+        ctx: &RequestContext,
+        deadline: &Deadline,
+    ) -> Result<Arc<ClientToken>, FlowError> {
+        Ok(self
+            .attempt(
+                Step::ClientToken,
+                deadline,
+                self.tokens.get(&ctx.request_id),
+            )
+            .await??)
+    }
+
+    /// `POST /api/v2/users` with the cached client token.
+    ///
+    /// Retried on transient failures with the same id and password: when an earlier attempt
+    /// may have created the user (its answer was lost, or finAPI failed while handling it),
+    /// `ENTITY_EXISTS` means it did, since the id is a fresh random one, and the flow goes on;
+    /// the password grant then proves the user is ours. A 401 means finAPI no longer accepts
+    /// the client token: the call is made once more with the next one. A 401 creates no user,
+    /// so that retry cannot duplicate one.
+    async fn create_user(
+        &self,
+        user: &NewUser,
+        ctx: &RequestContext,
+        deadline: &Deadline,
+    ) -> Result<String, FlowError> {
+        let step = Step::CreateUser;
+        let mut token = self.client_token(ctx, deadline).await?;
+        let mut token_replaced = false;
+        let mut maybe_created = false;
+        let mut failed = 0;
+        loop {
+            let created = self
+                .attempt(
+                    step,
+                    deadline,
+                    self.access.create_user(&token.token, user, &ctx.request_id),
+                )
+                .await?;
+            let err = match created {
+                Ok(id) => return Ok(id),
+                Err(err) => err,
+            };
+            if is_unauthorized(&err) {
+                if token_replaced {
+                    return Err(FlowError::ClientTokenRejected(err.into()));
                 }
-            })
+                tracing::debug!("client token refused; using the next one");
+                token_replaced = true;
+                token = self
+                    .attempt(
+                        Step::ClientToken,
+                        deadline,
+                        self.tokens.replace(&token, &ctx.request_id),
+                    )
+                    .await??;
+                continue;
+            }
+            if maybe_created && err.code() == Some("ENTITY_EXISTS") {
+                self.stats.user_found_on_retry();
+                tracing::debug!(user_id = user.id, "user was created by a lost attempt");
+                return Ok(user.id.clone());
+            }
+            failed += 1;
+            maybe_created |= err.may_have_been_handled();
+            if !self.back_off(step, failed, &err, deadline).await {
+                if maybe_created {
+                    tracing::warn!(
+                        user_id = user.id,
+                        "finAPI user may have been created by a lost attempt: check and delete it"
+                    );
+                }
+                return Err(err.into());
+            }
+            token = self.client_token(ctx, deadline).await?;
+        }
+    }
+
+    /// `grant_type=password`, retried on transient failures: a token call changes nothing at
+    /// finAPI and answers the same token while it is valid.
+    async fn user_token(
+        &self,
+        user_id: &str,
+        password: &SecretString,
+        ctx: &RequestContext,
+        deadline: &Deadline,
+    ) -> Result<AccessToken, FlowError> {
+        let step = Step::UserToken;
+        let mut failed = 0;
+        loop {
+            let answer = self
+                .attempt(
+                    step,
+                    deadline,
+                    self.access.user_token(user_id, password, &ctx.request_id),
+                )
+                .await?;
+            let err = match answer {
+                Ok(token) => return Ok(token),
+                Err(err) => err,
+            };
+            failed += 1;
+            if !self.back_off(step, failed, &err, deadline).await {
+                return Err(classify_credentials_call(err));
+            }
+        }
     }
 }
 

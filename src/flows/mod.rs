@@ -3,6 +3,7 @@
 
 mod access;
 pub mod input;
+mod retry;
 mod standalone;
 
 use std::sync::Arc;
@@ -14,9 +15,11 @@ use crate::config::{FlowKind, Settings};
 use crate::finapi::{
     AccessClient, ClientCredentials, InvalidBaseUrl, ProcessControllerClient, Step, UpstreamError,
 };
+use crate::resilience::{CircuitBreaker, Deadline, RetryPolicy};
 use crate::token_cache::{ClientTokenCache, TokenError};
 
 pub use input::{ClientReference, Email, InvalidInput, Phone};
+pub use retry::{ResilienceSnapshot, ResilienceStats};
 
 /// What a flow needs to know about the request it serves.
 #[derive(Debug, Clone)]
@@ -89,6 +92,17 @@ pub enum FlowError {
     /// Any other upstream failure.
     #[error(transparent)]
     Upstream(Arc<UpstreamError>),
+    /// The session's time budget ran out during this step.
+    #[error("the session's time budget ran out during {0}")]
+    BudgetExhausted(Step),
+    /// The access flow created a finAPI user but could not get its token: the user is
+    /// orphaned (logged for clean-up); the caller gets no half result.
+    #[error("finAPI user {user_id} was created but no token could be had for it")]
+    OrphanedUser {
+        user_id: String,
+        #[source]
+        source: Box<FlowError>,
+    },
     /// The client-token fetch task died.
     #[error("the client-token fetch was aborted")]
     TokenFetchAborted,
@@ -122,7 +136,8 @@ impl FlowError {
             | Self::NotAUserToken(e)
             | Self::UserLocked(e)
             | Self::Upstream(e) => Some(e),
-            Self::TokenFetchAborted | Self::NoRandomness => None,
+            Self::OrphanedUser { source, .. } => source.upstream(),
+            Self::BudgetExhausted(_) | Self::TokenFetchAborted | Self::NoRandomness => None,
         }
     }
 }
@@ -145,6 +160,9 @@ pub struct Flows {
     tokens: ClientTokenCache,
     process_id: String,
     invalidate_process_token: bool,
+    policy: RetryPolicy,
+    session_budget: Duration,
+    stats: ResilienceStats,
 }
 
 impl Flows {
@@ -158,11 +176,33 @@ impl Flows {
                 .clone()
                 .unwrap_or_else(|| SecretString::from(String::new())),
         });
-        let access = AccessClient::new(http.clone(), &f.access_url, credentials.clone())?;
-        let processes = ProcessControllerClient::new(http, &f.process_controller_url, credentials)?;
+        let r = &settings.resilience;
+        let breaker = |service| {
+            Arc::new(CircuitBreaker::new(
+                service,
+                r.breaker_failure_threshold,
+                Duration::from_millis(r.breaker_cooldown_ms),
+            ))
+        };
+        let access = AccessClient::new(
+            http.clone(),
+            &f.access_url,
+            credentials.clone(),
+            breaker("access"),
+        )?;
+        let processes = ProcessControllerClient::new(
+            http,
+            &f.process_controller_url,
+            credentials,
+            breaker("process_controller"),
+        )?;
+        let policy = RetryPolicy::new(r, Duration::from_millis(f.request_timeout_ms));
+        let session_budget = Duration::from_millis(r.session_budget_ms);
         let tokens = ClientTokenCache::new(
             access.clone(),
-            Duration::from_secs(settings.token_cache.safety_margin_secs),
+            Duration::from_secs(settings.token_cache.refresh_ahead_secs),
+            policy.clone(),
+            session_budget,
         );
         Ok(Self {
             access,
@@ -170,7 +210,19 @@ impl Flows {
             tokens,
             process_id: settings.flows.process_id.clone(),
             invalidate_process_token: settings.flows.invalidate_process_token,
+            policy,
+            session_budget,
+            stats: ResilienceStats::default(),
         })
+    }
+
+    /// The resilience counters so far.
+    pub fn stats(&self) -> ResilienceSnapshot {
+        self.stats.snapshot(
+            self.tokens.stats(),
+            self.access.breaker(),
+            self.processes.breaker(),
+        )
     }
 
     /// Runs the requested flow.
@@ -179,11 +231,14 @@ impl Flows {
         request: SessionRequest,
         ctx: &RequestContext,
     ) -> Result<KycSession, FlowError> {
+        let deadline = Deadline::after(self.session_budget);
         match request {
             SessionRequest::Standalone { client_reference } => {
-                self.standalone(&client_reference, ctx).await
+                self.standalone(&client_reference, ctx, &deadline).await
             }
-            SessionRequest::Access { email, phone } => self.access(email, phone, ctx).await,
+            SessionRequest::Access { email, phone } => {
+                self.access(email, phone, ctx, &deadline).await
+            }
         }
     }
 

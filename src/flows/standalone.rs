@@ -1,40 +1,115 @@
 //! Use case 1: standalone GiroIdent through the Process Controller.
 
+use secrecy::SecretString;
+
 use crate::config::FlowKind;
+use crate::finapi::Step;
+use crate::resilience::Deadline;
 
 use super::{
     ClientReference, FlowError, Flows, KycSession, RequestContext, classify_credentials_call,
 };
 
+/// Exchanges whose answer may be lost before the session gives up: after a lost answer the
+/// session starts again from a new process, once.
+const MAX_LOST_EXCHANGES: u32 = 1;
+
 impl Flows {
     /// Creates a process for the reference and exchanges its token, once, for the user token.
+    /// When the exchange fails, a new process is started (each process token is exchanged at
+    /// most once), at most once after a lost answer and at most `max_attempts` processes in
+    /// all.
     pub(super) async fn standalone(
         &self,
         client_reference: &ClientReference,
         ctx: &RequestContext,
+        deadline: &Deadline,
     ) -> Result<KycSession, FlowError> {
-        let process_token = self
-            .processes
-            .create_process(client_reference.as_str(), &self.process_id, &ctx.request_id)
-            .await
-            .map_err(classify_credentials_call)?;
-        // Exactly one exchange: with invalidate=true the process token is spent by it, so a
-        // second try could only fail, and with invalidate=false it would count against the
-        // limit of ten. A lost answer therefore ends the flow here.
-        let access_token = self
-            .processes
-            .exchange_process_token(
-                &process_token,
-                self.invalidate_process_token,
-                &ctx.request_id,
-            )
-            .await?;
-        Ok(KycSession {
-            access_token,
-            token_type: "bearer".to_owned(),
-            expires_in: None,
-            flow: FlowKind::Standalone,
-            user_id: None,
-        })
+        let step = Step::ExchangeProcessToken;
+        let mut processes = 0;
+        let mut lost = 0;
+        loop {
+            let process_token = self.create_process(client_reference, ctx, deadline).await?;
+            processes += 1;
+            // Never retried: with invalidate=true the process token is spent by the first
+            // exchange, so a second try could only fail, and with invalidate=false it would
+            // count against the limit of ten. Whatever went wrong, this token is abandoned.
+            let exchanged = self
+                .attempt(
+                    step,
+                    deadline,
+                    self.processes.exchange_process_token(
+                        &process_token,
+                        self.invalidate_process_token,
+                        &ctx.request_id,
+                    ),
+                )
+                .await?;
+            let err = match exchanged {
+                Ok(access_token) => {
+                    return Ok(KycSession {
+                        access_token,
+                        token_type: "bearer".to_owned(),
+                        expires_in: None,
+                        flow: FlowKind::Standalone,
+                        user_id: None,
+                    });
+                }
+                Err(err) => err,
+            };
+            // Starting again from a new process is safe: no token is exchanged twice, and the
+            // abandoned process (spent or not) is deleted by finAPI. A lost answer may have
+            // spent the token and bound a hidden user nobody will see, so that mess is made at
+            // most once per session; refusals (5xx, 429, connect errors) up to max_attempts.
+            if err.answer_lost() {
+                if lost >= MAX_LOST_EXCHANGES {
+                    return Err(err.into());
+                }
+                lost += 1;
+            }
+            if !self.back_off(step, processes, &err, deadline).await {
+                return Err(err.into());
+            }
+            self.stats.process_restarted();
+            self.stats.process_possibly_abandoned();
+        }
+    }
+
+    /// `POST /api/v1/processes`, retried on transient failures. A retry after an unknown
+    /// outcome may leave one unused process behind; finAPI deletes it when its validity ends,
+    /// it holds no user data, and it is counted. Nothing else can go wrong: the caller gets the
+    /// token of the process that answered.
+    async fn create_process(
+        &self,
+        client_reference: &ClientReference,
+        ctx: &RequestContext,
+        deadline: &Deadline,
+    ) -> Result<SecretString, FlowError> {
+        let step = Step::CreateProcess;
+        let mut failed = 0;
+        loop {
+            let created = self
+                .attempt(
+                    step,
+                    deadline,
+                    self.processes.create_process(
+                        client_reference.as_str(),
+                        &self.process_id,
+                        &ctx.request_id,
+                    ),
+                )
+                .await?;
+            let err = match created {
+                Ok(token) => return Ok(token),
+                Err(err) => err,
+            };
+            failed += 1;
+            if !self.back_off(step, failed, &err, deadline).await {
+                return Err(classify_credentials_call(err));
+            }
+            if err.may_have_been_handled() {
+                self.stats.process_possibly_abandoned();
+            }
+        }
     }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use giroident_broker::config::Settings;
 use giroident_broker::demo::settings_for_simulator;
+use giroident_broker::flows::{Flows, ResilienceSnapshot};
 use giroident_broker::sim::{self, SimConfig, SimHandle};
 use giroident_broker::startup::Application;
 use serde_json::{Value, json};
@@ -18,6 +19,7 @@ pub struct TestEnv {
     pub broker_url: String,
     pub admin_url: String,
     pub http: reqwest::Client,
+    pub flows: std::sync::Arc<Flows>,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<std::io::Result<()>>>,
 }
@@ -56,6 +58,7 @@ impl TestEnv {
         let app = Application::build(settings).await.expect("broker starts");
         let broker_url = format!("http://{}", app.local_addr());
         let admin_url = format!("http://{}", app.admin_addr());
+        let flows = app.flows();
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(app.run_until_stopped(async {
             let _ = stopped.await;
@@ -65,6 +68,7 @@ impl TestEnv {
             broker_url,
             admin_url,
             http: client_with_key(TEST_API_KEY),
+            flows,
             stop: Some(stop),
             server: Some(server),
         }
@@ -151,6 +155,11 @@ impl TestEnv {
             .unwrap_or(0)
     }
 
+    /// The broker's resilience counters.
+    pub fn resilience(&self) -> ResilienceSnapshot {
+        self.flows.stats()
+    }
+
     /// Stops the broker (after its drain period) and the simulator.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
@@ -170,6 +179,8 @@ pub const EXCHANGE: &str = "GET /api/v1/processes/{processToken}";
 
 /// An HTTP client that sends `X-Api-Key: key` with every request.
 pub fn client_with_key(key: &str) -> reqwest::Client {
+    // reqwest is built without a default TLS provider; a test may build a client first.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let mut headers = reqwest::header::HeaderMap::new();
     headers.insert("x-api-key", key.parse().expect("header value"));
     reqwest::Client::builder()
