@@ -69,6 +69,55 @@ pub mod metrics {
     /// User deletions by outcome (`deleted` or the error code) (counter).
     pub const DELETIONS: &str = "broker_user_deletions_total";
 
+    /// Upstream calls made again after a transient failure (counter).
+    pub const RETRIES: &str = "broker_finapi_retries_total";
+    /// Standalone sessions started again from a new process (counter).
+    pub const PROCESS_RESTARTS: &str = "broker_process_restarts_total";
+    /// Processes possibly left unused at finAPI (counter).
+    pub const PROCESSES_ABANDONED: &str = "broker_processes_possibly_abandoned_total";
+    /// Users created whose token could not be had (counter).
+    pub const ORPHANED_USERS: &str = "broker_orphaned_users_total";
+    /// Sessions whose time budget ran out (counter).
+    pub const BUDGET_EXHAUSTED: &str = "broker_session_budget_exhausted_total";
+    /// Requests that waited for a background client-token refresh (counter).
+    pub const TOKEN_WAITS: &str = "broker_client_token_waits_for_refresh_total";
+    /// Circuit breaker state by service: 1 open (or probing), 0 closed (gauge).
+    pub const CIRCUIT_OPEN: &str = "broker_finapi_circuit_open";
+    /// Times a service's circuit breaker opened (counter).
+    pub const CIRCUIT_OPENED: &str = "broker_finapi_circuit_opened_total";
+    /// Calls a service's circuit breaker refused (counter).
+    pub const CIRCUIT_REJECTED: &str = "broker_finapi_circuit_rejected_total";
+
+    /// Publishes the flows' resilience counters and breaker states (kept as atomics where
+    /// they happen) just before a scrape.
+    pub fn publish_resilience(flows: &crate::flows::Flows) {
+        let s = flows.stats();
+        for (name, value) in [
+            (RETRIES, s.retries),
+            (PROCESS_RESTARTS, s.process_restarts),
+            (PROCESSES_ABANDONED, s.processes_possibly_abandoned),
+            (ORPHANED_USERS, s.orphaned_users),
+            (BUDGET_EXHAUSTED, s.budget_exhausted),
+            (TOKEN_WAITS, s.client_token_waits_for_refresh),
+        ] {
+            ::metrics::counter!(name).absolute(value);
+        }
+        for (service, opened, rejected) in [
+            ("access", s.access_breaker_opened, s.access_breaker_rejected),
+            (
+                "process_controller",
+                s.process_controller_breaker_opened,
+                s.process_controller_breaker_rejected,
+            ),
+        ] {
+            ::metrics::counter!(CIRCUIT_OPENED, "service" => service).absolute(opened);
+            ::metrics::counter!(CIRCUIT_REJECTED, "service" => service).absolute(rejected);
+        }
+        for (service, open) in flows.circuits_open() {
+            ::metrics::gauge!(CIRCUIT_OPEN, "service" => service).set(if open { 1.0 } else { 0.0 });
+        }
+    }
+
     static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
     /// The process's Prometheus recorder, installed on first use. `None` if another recorder
@@ -104,5 +153,29 @@ pub mod metrics {
         describe_counter!(TOKEN_FETCHES, "Client-token fetches by trigger and outcome");
         describe_counter!(SESSIONS, "KYC sessions by flow and outcome");
         describe_counter!(DELETIONS, "User deletions by outcome");
+        describe_counter!(RETRIES, "finAPI calls made again after a transient failure");
+        describe_counter!(
+            PROCESS_RESTARTS,
+            "Standalone sessions restarted from a new process"
+        );
+        describe_counter!(
+            PROCESSES_ABANDONED,
+            "Processes possibly left unused at finAPI"
+        );
+        describe_counter!(ORPHANED_USERS, "Users created whose token could not be had");
+        describe_counter!(BUDGET_EXHAUSTED, "Sessions whose time budget ran out");
+        describe_counter!(
+            TOKEN_WAITS,
+            "Requests that waited for a client-token refresh"
+        );
+        describe_gauge!(
+            CIRCUIT_OPEN,
+            "Circuit breaker by service: 1 open or probing, 0 closed"
+        );
+        describe_counter!(CIRCUIT_OPENED, "Times a service's circuit breaker opened");
+        describe_counter!(
+            CIRCUIT_REJECTED,
+            "Calls a service's circuit breaker refused"
+        );
     }
 }

@@ -218,6 +218,10 @@ async fn metrics_name_routes_callers_steps_and_outcomes() {
         r#"broker_kyc_sessions_total{flow="access",outcome="created"}"#,
         r#"broker_kyc_sessions_total{flow="standalone",outcome="created"}"#,
         "broker_http_requests_in_flight",
+        r#"broker_finapi_circuit_open{service="access"} 0"#,
+        r#"broker_finapi_circuit_open{service="process_controller"} 0"#,
+        "broker_finapi_retries_total",
+        "broker_orphaned_users_total",
     ] {
         assert!(
             text.contains(expected),

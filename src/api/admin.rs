@@ -2,6 +2,7 @@
 //! that the gateway never exposes them.
 
 use axum::Router;
+use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -19,7 +20,8 @@ pub fn admin_router(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn render_metrics() -> Response {
+async fn render_metrics(State(state): State<AppState>) -> Response {
+    metrics::publish_resilience(&state.flows);
     match metrics::handle() {
         Some(handle) => (
             StatusCode::OK,

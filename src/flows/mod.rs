@@ -225,6 +225,20 @@ impl Flows {
         )
     }
 
+    /// Whether each upstream service's circuit breaker currently refuses calls.
+    pub fn circuits_open(&self) -> [(&'static str, bool); 2] {
+        [
+            (
+                self.access.breaker().service(),
+                self.access.breaker().is_open(),
+            ),
+            (
+                self.processes.breaker().service(),
+                self.processes.breaker().is_open(),
+            ),
+        ]
+    }
+
     /// Runs the requested flow.
     pub async fn start_session(
         &self,
