@@ -4,27 +4,10 @@
 
 mod common;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
 use common::*;
 use giroident_broker::config::{CallerSettings, FlowKind, LogFormat};
 use giroident_broker::sim::{self, FaultRule, SimClient, SimConfig};
 use serde_json::json;
-
-/// Log output, shared with the subscriber.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 /// Everything the broker answered, as text.
 #[derive(Default)]
@@ -65,13 +48,7 @@ const OTHER_KEY: &str = "leak-test-other-caller-key-51b2";
 
 #[tokio::test]
 async fn no_secret_reaches_logs_or_responses() {
-    let logs = Captured::default();
-    let writer = logs.clone();
-    assert!(giroident_broker::telemetry::init_with_writer(
-        LogFormat::Json,
-        "trace",
-        move || writer.clone()
-    ));
+    let logs = CapturedLogs::install(LogFormat::Json, "trace");
 
     let sim_config = SimConfig {
         clients: vec![SimClient {
@@ -222,7 +199,7 @@ async fn no_secret_reaches_logs_or_responses() {
     secrets.never.push(("API key", TEST_API_KEY.into()));
     secrets.never.push(("API key", OTHER_KEY.into()));
 
-    let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let logs = logs.text();
     assert!(
         logs.lines().count() > 50,
         "too few log lines captured: the test would prove nothing"

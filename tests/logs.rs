@@ -3,35 +3,13 @@
 
 mod common;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
 use common::*;
 use giroident_broker::config::LogFormat;
 use serde_json::{Value, json};
 
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test]
 async fn each_request_ends_in_one_json_line_with_its_request_id() {
-    let logs = Captured::default();
-    let writer = logs.clone();
-    assert!(giroident_broker::telemetry::init_with_writer(
-        LogFormat::Json,
-        "info",
-        move || writer.clone()
-    ));
+    let logs = CapturedLogs::install(LogFormat::Json, "info");
     let env = TestEnv::start().await;
     let response = env
         .http
@@ -44,7 +22,7 @@ async fn each_request_ends_in_one_json_line_with_its_request_id() {
     assert_eq!(response.status(), 201);
     env.stop().await;
 
-    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let text = logs.text();
     let lines: Vec<Value> = text
         .lines()
         .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")))

@@ -196,15 +196,7 @@ async fn metrics_name_routes_callers_steps_and_outcomes() {
     let env = TestEnv::start().await;
     env.access_session().await;
     env.standalone_session("metrics-1").await;
-    let text = env
-        .http
-        .get(format!("{}/metrics", env.admin_url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = env.metrics_text().await;
     for expected in [
         r#"broker_http_requests_total{route="/kyc-sessions",method="POST",status="201",caller="demo"}"#,
         r#"broker_http_request_duration_seconds_bucket{route="/kyc-sessions",method="POST",status="201",caller="demo",le="#,
@@ -265,15 +257,7 @@ async fn upstream_failures_are_counted_by_outcome() {
         .start_session(json!({"flow": "standalone", "clientReference": "m-2"}))
         .await;
     expect_problem(response, 502, "UPSTREAM_ERROR").await;
-    let text = env
-        .http
-        .get(format!("{}/metrics", env.admin_url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = env.metrics_text().await;
     for expected in [
         r#"broker_finapi_calls_total{service="process_controller",step="create_process",outcome="500"}"#,
         r#"broker_kyc_sessions_total{flow="standalone",outcome="UPSTREAM_ERROR"}"#,

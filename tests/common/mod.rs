@@ -160,6 +160,18 @@ impl TestEnv {
         self.flows.stats()
     }
 
+    /// The Prometheus text of the broker's admin listener.
+    pub async fn metrics_text(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.admin_url))
+            .send()
+            .await
+            .expect("admin listener answers")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
     /// Stops the broker (after its drain period) and the simulator.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
@@ -239,4 +251,36 @@ pub async fn eventually(within: Duration, mut condition: impl FnMut() -> bool) -
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     condition()
+}
+
+/// Log output captured in memory: a `MakeWriter` for `telemetry::init_with_writer`.
+#[derive(Clone, Default)]
+pub struct CapturedLogs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl CapturedLogs {
+    /// Installs the global subscriber writing `format` lines at `filter` into this buffer.
+    pub fn install(format: giroident_broker::config::LogFormat, filter: &str) -> Self {
+        let logs = Self::default();
+        let writer = logs.clone();
+        assert!(
+            giroident_broker::telemetry::init_with_writer(format, filter, move || writer.clone()),
+            "a subscriber was installed already"
+        );
+        logs
+    }
+
+    /// Everything written so far.
+    pub fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).expect("UTF-8 logs")
+    }
+}
+
+impl std::io::Write for CapturedLogs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
