@@ -8,7 +8,7 @@
 //! Markdown report; `-- --out FILE` also writes it to FILE.
 //!
 //! Options (after `--`): `--quick`, `--seconds S` (per measured run), `--sessions N` (cap per
-//! run), `--rounds N` (direct/broker pairs per point; the best of each is kept),
+//! run), `--rounds N` (direct/broker pairs per point; the median pair is shown),
 //! `--mem-sessions N` (sessions between the two memory readings), `--herd N`,
 //! `--only NAME` (a section: ready, sweep, herd, refresh, memory), `--flow access|standalone`
 //! and `--concurrency N` (sweep points), `--api-key KEY` (sent as `X-Api-Key`).
@@ -50,9 +50,9 @@ impl Opts {
         let mut args = std::env::args().skip(1);
         let mut opts = Self {
             quick: false,
-            seconds: 5.0,
-            sessions: 50_000,
-            rounds: 2,
+            seconds: 2.0,
+            sessions: 500_000,
+            rounds: 5,
             mem_sessions: 100_000,
             herd: 1000,
             refresh_seconds: 12.0,
@@ -87,10 +87,10 @@ impl Opts {
         if opts.quick {
             let given = |name: &str| explicit.iter().any(|a| a == name);
             if !given("--seconds") {
-                opts.seconds = 2.0;
+                opts.seconds = 1.0;
             }
             if !given("--rounds") {
-                opts.rounds = 1;
+                opts.rounds = 3;
             }
             if !given("--mem-sessions") {
                 opts.mem_sessions = 10_000;
@@ -108,7 +108,7 @@ impl Opts {
 /// The broker's configuration, all of it: the one place to change when the broker's config
 /// grows (API keys, rate and in-flight limits must be raised above the benchmark's load here).
 fn broker_env(listen: SocketAddr, sim_url: &str) -> Vec<(&'static str, String)> {
-    vec![
+    let mut env = vec![
         ("GIROIDENT_BROKER_SERVER__LISTEN", listen.to_string()),
         ("GIROIDENT_BROKER_SERVER__DRAIN_SECS", "0".into()),
         ("GIROIDENT_BROKER_FINAPI__ACCESS_URL", sim_url.into()),
@@ -127,7 +127,12 @@ fn broker_env(listen: SocketAddr, sim_url: &str) -> Vec<(&'static str, String)> 
         ),
         ("GIROIDENT_BROKER_LOG__FILTER", "warn".into()),
         ("RUST_LOG", "warn".into()),
-    ]
+    ];
+    // Lets a run try another runtime size for the broker only (tokio reads this variable).
+    if let Ok(workers) = std::env::var("TOKIO_WORKER_THREADS") {
+        env.push(("TOKIO_WORKER_THREADS", workers));
+    }
+    env
 }
 
 /// Headers of every request the load generator sends to the broker (an API key, once the
@@ -723,12 +728,46 @@ fn ready_section(report: &mut String, runs: usize) {
     );
 }
 
+/// One direct run and one broker run, back to back.
+struct Pair {
+    direct: RunResult,
+    broker: RunResult,
+}
+
+impl Pair {
+    fn ratio(&self) -> f64 {
+        self.broker.rate() / self.direct.rate()
+    }
+
+    /// Broker minus direct latency at p50 and p99, in ms.
+    fn added(&self) -> (f64, f64) {
+        let (d, b) = (self.direct.latencies(), self.broker.latencies());
+        (b.p50 - d.p50, b.p99 - d.p99)
+    }
+}
+
 struct SweepRow {
     flow: Flow,
     concurrency: usize,
-    direct: RunResult,
-    broker: RunResult,
+    /// Sorted by throughput ratio.
+    pairs: Vec<Pair>,
     load: String,
+}
+
+impl SweepRow {
+    /// The pair with the median ratio: the row's figures come from it.
+    fn median(&self) -> &Pair {
+        &self.pairs[self.pairs.len() / 2]
+    }
+
+    /// Median over pairs of the latency the broker adds at p50 and p99.
+    fn median_added(&self) -> (f64, f64) {
+        let mut p50: Vec<f64> = self.pairs.iter().map(|p| p.added().0).collect();
+        let mut p99: Vec<f64> = self.pairs.iter().map(|p| p.added().1).collect();
+        p50.sort_by(f64::total_cmp);
+        p99.sort_by(f64::total_cmp);
+        (p50[p50.len() / 2], p99[p99.len() / 2])
+    }
 }
 
 async fn sweep_section(opts: &Opts, headers: &HeaderMap, report: &mut String) -> Vec<SweepRow> {
@@ -759,9 +798,16 @@ async fn sweep_section(opts: &Opts, headers: &HeaderMap, report: &mut String) ->
                 run_load(&target, procs, flow, via, concurrency, 2000, warmup).await;
             }
             let load_before = loadavg();
-            let mut best: [Option<RunResult>; 2] = [None, None];
-            for _ in 0..opts.rounds {
-                for (i, via) in [Via::Direct, Via::Broker].into_iter().enumerate() {
+            let mut pairs = Vec::new();
+            for round in 0..opts.rounds.max(1) {
+                // Alternate the order so that a drift in the machine's load favours neither.
+                let order = if round % 2 == 0 {
+                    [Via::Direct, Via::Broker]
+                } else {
+                    [Via::Broker, Via::Direct]
+                };
+                let mut runs = Vec::new();
+                for via in order {
                     let r = run_load(
                         &target,
                         procs,
@@ -772,63 +818,80 @@ async fn sweep_section(opts: &Opts, headers: &HeaderMap, report: &mut String) ->
                         max_time,
                     )
                     .await;
-                    if best[i].as_ref().is_none_or(|b| r.rate() > b.rate()) {
-                        best[i] = Some(r);
+                    runs.push((via, r));
+                }
+                let (mut direct, mut broker_run) = (None, None);
+                for (via, r) in runs {
+                    match via {
+                        Via::Direct => direct = Some(r),
+                        Via::Broker => broker_run = Some(r),
                     }
                 }
+                if let (Some(direct), Some(broker)) = (direct, broker_run) {
+                    pairs.push(Pair { direct, broker });
+                }
             }
-            let [Some(direct), Some(broker_run)] = best else {
-                unreachable!("at least one round")
-            };
-            eprintln!(
-                "  {} c={concurrency}: direct {:.0}/s, broker {:.0}/s",
-                flow.name(),
-                direct.rate(),
-                broker_run.rate()
-            );
-            rows.push(SweepRow {
+            pairs.sort_by(|a, b| a.ratio().total_cmp(&b.ratio()));
+            let row = SweepRow {
                 flow,
                 concurrency,
-                direct,
-                broker: broker_run,
+                pairs,
                 load: format!("{load_before} → {}", loadavg()),
-            });
+            };
+            eprintln!(
+                "  {} c={concurrency}: direct {:.0}/s, broker {:.0}/s (median pair)",
+                flow.name(),
+                row.median().direct.rate(),
+                row.median().broker.rate()
+            );
+            rows.push(row);
         }
     }
     let _ = writeln!(
         report,
         "\n### Throughput and latency\n\nPer point: fresh simulator and broker, 0.5 s warm-up \
-         of each path, then {} round(s) of direct then broker, {} s or {} sessions each; the \
-         round with the higher throughput is kept for each path. Latency in ms.\n\n\
-         | flow | conc. | direct sess/s | broker sess/s | **broker ÷ direct** | direct p50 / p99 / max | broker p50 / p99 / max | **broker − direct** p50 / p99 | CPU µs/session gen · broker · sim (direct → broker) | errors | load avg |\n\
+         of each path, then {} pair(s) of runs, direct and broker back to back (order \
+         alternating), {} s or {} sessions each. The row shows the pair with the median \
+         throughput ratio; the range of ratios and the median over pairs of the added latency \
+         follow. Latency in ms.\n\n\
+         | flow | conc. | direct sess/s | broker sess/s | **broker ÷ direct** (range) | direct p50 / p99 / max | broker p50 / p99 / max | **broker − direct** p50 / p99 (median over pairs) | CPU µs/session gen · broker · sim (direct → broker) | errors | load avg |\n\
          |---|---:|---:|---:|---:|---|---|---|---|---:|---|",
         opts.rounds, opts.seconds, opts.sessions
     );
     for row in &rows {
-        let (d, b) = (row.direct.latencies(), row.broker.latencies());
-        let (dc, bc) = (row.direct.cpu_per_session(), row.broker.cpu_per_session());
+        let pair = row.median();
+        let (d, b) = (pair.direct.latencies(), pair.broker.latencies());
+        let (dc, bc) = (pair.direct.cpu_per_session(), pair.broker.cpu_per_session());
+        let (add50, add99) = row.median_added();
+        let errors: usize = row
+            .pairs
+            .iter()
+            .map(|p| p.direct.errors + p.broker.errors)
+            .sum();
         let _ = writeln!(
             report,
-            "| {} | {} | {:.0} | {:.0} | **{:.2}** | {:.2} / {:.2} / {:.1} | {:.2} / {:.2} / {:.1} | **{:+.2} / {:+.2}** | {:.0} · – · {:.0} → {:.0} · {:.0} · {:.0} | {} | {} |",
+            "| {} | {} | {:.0} | {:.0} | **{:.2}** ({:.2}–{:.2}) | {:.2} / {:.2} / {:.1} | {:.2} / {:.2} / {:.1} | **{:+.2} / {:+.2}** | {:.0} · – · {:.0} → {:.0} · {:.0} · {:.0} | {} | {} |",
             row.flow.name(),
             row.concurrency,
-            row.direct.rate(),
-            row.broker.rate(),
-            row.broker.rate() / row.direct.rate(),
+            pair.direct.rate(),
+            pair.broker.rate(),
+            pair.ratio(),
+            row.pairs[0].ratio(),
+            row.pairs[row.pairs.len() - 1].ratio(),
             d.p50,
             d.p99,
             d.max,
             b.p50,
             b.p99,
             b.max,
-            b.p50 - d.p50,
-            b.p99 - d.p99,
+            add50,
+            add99,
             dc[0],
             dc[2],
             bc[0],
             bc[1],
             bc[2],
-            row.direct.errors + row.broker.errors,
+            errors,
             row.load,
         );
     }
@@ -1078,8 +1141,7 @@ fn main() {
             eprintln!("throughput sweep…");
             let rows = sweep_section(&opts, &headers, &mut report).await;
             for row in &rows {
-                let ratio = row.broker.rate() / row.direct.rate();
-                let (d, b) = (row.direct.latencies(), row.broker.latencies());
+                let ratio = row.median().ratio();
                 if row.concurrency == 64 {
                     verdicts.push(format!(
                         "{} c=64 throughput {ratio:.2} × direct (target ≥ 0.60): {}",
@@ -1087,11 +1149,11 @@ fn main() {
                         verdict(ratio >= 0.6)
                     ));
                     if row.flow == Flow::Access {
-                        steady_p99_64 = Some(b.p99);
+                        steady_p99_64 = Some(row.median().broker.latencies().p99);
                     }
                 }
                 if row.concurrency == 1 {
-                    let (p50, p99) = (b.p50 - d.p50, b.p99 - d.p99);
+                    let (p50, p99) = row.median_added();
                     verdicts.push(format!(
                         "{} c=1 adds {p50:+.3} ms at p50 (≤ 0.25), {p99:+.3} ms at p99 (≤ 1): {}",
                         row.flow.name(),

@@ -227,8 +227,7 @@ async fn send(
         .headers()
         .get("X-Request-Id")
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
+        .unwrap_or("");
     tracing::debug!(
         step = step.as_str(),
         status = status.as_u16(),
