@@ -132,6 +132,10 @@ fn broker_env(listen: SocketAddr, sim_url: &str) -> Vec<(&'static str, String)> 
     if let Ok(workers) = std::env::var("TOKIO_WORKER_THREADS") {
         env.push(("TOKIO_WORKER_THREADS", workers));
     }
+    // And another allocator, e.g. BENCH_BROKER_PRELOAD=/usr/lib/x86_64-linux-gnu/libmimalloc.so.
+    if let Ok(preload) = std::env::var("BENCH_BROKER_PRELOAD") {
+        env.push(("LD_PRELOAD", preload));
+    }
     env
 }
 
@@ -739,6 +743,14 @@ impl Pair {
         self.broker.rate() / self.direct.rate()
     }
 
+    /// The throughput ratio two idle cores would allow: direct CPU time per session (generator
+    /// and simulator) over the broker path's (generator, broker and simulator). Much less
+    /// sensitive to other load on the machine than the measured ratio.
+    fn cpu_ratio(&self) -> f64 {
+        let (d, b) = (self.direct.cpu_per_session(), self.broker.cpu_per_session());
+        (d[0] + d[2]) / (b[0] + b[1] + b[2])
+    }
+
     /// Broker minus direct latency at p50 and p99, in ms.
     fn added(&self) -> (f64, f64) {
         let (d, b) = (self.direct.latencies(), self.broker.latencies());
@@ -853,9 +865,11 @@ async fn sweep_section(opts: &Opts, headers: &HeaderMap, report: &mut String) ->
          of each path, then {} pair(s) of runs, direct and broker back to back (order \
          alternating), {} s or {} sessions each. The row shows the pair with the median \
          throughput ratio; the range of ratios and the median over pairs of the added latency \
-         follow. Latency in ms.\n\n\
-         | flow | conc. | direct sess/s | broker sess/s | **broker ÷ direct** (range) | direct p50 / p99 / max | broker p50 / p99 / max | **broker − direct** p50 / p99 (median over pairs) | CPU µs/session gen · broker · sim (direct → broker) | errors | load avg |\n\
-         |---|---:|---:|---:|---:|---|---|---|---|---:|---|",
+         follow. The CPU-time ratio is what two idle cores would allow: (generator + simulator CPU \
+         per direct session) ÷ (generator + broker + simulator CPU per broker session). Latency \
+         in ms.\n\n\
+         | flow | conc. | direct sess/s | broker sess/s | **broker ÷ direct** (range) | CPU-time ratio | direct p50 / p99 / max | broker p50 / p99 / max | **broker − direct** p50 / p99 (median over pairs) | CPU µs/session gen · broker · sim (direct → broker) | errors | load avg |\n\
+         |---|---:|---:|---:|---:|---:|---|---|---|---|---:|---|",
         opts.rounds, opts.seconds, opts.sessions
     );
     for row in &rows {
@@ -870,7 +884,7 @@ async fn sweep_section(opts: &Opts, headers: &HeaderMap, report: &mut String) ->
             .sum();
         let _ = writeln!(
             report,
-            "| {} | {} | {:.0} | {:.0} | **{:.2}** ({:.2}–{:.2}) | {:.2} / {:.2} / {:.1} | {:.2} / {:.2} / {:.1} | **{:+.2} / {:+.2}** | {:.0} · – · {:.0} → {:.0} · {:.0} · {:.0} | {} | {} |",
+            "| {} | {} | {:.0} | {:.0} | **{:.2}** ({:.2}–{:.2}) | {:.2} | {:.2} / {:.2} / {:.1} | {:.2} / {:.2} / {:.1} | **{:+.2} / {:+.2}** | {:.0} · – · {:.0} → {:.0} · {:.0} · {:.0} | {} | {} |",
             row.flow.name(),
             row.concurrency,
             pair.direct.rate(),
@@ -878,6 +892,7 @@ async fn sweep_section(opts: &Opts, headers: &HeaderMap, report: &mut String) ->
             pair.ratio(),
             row.pairs[0].ratio(),
             row.pairs[row.pairs.len() - 1].ratio(),
+            pair.cpu_ratio(),
             d.p50,
             d.p99,
             d.max,
