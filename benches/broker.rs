@@ -407,7 +407,7 @@ async fn json<T: serde::de::DeserializeOwned>(response: reqwest::Response) -> Re
 impl Target {
     async fn session(&self, flow: Flow, via: Via, n: usize) -> Outcome {
         let flow = match flow {
-            Flow::Mixed if n % 2 == 0 => Flow::Access,
+            Flow::Mixed if n.is_multiple_of(2) => Flow::Access,
             Flow::Mixed => Flow::Standalone,
             other => other,
         };
@@ -813,7 +813,7 @@ async fn sweep_section(opts: &Opts, headers: &HeaderMap, report: &mut String) ->
             let mut pairs = Vec::new();
             for round in 0..opts.rounds.max(1) {
                 // Alternate the order so that a drift in the machine's load favours neither.
-                let order = if round % 2 == 0 {
+                let order = if round.is_multiple_of(2) {
                     [Via::Direct, Via::Broker]
                 } else {
                     [Via::Broker, Via::Direct]
