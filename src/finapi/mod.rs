@@ -324,8 +324,7 @@ async fn call(
         .headers()
         .get("X-Request-Id")
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
+        .unwrap_or("");
     tracing::debug!(
         step = step.as_str(),
         status = status.as_u16(),

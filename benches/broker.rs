@@ -1,0 +1,1234 @@
+//! What the broker adds to the time finAPI takes.
+//!
+//! `cargo bench --bench broker` (add `-- --quick` for a run under two minutes). It builds the
+//! release binary, starts the simulator and the broker as separate processes on 127.0.0.1, and
+//! drives both with the same small load generator (one single-threaded tokio runtime, one
+//! reqwest client per target, keep-alive): through the broker, and straight against the
+//! simulator with the upstream calls the broker would make (the direct baseline). It prints a
+//! Markdown report; `-- --out FILE` also writes it to FILE.
+//!
+//! Options (after `--`): `--quick`, `--seconds S` (per measured run), `--sessions N` (cap per
+//! run), `--rounds N` (direct/broker pairs per point; the median pair is shown),
+//! `--mem-sessions N` (sessions between the two memory readings), `--herd N`,
+//! `--only NAME` (a section: ready, sweep, herd, refresh, memory), `--flow access|standalone`
+//! and `--concurrency N` (sweep points), `--api-key KEY` (sent as `X-Api-Key`).
+
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use serde::{Deserialize, Serialize};
+
+const BIN: &str = env!("CARGO_BIN_EXE_giroident-broker");
+const CLIENT_ID: &str = "demo-client";
+const CLIENT_SECRET: &str = "demo-client-secret";
+/// Linux reports process CPU time in these ticks per second (USER_HZ).
+const TICKS_PER_SEC: f64 = 100.0;
+
+struct Opts {
+    quick: bool,
+    seconds: f64,
+    sessions: usize,
+    rounds: usize,
+    mem_sessions: usize,
+    herd: usize,
+    refresh_seconds: f64,
+    only: Option<String>,
+    flow: Option<String>,
+    concurrency: Option<usize>,
+    api_key: Option<String>,
+    out: Option<String>,
+}
+
+impl Opts {
+    fn parse() -> Self {
+        let mut args = std::env::args().skip(1);
+        let mut opts = Self {
+            quick: false,
+            seconds: 2.0,
+            sessions: 500_000,
+            rounds: 5,
+            mem_sessions: 100_000,
+            herd: 1000,
+            refresh_seconds: 12.0,
+            only: None,
+            flow: None,
+            concurrency: None,
+            api_key: None,
+            out: None,
+        };
+        let mut explicit = Vec::new();
+        while let Some(arg) = args.next() {
+            let mut value = || args.next().unwrap_or_else(|| panic!("{arg} needs a value"));
+            match arg.as_str() {
+                "--bench" => {} // added by `cargo bench`
+                "--quick" => opts.quick = true,
+                "--seconds" => opts.seconds = value().parse().expect("--seconds S"),
+                "--sessions" => opts.sessions = value().parse().expect("--sessions N"),
+                "--rounds" => opts.rounds = value().parse().expect("--rounds N"),
+                "--mem-sessions" => opts.mem_sessions = value().parse().expect("--mem-sessions N"),
+                "--herd" => opts.herd = value().parse().expect("--herd N"),
+                "--only" => opts.only = Some(value()),
+                "--flow" => opts.flow = Some(value()),
+                "--concurrency" => {
+                    opts.concurrency = Some(value().parse().expect("--concurrency N"))
+                }
+                "--api-key" => opts.api_key = Some(value()),
+                "--out" => opts.out = Some(value()),
+                other => panic!("unknown argument {other}"),
+            }
+            explicit.push(arg);
+        }
+        if opts.quick {
+            let given = |name: &str| explicit.iter().any(|a| a == name);
+            if !given("--seconds") {
+                opts.seconds = 1.0;
+            }
+            if !given("--rounds") {
+                opts.rounds = 3;
+            }
+            if !given("--mem-sessions") {
+                opts.mem_sessions = 10_000;
+            }
+            opts.refresh_seconds = 6.0;
+        }
+        opts
+    }
+
+    fn runs(&self, section: &str) -> bool {
+        self.only.as_deref().is_none_or(|only| only == section)
+    }
+}
+
+/// The broker's configuration, all of it: the one place to change when the broker's config
+/// grows (API keys, rate and in-flight limits must be raised above the benchmark's load here).
+fn broker_env(listen: SocketAddr, sim_url: &str) -> Vec<(&'static str, String)> {
+    let mut env = vec![
+        ("GIROIDENT_BROKER_SERVER__LISTEN", listen.to_string()),
+        ("GIROIDENT_BROKER_SERVER__DRAIN_SECS", "0".into()),
+        ("GIROIDENT_BROKER_FINAPI__ACCESS_URL", sim_url.into()),
+        (
+            "GIROIDENT_BROKER_FINAPI__PROCESS_CONTROLLER_URL",
+            sim_url.into(),
+        ),
+        (
+            "GIROIDENT_BROKER_FINAPI__ALLOW_INSECURE_HTTP",
+            "true".into(),
+        ),
+        ("GIROIDENT_BROKER_FINAPI__CLIENT_ID", CLIENT_ID.into()),
+        (
+            "GIROIDENT_BROKER_FINAPI__CLIENT_SECRET",
+            CLIENT_SECRET.into(),
+        ),
+        ("GIROIDENT_BROKER_LOG__FILTER", "warn".into()),
+        ("RUST_LOG", "warn".into()),
+    ];
+    // Lets a run try another runtime size for the broker only (tokio reads this variable).
+    if let Ok(workers) = std::env::var("TOKIO_WORKER_THREADS") {
+        env.push(("TOKIO_WORKER_THREADS", workers));
+    }
+    // And another allocator, e.g. BENCH_BROKER_PRELOAD=/usr/lib/x86_64-linux-gnu/libmimalloc.so.
+    if let Ok(preload) = std::env::var("BENCH_BROKER_PRELOAD") {
+        env.push(("LD_PRELOAD", preload));
+    }
+    env
+}
+
+/// Headers of every request the load generator sends to the broker (an API key, once the
+/// broker asks for one).
+fn broker_headers(api_key: Option<&str>) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    if let Some(key) = api_key {
+        let value = HeaderValue::from_str(key).expect("--api-key must be a valid header value");
+        headers.insert(HeaderName::from_static("x-api-key"), value);
+    }
+    headers
+}
+
+// ---------------------------------------------------------------------------------------------
+// Child processes
+
+/// A child process on a loopback port; killed when dropped.
+struct Proc {
+    child: Child,
+    addr: SocketAddr,
+    ready_after: Duration,
+}
+
+impl Proc {
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn status_field_kib(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("/proc/PID/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    fn rss_kib(&self) -> u64 {
+        self.status_field_kib("VmRSS:")
+    }
+
+    fn cpu_secs(&self) -> f64 {
+        cpu_secs_of(&self.child.id().to_string())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// utime + stime of a process ("self" for the load generator).
+fn cpu_secs_of(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The command name may hold spaces; fields are counted after its closing parenthesis.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / TICKS_PER_SEC
+}
+
+fn free_addr() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("local addr")
+}
+
+/// Starts a process and waits (polling every 200 µs) until `path` answers 200.
+fn spawn_ready(command: &mut Command, addr: SocketAddr, path: &str) -> Proc {
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    let started = Instant::now();
+    let child = command.spawn().expect("start giroident-broker");
+    let mut proc = Proc {
+        child,
+        addr,
+        ready_after: Duration::ZERO,
+    };
+    while started.elapsed() < Duration::from_secs(10) {
+        if answers_200(addr, path) {
+            proc.ready_after = started.elapsed();
+            return proc;
+        }
+        if let Ok(Some(status)) = proc.child.try_wait() {
+            panic!("giroident-broker exited early: {status}");
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    panic!("{path} on {addr} did not answer 200 within 10 s");
+}
+
+fn answers_200(addr: SocketAddr, path: &str) -> bool {
+    let Ok(mut stream) = TcpStream::connect(addr) else {
+        return false;
+    };
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let mut head = [0u8; 12];
+    stream.write_all(request.as_bytes()).is_ok()
+        && stream.read_exact(&mut head).is_ok()
+        && head.ends_with(b" 200")
+}
+
+fn spawn_sim(client_token_ttl_secs: u64) -> Proc {
+    let addr = free_addr();
+    let mut command = Command::new(BIN);
+    command
+        .env_clear()
+        .env("RUST_LOG", "warn")
+        .env("GIROIDENT_SIM_CLIENT_SECRET", CLIENT_SECRET)
+        .args([
+            "sim",
+            "--listen",
+            &addr.to_string(),
+            "--client-id",
+            CLIENT_ID,
+        ])
+        .args([
+            "--client-token-ttl-secs",
+            &client_token_ttl_secs.to_string(),
+        ]);
+    spawn_ready(&mut command, addr, "/__sim/stats")
+}
+
+fn spawn_broker(sim: &Proc) -> Proc {
+    let addr = free_addr();
+    let mut command = Command::new(BIN);
+    command
+        .env_clear()
+        .envs(broker_env(addr, &sim.url()))
+        .arg("serve");
+    spawn_ready(&mut command, addr, "/readyz")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Load
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Flow {
+    Access,
+    Standalone,
+    /// Access and standalone in turn (memory test).
+    Mixed,
+}
+
+impl Flow {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Access => "access",
+            Self::Standalone => "standalone",
+            Self::Mixed => "mixed",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Via {
+    Direct,
+    Broker,
+}
+
+/// Where the load goes and how.
+struct Target {
+    http: reqwest::Client,
+    broker: String,
+    sim: String,
+    headers: HeaderMap,
+    /// The client token of the direct access flow, fetched once per run.
+    client_token: Option<String>,
+}
+
+fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(usize::MAX)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .tcp_nodelay(true)
+        .build()
+        .expect("reqwest client")
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct NewUserBody<'a> {
+    id: &'a str,
+    password: &'a str,
+    is_auto_update_enabled: bool,
+}
+
+#[derive(Deserialize)]
+struct CreatedUser {
+    id: String,
+}
+
+#[derive(Deserialize)]
+struct TokenBody {
+    access_token: String,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct NewProcessBody<'a> {
+    client_id: &'a str,
+    client_secret: &'a str,
+    client_references: [Reference<'a>; 1],
+    process_id: &'a str,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Reference<'a> {
+    client_reference: &'a str,
+}
+
+#[derive(Deserialize)]
+struct CreatedProcesses {
+    processes: Vec<CreatedProcess>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CreatedProcess {
+    process_token: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Exchanged {
+    access_token: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Session {
+    access_token: String,
+}
+
+type Outcome = Result<(), String>;
+
+async fn expect(
+    response: reqwest::Result<reqwest::Response>,
+    status: u16,
+) -> Result<reqwest::Response, String> {
+    let response = response.map_err(|e| format!("transport: {e}"))?;
+    if response.status().as_u16() == status {
+        Ok(response)
+    } else {
+        let got = response.status();
+        let body = response.text().await.unwrap_or_default();
+        Err(format!(
+            "{got}: {}",
+            body.chars().take(200).collect::<String>()
+        ))
+    }
+}
+
+async fn json<T: serde::de::DeserializeOwned>(response: reqwest::Response) -> Result<T, String> {
+    response.json().await.map_err(|e| format!("body: {e}"))
+}
+
+impl Target {
+    async fn session(&self, flow: Flow, via: Via, n: usize) -> Outcome {
+        let flow = match flow {
+            Flow::Mixed if n.is_multiple_of(2) => Flow::Access,
+            Flow::Mixed => Flow::Standalone,
+            other => other,
+        };
+        match via {
+            Via::Broker => self.via_broker(flow, n).await,
+            Via::Direct if flow == Flow::Access => self.direct_access().await,
+            Via::Direct => self.direct_standalone(n).await,
+        }
+    }
+
+    async fn via_broker(&self, flow: Flow, n: usize) -> Outcome {
+        let body = match flow {
+            Flow::Access => r#"{"flow":"access"}"#.to_owned(),
+            _ => format!(r#"{{"flow":"standalone","clientReference":"bench-{n}"}}"#),
+        };
+        let response = self
+            .http
+            .post(format!("{}/kyc-sessions", self.broker))
+            .headers(self.headers.clone())
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await;
+        let session: Session = json(expect(response, 201).await?).await?;
+        check_token(&session.access_token)
+    }
+
+    /// What the broker does for the access flow, with the client token already at hand.
+    async fn direct_access(&self) -> Outcome {
+        let client_token = self.client_token.as_deref().ok_or("no client token")?;
+        let id = format!("gib-{}", uuid::Uuid::new_v4().simple());
+        let password = uuid::Uuid::new_v4().simple().to_string();
+        let request_id = uuid::Uuid::new_v4().to_string();
+        let body = NewUserBody {
+            id: &id,
+            password: &password,
+            is_auto_update_enabled: false,
+        };
+        let response = self
+            .http
+            .post(format!("{}/api/v2/users", self.sim))
+            .bearer_auth(client_token)
+            .header("x-request-id", &request_id)
+            .json(&body)
+            .send()
+            .await;
+        let user: CreatedUser = json(expect(response, 201).await?).await?;
+        let form = [
+            ("grant_type", "password"),
+            ("username", user.id.as_str()),
+            ("password", password.as_str()),
+            ("client_id", CLIENT_ID),
+            ("client_secret", CLIENT_SECRET),
+        ];
+        let response = self
+            .http
+            .post(format!("{}/api/v2/oauth/token", self.sim))
+            .header("x-request-id", &request_id)
+            .form(&form)
+            .send()
+            .await;
+        let token: TokenBody = json(expect(response, 200).await?).await?;
+        check_token(&token.access_token)
+    }
+
+    /// What the broker does for the standalone flow.
+    async fn direct_standalone(&self, n: usize) -> Outcome {
+        let reference = format!("bench-{n}");
+        let request_id = uuid::Uuid::new_v4().to_string();
+        let body = NewProcessBody {
+            client_id: CLIENT_ID,
+            client_secret: CLIENT_SECRET,
+            client_references: [Reference {
+                client_reference: &reference,
+            }],
+            process_id: "GIROIDENT",
+        };
+        let response = self
+            .http
+            .post(format!("{}/api/v1/processes", self.sim))
+            .header("x-request-id", &request_id)
+            .json(&body)
+            .send()
+            .await;
+        let created: CreatedProcesses = json(expect(response, 201).await?).await?;
+        let token = &created.processes.first().ok_or("no process")?.process_token;
+        let response = self
+            .http
+            .get(format!(
+                "{}/api/v1/processes/{token}?invalidate=true",
+                self.sim
+            ))
+            .header("x-request-id", &request_id)
+            .send()
+            .await;
+        let exchanged: Exchanged = json(expect(response, 200).await?).await?;
+        check_token(&exchanged.access_token)
+    }
+
+    async fn fetch_client_token(&mut self) {
+        let form = [
+            ("grant_type", "client_credentials"),
+            ("client_id", CLIENT_ID),
+            ("client_secret", CLIENT_SECRET),
+        ];
+        let response = self
+            .http
+            .post(format!("{}/api/v2/oauth/token", self.sim))
+            .form(&form)
+            .send()
+            .await;
+        let token: TokenBody = json(expect(response, 200).await.expect("client token"))
+            .await
+            .expect("client token body");
+        self.client_token = Some(token.access_token);
+    }
+}
+
+fn check_token(token: &str) -> Outcome {
+    if token.is_empty() {
+        Err("empty access token".into())
+    } else {
+        Ok(())
+    }
+}
+
+/// One request's start (since the run began) and latency, in microseconds.
+#[derive(Clone, Copy)]
+struct Sample {
+    start_us: u64,
+    latency_us: u64,
+}
+
+struct RunResult {
+    samples: Vec<Sample>,
+    errors: usize,
+    first_error: Option<String>,
+    elapsed: Duration,
+    /// CPU seconds per process during the run: generator, broker, simulator.
+    cpu: [f64; 3],
+}
+
+impl RunResult {
+    fn rate(&self) -> f64 {
+        self.samples.len() as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn latencies(&self) -> Latencies {
+        Latencies::of(self.samples.iter().map(|s| s.latency_us))
+    }
+
+    /// CPU microseconds per session of the generator, broker and simulator.
+    fn cpu_per_session(&self) -> [f64; 3] {
+        let n = self.samples.len().max(1) as f64;
+        self.cpu.map(|secs| secs * 1e6 / n)
+    }
+}
+
+#[derive(Clone, Copy, Default)]
+struct Latencies {
+    n: usize,
+    p50: f64,
+    p99: f64,
+    max: f64,
+}
+
+impl Latencies {
+    /// Percentiles (nearest rank) in milliseconds.
+    fn of(values: impl Iterator<Item = u64>) -> Self {
+        let mut v: Vec<u64> = values.collect();
+        if v.is_empty() {
+            return Self::default();
+        }
+        v.sort_unstable();
+        let rank = |q: f64| v[((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
+        Self {
+            n: v.len(),
+            p50: rank(0.50) as f64 / 1e3,
+            p99: rank(0.99) as f64 / 1e3,
+            max: *v.last().unwrap_or(&0) as f64 / 1e3,
+        }
+    }
+}
+
+/// Runs `concurrency` workers until `max_sessions` sessions have started or `max_time` passed.
+async fn run_load(
+    target: &Arc<Target>,
+    procs: (&Proc, &Proc),
+    flow: Flow,
+    via: Via,
+    concurrency: usize,
+    max_sessions: usize,
+    max_time: Duration,
+) -> RunResult {
+    let next = Arc::new(AtomicUsize::new(0));
+    let cpu_before = [cpu_secs_of("self"), procs.0.cpu_secs(), procs.1.cpu_secs()];
+    let started = Instant::now();
+    let mut workers = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        let target = target.clone();
+        let next = next.clone();
+        workers.push(tokio::spawn(async move {
+            let mut samples = Vec::new();
+            let mut errors = 0;
+            let mut first_error = None;
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= max_sessions || started.elapsed() >= max_time {
+                    break;
+                }
+                let t0 = Instant::now();
+                match target.session(flow, via, n).await {
+                    Ok(()) => samples.push(Sample {
+                        start_us: (t0 - started).as_micros() as u64,
+                        latency_us: t0.elapsed().as_micros() as u64,
+                    }),
+                    Err(e) => {
+                        errors += 1;
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+            (samples, errors, first_error)
+        }));
+    }
+    let mut result = RunResult {
+        samples: Vec::new(),
+        errors: 0,
+        first_error: None,
+        elapsed: Duration::ZERO,
+        cpu: [0.0; 3],
+    };
+    for worker in workers {
+        let (samples, errors, first_error) = worker.await.expect("worker");
+        result.samples.extend(samples);
+        result.errors += errors;
+        if result.first_error.is_none() {
+            result.first_error = first_error;
+        }
+    }
+    result.elapsed = started.elapsed();
+    let cpu_after = [cpu_secs_of("self"), procs.0.cpu_secs(), procs.1.cpu_secs()];
+    result.cpu = [0, 1, 2].map(|i| cpu_after[i] - cpu_before[i]);
+    if let Some(e) = &result.first_error {
+        eprintln!(
+            "  {} errors in {} {:?} c={concurrency}; first: {e}",
+            result.errors,
+            flow.name(),
+            via
+        );
+    }
+    result
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sections
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map_or("unknown", |m| m.trim_start_matches([' ', '\t', ':']));
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .nth(1)
+        .and_then(|kib| kib.parse::<u64>().ok())
+        .map_or(0, |kib| kib / 1024 / 1024);
+    format!("{cores} cores ({model}), {mem} GiB RAM")
+}
+
+async fn sim_stat(http: &reqwest::Client, sim: &Proc, key: &str, status: &str) -> u64 {
+    let stats: serde_json::Value = http
+        .get(format!("{}/__sim/stats", sim.url()))
+        .send()
+        .await
+        .expect("sim stats")
+        .json()
+        .await
+        .expect("sim stats body");
+    stats[key][status].as_u64().unwrap_or(0)
+}
+
+async fn reset_sim_stats(http: &reqwest::Client, sim: &Proc) {
+    http.delete(format!("{}/__sim/stats", sim.url()))
+        .send()
+        .await
+        .expect("reset sim stats");
+}
+
+const CLIENT_CREDENTIALS: &str = "POST /api/v2/oauth/token client_credentials";
+
+fn ready_section(report: &mut String, runs: usize) {
+    let sim = spawn_sim(3600);
+    let mut times: Vec<f64> = (0..runs)
+        .map(|_| spawn_broker(&sim).ready_after.as_secs_f64() * 1e3)
+        .collect();
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let max = times[times.len() - 1];
+    let _ = writeln!(
+        report,
+        "\n### Start to `/readyz` 200\n\n{runs} fresh starts (spawn of the release binary to the \
+         first 200, polled every 0.2 ms): median **{median:.1} ms**, max {max:.1} ms \
+         (simulator: {:.1} ms). Target ≤ 100 ms: **{}**.",
+        sim.ready_after.as_secs_f64() * 1e3,
+        verdict(max <= 100.0)
+    );
+}
+
+/// One direct run and one broker run, back to back.
+struct Pair {
+    direct: RunResult,
+    broker: RunResult,
+}
+
+impl Pair {
+    fn ratio(&self) -> f64 {
+        self.broker.rate() / self.direct.rate()
+    }
+
+    /// The throughput ratio two idle cores would allow: direct CPU time per session (generator
+    /// and simulator) over the broker path's (generator, broker and simulator). Much less
+    /// sensitive to other load on the machine than the measured ratio.
+    fn cpu_ratio(&self) -> f64 {
+        let (d, b) = (self.direct.cpu_per_session(), self.broker.cpu_per_session());
+        (d[0] + d[2]) / (b[0] + b[1] + b[2])
+    }
+
+    /// Broker minus direct latency at p50 and p99, in ms.
+    fn added(&self) -> (f64, f64) {
+        let (d, b) = (self.direct.latencies(), self.broker.latencies());
+        (b.p50 - d.p50, b.p99 - d.p99)
+    }
+}
+
+struct SweepRow {
+    flow: Flow,
+    concurrency: usize,
+    /// Sorted by throughput ratio.
+    pairs: Vec<Pair>,
+    load: String,
+}
+
+impl SweepRow {
+    /// The pair with the median ratio: the row's figures come from it.
+    fn median(&self) -> &Pair {
+        &self.pairs[self.pairs.len() / 2]
+    }
+
+    /// Median over pairs of the latency the broker adds at p50 and p99.
+    fn median_added(&self) -> (f64, f64) {
+        let mut p50: Vec<f64> = self.pairs.iter().map(|p| p.added().0).collect();
+        let mut p99: Vec<f64> = self.pairs.iter().map(|p| p.added().1).collect();
+        p50.sort_by(f64::total_cmp);
+        p99.sort_by(f64::total_cmp);
+        (p50[p50.len() / 2], p99[p99.len() / 2])
+    }
+}
+
+async fn sweep_section(opts: &Opts, headers: &HeaderMap, report: &mut String) -> Vec<SweepRow> {
+    let mut rows = Vec::new();
+    let max_time = Duration::from_secs_f64(opts.seconds);
+    for flow in [Flow::Access, Flow::Standalone] {
+        for concurrency in [1, 16, 64] {
+            if opts.flow.as_deref().is_some_and(|f| f != flow.name())
+                || opts.concurrency.is_some_and(|c| c != concurrency)
+            {
+                continue;
+            }
+            // Fresh processes per point, so the simulator's tables start empty for each.
+            let sim = spawn_sim(3600);
+            let broker = spawn_broker(&sim);
+            let mut target = Target {
+                http: http_client(),
+                broker: broker.url(),
+                sim: sim.url(),
+                headers: headers.clone(),
+                client_token: None,
+            };
+            target.fetch_client_token().await;
+            let target = Arc::new(target);
+            let procs = (&broker, &sim);
+            let warmup = Duration::from_millis(500);
+            for via in [Via::Direct, Via::Broker] {
+                run_load(&target, procs, flow, via, concurrency, 2000, warmup).await;
+            }
+            let load_before = loadavg();
+            let mut pairs = Vec::new();
+            for round in 0..opts.rounds.max(1) {
+                // Alternate the order so that a drift in the machine's load favours neither.
+                let order = if round.is_multiple_of(2) {
+                    [Via::Direct, Via::Broker]
+                } else {
+                    [Via::Broker, Via::Direct]
+                };
+                let mut runs = Vec::new();
+                for via in order {
+                    let r = run_load(
+                        &target,
+                        procs,
+                        flow,
+                        via,
+                        concurrency,
+                        opts.sessions,
+                        max_time,
+                    )
+                    .await;
+                    runs.push((via, r));
+                }
+                let (mut direct, mut broker_run) = (None, None);
+                for (via, r) in runs {
+                    match via {
+                        Via::Direct => direct = Some(r),
+                        Via::Broker => broker_run = Some(r),
+                    }
+                }
+                if let (Some(direct), Some(broker)) = (direct, broker_run) {
+                    pairs.push(Pair { direct, broker });
+                }
+            }
+            pairs.sort_by(|a, b| a.ratio().total_cmp(&b.ratio()));
+            let row = SweepRow {
+                flow,
+                concurrency,
+                pairs,
+                load: format!("{load_before} → {}", loadavg()),
+            };
+            eprintln!(
+                "  {} c={concurrency}: direct {:.0}/s, broker {:.0}/s (median pair)",
+                flow.name(),
+                row.median().direct.rate(),
+                row.median().broker.rate()
+            );
+            rows.push(row);
+        }
+    }
+    let _ = writeln!(
+        report,
+        "\n### Throughput and latency\n\nPer point: fresh simulator and broker, 0.5 s warm-up \
+         of each path, then {} pair(s) of runs, direct and broker back to back (order \
+         alternating), {} s or {} sessions each. The row shows the pair with the median \
+         throughput ratio; the range of ratios and the median over pairs of the added latency \
+         follow. The CPU-time ratio is what two idle cores would allow: (generator + simulator CPU \
+         per direct session) ÷ (generator + broker + simulator CPU per broker session). Latency \
+         in ms.\n\n\
+         | flow | conc. | direct sess/s | broker sess/s | **broker ÷ direct** (range) | CPU-time ratio | direct p50 / p99 / max | broker p50 / p99 / max | **broker − direct** p50 / p99 (median over pairs) | CPU µs/session gen · broker · sim (direct → broker) | errors | load avg |\n\
+         |---|---:|---:|---:|---:|---:|---|---|---|---|---:|---|",
+        opts.rounds, opts.seconds, opts.sessions
+    );
+    for row in &rows {
+        let pair = row.median();
+        let (d, b) = (pair.direct.latencies(), pair.broker.latencies());
+        let (dc, bc) = (pair.direct.cpu_per_session(), pair.broker.cpu_per_session());
+        let (add50, add99) = row.median_added();
+        let errors: usize = row
+            .pairs
+            .iter()
+            .map(|p| p.direct.errors + p.broker.errors)
+            .sum();
+        let _ = writeln!(
+            report,
+            "| {} | {} | {:.0} | {:.0} | **{:.2}** ({:.2}–{:.2}) | {:.2} | {:.2} / {:.2} / {:.1} | {:.2} / {:.2} / {:.1} | **{:+.2} / {:+.2}** | {:.0} · – · {:.0} → {:.0} · {:.0} · {:.0} | {} | {} |",
+            row.flow.name(),
+            row.concurrency,
+            pair.direct.rate(),
+            pair.broker.rate(),
+            pair.ratio(),
+            row.pairs[0].ratio(),
+            row.pairs[row.pairs.len() - 1].ratio(),
+            pair.cpu_ratio(),
+            d.p50,
+            d.p99,
+            d.max,
+            b.p50,
+            b.p99,
+            b.max,
+            add50,
+            add99,
+            dc[0],
+            dc[2],
+            bc[0],
+            bc[1],
+            bc[2],
+            errors,
+            row.load,
+        );
+    }
+    rows
+}
+
+async fn herd_section(
+    opts: &Opts,
+    headers: &HeaderMap,
+    report: &mut String,
+) -> (Latencies, Latencies, u64) {
+    let sim = spawn_sim(3600);
+    let broker = spawn_broker(&sim);
+    let admin = http_client();
+    reset_sim_stats(&admin, &sim).await;
+    // A new client: no connection to the broker exists yet either.
+    let target = Arc::new(Target {
+        http: http_client(),
+        broker: broker.url(),
+        sim: sim.url(),
+        headers: headers.clone(),
+        client_token: None,
+    });
+    let procs = (&broker, &sim);
+    let long = Duration::from_secs(60);
+    let cold = run_load(
+        &target,
+        procs,
+        Flow::Access,
+        Via::Broker,
+        opts.herd,
+        opts.herd,
+        long,
+    )
+    .await;
+    let token_calls = sim_stat(&admin, &sim, CLIENT_CREDENTIALS, "200").await;
+    // The same burst again, now that connections and the client token are in place.
+    let warm = run_load(
+        &target,
+        procs,
+        Flow::Access,
+        Via::Broker,
+        opts.herd,
+        opts.herd,
+        long,
+    )
+    .await;
+    let (c, w) = (cold.latencies(), warm.latencies());
+    let _ = writeln!(
+        report,
+        "\n### Cold herd\n\nA fresh broker gets {} concurrent first access requests (new \
+         connections to the broker and from it to finAPI), then the same burst again once warm.\n\n\
+         | burst | ok | errors | client-token calls | p50 | p99 | max |\n|---|---:|---:|---:|---:|---:|---:|\n\
+         | cold | {} | {} | **{token_calls}** | {:.1} | **{:.1}** | {:.1} |\n\
+         | warm (same burst again) | {} | {} | – | {:.1} | {:.1} | {:.1} |",
+        opts.herd, c.n, cold.errors, c.p50, c.p99, c.max, w.n, warm.errors, w.p50, w.p99, w.max
+    );
+    (c, w, token_calls)
+}
+
+async fn refresh_section(
+    opts: &Opts,
+    headers: &HeaderMap,
+    report: &mut String,
+) -> (Latencies, Latencies) {
+    const TTL_SECS: u64 = 4;
+    const CONCURRENCY: usize = 16;
+    let sim = spawn_sim(TTL_SECS);
+    let broker = spawn_broker(&sim);
+    let target = Arc::new(Target {
+        http: http_client(),
+        broker: broker.url(),
+        sim: sim.url(),
+        headers: headers.clone(),
+        client_token: None,
+    });
+    let procs = (&broker, &sim);
+    run_load(
+        &target,
+        procs,
+        Flow::Access,
+        Via::Broker,
+        CONCURRENCY,
+        2000,
+        Duration::from_millis(500),
+    )
+    .await;
+    let admin = http_client();
+    reset_sim_stats(&admin, &sim).await;
+    // Watch the simulator for client-token calls while the load runs.
+    let started = Instant::now();
+    let duration = Duration::from_secs_f64(opts.refresh_seconds);
+    let watcher = {
+        let sim_url = sim.url();
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let mut seen = 0;
+            let mut events = Vec::new();
+            while started.elapsed() < duration {
+                let stats: serde_json::Value = admin
+                    .get(format!("{sim_url}/__sim/stats"))
+                    .send()
+                    .await
+                    .expect("sim stats")
+                    .json()
+                    .await
+                    .expect("sim stats body");
+                let count = stats[CLIENT_CREDENTIALS]["200"].as_u64().unwrap_or(0);
+                if count > seen {
+                    events.push(started.elapsed());
+                    seen = count;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            events
+        })
+    };
+    let run = run_load(
+        &target,
+        procs,
+        Flow::Access,
+        Via::Broker,
+        CONCURRENCY,
+        usize::MAX,
+        duration,
+    )
+    .await;
+    let events = watcher.await.expect("watcher");
+    let rejected = sim_stat(&admin, &sim, "POST /api/v2/users", "401").await;
+    let token_calls = sim_stat(&admin, &sim, CLIENT_CREDENTIALS, "200").await;
+    // A request is in a refresh window when it overlaps [event − 50 ms, event + 50 ms]; the
+    // watcher sees a call up to ~15 ms after it happened.
+    let window = |s: &Sample| {
+        let (from, to) = (s.start_us, s.start_us + s.latency_us);
+        events.iter().any(|e| {
+            let e = e.as_micros() as u64;
+            to + 50_000 >= e && from <= e + 50_000
+        })
+    };
+    let in_window = Latencies::of(
+        run.samples
+            .iter()
+            .filter(|s| window(s))
+            .map(|s| s.latency_us),
+    );
+    let steady = Latencies::of(
+        run.samples
+            .iter()
+            .filter(|s| !window(s))
+            .map(|s| s.latency_us),
+    );
+    let _ = writeln!(
+        report,
+        "\n### Client token expiring under load\n\nSimulator client tokens live {TTL_SECS} s; \
+         access flow at concurrency {CONCURRENCY} for {} s ({} sessions, {} errors): {token_calls} \
+         client-token calls, {rejected} `POST /api/v2/users` answered 401 (an expired token \
+         met, then retried).\n\n\
+         | requests | n | p50 | p99 | max |\n|---|---:|---:|---:|---:|\n\
+         | within ±50 ms of a client-token call | {} | {:.2} | **{:.2}** | {:.1} |\n\
+         | all others (steady state) | {} | {:.2} | **{:.2}** | {:.1} |",
+        opts.refresh_seconds,
+        run.samples.len(),
+        run.errors,
+        in_window.n,
+        in_window.p50,
+        in_window.p99,
+        in_window.max,
+        steady.n,
+        steady.p50,
+        steady.p99,
+        steady.max
+    );
+    (in_window, steady)
+}
+
+async fn memory_section(opts: &Opts, headers: &HeaderMap, report: &mut String) -> (u64, u64, u64) {
+    let sim = spawn_sim(3600);
+    let broker = spawn_broker(&sim);
+    let target = Arc::new(Target {
+        http: http_client(),
+        broker: broker.url(),
+        sim: sim.url(),
+        headers: headers.clone(),
+        client_token: None,
+    });
+    let procs = (&broker, &sim);
+    let idle = broker.rss_kib();
+    let long = Duration::from_secs(600);
+    let n = opts.mem_sessions;
+    let first = run_load(&target, procs, Flow::Mixed, Via::Broker, 64, n, long).await;
+    let after_1 = broker.rss_kib();
+    let second = run_load(&target, procs, Flow::Mixed, Via::Broker, 64, n, long).await;
+    let after_2 = broker.rss_kib();
+    let hwm = broker.status_field_kib("VmHWM:");
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let _ = writeln!(
+        report,
+        "\n### Resident memory of the broker\n\nAccess and standalone sessions in turn at \
+         concurrency 64 ({} + {} ok, {} errors); `VmRSS` from `/proc/PID/status`.\n\n\
+         | after | RSS MiB |\n|---|---:|\n| start (idle) | {:.1} |\n| {n} sessions | **{:.1}** |\n\
+         | {} sessions | **{:.1}** |\n| peak (`VmHWM`) | {:.1} |",
+        first.samples.len(),
+        second.samples.len(),
+        first.errors + second.errors,
+        mib(idle),
+        mib(after_1),
+        2 * n,
+        mib(after_2),
+        mib(hwm)
+    );
+    (idle, after_1, after_2)
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "not met" }
+}
+
+fn main() {
+    let opts = Opts::parse();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let headers = broker_headers(opts.api_key.as_deref());
+    let mut report = String::new();
+    let started = Instant::now();
+    let _ = writeln!(
+        report,
+        "## Results\n\nMachine: {}; load average at start {}; {}.",
+        machine(),
+        loadavg(),
+        if opts.quick {
+            "quick run (`--quick`)"
+        } else {
+            "full run"
+        }
+    );
+    let mut verdicts = Vec::new();
+    if opts.runs("ready") {
+        eprintln!("ready time…");
+        ready_section(&mut report, if opts.quick { 5 } else { 20 });
+    }
+    runtime.block_on(async {
+        let mut steady_p99_64 = None;
+        if opts.runs("sweep") {
+            eprintln!("throughput sweep…");
+            let rows = sweep_section(&opts, &headers, &mut report).await;
+            for row in &rows {
+                let ratio = row.median().ratio();
+                if row.concurrency == 64 {
+                    verdicts.push(format!(
+                        "{} c=64 throughput {ratio:.2} × direct (target ≥ 0.60): {}",
+                        row.flow.name(),
+                        verdict(ratio >= 0.6)
+                    ));
+                    if row.flow == Flow::Access {
+                        steady_p99_64 = Some(row.median().broker.latencies().p99);
+                    }
+                }
+                if row.concurrency == 1 {
+                    let (p50, p99) = row.median_added();
+                    verdicts.push(format!(
+                        "{} c=1 adds {p50:+.3} ms at p50 (≤ 0.25), {p99:+.3} ms at p99 (≤ 1): {}",
+                        row.flow.name(),
+                        verdict(p50 <= 0.25 && p99 <= 1.0)
+                    ));
+                }
+            }
+        }
+        if opts.runs("herd") {
+            eprintln!("cold herd…");
+            let (cold, warm, calls) = herd_section(&opts, &headers, &mut report).await;
+            let vs_64 = steady_p99_64.map_or(String::new(), |p| {
+                format!("; {:.1} × the c=64 steady p99 of {p:.2} ms", cold.p99 / p)
+            });
+            verdicts.push(format!(
+                "cold herd: {calls} client-token call(s) (target 1): {}; herd p99 {:.1} ms = {:.2} × the warm burst's p99 (target ≤ 3): {}{vs_64}",
+                verdict(calls == 1),
+                cold.p99,
+                cold.p99 / warm.p99,
+                verdict(cold.p99 <= 3.0 * warm.p99)
+            ));
+        }
+        if opts.runs("refresh") {
+            eprintln!("token refresh under load…");
+            let (window, steady) = refresh_section(&opts, &headers, &mut report).await;
+            let ratio = window.p99 / steady.p99;
+            verdicts.push(format!(
+                "refresh window p99 {:.2} ms = {ratio:.2} × steady p99 {:.2} ms (target ≤ 1.2): {}",
+                window.p99,
+                steady.p99,
+                verdict(ratio <= 1.2)
+            ));
+        }
+        if opts.runs("memory") {
+            eprintln!("memory…");
+            let (_, first, second) = memory_section(&opts, &headers, &mut report).await;
+            let (a, b) = (first as f64 / 1024.0, second as f64 / 1024.0);
+            verdicts.push(format!(
+                "RSS {a:.1} MiB after {} sessions (≤ 30), {b:.1} MiB after {} (no growth: {:+.1} MiB): {}",
+                opts.mem_sessions,
+                2 * opts.mem_sessions,
+                b - a,
+                // Allocator noise of a few hundred KiB is not growth.
+                verdict(a <= 30.0 && b - a <= 1.0)
+            ));
+        }
+    });
+    let _ = writeln!(report, "\n### Verdicts\n");
+    for v in &verdicts {
+        let _ = writeln!(report, "- {v}");
+    }
+    let _ = writeln!(
+        report,
+        "\nLoad average at end {}; whole run {:.0} s.",
+        loadavg(),
+        started.elapsed().as_secs_f64()
+    );
+    print!("{report}");
+    if let Some(path) = &opts.out {
+        std::fs::write(path, &report).expect("write --out");
+        eprintln!("report written to {path}");
+    }
+}
