@@ -11,7 +11,8 @@
 //! run), `--rounds N` (direct/broker pairs per point; the median pair is shown),
 //! `--mem-sessions N` (sessions between the two memory readings), `--herd N`,
 //! `--only NAME` (a section: ready, sweep, herd, refresh, memory), `--flow access|standalone`
-//! and `--concurrency N` (sweep points), `--api-key KEY` (sent as `X-Api-Key`).
+//! and `--concurrency N` (sweep points). The broker is configured with one caller whose API key
+//! the load generator sends as `X-Api-Key`, with rate and in-flight limits above the load.
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
@@ -41,7 +42,7 @@ struct Opts {
     only: Option<String>,
     flow: Option<String>,
     concurrency: Option<usize>,
-    api_key: Option<String>,
+    api_key: String,
     out: Option<String>,
 }
 
@@ -59,7 +60,7 @@ impl Opts {
             only: None,
             flow: None,
             concurrency: None,
-            api_key: None,
+            api_key: BENCH_API_KEY.to_owned(),
             out: None,
         };
         let mut explicit = Vec::new();
@@ -78,7 +79,7 @@ impl Opts {
                 "--concurrency" => {
                     opts.concurrency = Some(value().parse().expect("--concurrency N"))
                 }
-                "--api-key" => opts.api_key = Some(value()),
+                "--api-key" => opts.api_key = value(),
                 "--out" => opts.out = Some(value()),
                 other => panic!("unknown argument {other}"),
             }
@@ -105,11 +106,32 @@ impl Opts {
     }
 }
 
+/// The API key of the benchmark's caller (the broker is configured with its SHA-256).
+const BENCH_API_KEY: &str = "bench-api-key-0123456789abcdef";
+
 /// The broker's configuration, all of it: the one place to change when the broker's config
-/// grows (API keys, rate and in-flight limits must be raised above the benchmark's load here).
+/// grows.
 fn broker_env(listen: SocketAddr, sim_url: &str) -> Vec<(&'static str, String)> {
+    let digest = giroident_broker::config::to_hex(&giroident_broker::config::sha256(
+        BENCH_API_KEY.as_bytes(),
+    ));
     let mut env = vec![
         ("GIROIDENT_BROKER_SERVER__LISTEN", listen.to_string()),
+        ("GIROIDENT_BROKER_ADMIN__LISTEN", "127.0.0.1:0".into()),
+        (
+            "GIROIDENT_BROKER_AUTH__CALLERS",
+            format!(
+                r#"[{{name = "bench", key_sha256 = "{digest}", flows = ["standalone", "access"]}}]"#
+            ),
+        ),
+        // Limits far above what the load generator can send: the benchmark measures the
+        // broker's overhead, not its protections.
+        (
+            "GIROIDENT_BROKER_LIMITS__CALLER_RATE_PER_SEC",
+            "10000000".into(),
+        ),
+        ("GIROIDENT_BROKER_LIMITS__CALLER_BURST", "10000000".into()),
+        ("GIROIDENT_BROKER_LIMITS__MAX_IN_FLIGHT", "100000".into()),
         ("GIROIDENT_BROKER_SERVER__DRAIN_SECS", "0".into()),
         ("GIROIDENT_BROKER_FINAPI__ACCESS_URL", sim_url.into()),
         (
@@ -139,14 +161,11 @@ fn broker_env(listen: SocketAddr, sim_url: &str) -> Vec<(&'static str, String)> 
     env
 }
 
-/// Headers of every request the load generator sends to the broker (an API key, once the
-/// broker asks for one).
-fn broker_headers(api_key: Option<&str>) -> HeaderMap {
+/// Headers of every request the load generator sends to the broker: the caller's API key.
+fn broker_headers(api_key: &str) -> HeaderMap {
     let mut headers = HeaderMap::new();
-    if let Some(key) = api_key {
-        let value = HeaderValue::from_str(key).expect("--api-key must be a valid header value");
-        headers.insert(HeaderName::from_static("x-api-key"), value);
-    }
+    let value = HeaderValue::from_str(api_key).expect("--api-key must be a valid header value");
+    headers.insert(HeaderName::from_static("x-api-key"), value);
     headers
 }
 
@@ -1131,7 +1150,7 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let headers = broker_headers(opts.api_key.as_deref());
+    let headers = broker_headers(&opts.api_key);
     let mut report = String::new();
     let started = Instant::now();
     let _ = writeln!(

@@ -100,7 +100,7 @@ async fn main() -> ExitCode {
             sim_listen,
             api_key,
         } => {
-            telemetry::init(LogFormat::Pretty, "info");
+            let _logs = telemetry::init(LogFormat::Pretty, "info");
             let api_key = match api_key
                 .map(SecretString::from)
                 .map_or_else(demo::generate_api_key, Ok)
@@ -127,7 +127,7 @@ async fn main() -> ExitCode {
             user_token_ttl_secs,
             faults,
         } => {
-            telemetry::init(LogFormat::Auto, "info");
+            let _logs = telemetry::init(LogFormat::Auto, "info");
             let secret = match sim_secret(client_secret_file) {
                 Ok(secret) => secret,
                 Err(msg) => {
@@ -166,7 +166,7 @@ async fn serve(config: Option<PathBuf>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    telemetry::init(
+    let _logs = telemetry::init(
         settings.log_format().unwrap_or(LogFormat::Auto),
         &settings.log.filter,
     );

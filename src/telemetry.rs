@@ -2,15 +2,21 @@
 
 use std::io::IsTerminal;
 
+use tracing_appender::non_blocking::WorkerGuard;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
 
 use crate::config::LogFormat;
 
-/// Installs the global subscriber writing to standard error. `RUST_LOG`, when set, overrides
-/// `filter`. Returns false if a subscriber was already installed.
-pub fn init(format: LogFormat, filter: &str) -> bool {
-    init_with_writer(format, filter, std::io::stderr)
+/// Installs the global subscriber writing to standard error through a background thread, so
+/// that request handlers never block on a slow log pipe. `RUST_LOG`, when set, overrides
+/// `filter`. Keep the returned guard alive until exit: dropping it flushes what is queued.
+pub fn init(format: LogFormat, filter: &str) -> Option<WorkerGuard> {
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        // Under a flood the queue is full: wait rather than lose lines.
+        .lossy(false)
+        .finish(std::io::stderr());
+    init_with_writer(format, filter, writer).then_some(guard)
 }
 
 /// Like [`init`], with another writer (tests capture logs this way).
@@ -116,6 +122,16 @@ pub mod metrics {
         for (service, open) in flows.circuits_open() {
             ::metrics::gauge!(CIRCUIT_OPEN, "service" => service).set(if open { 1.0 } else { 0.0 });
         }
+    }
+
+    /// An HTTP status as a label value, without allocating on every request.
+    pub fn status_label(status: u16) -> &'static str {
+        static LABELS: OnceLock<Vec<String>> = OnceLock::new();
+        let labels = LABELS.get_or_init(|| (100..600).map(|code: u16| code.to_string()).collect());
+        status
+            .checked_sub(100)
+            .and_then(|i| labels.get(usize::from(i)))
+            .map_or("other", String::as_str)
     }
 
     static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();

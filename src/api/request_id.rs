@@ -12,7 +12,7 @@ use axum::response::Response;
 use tracing::Instrument;
 
 use super::auth::CallerExt;
-use crate::telemetry::metrics::{HTTP_DURATION, HTTP_IN_FLIGHT, HTTP_REQUESTS};
+use crate::telemetry::metrics::{HTTP_DURATION, HTTP_IN_FLIGHT, HTTP_REQUESTS, status_label};
 
 /// The request id header, in both directions and towards finAPI.
 pub const HEADER: &str = "x-request-id";
@@ -76,18 +76,15 @@ pub async fn middleware(mut request: Request, next: Next) -> Response {
             "request finished"
         );
     });
-    let caller = response
+    let caller: metrics::SharedString = response
         .extensions()
         .get::<CallerExt>()
-        .map_or_else(|| "none".to_owned(), |c| c.0.name.to_string());
-    let labels = [
-        ("route", route.to_owned()),
-        ("method", method.to_owned()),
-        ("status", response.status().as_str().to_owned()),
-        ("caller", caller),
-    ];
-    metrics::counter!(HTTP_REQUESTS, &labels).increment(1);
-    metrics::histogram!(HTTP_DURATION, &labels).record(elapsed.as_secs_f64());
+        .map_or_else(|| "none".into(), |c| c.0.name.clone().into());
+    let status = status_label(response.status().as_u16());
+    metrics::counter!(HTTP_REQUESTS, "route" => route, "method" => method, "status" => status, "caller" => caller.clone())
+        .increment(1);
+    metrics::histogram!(HTTP_DURATION, "route" => route, "method" => method, "status" => status, "caller" => caller)
+        .record(elapsed.as_secs_f64());
     if let Ok(value) = HeaderValue::from_str(&id) {
         response.headers_mut().insert(HEADER, value);
     }

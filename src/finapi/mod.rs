@@ -19,6 +19,8 @@ use secrecy::SecretString;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
+use crate::telemetry::metrics::status_label;
+
 pub use access::AccessClient;
 pub use process::ProcessControllerClient;
 
@@ -319,7 +321,7 @@ async fn call(
         }
     };
     let status = response.status();
-    record_call(step, status.as_str(), elapsed);
+    record_call(step, status_label(status.as_u16()), elapsed);
     let finapi_request_id = response
         .headers()
         .get("X-Request-Id")
@@ -350,15 +352,13 @@ async fn call(
     })
 }
 
-fn record_call(step: Step, outcome: &str, elapsed: Duration) {
+fn record_call(step: Step, outcome: &'static str, elapsed: Duration) {
     use crate::telemetry::metrics::{FINAPI_CALLS, FINAPI_DURATION};
-    let labels = [
-        ("service", step.service().to_owned()),
-        ("step", step.as_str().to_owned()),
-        ("outcome", outcome.to_owned()),
-    ];
-    metrics::counter!(FINAPI_CALLS, &labels).increment(1);
-    metrics::histogram!(FINAPI_DURATION, &labels).record(elapsed.as_secs_f64());
+    let (service, step) = (step.service(), step.as_str());
+    metrics::counter!(FINAPI_CALLS, "service" => service, "step" => step, "outcome" => outcome)
+        .increment(1);
+    metrics::histogram!(FINAPI_DURATION, "service" => service, "step" => step, "outcome" => outcome)
+        .record(elapsed.as_secs_f64());
 }
 
 async fn decode<T: DeserializeOwned>(step: Step, response: Response) -> Result<T, UpstreamError> {
