@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use reqwest::{StatusCode, Url};
 
-use crate::api::cause_chain;
+use crate::telemetry::cause_chain;
 
 /// The broker's liveness endpoint inside its container.
 pub const DEFAULT_URL: &str = "http://127.0.0.1:8080/livez";

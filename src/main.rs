@@ -9,7 +9,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use giroident_broker::config::{LogFormat, Settings};
 use giroident_broker::startup::{Application, shutdown_signal};
-use giroident_broker::{api::cause_chain, demo, healthcheck, sim, telemetry};
+use giroident_broker::telemetry::{self, cause_chain};
+use giroident_broker::{demo, healthcheck, sim};
 use secrecy::SecretString;
 
 /// Hands out finAPI user access tokens for GiroIdent KYC checks; keeps the client secrets.

@@ -8,6 +8,18 @@ use tracing_subscriber::fmt::MakeWriter;
 
 use crate::config::LogFormat;
 
+/// `outer: cause: root cause`, for logging an error once with its whole chain.
+pub fn cause_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// Installs the global subscriber writing to standard error through a background thread, so
 /// that request handlers never block on a slow log pipe. `RUST_LOG`, when set, overrides
 /// `filter`. Keep the returned guard alive until exit: dropping it flushes what is queued.
@@ -135,6 +147,8 @@ pub mod metrics {
     }
 
     static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    /// How often queued histogram samples are folded into their buckets.
+    const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
     /// The process's Prometheus recorder, installed on first use. `None` if another recorder
     /// was installed first.
@@ -152,6 +166,17 @@ pub mod metrics {
             .install_recorder()
             .ok()?;
         describe();
+        // Histogram samples queue up until drained; without a scrape they would grow without
+        // bound, so drain them on a timer too.
+        let upkeep = handle.clone();
+        let _ = std::thread::Builder::new()
+            .name("metrics-upkeep".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(UPKEEP_INTERVAL);
+                    upkeep.run_upkeep();
+                }
+            });
         Some(handle)
     }
 

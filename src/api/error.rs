@@ -361,7 +361,7 @@ impl IntoResponse for ApiError {
 
 /// Logs the error once, with its cause chain, where it is turned into a response.
 fn log(err: &ApiError, kind: &Kind) {
-    let chain = cause_chain(err);
+    let chain = crate::telemetry::cause_chain(err);
     let step = match err {
         ApiError::Flow(e) => e.upstream().map(|u| u.step().as_str()),
         _ => None,
@@ -380,16 +380,4 @@ fn log(err: &ApiError, kind: &Kind) {
     } else {
         tracing::info!(code = kind.code, error = %chain, "request refused");
     }
-}
-
-/// `outer: cause: root cause`.
-pub fn cause_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

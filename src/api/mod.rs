@@ -25,7 +25,7 @@ use crate::config::FlowKind;
 use crate::flows::Flows;
 
 pub use admin::admin_router;
-pub use error::{ApiError, cause_chain, problem_type};
+pub use error::{ApiError, problem_type};
 pub use kyc::CreateSessionBody;
 pub use openapi::document as openapi_document;
 

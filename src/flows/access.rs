@@ -44,7 +44,7 @@ impl Flows {
                 self.stats.user_orphaned();
                 tracing::warn!(
                     user_id,
-                    error = %crate::api::cause_chain(&err),
+                    error = %crate::telemetry::cause_chain(&err),
                     "finAPI user created but its token could not be had: orphaned, delete it"
                 );
                 return Err(FlowError::OrphanedUser {
