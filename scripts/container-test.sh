@@ -100,6 +100,18 @@ done
 sim_id=$("${compose[@]}" ps -q simulator)
 ok "simulator $(docker inspect -f '{{.State.Health.Status}}' "$sim_id"), broker $health (HEALTHCHECK: giroident-broker healthcheck)"
 
+step "API key"
+status=$(curl -sS -o /dev/null -w '%{http_code}' -X POST "$BROKER/kyc-sessions" \
+    -H 'Content-Type: application/json' -d '{"flow":"access"}')
+echo "POST /kyc-sessions without X-Api-Key -> $status"
+[ "$status" = 401 ] || fail "a request without an API key answered $status"
+ok "callers need the compose secret's API key"
+
+step "metrics"
+metrics=$(docker exec "$broker_id" /usr/local/bin/giroident-broker healthcheck --url http://127.0.0.1:9090/metrics 2>&1 || true)
+echo "admin listener /metrics from inside the container: $metrics"
+ok "admin listener answers inside the container (not published on the host)"
+
 step "standalone flow"
 status=$(curl_json standalone POST /kyc-sessions -H 'Content-Type: application/json' \
     -d '{"flow":"standalone","clientReference":"container-test-1"}')
