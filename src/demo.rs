@@ -86,7 +86,12 @@ pub async fn run(
     let app = Application::build(&settings).await?;
     println!(
         "{}",
-        instructions(app.local_addr(), &sim.base_url(), api_key.expose_secret())
+        instructions(
+            app.local_addr(),
+            app.admin_addr(),
+            &sim.base_url(),
+            api_key.expose_secret()
+        )
     );
     let served = app.run_until_stopped(shutdown).await;
     sim.shutdown().await;
@@ -98,7 +103,7 @@ pub async fn run(
     })
 }
 
-fn instructions(broker: SocketAddr, sim_url: &str, api_key: &str) -> String {
+fn instructions(broker: SocketAddr, admin: SocketAddr, sim_url: &str, api_key: &str) -> String {
     let b = format!("http://{broker}");
     let mut text = String::new();
     let _ = writeln!(text, "giroident-broker demo");
@@ -111,6 +116,7 @@ fn instructions(broker: SocketAddr, sim_url: &str, api_key: &str) -> String {
         text,
         "  simulator: {sim_url}   (finAPI stand-in; call counts at {sim_url}/__sim/stats)"
     );
+    let _ = writeln!(text, "  metrics:   http://{admin}/metrics");
     let _ = writeln!(text, "\nStandalone flow (Process Controller):");
     let _ = writeln!(
         text,
