@@ -9,10 +9,7 @@ use crate::finapi::{AccessToken, NewUser, Step};
 use crate::resilience::Deadline;
 use crate::token_cache::ClientToken;
 
-use super::{
-    Email, FlowError, Flows, KycSession, Phone, RequestContext, classify_credentials_call,
-    is_unauthorized,
-};
+use super::{Email, FlowError, Flows, KycSession, Phone, RequestContext, is_unauthorized};
 
 /// Length of generated passwords: 32 symbols of `A-Z a-z 0-9`, about 190 bits.
 const PASSWORD_LEN: usize = 32;
@@ -152,25 +149,13 @@ impl Flows {
         ctx: &RequestContext,
         deadline: &Deadline,
     ) -> Result<AccessToken, FlowError> {
-        let step = Step::UserToken;
-        let mut failed = 0;
-        loop {
-            let answer = self
-                .attempt(
-                    step,
-                    deadline,
-                    self.access.user_token(user_id, password, &ctx.request_id),
-                )
-                .await?;
-            let err = match answer {
-                Ok(token) => return Ok(token),
-                Err(err) => err,
-            };
-            failed += 1;
-            if !self.back_off(step, failed, &err, deadline).await {
-                return Err(classify_credentials_call(err));
-            }
-        }
+        self.with_retries(
+            Step::UserToken,
+            deadline,
+            || self.access.user_token(user_id, password, &ctx.request_id),
+            |_| {},
+        )
+        .await
     }
 }
 

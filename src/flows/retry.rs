@@ -7,7 +7,7 @@ use crate::finapi::{Step, UpstreamError};
 use crate::resilience::{CircuitBreaker, Deadline};
 use crate::token_cache::TokenCacheStats;
 
-use super::{FlowError, Flows};
+use super::{FlowError, Flows, classify_credentials_call};
 
 /// Counters of the flows' resilience, for tests, docs and (later) metrics.
 #[derive(Debug, Default)]
@@ -149,5 +149,32 @@ impl Flows {
         );
         tokio::time::sleep(delay).await;
         true
+    }
+
+    /// Makes the call of `step` until it succeeds or a failure may not, or can no longer, be
+    /// retried (see [`Flows::back_off`]); `before_retry` sees each failure that is retried.
+    /// Only for steps whose retry the caller has argued to be safe.
+    pub(super) async fn with_retries<T, Fut>(
+        &self,
+        step: Step,
+        deadline: &Deadline,
+        mut call: impl FnMut() -> Fut,
+        mut before_retry: impl FnMut(&UpstreamError),
+    ) -> Result<T, FlowError>
+    where
+        Fut: Future<Output = Result<T, UpstreamError>>,
+    {
+        let mut failed = 0;
+        loop {
+            let err = match self.attempt(step, deadline, call()).await? {
+                Ok(value) => return Ok(value),
+                Err(err) => err,
+            };
+            failed += 1;
+            if !self.back_off(step, failed, &err, deadline).await {
+                return Err(classify_credentials_call(err));
+            }
+            before_retry(&err);
+        }
     }
 }

@@ -6,9 +6,7 @@ use crate::config::FlowKind;
 use crate::finapi::Step;
 use crate::resilience::Deadline;
 
-use super::{
-    ClientReference, FlowError, Flows, KycSession, RequestContext, classify_credentials_call,
-};
+use super::{ClientReference, FlowError, Flows, KycSession, RequestContext};
 
 /// Exchanges whose answer may be lost before the session gives up: after a lost answer the
 /// session starts again from a new process, once.
@@ -85,31 +83,22 @@ impl Flows {
         ctx: &RequestContext,
         deadline: &Deadline,
     ) -> Result<SecretString, FlowError> {
-        let step = Step::CreateProcess;
-        let mut failed = 0;
-        loop {
-            let created = self
-                .attempt(
-                    step,
-                    deadline,
-                    self.processes.create_process(
-                        client_reference.as_str(),
-                        &self.process_id,
-                        &ctx.request_id,
-                    ),
+        self.with_retries(
+            Step::CreateProcess,
+            deadline,
+            || {
+                self.processes.create_process(
+                    client_reference.as_str(),
+                    &self.process_id,
+                    &ctx.request_id,
                 )
-                .await?;
-            let err = match created {
-                Ok(token) => return Ok(token),
-                Err(err) => err,
-            };
-            failed += 1;
-            if !self.back_off(step, failed, &err, deadline).await {
-                return Err(classify_credentials_call(err));
-            }
-            if err.may_have_been_handled() {
-                self.stats.process_possibly_abandoned();
-            }
-        }
+            },
+            |err| {
+                if err.may_have_been_handled() {
+                    self.stats.process_possibly_abandoned();
+                }
+            },
+        )
+        .await
     }
 }
