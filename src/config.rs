@@ -52,6 +52,9 @@ pub struct ServerSettings {
     pub drain_secs: u64,
     /// Upper bound in seconds for handling one request, upstream calls included.
     pub request_timeout_secs: u64,
+    /// Threads of the async runtime: `1` runs the broker on one thread, the least CPU per
+    /// session (scale out with replicas); `0` one per CPU core; `N` that many.
+    pub worker_threads: u64,
 }
 
 /// The admin listener.
@@ -404,6 +407,9 @@ impl Settings {
                     self.admin.listen
                 ),
             );
+        }
+        if self.server.worker_threads > 256 {
+            problem("server.worker_threads", "must be at most 256".into());
         }
         if self.server.request_timeout_secs == 0 {
             problem("server.request_timeout_secs", "must be at least 1".into());

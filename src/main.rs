@@ -33,6 +33,13 @@ enum Command {
     CheckConfig,
     /// Print the OpenAPI 3.1 document of the API (as checked in at docs/openapi.json).
     Openapi,
+    /// Commands that run on the default multi-threaded runtime.
+    #[command(flatten)]
+    Tool(Tool),
+}
+
+#[derive(Subcommand)]
+enum Tool {
     /// Run the finAPI simulator and the broker together on loopback with demo credentials.
     Demo {
         /// Broker address.
@@ -77,11 +84,10 @@ enum Command {
     },
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => serve(cli.config).await,
+        Command::Serve => serve(cli.config),
         Command::Openapi => {
             println!("{}", giroident_broker::api::openapi_document());
             ExitCode::SUCCESS
@@ -96,7 +102,19 @@ async fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Demo {
+        Command::Tool(tool) => match tokio::runtime::Runtime::new() {
+            Ok(runtime) => runtime.block_on(run(tool)),
+            Err(err) => {
+                eprintln!("cannot start the async runtime: {err}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+async fn run(tool: Tool) -> ExitCode {
+    match tool {
+        Tool::Demo {
             listen,
             sim_listen,
             api_key,
@@ -120,7 +138,7 @@ async fn main() -> ExitCode {
                 }
             }
         }
-        Command::Sim {
+        Tool::Sim {
             listen,
             client_id,
             client_secret_file,
@@ -155,11 +173,13 @@ async fn main() -> ExitCode {
                 }
             }
         }
-        Command::Healthcheck { url } => healthcheck::run(url).await,
+        Tool::Healthcheck { url } => healthcheck::run(url).await,
     }
 }
 
-async fn serve(config: Option<PathBuf>) -> ExitCode {
+/// The broker: configuration first (before any thread or port), then the runtime that
+/// `server.worker_threads` asks for.
+fn serve(config: Option<PathBuf>) -> ExitCode {
     let settings = match Settings::load(config.as_deref()) {
         Ok(settings) => settings,
         Err(err) => {
@@ -171,7 +191,29 @@ async fn serve(config: Option<PathBuf>) -> ExitCode {
         settings.log_format().unwrap_or(LogFormat::Auto),
         &settings.log.filter,
     );
-    let app = match Application::build(&settings).await {
+    let runtime = match settings.server.worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        0 => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(usize::try_from(n).unwrap_or(1))
+            .enable_all()
+            .build(),
+    };
+    match runtime {
+        Ok(runtime) => runtime.block_on(serve_on(&settings)),
+        Err(err) => {
+            tracing::error!(error = %cause_chain(&err), "cannot start the async runtime");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve_on(settings: &Settings) -> ExitCode {
+    let app = match Application::build(settings).await {
         Ok(app) => app,
         Err(err) => {
             tracing::error!(error = %cause_chain(&err), "cannot start");
