@@ -150,9 +150,9 @@ fn broker_env(listen: SocketAddr, sim_url: &str) -> Vec<(&'static str, String)> 
         ("GIROIDENT_BROKER_LOG__FILTER", "warn".into()),
         ("RUST_LOG", "warn".into()),
     ];
-    // Lets a run try another runtime size for the broker only (tokio reads this variable).
-    if let Ok(workers) = std::env::var("TOKIO_WORKER_THREADS") {
-        env.push(("TOKIO_WORKER_THREADS", workers));
+    // Lets a run try another runtime for the broker only (`server.worker_threads`).
+    if let Ok(workers) = std::env::var("BENCH_BROKER_WORKER_THREADS") {
+        env.push(("GIROIDENT_BROKER_SERVER__WORKER_THREADS", workers));
     }
     // And another allocator, e.g. BENCH_BROKER_PRELOAD=/usr/lib/x86_64-linux-gnu/libmimalloc.so.
     if let Ok(preload) = std::env::var("BENCH_BROKER_PRELOAD") {
