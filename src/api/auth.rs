@@ -149,8 +149,11 @@ impl Callers {
 #[derive(Clone, Debug)]
 pub struct CallerExt(pub Arc<Caller>);
 
-/// Middleware: authenticates the caller, names it in the request span, applies its rate limit.
-pub async fn require_caller(
+/// Middleware in front of the KYC routes: authenticates the caller and names it in the request
+/// span, applies its rate limit, then takes a place among the requests in flight or refuses at
+/// once with 503 (`limits.max_in_flight`; load is shed, not queued). Unknown callers never
+/// take a place.
+pub async fn admit(
     State(state): State<AppState>,
     mut request: Request,
     next: Next,
@@ -164,24 +167,14 @@ pub async fn require_caller(
     caller
         .try_acquire()
         .map_err(|wait| ApiError::RateLimited { retry_after: wait })?;
+    let Ok(_permit) = state.in_flight.clone().try_acquire_owned() else {
+        return Err(ApiError::Overloaded);
+    };
     request.extensions_mut().insert(CallerExt(caller.clone()));
     let mut response = next.run(request).await;
     // For the request metrics, recorded further out.
     response.extensions_mut().insert(CallerExt(caller));
     Ok(response)
-}
-
-/// Middleware: refuses at once with 503 when `limits.max_in_flight` requests are being
-/// handled, instead of queueing them.
-pub async fn shed_load(
-    State(state): State<AppState>,
-    request: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    let Ok(_permit) = state.in_flight.clone().try_acquire_owned() else {
-        return Err(ApiError::Overloaded);
-    };
-    Ok(next.run(request).await)
 }
 
 #[cfg(test)]
