@@ -148,7 +148,7 @@ pub mod metrics {
 
     static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
     /// How often queued histogram samples are folded into their buckets.
-    const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+    const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
     /// The process's Prometheus recorder, installed on first use. `None` if another recorder
     /// was installed first.
