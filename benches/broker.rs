@@ -269,7 +269,10 @@ fn answers_200(addr: SocketAddr, path: &str) -> bool {
 
 fn spawn_sim(client_token_ttl_secs: u64) -> Proc {
     let addr = free_addr();
-    let mut command = Command::new(BIN);
+    // `BENCH_BROKER_BIN` runs another build of the broker (an A/B comparison); the simulator
+    // always comes from this build.
+    let bin = std::env::var("BENCH_BROKER_BIN").unwrap_or_else(|_| BIN.to_owned());
+    let mut command = Command::new(bin);
     command
         .env_clear()
         .env("RUST_LOG", "warn")
@@ -290,7 +293,10 @@ fn spawn_sim(client_token_ttl_secs: u64) -> Proc {
 
 fn spawn_broker(sim: &Proc) -> Proc {
     let addr = free_addr();
-    let mut command = Command::new(BIN);
+    // `BENCH_BROKER_BIN` runs another build of the broker (an A/B comparison); the simulator
+    // always comes from this build.
+    let bin = std::env::var("BENCH_BROKER_BIN").unwrap_or_else(|_| BIN.to_owned());
+    let mut command = Command::new(bin);
     command
         .env_clear()
         .envs(broker_env(addr, &sim.url()))

@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
 use crate::api::auth::Callers;
-use crate::api::{self, AppState, Readiness};
+use crate::api::{self, AppState, Readiness, SharedState};
 use crate::config::Settings;
 use crate::finapi::{self, InvalidBaseUrl};
 use crate::flows::Flows;
@@ -71,7 +71,7 @@ impl Application {
         }
         let limits = &settings.limits;
         let read_timeout = Duration::from_secs(limits.read_timeout_secs);
-        let state = AppState {
+        let state = AppState::new(SharedState {
             flows: flows.clone(),
             default_flow: settings.default_flow(),
             request_timeout: Duration::from_secs(settings.server.request_timeout_secs),
@@ -82,7 +82,7 @@ impl Application {
             )),
             max_body_bytes: usize::try_from(limits.max_body_bytes).unwrap_or(usize::MAX),
             read_timeout,
-        };
+        });
         // The recorder must be in place before the first metric is recorded.
         if crate::telemetry::metrics::handle().is_none() {
             tracing::warn!("another metrics recorder is installed: /metrics stays empty");

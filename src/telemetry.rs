@@ -64,7 +64,9 @@ where
 
 /// Prometheus metrics: names, and the one recorder of the process.
 pub mod metrics {
-    use std::sync::OnceLock;
+    use std::collections::HashMap;
+    use std::hash::Hash;
+    use std::sync::{Mutex, OnceLock, PoisonError};
 
     use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
@@ -144,6 +146,47 @@ pub mod metrics {
             .checked_sub(100)
             .and_then(|i| labels.get(usize::from(i)))
             .map_or("other", String::as_str)
+    }
+
+    /// Metric handles by label set, so that a hot path looks its metrics up in a small map of
+    /// its own instead of building a key and searching the recorder's registry every time.
+    /// Handles are only kept once the Prometheus recorder is installed (before that, the
+    /// macros hand out no-op handles, which must not be kept). Label sets must be bounded.
+    pub struct HandleCache<K, H> {
+        map: Mutex<Option<HashMap<K, H>>>,
+    }
+
+    impl<K: Hash + Eq, H> HandleCache<K, H> {
+        /// An empty cache (usable in a `static`).
+        pub const fn new() -> Self {
+            Self {
+                map: Mutex::new(None),
+            }
+        }
+
+        /// Runs `use_it` on the handles for `key`, made by `make` the first time.
+        pub fn with<R>(
+            &self,
+            key: K,
+            make: impl FnOnce(&K) -> H,
+            use_it: impl FnOnce(&H) -> R,
+        ) -> R {
+            if HANDLE.get().is_none_or(Option::is_none) {
+                return use_it(&make(&key));
+            }
+            let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+            let handles = map
+                .get_or_insert_with(HashMap::new)
+                .entry(key)
+                .or_insert_with_key(make);
+            use_it(handles)
+        }
+    }
+
+    impl<K: Hash + Eq, H> Default for HandleCache<K, H> {
+        fn default() -> Self {
+            Self::new()
+        }
     }
 
     static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();

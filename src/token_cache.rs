@@ -34,7 +34,7 @@ use tokio::time::Instant;
 
 use crate::finapi::{AccessClient, AccessToken, UpstreamError};
 use crate::resilience::{Deadline, RetryPolicy};
-use crate::telemetry::metrics::{TOKEN_CACHE, TOKEN_FETCHES};
+use crate::telemetry::metrics::{HandleCache, TOKEN_CACHE, TOKEN_FETCHES};
 
 /// Interval of the refresh's calls in the last second of a token's life.
 pub const END_POLL: Duration = Duration::from_millis(25);
@@ -43,6 +43,15 @@ pub const END_POLL: Duration = Duration::from_millis(25);
 const END_GRACE: Duration = Duration::from_secs(2);
 /// Id sent as `X-Request-Id` with background refreshes.
 const REFRESH_REQUEST_ID: &str = "giroident-broker-token-refresh";
+
+fn count_lookup(result: &'static str) {
+    static HANDLES: HandleCache<&'static str, metrics::Counter> = HandleCache::new();
+    HANDLES.with(
+        result,
+        |&result| metrics::counter!(TOKEN_CACHE, "result" => result),
+        |lookups| lookups.increment(1),
+    );
+}
 
 fn count_fetch(trigger: &'static str, ok: bool) {
     let outcome = if ok { "ok" } else { "error" };
@@ -211,13 +220,13 @@ impl ClientTokenCache {
                 if token.refresh_at.is_some_and(|at| now >= at) {
                     self.start_refresh(token.clone());
                 }
-                metrics::counter!(TOKEN_CACHE, "result" => "hit").increment(1);
+                count_lookup("hit");
                 return Ok(token);
             }
-            metrics::counter!(TOKEN_CACHE, "result" => "miss").increment(1);
+            count_lookup("miss");
             return self.replace(&token, request_id).await;
         }
-        metrics::counter!(TOKEN_CACHE, "result" => "miss").increment(1);
+        count_lookup("miss");
         self.fetch_shared(request_id).await
     }
 

@@ -19,7 +19,7 @@ use super::auth::{Caller, CallerExt};
 use super::error::{ApiError, Problem};
 use super::extract::ApiJson;
 use super::request_id::RequestId;
-use crate::telemetry::metrics::{DELETIONS, SESSIONS};
+use crate::telemetry::metrics::{DELETIONS, HandleCache, SESSIONS};
 
 /// Longest bearer token accepted for deletion (finAPI allows up to 8192 characters).
 const MAX_TOKEN_LEN: usize = 8192;
@@ -155,7 +155,13 @@ pub(super) async fn create_session(
         Ok(_) => "created",
         Err(err) => err.code(),
     };
-    metrics::counter!(SESSIONS, "flow" => flow.as_str(), "outcome" => outcome).increment(1);
+    static HANDLES: HandleCache<(&'static str, &'static str), metrics::Counter> =
+        HandleCache::new();
+    HANDLES.with(
+        (flow.as_str(), outcome),
+        |&(flow, outcome)| metrics::counter!(SESSIONS, "flow" => flow, "outcome" => outcome),
+        |sessions| sessions.increment(1),
+    );
     result
 }
 
@@ -163,7 +169,7 @@ async fn start_session(
     state: &AppState,
     caller: &Caller,
     request: SessionRequest,
-    request_id: String,
+    request_id: std::sync::Arc<str>,
 ) -> Result<Response, ApiError> {
     if !caller.may_use(request.flow()) {
         return Err(ApiError::FlowNotAllowed(request.flow()));

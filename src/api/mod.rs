@@ -18,6 +18,7 @@ use axum::Router;
 use axum::http::header;
 use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
+use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
@@ -66,9 +67,27 @@ impl Default for Readiness {
     }
 }
 
-/// What every handler shares. Cheap to clone.
+/// What every handler shares: one pointer, cloned for every request.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<SharedState>);
+
+impl AppState {
+    /// The state handlers share.
+    pub fn new(shared: SharedState) -> Self {
+        Self(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = SharedState;
+
+    fn deref(&self) -> &SharedState {
+        &self.0
+    }
+}
+
+/// The contents of [`AppState`].
+pub struct SharedState {
     /// The GiroIdent flows.
     pub flows: Arc<Flows>,
     /// Flow used when a request names none.
@@ -96,14 +115,19 @@ pub fn router(state: AppState) -> Router {
         .route("/openapi.json", axum::routing::get(openapi::openapi_json))
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(CatchPanicLayer::custom(|_| -> Response {
-            tracing::error!("a request handler panicked");
-            ApiError::Internal.into_response()
-        }))
-        .layer(axum::middleware::from_fn(request_id::middleware))
-        .layer(SetSensitiveRequestHeadersLayer::new([
-            header::AUTHORIZATION,
-            header::HeaderName::from_static("x-api-key"),
-        ]))
+        // One stack, applied once: each `Router::layer` call would box every request's future
+        // again. Outermost first.
+        .layer(
+            ServiceBuilder::new()
+                .layer(SetSensitiveRequestHeadersLayer::new([
+                    header::AUTHORIZATION,
+                    header::HeaderName::from_static("x-api-key"),
+                ]))
+                .layer(axum::middleware::from_fn(request_id::middleware))
+                .layer(CatchPanicLayer::custom(|_| -> Response {
+                    tracing::error!("a request handler panicked");
+                    ApiError::Internal.into_response()
+                })),
+        )
         .with_state(state)
 }

@@ -3,34 +3,37 @@
 //! in the response, sent to finAPI on every upstream call, put into problem bodies, and named
 //! in every log line of the request, which ends with one line giving status and latency.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::Request;
-use axum::http::HeaderValue;
+use axum::http::{HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::Response;
 use tracing::Instrument;
 
 use super::auth::CallerExt;
-use crate::telemetry::metrics::{HTTP_DURATION, HTTP_IN_FLIGHT, HTTP_REQUESTS, status_label};
+use crate::telemetry::metrics::{
+    HTTP_DURATION, HTTP_IN_FLIGHT, HTTP_REQUESTS, HandleCache, status_label,
+};
 
 /// The request id header, in both directions and towards finAPI.
-pub const HEADER: &str = "x-request-id";
+pub const HEADER: HeaderName = HeaderName::from_static("x-request-id");
 /// Longest request id taken from a caller (finAPI's limit).
 pub const MAX_LEN: usize = 255;
 
 tokio::task_local! {
-    static CURRENT: String;
+    static CURRENT: Arc<str>;
 }
 
 /// The request id of the request this task serves, if any.
 pub fn current() -> Option<String> {
-    CURRENT.try_with(Clone::clone).ok()
+    CURRENT.try_with(|id| id.to_string()).ok()
 }
 
 /// The id of the current request, as an extension for handlers.
 #[derive(Debug, Clone)]
-pub struct RequestId(pub String);
+pub struct RequestId(pub Arc<str>);
 
 /// Whether a caller-given id may be used as it is.
 pub fn is_acceptable(id: &str) -> bool {
@@ -41,14 +44,34 @@ pub fn is_acceptable(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"-_.:/".contains(&b))
 }
 
+/// Route, method, status and caller (`None` for requests no caller was found for).
+type RequestLabels = (&'static str, &'static str, &'static str, Option<Arc<str>>);
+
+/// The request metrics of one label set.
+struct RequestMetrics {
+    requests: metrics::Counter,
+    duration: metrics::Histogram,
+}
+
 /// Middleware: assigns the id, opens the request span, logs the finished request.
 pub async fn middleware(mut request: Request, next: Next) -> Response {
-    let id = request
+    let given = request
         .headers()
         .get(HEADER)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| is_acceptable(v))
-        .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
+        .filter(|v| v.to_str().is_ok_and(is_acceptable))
+        .cloned();
+    let (id, header): (Arc<str>, HeaderValue) = match given {
+        // Checked above: visible ASCII only.
+        Some(value) => (value.to_str().unwrap_or_default().into(), value),
+        None => {
+            let mut buf = uuid::Uuid::encode_buffer();
+            let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
+            (
+                id.into(),
+                HeaderValue::from_str(id).unwrap_or(HeaderValue::from_static("")),
+            )
+        }
+    };
     request.extensions_mut().insert(RequestId(id.clone()));
     let span = tracing::info_span!(
         "request",
@@ -61,13 +84,13 @@ pub async fn middleware(mut request: Request, next: Next) -> Response {
     let route = route_label(request.uri().path());
     let method = method_label(request.method());
     let started = Instant::now();
-    let in_flight = metrics::gauge!(HTTP_IN_FLIGHT);
-    in_flight.increment(1);
+    static IN_FLIGHT: HandleCache<(), metrics::Gauge> = HandleCache::new();
+    IN_FLIGHT.with((), |()| metrics::gauge!(HTTP_IN_FLIGHT), |g| g.increment(1));
     let mut response = CURRENT
-        .scope(id.clone(), next.run(request))
+        .scope(id, next.run(request))
         .instrument(span.clone())
         .await;
-    in_flight.decrement(1);
+    IN_FLIGHT.with((), |()| metrics::gauge!(HTTP_IN_FLIGHT), |g| g.decrement(1));
     let elapsed = started.elapsed();
     span.in_scope(|| {
         tracing::info!(
@@ -76,18 +99,29 @@ pub async fn middleware(mut request: Request, next: Next) -> Response {
             "request finished"
         );
     });
-    let caller: metrics::SharedString = response
+    let caller: Option<Arc<str>> = response
         .extensions()
         .get::<CallerExt>()
-        .map_or_else(|| "none".into(), |c| c.0.name.clone().into());
+        .map(|c| c.0.name.clone());
     let status = status_label(response.status().as_u16());
-    metrics::counter!(HTTP_REQUESTS, "route" => route, "method" => method, "status" => status, "caller" => caller.clone())
-        .increment(1);
-    metrics::histogram!(HTTP_DURATION, "route" => route, "method" => method, "status" => status, "caller" => caller)
-        .record(elapsed.as_secs_f64());
-    if let Ok(value) = HeaderValue::from_str(&id) {
-        response.headers_mut().insert(HEADER, value);
-    }
+    static HANDLES: HandleCache<RequestLabels, RequestMetrics> = HandleCache::new();
+    HANDLES.with(
+        (route, method, status, caller),
+        |(route, method, status, caller)| {
+            let (route, method, status) = (*route, *method, *status);
+            let caller: metrics::SharedString =
+                caller.as_ref().map_or_else(|| "none".into(), |c| c.to_string().into());
+            RequestMetrics {
+                requests: metrics::counter!(HTTP_REQUESTS, "route" => route, "method" => method, "status" => status, "caller" => caller.clone()),
+                duration: metrics::histogram!(HTTP_DURATION, "route" => route, "method" => method, "status" => status, "caller" => caller),
+            }
+        },
+        |m| {
+            m.requests.increment(1);
+            m.duration.record(elapsed.as_secs_f64());
+        },
+    );
+    response.headers_mut().insert(HEADER, header);
     response
 }
 

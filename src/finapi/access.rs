@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use reqwest::StatusCode;
+use reqwest::header::{CONTENT_TYPE, HOST, HeaderValue};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
@@ -10,7 +11,7 @@ use crate::resilience::CircuitBreaker;
 
 use super::{
     AccessToken, ClientCredentials, InvalidBaseUrl, NewUser, Step, TokenBody, UpstreamError,
-    decode, endpoint, send,
+    decode, endpoint, form_encode, host_header, send,
 };
 
 /// Client of finAPI Access. Cheap to clone: the HTTP connection pool is shared.
@@ -19,7 +20,10 @@ pub struct AccessClient {
     http: reqwest::Client,
     token_url: reqwest::Url,
     users_url: reqwest::Url,
+    host: HeaderValue,
     credentials: Arc<ClientCredentials>,
+    /// `client_id=…&client_secret=…`, form-encoded once: the tail of every token request.
+    credentials_form: Arc<SecretString>,
     breaker: Arc<CircuitBreaker>,
 }
 
@@ -32,11 +36,22 @@ impl AccessClient {
         credentials: Arc<ClientCredentials>,
         breaker: Arc<CircuitBreaker>,
     ) -> Result<Self, InvalidBaseUrl> {
+        let mut form = String::new();
+        form_encode(
+            &mut form,
+            &[
+                ("client_id", &credentials.client_id),
+                ("client_secret", credentials.client_secret.expose_secret()),
+            ],
+        );
+        let token_url = endpoint(base_url, "/api/v2/oauth/token")?;
         Ok(Self {
             http,
-            token_url: endpoint(base_url, "/api/v2/oauth/token")?,
+            host: host_header(&token_url)?,
+            token_url,
             users_url: endpoint(base_url, "/api/v2/users")?,
             credentials,
+            credentials_form: Arc::new(form.into()),
             breaker,
         })
     }
@@ -82,14 +97,17 @@ impl AccessClient {
         params: &[(&str, &str)],
         request_id: &str,
     ) -> Result<AccessToken, UpstreamError> {
-        let mut form: Vec<(&str, &str)> = Vec::with_capacity(params.len() + 2);
-        form.extend_from_slice(params);
-        form.push(("client_id", &self.credentials.client_id));
-        form.push((
-            "client_secret",
-            self.credentials.client_secret.expose_secret(),
-        ));
-        let request = self.http.post(self.token_url.clone()).form(&form);
+        let tail = self.credentials_form.expose_secret();
+        let mut form = String::with_capacity(128 + tail.len());
+        form_encode(&mut form, params);
+        form.push('&');
+        form.push_str(tail);
+        let request = self
+            .http
+            .post(self.token_url.clone())
+            .header(HOST, self.host.clone())
+            .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(form);
         let response = send(&self.breaker, step, request, request_id, StatusCode::OK).await?;
         Ok(decode::<TokenBody>(step, response).await?.into())
     }
@@ -111,6 +129,7 @@ impl AccessClient {
         let request = self
             .http
             .post(self.users_url.clone())
+            .header(HOST, self.host.clone())
             .bearer_auth(client_token.expose_secret())
             .json(&body);
         let response = send(
@@ -134,6 +153,7 @@ impl AccessClient {
         let request = self
             .http
             .delete(self.users_url.clone())
+            .header(HOST, self.host.clone())
             .bearer_auth(user_token.expose_secret());
         send(
             &self.breaker,

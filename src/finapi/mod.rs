@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use crate::resilience::CircuitBreaker;
 
-use reqwest::header::{HeaderMap, RETRY_AFTER};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
 use reqwest::{RequestBuilder, Response, StatusCode};
 use secrecy::SecretString;
 use serde::Deserialize;
@@ -23,6 +23,9 @@ use crate::telemetry::metrics::status_label;
 
 pub use access::AccessClient;
 pub use process::ProcessControllerClient;
+
+/// finAPI's request id header, sent with every call.
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// finAPI client credentials.
 #[derive(Debug, Clone)]
@@ -58,7 +61,7 @@ pub struct NewUser {
 }
 
 /// The upstream calls, named in logs and errors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Step {
     /// `POST /api/v2/oauth/token` with `grant_type=client_credentials`.
     ClientToken,
@@ -242,6 +245,16 @@ impl UpstreamError {
     }
 }
 
+/// The environment variables reqwest reads proxies from.
+const PROXY_VARIABLES: [&str; 6] = [
+    "HTTPS_PROXY",
+    "https_proxy",
+    "HTTP_PROXY",
+    "http_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+];
+
 /// Builds the one HTTP client the broker uses for finAPI: pooled keep-alive connections,
 /// timeouts, no redirects (a redirect must never carry credentials elsewhere).
 pub fn http_client(
@@ -250,10 +263,23 @@ pub fn http_client(
 ) -> Result<reqwest::Client, reqwest::Error> {
     // Several clients in one process (tests) race to install the provider; losing is fine.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
+    let mut builder = reqwest::Client::builder();
+    // reqwest honours the proxy variables of the environment, and looks for a matching rule on
+    // every request. Without any such variable there is nothing to match: skip the lookup.
+    if !PROXY_VARIABLES
+        .iter()
+        .any(|name| std::env::var_os(name).is_some())
+    {
+        builder = builder.no_proxy();
+    }
+    builder
         .connect_timeout(connect_timeout)
         .timeout(request_timeout)
         .redirect(reqwest::redirect::Policy::none())
+        // The flows decide what may be retried (`flows::retry`); reqwest's own retries are for
+        // HTTP/2 refusals, which this HTTP/1 client never sees. With none allowed it also skips
+        // copying every request in case of a retry.
+        .retry(reqwest::retry::never().max_retries_per_request(0))
         .pool_idle_timeout(Duration::from_secs(60))
         .tcp_nodelay(true)
         .user_agent(concat!("giroident-broker/", env!("CARGO_PKG_VERSION")))
@@ -264,6 +290,19 @@ pub fn http_client(
 #[derive(Debug, thiserror::Error)]
 #[error("invalid finAPI base URL {0:?}")]
 pub struct InvalidBaseUrl(String);
+
+/// The `Host` header for requests to `url`, as hyper would write it (the port only when it is
+/// not the scheme's default). Set on each request, it spares hyper formatting it every time.
+fn host_header(url: &reqwest::Url) -> Result<HeaderValue, InvalidBaseUrl> {
+    let host = url
+        .host_str()
+        .ok_or_else(|| InvalidBaseUrl(url.as_str().to_owned()))?;
+    let value = match url.port() {
+        Some(port) => HeaderValue::try_from(format!("{host}:{port}")),
+        None => HeaderValue::try_from(host),
+    };
+    value.map_err(|_| InvalidBaseUrl(url.as_str().to_owned()))
+}
 
 /// Joins a base URL and an absolute API path.
 fn endpoint(base: &str, path: &str) -> Result<reqwest::Url, InvalidBaseUrl> {
@@ -303,7 +342,7 @@ async fn call(
     expected: StatusCode,
 ) -> Result<Response, UpstreamError> {
     let started = Instant::now();
-    let result = request.header("X-Request-Id", request_id).send().await;
+    let result = request.header(REQUEST_ID, request_id).send().await;
     let elapsed = started.elapsed();
     let elapsed_ms = elapsed.as_secs_f64() * 1e3;
     let response = match result {
@@ -324,7 +363,7 @@ async fn call(
     record_call(step, status_label(status.as_u16()), elapsed);
     let finapi_request_id = response
         .headers()
-        .get("X-Request-Id")
+        .get(REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     tracing::debug!(
@@ -353,12 +392,52 @@ async fn call(
 }
 
 fn record_call(step: Step, outcome: &'static str, elapsed: Duration) {
-    use crate::telemetry::metrics::{FINAPI_CALLS, FINAPI_DURATION};
-    let (service, step) = (step.service(), step.as_str());
-    metrics::counter!(FINAPI_CALLS, "service" => service, "step" => step, "outcome" => outcome)
-        .increment(1);
-    metrics::histogram!(FINAPI_DURATION, "service" => service, "step" => step, "outcome" => outcome)
-        .record(elapsed.as_secs_f64());
+    use crate::telemetry::metrics::{FINAPI_CALLS, FINAPI_DURATION, HandleCache};
+    static HANDLES: HandleCache<(Step, &'static str), (metrics::Counter, metrics::Histogram)> =
+        HandleCache::new();
+    HANDLES.with(
+        (step, outcome),
+        |&(step, outcome)| {
+            let (service, step) = (step.service(), step.as_str());
+            (
+                metrics::counter!(FINAPI_CALLS, "service" => service, "step" => step, "outcome" => outcome),
+                metrics::histogram!(FINAPI_DURATION, "service" => service, "step" => step, "outcome" => outcome),
+            )
+        },
+        |(calls, duration)| {
+            calls.increment(1);
+            duration.record(elapsed.as_secs_f64());
+        },
+    );
+}
+
+/// Appends `name=value` pairs in `application/x-www-form-urlencoded` form (as browsers and
+/// `form_urlencoded` do: `A-Z a-z 0-9 * - . _` stay, space becomes `+`, all else `%XX`).
+fn form_encode(out: &mut String, pairs: &[(&str, &str)]) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    for (name, value) in pairs {
+        if !out.is_empty() {
+            out.push('&');
+        }
+        for (i, part) in [name, value].into_iter().enumerate() {
+            if i == 1 {
+                out.push('=');
+            }
+            for &b in part.as_bytes() {
+                match b {
+                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'*' | b'-' | b'.' | b'_' => {
+                        out.push(char::from(b));
+                    }
+                    b' ' => out.push('+'),
+                    _ => {
+                        out.push('%');
+                        out.push(char::from(HEX[usize::from(b >> 4)]));
+                        out.push(char::from(HEX[usize::from(b & 0xf)]));
+                    }
+                }
+            }
+        }
+    }
 }
 
 async fn decode<T: DeserializeOwned>(step: Step, response: Response) -> Result<T, UpstreamError> {
@@ -429,5 +508,38 @@ impl From<TokenBody> for AccessToken {
             token_type: body.token_type.unwrap_or_else(|| "bearer".to_owned()),
             expires_in: body.expires_in,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn form_bodies_are_encoded_as_the_url_crate_encodes_them() {
+        let pairs = [
+            ("grant_type", "password"),
+            ("username", "user.name-1_2*3"),
+            ("password", "p@ss w&rd=+%/ü\u{0}~"),
+            ("client_secret", ""),
+        ];
+        let mut ours = String::new();
+        form_encode(&mut ours, &pairs);
+        let mut url = reqwest::Url::parse("http://x/").unwrap();
+        url.query_pairs_mut().extend_pairs(pairs);
+        assert_eq!(Some(ours.as_str()), url.query());
+    }
+
+    #[test]
+    fn host_headers_name_the_port_only_when_it_is_not_the_default() {
+        let host = |base: &str| {
+            let url = endpoint(base, "/api/v2/users").unwrap();
+            host_header(&url).unwrap().to_str().unwrap().to_owned()
+        };
+        assert_eq!(host("http://127.0.0.1:8081"), "127.0.0.1:8081");
+        assert_eq!(host("https://sandbox.finapi.io"), "sandbox.finapi.io");
+        assert_eq!(host("https://sandbox.finapi.io:443/"), "sandbox.finapi.io");
+        assert_eq!(host("http://[::1]:9000"), "[::1]:9000");
+        assert_eq!(host("https://Example.COM:8443"), "example.com:8443");
     }
 }

@@ -3,18 +3,22 @@
 use std::sync::Arc;
 
 use reqwest::StatusCode;
+use reqwest::header::{HOST, HeaderValue};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
 use crate::resilience::CircuitBreaker;
 
-use super::{ClientCredentials, InvalidBaseUrl, Step, UpstreamError, decode, endpoint, send};
+use super::{
+    ClientCredentials, InvalidBaseUrl, Step, UpstreamError, decode, endpoint, host_header, send,
+};
 
 /// Client of the finAPI Process Controller. Cheap to clone.
 #[derive(Clone)]
 pub struct ProcessControllerClient {
     http: reqwest::Client,
     processes_url: reqwest::Url,
+    host: HeaderValue,
     credentials: Arc<ClientCredentials>,
     breaker: Arc<CircuitBreaker>,
 }
@@ -28,9 +32,11 @@ impl ProcessControllerClient {
         credentials: Arc<ClientCredentials>,
         breaker: Arc<CircuitBreaker>,
     ) -> Result<Self, InvalidBaseUrl> {
+        let processes_url = endpoint(base_url, "/api/v1/processes")?;
         Ok(Self {
             http,
-            processes_url: endpoint(base_url, "/api/v1/processes")?,
+            host: host_header(&processes_url)?,
+            processes_url,
             credentials,
             breaker,
         })
@@ -55,7 +61,11 @@ impl ProcessControllerClient {
             client_references: [ClientReferenceBody { client_reference }],
             process_id,
         };
-        let request = self.http.post(self.processes_url.clone()).json(&body);
+        let request = self
+            .http
+            .post(self.processes_url.clone())
+            .header(HOST, self.host.clone())
+            .json(&body);
         let response = send(
             &self.breaker,
             step,
@@ -101,7 +111,7 @@ impl ProcessControllerClient {
         let response = send(
             &self.breaker,
             step,
-            self.http.get(url),
+            self.http.get(url).header(HOST, self.host.clone()),
             request_id,
             StatusCode::OK,
         )

@@ -25,7 +25,7 @@ pub use retry::{ResilienceSnapshot, ResilienceStats};
 #[derive(Debug, Clone)]
 pub struct RequestContext {
     /// The request id, passed to finAPI as `X-Request-Id`.
-    pub request_id: String,
+    pub request_id: std::sync::Arc<str>,
 }
 
 /// A started KYC session: what the caller gets.
