@@ -13,9 +13,6 @@ use giroident_broker::telemetry::{self, cause_chain};
 use giroident_broker::{demo, healthcheck, sim};
 use secrecy::SecretString;
 
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Hands out finAPI user access tokens for GiroIdent KYC checks; keeps the client secrets.
 #[derive(Parser)]
 #[command(name = "giroident-broker", version, about)]
