@@ -11,7 +11,10 @@
 //! run), `--rounds N` (direct/broker pairs per point; the median pair is shown),
 //! `--mem-sessions N` (sessions between the two memory readings), `--herd N`,
 //! `--only NAME` (a section: ready, sweep, herd, refresh, memory), `--flow access|standalone`
-//! and `--concurrency N` (sweep points). The broker is configured with one caller whose API key
+//! and `--concurrency N` (sweep points). Environment: `BENCH_BROKER_WORKER_THREADS` (the broker's
+//! `server.worker_threads`), `BENCH_BROKER_PRELOAD` (an `LD_PRELOAD` for the broker) and
+//! `BENCH_BROKER_BIN` (another build of the broker, for A/B runs against the same simulator).
+//! The broker is configured with one caller whose API key
 //! the load generator sends as `X-Api-Key`, with rate and in-flight limits above the load.
 
 use std::fmt::Write as _;
@@ -51,9 +54,9 @@ impl Opts {
         let mut args = std::env::args().skip(1);
         let mut opts = Self {
             quick: false,
-            seconds: 2.0,
+            seconds: 1.5,
             sessions: 500_000,
-            rounds: 5,
+            rounds: 9,
             mem_sessions: 100_000,
             herd: 1000,
             refresh_seconds: 12.0,
