@@ -348,9 +348,17 @@ impl Settings {
                     format!("cannot read {}: {}", path.display(), e.kind()),
                 )
             })?;
-            let table: Table = text
-                .parse()
-                .map_err(|e| ConfigError::single("--config", format!("{}: {e}", path.display())))?;
+            // toml's own message quotes the offending line, which may hold a secret: name only
+            // the place and the kind of mistake.
+            let table: Table = text.parse().map_err(|e: toml::de::Error| {
+                let line = e
+                    .span()
+                    .map_or(0, |span| text[..span.start].matches('\n').count() + 1);
+                ConfigError::single(
+                    "--config",
+                    format!("{} line {line}: {}", path.display(), e.message()),
+                )
+            })?;
             overlay_file(&defaults, &mut merged, table, "", &mut problems);
         }
         let env: Vec<(String, String)> = env.into_iter().collect();
@@ -737,6 +745,12 @@ fn overlay_file(
                 key,
                 format!("must be {}, not {}", default.type_str(), value.type_str()),
             )),
+            (Some(None), _) if key == "finapi.client_secret" => problems.push((
+                key,
+                format!(
+                    "not in a file: set {ENV_PREFIX}FINAPI__CLIENT_SECRET or finapi.client_secret_file"
+                ),
+            )),
             (Some(None), value) if !value.is_str() => {
                 problems.push((key, format!("must be string, not {}", value.type_str())))
             }
@@ -1083,6 +1097,23 @@ mod tests {
         ]);
         let err = Settings::load_with_env(None, vars).unwrap_err();
         assert!(err.mentions("finapi.client_secret_file"), "{err}");
+    }
+
+    #[test]
+    fn a_config_file_never_carries_the_secret_nor_echoes_it() {
+        let dir = std::env::temp_dir().join(format!("gib-cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("broker.toml");
+        std::fs::write(&path, "[finapi]\nclient_secret = \"file-secret-1\"\n").unwrap();
+        let err = Settings::load_with_env(Some(&path), valid_env()).unwrap_err();
+        assert!(err.mentions("finapi.client_secret"), "{err}");
+        assert!(!err.to_string().contains("file-secret-1"), "{err}");
+        // A malformed line is reported by its number, not quoted.
+        std::fs::write(&path, "[finapi]\nclient_secret = \"file-secret-2\n").unwrap();
+        let err = Settings::load_with_env(Some(&path), valid_env()).unwrap_err();
+        assert!(err.to_string().contains("line 2"), "{err}");
+        assert!(!err.to_string().contains("file-secret-2"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
