@@ -231,8 +231,10 @@ impl ClientTokenCache {
     }
 
     /// A token other than `stale` (finAPI refused it, or it has ended): the one the refresh in
-    /// flight brings, or else a fresh fetch after dropping `stale` (only if the entry still
-    /// holds it: a newer token another request fetched is kept).
+    /// flight brings when `stale` is about to end, or else a fresh fetch after dropping `stale`
+    /// (only if the entry still holds it: a newer token another request fetched is kept). A
+    /// token refused long before its end was revoked: the refresh, which waits for the end,
+    /// would bring its successor too late.
     pub async fn replace(
         &self,
         stale: &ClientToken,
@@ -240,7 +242,8 @@ impl ClientTokenCache {
     ) -> Result<Arc<ClientToken>, TokenError> {
         let mut replaced = self.replaced.subscribe();
         let mut waited = false;
-        while self.refreshing.load(Ordering::Acquire) {
+        let ending = stale.is_past_end(Instant::now() + END_GRACE);
+        while ending && self.refreshing.load(Ordering::Acquire) {
             if let Some(current) = self.cache.get(self.access.client_id()).await
                 && !current.same_token(stale)
             {

@@ -187,6 +187,36 @@ async fn a_revoked_client_token_is_replaced_once() {
 }
 
 #[tokio::test]
+async fn a_client_token_revoked_while_its_refresh_waits_is_replaced_at_once() {
+    // A 20 s token is refreshed from half its life on: a session after 10 s starts the
+    // background refresh, which gets the same token back and waits until 19 s to ask again.
+    let sim = SimConfig {
+        client_token_ttl: Duration::from_secs(20),
+        ..SimConfig::default()
+    };
+    let env = TestEnv::with(sim, |_| {}).await;
+    env.access_session().await;
+    tokio::time::sleep(Duration::from_millis(10_200)).await;
+    env.access_session().await;
+    assert!(
+        eventually(Duration::from_secs(5), || env.all_calls(CLIENT_TOKEN) == 2).await,
+        "the background refresh asked finAPI"
+    );
+    env.sim.revoke_all_tokens();
+    // finAPI refuses the token 9 s before its end: a new one is fetched now, not at 19 s.
+    let answer = tokio::time::timeout(
+        Duration::from_secs(5),
+        env.start_session(json!({"flow": "access"})),
+    )
+    .await
+    .expect("the session does not wait for the refresh");
+    expect_created(answer).await;
+    assert_eq!(env.calls(CREATE_USER, "401"), 1);
+    assert_eq!(env.all_calls(CLIENT_TOKEN), 3);
+    env.stop().await;
+}
+
+#[tokio::test]
 async fn a_second_401_on_a_fresh_client_token_is_an_error() {
     let env = TestEnv::start().await;
     env.access_session().await;
