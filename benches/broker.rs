@@ -272,10 +272,7 @@ fn answers_200(addr: SocketAddr, path: &str) -> bool {
 
 fn spawn_sim(client_token_ttl_secs: u64) -> Proc {
     let addr = free_addr();
-    // `BENCH_BROKER_BIN` runs another build of the broker (an A/B comparison); the simulator
-    // always comes from this build.
-    let bin = std::env::var("BENCH_BROKER_BIN").unwrap_or_else(|_| BIN.to_owned());
-    let mut command = Command::new(bin);
+    let mut command = Command::new(BIN);
     command
         .env_clear()
         .env("RUST_LOG", "warn")
@@ -960,28 +957,21 @@ async fn herd_section(
     });
     let procs = (&broker, &sim);
     let long = Duration::from_secs(60);
-    let cold = run_load(
-        &target,
-        procs,
-        Flow::Access,
-        Via::Broker,
-        opts.herd,
-        opts.herd,
-        long,
-    )
-    .await;
+    let burst = || {
+        run_load(
+            &target,
+            procs,
+            Flow::Access,
+            Via::Broker,
+            opts.herd,
+            opts.herd,
+            long,
+        )
+    };
+    let cold = burst().await;
     let token_calls = sim_stat(&admin, &sim, CLIENT_CREDENTIALS, "200").await;
     // The same burst again, now that connections and the client token are in place.
-    let warm = run_load(
-        &target,
-        procs,
-        Flow::Access,
-        Via::Broker,
-        opts.herd,
-        opts.herd,
-        long,
-    )
-    .await;
+    let warm = burst().await;
     let (c, w) = (cold.latencies(), warm.latencies());
     let _ = writeln!(
         report,
