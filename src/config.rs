@@ -822,7 +822,9 @@ fn check_base_url(url: &str, allow_http: bool) -> Result<(), String> {
     Ok(())
 }
 
-fn read_secret_file(path: &Path) -> Result<SecretString, String> {
+/// Reads a secret from a file (a Docker or Kubernetes secret): one trailing newline (`\n` or
+/// `\r\n`) is dropped, and an empty secret is refused.
+pub fn read_secret_file(path: &Path) -> Result<SecretString, String> {
     let raw = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {}: {}", path.display(), e.kind()))?;
     let secret = raw

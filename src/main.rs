@@ -7,11 +7,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use giroident_broker::config::{LogFormat, Settings};
+use giroident_broker::config::{LogFormat, Settings, read_secret_file};
 use giroident_broker::startup::{Application, shutdown_signal};
 use giroident_broker::telemetry::{self, cause_chain};
 use giroident_broker::{demo, healthcheck, sim};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 
 /// Hands out finAPI user access tokens for GiroIdent KYC checks; keeps the client secrets.
 #[derive(Parser)]
@@ -230,10 +230,9 @@ async fn serve_on(settings: &Settings) -> ExitCode {
 }
 
 fn sim_secret(file: Option<PathBuf>) -> Result<String, String> {
+    // The same reading as the broker's `finapi.client_secret_file`: compose hands both one file.
     if let Some(path) = file {
-        let raw = std::fs::read_to_string(&path)
-            .map_err(|e| format!("cannot read {}: {}", path.display(), e.kind()))?;
-        return Ok(raw.trim_end_matches(['\r', '\n']).to_owned());
+        return read_secret_file(&path).map(|secret| secret.expose_secret().to_owned());
     }
     Ok(std::env::var("GIROIDENT_SIM_CLIENT_SECRET")
         .unwrap_or_else(|_| sim::DEMO_CLIENT_SECRET.to_owned()))
