@@ -53,6 +53,28 @@ struct RequestMetrics {
     duration: metrics::Histogram,
 }
 
+/// A place in the in-flight gauge, given back when dropped: also when the client goes away and
+/// hyper drops the request's future.
+struct InFlight;
+
+impl InFlight {
+    fn with_gauge(f: impl FnOnce(&metrics::Gauge)) {
+        static GAUGE: HandleCache<(), metrics::Gauge> = HandleCache::new();
+        GAUGE.with((), |()| metrics::gauge!(HTTP_IN_FLIGHT), f);
+    }
+
+    fn enter() -> Self {
+        Self::with_gauge(|g| g.increment(1));
+        Self
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        Self::with_gauge(|g| g.decrement(1));
+    }
+}
+
 /// Middleware: assigns the id, opens the request span, logs the finished request.
 pub async fn middleware(mut request: Request, next: Next) -> Response {
     let given = request
@@ -84,13 +106,12 @@ pub async fn middleware(mut request: Request, next: Next) -> Response {
     let route = route_label(request.uri().path());
     let method = method_label(request.method());
     let started = Instant::now();
-    static IN_FLIGHT: HandleCache<(), metrics::Gauge> = HandleCache::new();
-    IN_FLIGHT.with((), |()| metrics::gauge!(HTTP_IN_FLIGHT), |g| g.increment(1));
+    let in_flight = InFlight::enter();
     let mut response = CURRENT
         .scope(id, next.run(request))
         .instrument(span.clone())
         .await;
-    IN_FLIGHT.with((), |()| metrics::gauge!(HTTP_IN_FLIGHT), |g| g.decrement(1));
+    drop(in_flight);
     let elapsed = started.elapsed();
     span.in_scope(|| {
         tracing::info!(
