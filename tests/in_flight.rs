@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use giroident_broker::sim::{FaultRule, SimConfig};
+use giroident_broker::sim::FaultRule;
 use serde_json::json;
 
 fn in_flight(metrics: &str) -> Option<f64> {
