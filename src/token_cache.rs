@@ -90,16 +90,6 @@ pub enum TokenError {
     Aborted,
 }
 
-impl TokenError {
-    /// The upstream failure, if that is what happened.
-    pub fn upstream(&self) -> Option<&UpstreamError> {
-        match self {
-            Self::Fetch(e) => Some(e),
-            Self::Aborted => None,
-        }
-    }
-}
-
 /// Counters of the cache, for tests, docs and (later) metrics.
 #[derive(Debug, Default)]
 pub struct TokenCacheStats {

@@ -38,12 +38,9 @@ impl Flows {
         {
             Ok(token) => token,
             Err(err) => {
+                // Counted here; logged once, with the user id and the cause, where the error
+                // becomes the answer.
                 self.stats.user_orphaned();
-                tracing::warn!(
-                    user_id,
-                    error = %crate::telemetry::cause_chain(&err),
-                    "finAPI user created but its token could not be had: orphaned, delete it"
-                );
                 return Err(FlowError::OrphanedUser {
                     user_id,
                     source: Box::new(err),

@@ -97,7 +97,7 @@ pub enum FlowError {
     BudgetExhausted(Step),
     /// The access flow created a finAPI user but could not get its token: the user is
     /// orphaned (logged for clean-up); the caller gets no half result.
-    #[error("finAPI user {user_id} was created but no token could be had for it")]
+    #[error("finAPI user {user_id} was created but no token could be had for it: orphaned, delete it")]
     OrphanedUser {
         user_id: String,
         #[source]
@@ -281,9 +281,4 @@ impl Flows {
 /// Whether an error is finAPI refusing the bearer token of a call.
 fn is_unauthorized(err: &UpstreamError) -> bool {
     err.status() == Some(reqwest::StatusCode::UNAUTHORIZED)
-}
-
-/// The step a failed flow stopped at, for logs.
-pub fn failed_step(err: &FlowError) -> Option<Step> {
-    err.upstream().map(UpstreamError::step)
 }
