@@ -11,7 +11,7 @@ use crate::resilience::CircuitBreaker;
 
 use super::{
     AccessToken, ClientCredentials, InvalidBaseUrl, NewUser, Step, TokenBody, UpstreamError,
-    decode, endpoint, form_encode, host_header, send,
+    decode, endpoint, host_header, send,
 };
 
 /// Client of finAPI Access. Cheap to clone: the HTTP connection pool is shared.
@@ -36,14 +36,10 @@ impl AccessClient {
         credentials: Arc<ClientCredentials>,
         breaker: Arc<CircuitBreaker>,
     ) -> Result<Self, InvalidBaseUrl> {
-        let mut form = String::new();
-        form_encode(
-            &mut form,
-            &[
-                ("client_id", &credentials.client_id),
-                ("client_secret", credentials.client_secret.expose_secret()),
-            ],
-        );
+        let form = form_urlencoded::Serializer::new(String::new())
+            .append_pair("client_id", &credentials.client_id)
+            .append_pair("client_secret", credentials.client_secret.expose_secret())
+            .finish();
         let token_url = endpoint(base_url, "/api/v2/oauth/token")?;
         Ok(Self {
             http,
@@ -98,8 +94,9 @@ impl AccessClient {
         request_id: &str,
     ) -> Result<AccessToken, UpstreamError> {
         let tail = self.credentials_form.expose_secret();
-        let mut form = String::with_capacity(128 + tail.len());
-        form_encode(&mut form, params);
+        let mut form = form_urlencoded::Serializer::new(String::with_capacity(128 + tail.len()))
+            .extend_pairs(params)
+            .finish();
         form.push('&');
         form.push_str(tail);
         let request = self

@@ -411,35 +411,6 @@ fn record_call(step: Step, outcome: &'static str, elapsed: Duration) {
     );
 }
 
-/// Appends `name=value` pairs in `application/x-www-form-urlencoded` form (as browsers and
-/// `form_urlencoded` do: `A-Z a-z 0-9 * - . _` stay, space becomes `+`, all else `%XX`).
-fn form_encode(out: &mut String, pairs: &[(&str, &str)]) {
-    const HEX: &[u8; 16] = b"0123456789ABCDEF";
-    for (name, value) in pairs {
-        if !out.is_empty() {
-            out.push('&');
-        }
-        for (i, part) in [name, value].into_iter().enumerate() {
-            if i == 1 {
-                out.push('=');
-            }
-            for &b in part.as_bytes() {
-                match b {
-                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'*' | b'-' | b'.' | b'_' => {
-                        out.push(char::from(b));
-                    }
-                    b' ' => out.push('+'),
-                    _ => {
-                        out.push('%');
-                        out.push(char::from(HEX[usize::from(b >> 4)]));
-                        out.push(char::from(HEX[usize::from(b & 0xf)]));
-                    }
-                }
-            }
-        }
-    }
-}
-
 async fn decode<T: DeserializeOwned>(step: Step, response: Response) -> Result<T, UpstreamError> {
     response
         .json::<T>()
@@ -514,21 +485,6 @@ impl From<TokenBody> for AccessToken {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn form_bodies_are_encoded_as_the_url_crate_encodes_them() {
-        let pairs = [
-            ("grant_type", "password"),
-            ("username", "user.name-1_2*3"),
-            ("password", "p@ss w&rd=+%/ü\u{0}~"),
-            ("client_secret", ""),
-        ];
-        let mut ours = String::new();
-        form_encode(&mut ours, &pairs);
-        let mut url = reqwest::Url::parse("http://x/").unwrap();
-        url.query_pairs_mut().extend_pairs(pairs);
-        assert_eq!(Some(ours.as_str()), url.query());
-    }
 
     #[test]
     fn host_headers_name_the_port_only_when_it_is_not_the_default() {

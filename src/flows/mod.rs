@@ -97,7 +97,9 @@ pub enum FlowError {
     BudgetExhausted(Step),
     /// The access flow created a finAPI user but could not get its token: the user is
     /// orphaned (logged for clean-up); the caller gets no half result.
-    #[error("finAPI user {user_id} was created but no token could be had for it: orphaned, delete it")]
+    #[error(
+        "finAPI user {user_id} was created but no token could be had for it: orphaned, delete it"
+    )]
     OrphanedUser {
         user_id: String,
         #[source]
