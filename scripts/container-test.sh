@@ -108,7 +108,8 @@ echo "POST /kyc-sessions without X-Api-Key -> $status"
 ok "callers need the compose secret's API key"
 
 step "metrics"
-metrics=$(docker exec "$broker_id" /usr/local/bin/giroident-broker healthcheck --url http://127.0.0.1:9090/metrics 2>&1 || true)
+metrics=$(docker exec "$broker_id" /usr/local/bin/giroident-broker healthcheck --url http://127.0.0.1:9090/metrics 2>&1) \
+    || fail "the admin listener did not answer /metrics inside the container: $metrics"
 echo "admin listener /metrics from inside the container: $metrics"
 ok "admin listener answers inside the container (not published on the host)"
 

@@ -189,10 +189,16 @@ async fn most_sessions_succeed_through_faults_on_every_endpoint() {
         for token in &tokens {
             assert_eq!(env.sim_user(token).await.status(), 200, "{flow}");
         }
-        // No process token was ever exchanged twice.
+        // No process token was ever exchanged twice. The simulator does not count an exchange
+        // of a spent token, it refuses it with 404: that is what would show a second one.
         for (_, count, _) in env.sim.state().process_exchanges() {
             assert!(count <= 1, "a process token was exchanged {count} times");
         }
+        assert_eq!(
+            env.calls(EXCHANGE, "404"),
+            0,
+            "{flow}: a spent process token was presented again"
+        );
         env.stop().await;
     }
 }

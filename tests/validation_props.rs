@@ -51,6 +51,36 @@ proptest! {
     }
 
     #[test]
+    fn arbitrary_objects_never_panic(
+        fields in prop::collection::btree_map(
+            prop_oneof![
+                Just("flow".to_owned()),
+                Just("clientReference".to_owned()),
+                Just("email".to_owned()),
+                Just("phone".to_owned()),
+                "[a-zA-Z]{1,12}",
+            ],
+            prop_oneof![
+                Just(serde_json::Value::Null),
+                any::<bool>().prop_map(serde_json::Value::from),
+                any::<i64>().prop_map(serde_json::Value::from),
+                prop_oneof![Just("standalone".to_owned()), Just("access".to_owned()), field()]
+                    .prop_map(serde_json::Value::from),
+            ],
+            0..5,
+        ),
+    ) {
+        // Objects with the body's field names reach validation, unlike random bytes.
+        let body = serde_json::to_vec(&fields).expect("a JSON object");
+        if let Ok(parsed) = serde_json::from_slice::<CreateSessionBody>(&body) {
+            let _ = parsed.validate(FlowKind::Standalone);
+        }
+        if let Ok(parsed) = serde_json::from_slice::<CreateSessionBody>(&body) {
+            let _ = parsed.validate(FlowKind::Access);
+        }
+    }
+
+    #[test]
     fn accepted_requests_are_valid(
         flow in prop::option::of(prop_oneof![Just("standalone"), Just("access")]),
         reference in prop::option::of(field()),
