@@ -350,9 +350,11 @@ impl IntoResponse for ApiError {
         );
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         if let Some(after) = kind.retry_after {
+            // Whole seconds, rounded up: a caller that waits this long is not refused again.
+            let secs = after.as_millis().div_ceil(1000).max(1);
             headers.insert(
                 header::RETRY_AFTER,
-                HeaderValue::from(after.as_secs().max(1)),
+                HeaderValue::from(u64::try_from(secs).unwrap_or(u64::MAX)),
             );
         }
         response
