@@ -93,14 +93,9 @@ pub async fn run(
             api_key.expose_secret()
         )
     );
-    let served = app.run_until_stopped(shutdown).await;
+    app.run_until_stopped(shutdown).await;
     sim.shutdown().await;
-    served.map_err(|source| {
-        DemoError::Startup(StartupError::Bind {
-            addr: listen,
-            source,
-        })
-    })
+    Ok(())
 }
 
 fn instructions(broker: SocketAddr, admin: SocketAddr, sim_url: &str, api_key: &str) -> String {

@@ -125,15 +125,8 @@ impl Application {
 
     /// Serves until `shutdown` completes; then `/readyz` answers 503, requests are still served
     /// for the drain period, the listener closes, and in-flight requests finish before this
-    /// returns.
-    ///
-    /// The accept loop is hyper's own rather than `axum::serve` because that has no timeout
-    /// for reading request headers, and a client that never finishes its headers would hold a
-    /// connection forever.
-    pub async fn run_until_stopped(
-        self,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> std::io::Result<()> {
+    /// returns. Accept errors are logged and the loop goes on, so serving itself cannot fail.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) {
         let (stop_tx, stop_rx) = watch::channel(false);
         let readiness = self.readiness.clone();
         let drain = self.drain;
@@ -152,7 +145,6 @@ impl Application {
             serve(self.admin_listener, self.admin_router, timeout, stop_rx),
         );
         tracing::info!("broker stopped");
-        Ok(())
     }
 }
 

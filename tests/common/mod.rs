@@ -21,7 +21,7 @@ pub struct TestEnv {
     pub http: reqwest::Client,
     pub flows: std::sync::Arc<Flows>,
     stop: Option<oneshot::Sender<()>>,
-    server: Option<JoinHandle<std::io::Result<()>>>,
+    server: Option<JoinHandle<()>>,
 }
 
 /// The API key of the test caller `demo` (both flows).
@@ -178,7 +178,7 @@ impl TestEnv {
             let _ = stop.send(());
         }
         if let Some(server) = self.server.take() {
-            server.await.expect("broker task").expect("broker stops");
+            server.await.expect("broker task");
         }
     }
 }
