@@ -44,6 +44,16 @@ async fn a_caller_over_its_rate_gets_429_with_retry_after_and_others_do_not() {
     expect_created(second).await;
     // Refused requests cost finAPI nothing.
     assert_eq!(env.all_calls(CREATE_USER), 4);
+    // The refusal counts for the caller it refused.
+    let metrics = env.metrics_text().await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("broker_http_requests_total")
+                && l.contains("status=\"429\"")
+                && l.contains("caller=\"demo\"")),
+        "{metrics}"
+    );
     env.stop().await;
 }
 

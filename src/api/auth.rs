@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use axum::extract::{Request, State};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use subtle::ConstantTimeEq;
 
 use crate::config::{FlowKind, Settings, sha256};
@@ -164,15 +164,22 @@ pub async fn admit(
         .map(|value| value.as_bytes());
     let caller = state.callers.authenticate(key)?;
     tracing::Span::current().record("caller", &*caller.name);
-    caller
-        .try_acquire()
-        .map_err(|wait| ApiError::RateLimited { retry_after: wait })?;
-    let Ok(_permit) = state.in_flight.clone().try_acquire_owned() else {
-        return Err(ApiError::Overloaded);
+    let admitted = match caller.try_acquire() {
+        Err(wait) => Err(ApiError::RateLimited { retry_after: wait }),
+        Ok(()) => state
+            .in_flight
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ApiError::Overloaded),
     };
-    request.extensions_mut().insert(CallerExt(caller.clone()));
-    let mut response = next.run(request).await;
-    // For the request metrics, recorded further out.
+    let mut response = match admitted {
+        Ok(_permit) => {
+            request.extensions_mut().insert(CallerExt(caller.clone()));
+            next.run(request).await
+        }
+        Err(refused) => refused.into_response(),
+    };
+    // For the request metrics, recorded further out: refusals count for their caller too.
     response.extensions_mut().insert(CallerExt(caller));
     Ok(response)
 }
