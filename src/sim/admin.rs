@@ -32,7 +32,10 @@ async fn add_fault(
     let Json(rule) = rule.map_err(|rejection| ApiError::bad_request(&rejection.body_text()))?;
     rule.validate()
         .map_err(|message| ApiError::bad_request(&message))?;
-    state.faults().add(rule.clone());
+    state
+        .faults()
+        .add_bounded(rule.clone())
+        .map_err(|message| ApiError::bad_request(&message))?;
     Ok((StatusCode::CREATED, Json(rule)))
 }
 

@@ -9,6 +9,10 @@ use super::Endpoint;
 
 /// `endpoint` value of a rule that matches every simulated finAPI endpoint.
 pub const ANY_ENDPOINT: &str = "*";
+/// Longest latency a rule may add (one hour).
+pub const MAX_LATENCY_MS: u64 = 3_600_000;
+/// Most rules `POST /__sim/faults` lets be active at once.
+pub const MAX_RULES: usize = 1_000;
 
 /// One fault rule, as accepted by `POST /__sim/faults` and [`super::SimHandle::add_fault`].
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -85,6 +89,9 @@ impl FaultRule {
         if self.count == Some(0) {
             return Err("count must be at least 1".to_owned());
         }
+        if self.latency_ms.is_some_and(|ms| ms > MAX_LATENCY_MS) {
+            return Err(format!("latencyMs must be at most {MAX_LATENCY_MS}"));
+        }
         Ok(())
     }
 
@@ -142,6 +149,16 @@ impl Faults {
         self.lock().push(rule);
     }
 
+    /// Adds a rule from `POST /__sim/faults`, unless `MAX_RULES` are active.
+    pub(crate) fn add_bounded(&self, rule: FaultRule) -> Result<(), String> {
+        let mut rules = self.lock();
+        if rules.len() >= MAX_RULES {
+            return Err(format!("at most {MAX_RULES} fault rules can be active"));
+        }
+        rules.push(rule);
+        Ok(())
+    }
+
     pub(crate) fn clear(&self) {
         self.lock().clear();
     }
@@ -162,7 +179,9 @@ impl Faults {
             if !rule.matches(endpoint) || !rule.fires() {
                 return true;
             }
-            plan.latency += Duration::from_millis(rule.latency_ms.unwrap_or(0));
+            plan.latency = plan
+                .latency
+                .saturating_add(Duration::from_millis(rule.latency_ms.unwrap_or(0)));
             if plan.action == FaultAction::Handle {
                 plan.action = if let Some(status) = rule.status {
                     FaultAction::Answer {
@@ -230,6 +249,25 @@ mod tests {
         assert_eq!(faults.list()[0].count, Some(1));
         faults.plan(Endpoint::DeleteUser);
         assert!(faults.list().is_empty());
+    }
+
+    #[test]
+    fn latencies_are_bounded_and_never_overflow() {
+        let slow = |ms| FaultRule {
+            endpoint: ANY_ENDPOINT.into(),
+            latency_ms: Some(ms),
+            ..FaultRule::default()
+        };
+        assert!(slow(MAX_LATENCY_MS).validate().is_ok());
+        assert!(slow(MAX_LATENCY_MS + 1).validate().is_err());
+        // Rules added by the embedding code are not validated: their sum saturates.
+        let faults = Faults::new(vec![slow(u64::MAX); 1_001]);
+        assert_eq!(faults.plan(Endpoint::DeleteUser).latency, Duration::MAX);
+        let bounded = Faults::new(Vec::new());
+        for _ in 0..MAX_RULES {
+            bounded.add_bounded(slow(1)).unwrap();
+        }
+        assert!(bounded.add_bounded(slow(1)).is_err());
     }
 
     #[test]

@@ -31,8 +31,8 @@ struct Slot<V> {
 
 /// A bounded map whose entries may expire.
 ///
-/// Expiry times go into a queue in insertion order; each table has one lifetime, so the queue is
-/// (nearly) sorted and sweeping pops only its expired front. A queued time is never earlier than
+/// Expiry times go into a queue in insertion order; most tables have one lifetime, so the queue
+/// is (nearly) sorted and sweeping pops only its expired front. A queued time is never earlier than
 /// its entry's real expiry, and reads treat expired entries as absent before they are swept.
 struct ExpiringMap<K, V> {
     slots: HashMap<K, Slot<V>>,
@@ -70,10 +70,17 @@ impl<K: Clone + Eq + Hash, V> ExpiringMap<K, V> {
             .filter(|slot| is_live(slot.expires_at, now))
     }
 
-    /// Whether `count` new keys fit, after sweeping.
+    /// Whether `count` new keys fit, after sweeping. When the queue's front is still live
+    /// (tables holding client and user tokens mix two lifetimes, and an exchange shortens a
+    /// user's), expired entries may sit behind it: then every entry is checked.
     fn has_room(&mut self, count: usize, now: Instant) -> bool {
         if self.slots.len() + count > self.capacity {
             self.sweep(now);
+        }
+        if self.slots.len() + count > self.capacity {
+            self.slots.retain(|_, slot| is_live(slot.expires_at, now));
+            self.expiries
+                .retain(|(_, key)| self.slots.contains_key(key));
         }
         self.slots.len() + count <= self.capacity
     }
@@ -749,6 +756,23 @@ mod tests {
         assert!(map.get(&1, later).is_none());
         map.insert(3, "c", None, later).unwrap();
         assert_eq!(map.slots.len(), 2);
+    }
+
+    #[test]
+    fn expired_entries_behind_a_longer_lived_one_free_room_too() {
+        let now = Instant::now();
+        let mut map = ExpiringMap::new(2);
+        // A long-lived entry at the queue's front, a short-lived one behind it.
+        map.insert(1, "client", Some(now + Duration::from_secs(3600)), now)
+            .unwrap();
+        map.insert(2, "user", Some(now + Duration::from_secs(1)), now)
+            .unwrap();
+        let later = now + Duration::from_secs(2);
+        map.insert(3, "user", Some(later + Duration::from_secs(1)), later)
+            .unwrap();
+        assert!(map.get(&1, later).is_some());
+        assert_eq!(map.slots.len(), 2);
+        assert_eq!(map.expiries.len(), 2);
     }
 
     #[test]
