@@ -89,6 +89,20 @@ impl RetryPolicy {
         (wait + self.attempt_time <= deadline.remaining()).then_some(wait)
     }
 
+    /// How long to wait before trying again after `failed` attempts, the last of which failed
+    /// with `err`; `None` when the failure is not transient or no further attempt may be made.
+    pub fn delay_after(
+        &self,
+        failed: u32,
+        err: &crate::finapi::UpstreamError,
+        deadline: &Deadline,
+    ) -> Option<Duration> {
+        if !err.is_transient() {
+            return None;
+        }
+        self.delay(failed, err.retry_after(), deadline)
+    }
+
     /// Exponential backoff with full jitter: uniform in `0..=min(max, base × 2^(failed−1))`.
     pub fn backoff(&self, failed: u32) -> Duration {
         let exp = failed.saturating_sub(1).min(20);

@@ -294,11 +294,7 @@ impl ClientTokenCache {
                 Err(err) => err,
             };
             failed += 1;
-            let delay = err
-                .is_transient()
-                .then(|| self.policy.delay(failed, err.retry_after(), &deadline))
-                .flatten();
-            let Some(delay) = delay else {
+            let Some(delay) = self.policy.delay_after(failed, &err, &deadline) else {
                 return Err(err);
             };
             tracing::debug!(error = %err, delay_ms = delay.as_millis() as u64,

@@ -253,7 +253,12 @@ pub(super) async fn delete_current(
         Ok(_) => "deleted",
         Err(err) => err.code(),
     };
-    metrics::counter!(DELETIONS, "outcome" => outcome).increment(1);
+    static HANDLES: HandleCache<&'static str, metrics::Counter> = HandleCache::new();
+    HANDLES.with(
+        outcome,
+        |&outcome| metrics::counter!(DELETIONS, "outcome" => outcome),
+        |deletions| deletions.increment(1),
+    );
     result
 }
 

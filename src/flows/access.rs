@@ -28,8 +28,8 @@ impl Flows {
         let user = NewUser {
             id: generate_user_id(),
             password: generate_password()?,
-            email: email.map(|e| e.as_str().to_owned()),
-            phone: phone.map(|p| p.as_str().to_owned()),
+            email: email.map(Email::into_string),
+            phone: phone.map(Phone::into_string),
         };
         let user_id = self.create_user(&user, ctx, deadline).await?;
         let token = match self

@@ -96,6 +96,11 @@ impl Email {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The value, owned.
+    pub fn into_string(self) -> String {
+        self.0
+    }
 }
 
 /// A phone number for a new finAPI user: at most 50 characters of digits, spaces and
@@ -126,6 +131,11 @@ impl Phone {
     /// The number.
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// The value, owned.
+    pub fn into_string(self) -> String {
+        self.0
     }
 }
 

@@ -133,10 +133,7 @@ impl Flows {
         err: &UpstreamError,
         deadline: &Deadline,
     ) -> bool {
-        if !err.is_transient() {
-            return false;
-        }
-        let Some(delay) = self.policy.delay(failed, err.retry_after(), deadline) else {
+        let Some(delay) = self.policy.delay_after(failed, err, deadline) else {
             return false;
         };
         bump(&self.stats.retries);
