@@ -280,6 +280,15 @@ async fn process_tokens_expire() {
 }
 
 #[tokio::test]
+async fn an_undecodable_process_token_is_an_unknown_entity() {
+    let sim = sim().await;
+    let response = reqwest::get(sim.url("/api/v1/processes/%FF?invalidate=true"))
+        .await
+        .unwrap();
+    assert_error(response, StatusCode::NOT_FOUND, "UNKNOWN_ENTITY").await;
+}
+
+#[tokio::test]
 async fn process_creation_checks_client_and_fields() {
     let sim = sim().await;
     let valid = json!({"clientId": DEMO_CLIENT_ID, "clientSecret": DEMO_CLIENT_SECRET,

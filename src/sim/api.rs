@@ -2,7 +2,7 @@
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, FormRejection, QueryRejection};
+use axum::extract::rejection::{BytesRejection, FormRejection, PathRejection, QueryRejection};
 use axum::extract::{Form, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -69,9 +69,15 @@ pub(crate) async fn create_processes(
 /// `GET /api/v1/processes/{processToken}?invalidate=true|false`.
 pub(crate) async fn exchange_process(
     State(state): State<SimState>,
-    Path(process_token): Path<String>,
+    process_token: Result<Path<String>, PathRejection>,
     query: Result<Query<ExchangeQuery>, QueryRejection>,
 ) -> Result<Json<ExchangeResponse>, ApiError> {
+    // A token that does not even decode (say `%FF`) is one finAPI never issued.
+    let Ok(Path(process_token)) = process_token else {
+        return Err(ApiError::unknown_entity(
+            "Process token is unknown, used up or expired",
+        ));
+    };
     let Query(query) = query.map_err(|_| ApiError::bad_request("Malformed query"))?;
     let invalidate = match query.invalidate.as_deref() {
         None | Some("false") => false,
