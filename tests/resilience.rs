@@ -247,6 +247,33 @@ async fn a_user_without_a_token_is_a_clean_502_and_counted_as_orphaned() {
 }
 
 #[tokio::test]
+async fn a_user_whose_request_is_abandoned_during_its_grant_is_counted_as_orphaned() {
+    let _serial = one_at_a_time().await;
+    let env = TestEnv::start().await;
+    env.sim.add_fault(FaultRule {
+        endpoint: PASSWORD_TOKEN.into(),
+        latency_ms: Some(2_000),
+        count: Some(1),
+        ..FaultRule::default()
+    });
+    // The client gives up while the broker waits for the password grant: hyper drops the flow.
+    let abandoned = tokio::time::timeout(
+        Duration::from_millis(500),
+        env.start_session(json!({"flow": "access"})),
+    )
+    .await;
+    assert!(abandoned.is_err(), "the request was still waiting");
+    assert_eq!(env.calls(CREATE_USER, "201"), 1);
+    assert!(
+        eventually(Duration::from_secs(5), || env.resilience().orphaned_users
+            == 1)
+        .await,
+        "the created user is counted as orphaned"
+    );
+    env.stop().await;
+}
+
+#[tokio::test]
 async fn a_long_retry_after_is_passed_on_instead_of_waited_out() {
     let _serial = one_at_a_time().await;
     let env = TestEnv::with(SimConfig::default(), fast_retries).await;

@@ -9,10 +9,37 @@ use crate::finapi::{AccessToken, NewUser, Step};
 use crate::resilience::Deadline;
 use crate::token_cache::ClientToken;
 
+use super::retry::ResilienceStats;
 use super::{Email, FlowError, Flows, KycSession, Phone, RequestContext, is_unauthorized};
 
 /// Length of generated passwords: 32 symbols of `A-Z a-z 0-9`, about 190 bits.
 const PASSWORD_LEN: usize = 32;
+
+/// A created user whose token is being asked for. When the flow is dropped before the answer
+/// (the client went away, or the request's time ran out), nobody will see this user: it is
+/// counted and logged as orphaned then, as it is when the password grant fails.
+struct Unclaimed<'a> {
+    stats: &'a ResilienceStats,
+    user_id: &'a str,
+}
+
+impl Unclaimed<'_> {
+    /// The grant answered (with a token or an error): the flow goes on and accounts for it.
+    fn settle(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Unclaimed<'_> {
+    fn drop(&mut self) {
+        self.stats.user_orphaned();
+        tracing::warn!(
+            user_id = self.user_id,
+            "finAPI user created, but the request ended before its token was had: orphaned, \
+             delete it"
+        );
+    }
+}
 
 impl Flows {
     /// Creates a user with the cached client token and returns that user's token. A user that
@@ -32,10 +59,15 @@ impl Flows {
             phone: phone.map(Phone::into_string),
         };
         let user_id = self.create_user(&user, ctx, deadline).await?;
-        let token = match self
+        let unclaimed = Unclaimed {
+            stats: &self.stats,
+            user_id: &user_id,
+        };
+        let result = self
             .user_token(&user_id, &user.password, ctx, deadline)
-            .await
-        {
+            .await;
+        unclaimed.settle();
+        let token = match result {
             Ok(token) => token,
             Err(err) => {
                 // Counted here; logged once, with the user id and the cause, where the error
