@@ -1072,7 +1072,7 @@ async fn every_kind_of_answer_matches_finapis_published_schemas() {
     let echoed = sim
         .http
         .post(sim.url("/api/v2/users"))
-        .bearer_auth(&access_token(&login))
+        .bearer_auth(access_token(&login))
         .header("X-Request-Id", "req-4711")
         .json(&json!({}))
         .send()
