@@ -152,7 +152,16 @@ pub(super) fn flow_body_schemas(default_flow: FlowKind) -> [(&'static str, serde
         },
         "additionalProperties": false,
     });
-    [(STANDALONE_BODY, standalone), (ACCESS_BODY, access)]
+    let mut schemas = [(STANDALONE_BODY, standalone), (ACCESS_BODY, access)];
+    // An empty `required` is noise (and utoipa drops it).
+    for (_, schema) in &mut schemas {
+        if let Some(object) = schema.as_object_mut()
+            && object.get("required") == Some(&json!([]))
+        {
+            object.remove("required");
+        }
+    }
+    schemas
 }
 
 impl CreateSessionBody {
