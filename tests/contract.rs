@@ -340,3 +340,22 @@ async fn the_fuzzers_report_is_forbidden_by_the_document() {
     assert_eq!(response.status(), 422);
     env.stop().await;
 }
+
+/// JSON Schema sees a parsed value, where a repeated member is already gone; the README
+/// documents that the broker refuses it.
+#[tokio::test]
+async fn a_repeated_member_is_refused() {
+    let env = TestEnv::start().await;
+    let response = env
+        .http
+        .post(format!("{}/kyc-sessions", env.broker_url))
+        .header("content-type", "application/json")
+        .body(r#"{"flow":"standalone","clientReference":"c-1","clientReference":"c-2"}"#)
+        .send()
+        .await
+        .expect("broker answers");
+    assert_eq!(response.status(), 400);
+    let problem: Value = response.json().await.expect("problem");
+    assert_eq!(problem["code"], "INVALID_BODY");
+    env.stop().await;
+}
