@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use giroident_broker::config::{LogFormat, Settings, read_secret_file};
+use giroident_broker::config::{FlowKind, LogFormat, Settings, read_secret_file};
 use giroident_broker::startup::{Application, shutdown_signal};
 use giroident_broker::telemetry::{self, cause_chain};
 use giroident_broker::{demo, healthcheck, sim};
@@ -89,7 +89,12 @@ fn main() -> ExitCode {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(cli.config),
         Command::Openapi => {
-            println!("{}", giroident_broker::api::openapi_document());
+            // The built-in `flows.default_flow`; the test comparing this copy with the served
+            // document catches a change of config/default.toml.
+            println!(
+                "{}",
+                giroident_broker::api::openapi_document(FlowKind::Standalone)
+            );
             ExitCode::SUCCESS
         }
         Command::CheckConfig => match Settings::load(cli.config.as_deref()) {

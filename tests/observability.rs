@@ -12,7 +12,10 @@ use proptest::prelude::*;
 use serde_json::{Value, json};
 
 fn document() -> Value {
-    serde_json::from_str(giroident_broker::api::openapi_document()).expect("JSON")
+    serde_json::from_str(giroident_broker::api::openapi_document(
+        giroident_broker::config::FlowKind::Standalone,
+    ))
+    .expect("JSON")
 }
 
 /// A validator for one component schema, resolving `$ref`s inside the whole document.

@@ -37,25 +37,173 @@ async fn body(response: Response) -> Value {
     response.json().await.expect("JSON body")
 }
 
-/// Asserts an ErrorMessage with `status` and `code` and returns its body.
+/// finAPI's answer schemas, written from the tables in `finapi-reference.md` ("Answer
+/// schemas", finAPI's published Access V2 spec). A client generated from that spec rejects any
+/// answer outside them, so every simulator answer is checked here.
+mod finapi_schema {
+    use serde_json::{Value, json};
+
+    /// An Access token: 1 to 8192 visible ASCII characters.
+    fn token() -> Value {
+        json!({"type": "string", "minLength": 1, "maxLength": 8192, "pattern": "^[!-~]+$"})
+    }
+
+    /// AccessToken; `refresh_token` is present for the password grant only.
+    pub fn token_answer(grant: &str) -> Value {
+        let mut schema = json!({
+            "type": "object",
+            "required": ["access_token", "token_type", "expires_in", "scope"],
+            "properties": {
+                "access_token": token(),
+                "token_type": {"const": "bearer"},
+                "expires_in": {"type": "integer", "minimum": 0},
+                "scope": {"const": "all"},
+                "refresh_token": {"type": "string", "minLength": 1, "maxLength": 8192},
+            },
+            "additionalProperties": false,
+        });
+        if grant == "password" {
+            schema["required"]
+                .as_array_mut()
+                .expect("required")
+                .push(json!("refresh_token"));
+        } else {
+            schema["not"] = json!({"required": ["refresh_token"]});
+        }
+        schema
+    }
+
+    /// User; the password is `XXXXX` except in the creation answer.
+    pub fn user_answer(created: bool) -> Value {
+        let password = if created {
+            json!({"type": "string", "minLength": 6, "maxLength": 128})
+        } else {
+            json!({"const": "XXXXX"})
+        };
+        json!({
+            "type": "object",
+            "required": ["id", "password", "isAutoUpdateEnabled"],
+            "properties": {
+                "id": {"type": "string", "minLength": 1, "maxLength": 36},
+                "password": password,
+                "email": {"type": ["string", "null"], "maxLength": 320},
+                "phone": {"type": ["string", "null"], "maxLength": 50},
+                "isAutoUpdateEnabled": {"type": "boolean"},
+            },
+            "additionalProperties": false,
+        })
+    }
+
+    /// ErrorMessage with its ErrorDetails.
+    pub fn error_message() -> Value {
+        json!({
+            "type": "object",
+            "required": ["errors", "date", "requestId", "endpoint", "authContext"],
+            "properties": {
+                "errors": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "required": ["code", "type"],
+                        "properties": {
+                            "message": {"type": ["string", "null"]},
+                            "code": {"enum": ["BAD_REQUEST", "ENTITY_EXISTS", "ILLEGAL_FIELD_VALUE",
+                                "UNAUTHORIZED_ACCESS", "UNKNOWN_ENTITY", "LOCKED", "UNEXPECTED_ERROR"]},
+                            "type": {"enum": ["BUSINESS", "TECHNICAL"]},
+                        },
+                        "additionalProperties": false,
+                    },
+                },
+                "date": {
+                    "type": "string",
+                    "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\\.[0-9]{3}(Z|[+-][0-9]{2}:[0-9]{2})$",
+                },
+                "requestId": {"type": "string", "minLength": 1, "maxLength": 255},
+                "endpoint": {
+                    "type": "string",
+                    "pattern": "^(GET|POST|PUT|PATCH|DELETE|HEAD|OPTIONS) /[!-~]*$",
+                },
+                "authContext": {"type": "string"},
+                "bank": {"type": "string"},
+            },
+            "additionalProperties": false,
+        })
+    }
+
+    /// The OAuth error shape of authentication errors.
+    pub fn oauth_error() -> Value {
+        json!({
+            "type": "object",
+            "required": ["error", "error_description"],
+            "properties": {
+                "error": {"enum": ["invalid_client", "invalid_token"]},
+                "error_description": {"type": "string"},
+            },
+            "additionalProperties": false,
+        })
+    }
+
+    /// The answer of `POST /api/v1/processes`.
+    pub fn processes_answer() -> Value {
+        json!({
+            "type": "object",
+            "required": ["processes"],
+            "properties": {"processes": {
+                "type": "array",
+                "minItems": 1,
+                "items": {
+                    "type": "object",
+                    "required": ["clientReference", "processToken"],
+                    "properties": {
+                        "clientReference": {"type": "string", "minLength": 1},
+                        "processToken": {
+                            "type": "string",
+                            "pattern": "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$",
+                        },
+                    },
+                    "additionalProperties": false,
+                },
+            }},
+            "additionalProperties": false,
+        })
+    }
+
+    /// The answer of a process token exchange: an Access user token, no lifetime.
+    pub fn exchange_answer() -> Value {
+        json!({
+            "type": "object",
+            "required": ["accessToken"],
+            "properties": {"accessToken": token()},
+            "additionalProperties": false,
+        })
+    }
+
+    /// Panics with every violation when `body` does not match `schema`.
+    pub fn assert_matches(schema: &Value, body: &Value, what: &str) {
+        let validator = jsonschema::validator_for(schema).expect("a valid schema");
+        let errors: Vec<String> = validator.iter_errors(body).map(|e| e.to_string()).collect();
+        assert!(
+            errors.is_empty(),
+            "{what}: {body} breaks finAPI's schema: {errors:?}"
+        );
+    }
+}
+
+/// Asserts an ErrorMessage with `status` and `code` in finAPI's schema and returns its body.
 async fn assert_error(response: Response, status: StatusCode, code: &str) -> Value {
     assert_eq!(response.status(), status);
     let body = body(response).await;
+    finapi_schema::assert_matches(&finapi_schema::error_message(), &body, "ErrorMessage");
     assert_eq!(body["errors"][0]["code"], code, "{body}");
-    assert!(body["errors"][0]["message"].is_string());
-    assert!(body["errors"][0]["type"] == "BUSINESS" || body["errors"][0]["type"] == "TECHNICAL");
-    assert!(body["date"].as_str().is_some_and(|d| d.ends_with("+00:00")));
-    assert!(body["requestId"].is_string());
-    assert!(body["endpoint"].is_string());
-    assert!(body.get("authContext").is_some());
     body
 }
 
 async fn assert_oauth_error(response: Response, error: &str) {
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
     let body = body(response).await;
+    finapi_schema::assert_matches(&finapi_schema::oauth_error(), &body, "OAuth error");
     assert_eq!(body["error"], error);
-    assert!(body["error_description"].is_string());
 }
 
 impl Sim {
@@ -851,4 +999,141 @@ async fn dropped_connection_sends_not_a_single_byte() {
         "{}",
         String::from_utf8_lossy(&received)
     );
+}
+
+#[tokio::test]
+async fn every_kind_of_answer_matches_finapis_published_schemas() {
+    use finapi_schema::*;
+    // The schemas really check: today's finAPI clients refuse a null authContext.
+    let null_context = json!({"errors": [{"code": "BAD_REQUEST", "type": "BUSINESS"}],
+        "date": "2026-11-24T10:15:30.123+01:00", "requestId": "r", "endpoint": "GET /x",
+        "authContext": null});
+    assert!(!jsonschema::is_valid(&error_message(), &null_context));
+
+    let sim = sim().await;
+    let client = sim.client_token().await;
+    assert_matches(&token_answer("client_credentials"), &client, "client token");
+    let client = access_token(&client);
+
+    let created = sim
+        .create_user(
+            &client,
+            json!({"id": "erin", "password": "secret-1", "email": "e@x.de"}),
+        )
+        .await;
+    assert_eq!(created.status(), StatusCode::CREATED);
+    assert_matches(&user_answer(true), &body(created).await, "created user");
+    let login = body(sim.password_grant("erin", "secret-1").await).await;
+    assert_matches(&token_answer("password"), &login, "password grant");
+    let refreshed = sim
+        .token(&[
+            ("grant_type", "refresh_token"),
+            (
+                "refresh_token",
+                login["refresh_token"].as_str().expect("refresh_token"),
+            ),
+        ])
+        .await;
+    assert_eq!(refreshed.status(), StatusCode::OK);
+    assert_matches(
+        &token_answer("refresh_token"),
+        &body(refreshed).await,
+        "refresh grant",
+    );
+    let fetched = sim.users(reqwest::Method::GET, &access_token(&login)).await;
+    assert_eq!(fetched.status(), StatusCode::OK);
+    assert_matches(&user_answer(false), &body(fetched).await, "fetched user");
+
+    let created = sim
+        .create_processes_raw(json!({
+            "clientId": DEMO_CLIENT_ID, "clientSecret": DEMO_CLIENT_SECRET,
+            "clientReferences": [{"clientReference": "customer-4711"}], "processId": "GIROIDENT",
+        }))
+        .await;
+    assert_eq!(created.status(), StatusCode::CREATED);
+    let created = body(created).await;
+    assert_matches(&processes_answer(), &created, "created processes");
+    let process_token = created["processes"][0]["processToken"]
+        .as_str()
+        .expect("token");
+    let exchanged = sim.exchange(process_token, true).await;
+    assert_eq!(exchanged.status(), StatusCode::OK);
+    assert_matches(&exchange_answer(), &body(exchanged).await, "exchange");
+
+    // One ErrorMessage of every kind the simulator gives; assert_error checks the schema.
+    let no_grant = assert_error(sim.token(&[]).await, StatusCode::BAD_REQUEST, "BAD_REQUEST").await;
+    assert_eq!(no_grant["endpoint"], "POST /api/v2/oauth/token");
+    let id = no_grant["requestId"].as_str().expect("requestId");
+    assert!(
+        id.strip_prefix("selfgen-")
+            .is_some_and(|uuid| uuid::Uuid::parse_str(uuid).is_ok()),
+        "{id}"
+    );
+    let echoed = sim
+        .http
+        .post(sim.url("/api/v2/users"))
+        .bearer_auth(access_token(&login))
+        .header("X-Request-Id", "req-4711")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    let forbidden = assert_error(echoed, StatusCode::FORBIDDEN, "UNAUTHORIZED_ACCESS").await;
+    assert_eq!(forbidden["requestId"], "req-4711");
+    assert_eq!(forbidden["endpoint"], "POST /api/v2/users");
+    assert_error(
+        sim.exchange(process_token, true).await,
+        StatusCode::NOT_FOUND,
+        "UNKNOWN_ENTITY",
+    )
+    .await;
+    assert_error(
+        sim.admin(reqwest::Method::PUT, "/api/v2/users").await,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "BAD_REQUEST",
+    )
+    .await;
+    assert_error(
+        sim.create_user(&client, json!({"id": "ERIN"})).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "ENTITY_EXISTS",
+    )
+    .await;
+    assert_error(
+        sim.create_processes_raw(json!({})).await,
+        StatusCode::BAD_REQUEST,
+        "BAD_REQUEST",
+    )
+    .await;
+    for (status, code) in [
+        (StatusCode::LOCKED, "LOCKED"),
+        (StatusCode::INTERNAL_SERVER_ERROR, "UNEXPECTED_ERROR"),
+        (StatusCode::SERVICE_UNAVAILABLE, "UNEXPECTED_ERROR"),
+    ] {
+        sim.handle.clear_faults();
+        sim.handle.add_fault(FaultRule {
+            status: Some(status.as_u16()),
+            ..fault("DELETE /api/v2/users")
+        });
+        assert_error(
+            sim.users(reqwest::Method::DELETE, &access_token(&login))
+                .await,
+            status,
+            code,
+        )
+        .await;
+    }
+    sim.handle.clear_faults();
+
+    assert_oauth_error(
+        sim.token_raw(&[("grant_type", "client_credentials"), ("client_id", "x")])
+            .await,
+        "invalid_client",
+    )
+    .await;
+    assert_oauth_error(
+        sim.users(reqwest::Method::GET, "not-a-token").await,
+        "invalid_token",
+    )
+    .await;
 }

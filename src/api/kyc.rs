@@ -7,9 +7,16 @@ use axum::routing::{delete, post};
 use axum::{Extension, Router};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 use utoipa::ToSchema;
+use utoipa::openapi::schema::{OneOfBuilder, Schema};
+use utoipa::openapi::{Ref, RefOr};
 
 use crate::config::FlowKind;
+use crate::flows::input::{
+    CLIENT_REFERENCE_MAX, CLIENT_REFERENCE_PATTERN, EMAIL_MAX, EMAIL_PATTERN, PHONE_MAX,
+    PHONE_PATTERN,
+};
 use crate::flows::{
     ClientReference, Email, InvalidInput, KycSession, Phone, RequestContext, SessionRequest,
 };
@@ -30,31 +37,131 @@ pub fn router() -> Router<AppState> {
         .route("/kyc-sessions/current", delete(delete_current))
 }
 
-/// The body of `POST /kyc-sessions`. Unknown fields are refused.
-#[derive(Debug, Deserialize, ToSchema)]
+/// The body of `POST /kyc-sessions`. Unknown fields are refused; `null` counts as absent.
+///
+/// Its OpenAPI schema is written by hand ([`flow_body_schemas`]): the rules differ per flow,
+/// which a derived schema cannot say.
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-#[schema(example = json!({"flow": "standalone", "clientReference": "customer-4711"}))]
 pub struct CreateSessionBody {
     /// `standalone` or `access`; the configured default when absent.
     #[serde(default)]
     pub flow: Option<FlowKind>,
     /// The caller's reference for the process. Required by `standalone`, refused by `access`.
     #[serde(default)]
-    #[schema(min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9._:@+-]+$")]
     pub client_reference: Option<String>,
-    /// E-mail of the new finAPI user. Optional for `access`, refused by `standalone`. One `@`
-    /// with text on both sides; no white space or control characters.
+    /// E-mail of the new finAPI user. Optional for `access`, refused by `standalone`.
     #[serde(default)]
-    #[schema(
-        max_length = 320,
-        pattern = "^[^@\\s\\u0000-\\u001f\\u007f-\\u009f]+@[^@\\s\\u0000-\\u001f\\u007f-\\u009f]+$"
-    )]
     pub email: Option<String>,
-    /// Phone of the new finAPI user. Optional for `access`, refused by `standalone`. Digits,
-    /// spaces and `+ - ( ) /`, at least one digit.
+    /// Phone of the new finAPI user. Optional for `access`, refused by `standalone`.
     #[serde(default)]
-    #[schema(max_length = 50, pattern = "^[0-9 +()/-]*[0-9][0-9 +()/-]*$")]
     pub phone: Option<String>,
+}
+
+/// Name of the standalone branch of [`CreateSessionBody`] in the OpenAPI document.
+pub(super) const STANDALONE_BODY: &str = "StandaloneSessionBody";
+/// Name of the access branch of [`CreateSessionBody`] in the OpenAPI document.
+pub(super) const ACCESS_BODY: &str = "AccessSessionBody";
+
+impl utoipa::PartialSchema for CreateSessionBody {
+    fn schema() -> RefOr<Schema> {
+        OneOfBuilder::new()
+            .item(Ref::from_schema_name(STANDALONE_BODY))
+            .item(Ref::from_schema_name(ACCESS_BODY))
+            .description(Some(
+                "The body of `POST /kyc-sessions`: exactly one of the flows' bodies. A body \
+                 without `flow` (or with `flow: null`) is the configured default flow's \
+                 (`flows.default_flow`), so only that branch allows it; the served document \
+                 reflects the broker's configuration. `null` counts as absent everywhere. There \
+                 is no `discriminator` because `flow` may be absent.",
+            ))
+            .examples([
+                json!({"flow": "standalone", "clientReference": "customer-4711"}),
+                json!({"flow": "access", "email": "jane@example.com"}),
+            ])
+            .into()
+    }
+}
+
+impl ToSchema for CreateSessionBody {
+    fn name() -> std::borrow::Cow<'static, str> {
+        "CreateSessionBody".into()
+    }
+}
+
+/// The JSON Schemas of the two flows' bodies, by component name, for a broker whose
+/// `flows.default_flow` is `default_flow`. They accept exactly what
+/// [`CreateSessionBody::validate`] accepts (`tests/contract.rs` sends the broker bodies generated
+/// from them, both ways).
+pub(super) fn flow_body_schemas(default_flow: FlowKind) -> [(&'static str, serde_json::Value); 2] {
+    // The default flow's branch also takes a missing or null `flow`.
+    let flow = |kind: FlowKind| {
+        if kind == default_flow {
+            json!({"type": ["string", "null"], "enum": [kind.as_str(), null],
+                "description": "May be absent or null: this is the configured default flow."})
+        } else {
+            json!({"type": "string", "enum": [kind.as_str()]})
+        }
+    };
+    let required = |kind: FlowKind, mut fields: Vec<&'static str>| {
+        if kind != default_flow {
+            fields.insert(0, "flow");
+        }
+        fields
+    };
+    let refused = json!({"type": "null", "description": "Not used by this flow: absent or null."});
+    let standalone = json!({
+        "type": "object",
+        "title": "standalone",
+        "description": "Process Controller flow: one process for the caller's reference.",
+        "required": required(FlowKind::Standalone, vec!["clientReference"]),
+        "properties": {
+            "flow": flow(FlowKind::Standalone),
+            "clientReference": {
+                "type": "string",
+                "description": "The caller's reference for the process.",
+                "minLength": 1,
+                "maxLength": CLIENT_REFERENCE_MAX,
+                "pattern": CLIENT_REFERENCE_PATTERN,
+            },
+            "email": refused,
+            "phone": refused,
+        },
+        "additionalProperties": false,
+    });
+    let access = json!({
+        "type": "object",
+        "title": "access",
+        "description": "Access flow: a new finAPI user and its token.",
+        "required": required(FlowKind::Access, vec![]),
+        "properties": {
+            "flow": flow(FlowKind::Access),
+            "clientReference": refused,
+            "email": {
+                "type": ["string", "null"],
+                "description": "E-mail of the new finAPI user: one `@` with text on both sides; no white space (Unicode White_Space) or control characters.",
+                "maxLength": EMAIL_MAX,
+                "pattern": EMAIL_PATTERN,
+            },
+            "phone": {
+                "type": ["string", "null"],
+                "description": "Phone of the new finAPI user: digits, spaces and `+ - ( ) /`, at least one digit.",
+                "maxLength": PHONE_MAX,
+                "pattern": PHONE_PATTERN,
+            },
+        },
+        "additionalProperties": false,
+    });
+    let mut schemas = [(STANDALONE_BODY, standalone), (ACCESS_BODY, access)];
+    // An empty `required` is noise (and utoipa drops it).
+    for (_, schema) in &mut schemas {
+        if let Some(object) = schema.as_object_mut()
+            && object.get("required") == Some(&json!([]))
+        {
+            object.remove("required");
+        }
+    }
+    schemas
 }
 
 impl CreateSessionBody {

@@ -3,14 +3,16 @@
 
 use std::sync::OnceLock;
 
+use axum::extract::State;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
+use super::AppState;
 use super::error::Problem;
 use super::health::HealthStatus;
-use super::kyc::{CreateSessionBody, SessionBody};
+use super::kyc::{CreateSessionBody, SessionBody, flow_body_schemas};
 use crate::config::FlowKind;
 
 #[derive(OpenApi)]
@@ -57,14 +59,27 @@ impl Modify for SecuritySchemes {
     }
 }
 
-/// The document as pretty-printed JSON (built once).
-pub fn document() -> &'static str {
-    static DOCUMENT: OnceLock<String> = OnceLock::new();
-    DOCUMENT.get_or_init(|| {
-        ApiDoc::openapi()
-            .to_pretty_json()
-            .unwrap_or_else(|_| "{}".to_owned())
-    })
+/// The document as pretty-printed JSON, for a broker whose `flows.default_flow` is
+/// `default_flow` (the request body's schema depends on it); built once per flow.
+pub fn document(default_flow: FlowKind) -> &'static str {
+    static STANDALONE: OnceLock<String> = OnceLock::new();
+    static ACCESS: OnceLock<String> = OnceLock::new();
+    let cell = match default_flow {
+        FlowKind::Standalone => &STANDALONE,
+        FlowKind::Access => &ACCESS,
+    };
+    cell.get_or_init(|| build(default_flow).unwrap_or_else(|_| "{}".to_owned()))
+}
+
+fn build(default_flow: FlowKind) -> Result<String, serde_json::Error> {
+    let mut doc = ApiDoc::openapi();
+    let components = doc.components.get_or_insert_with(Default::default);
+    for (name, schema) in flow_body_schemas(default_flow) {
+        components
+            .schemas
+            .insert(name.to_owned(), serde_json::from_value(schema)?);
+    }
+    doc.to_pretty_json()
 }
 
 /// The OpenAPI document of this API.
@@ -74,13 +89,30 @@ pub fn document() -> &'static str {
     tag = "health",
     responses((status = 200, description = "The OpenAPI 3.1 document", content_type = "application/json"))
 )]
-pub(super) async fn openapi_json() -> Response {
+pub(super) async fn openapi_json(State(state): State<AppState>) -> Response {
     (
         [(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         )],
-        document(),
+        document(state.default_flow),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The hand-written schemas pass through utoipa's model: nothing of them may be lost.
+    #[test]
+    fn flow_body_schemas_survive_the_document_model() {
+        for default_flow in [FlowKind::Standalone, FlowKind::Access] {
+            let doc: serde_json::Value =
+                serde_json::from_str(document(default_flow)).expect("JSON");
+            for (name, schema) in flow_body_schemas(default_flow) {
+                assert_eq!(doc["components"]["schemas"][name], schema, "{name}");
+            }
+        }
+    }
 }

@@ -27,6 +27,20 @@ pub const EMAIL_MAX: usize = 320;
 /// Longest accepted `phone` (finAPI's limit).
 pub const PHONE_MAX: usize = 50;
 
+// The rules below as JSON Schema `pattern`s (ECMA-262), for the OpenAPI document. Each accepts
+// exactly what its parser accepts, together with the length limits above (which JSON Schema
+// counts in characters, as the parsers do); `tests/contract.rs` checks both directions.
+
+/// [`ClientReference`] as a pattern.
+pub const CLIENT_REFERENCE_PATTERN: &str = "^[A-Za-z0-9._:@+-]+$";
+/// [`Email`] as a pattern, with the refused control and white-space characters spelled out.
+pub const EMAIL_PATTERN: &str = concat!(
+    "^[^@\\u0000-\\u0020\\u007F-\\u00A0\\u1680\\u2000-\\u200A\\u2028\\u2029\\u202F\\u205F\\u3000]+",
+    "@[^@\\u0000-\\u0020\\u007F-\\u00A0\\u1680\\u2000-\\u200A\\u2028\\u2029\\u202F\\u205F\\u3000]+$"
+);
+/// [`Phone`] as a pattern.
+pub const PHONE_PATTERN: &str = "^[0-9 +()/-]*[0-9][0-9 +()/-]*$";
+
 /// The caller's reference for a standalone process: 1 to 128 characters of
 /// `A-Z a-z 0-9 - _ . : @ +`. finAPI documents no format; this set keeps customer numbers,
 /// UUIDs and e-mail-like references while excluding anything that could break a log line or a
@@ -77,7 +91,7 @@ impl Email {
         if value.chars().count() > EMAIL_MAX {
             return Err(invalid("must be at most 320 characters"));
         }
-        if value.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        if value.chars().any(is_forbidden_in_email) {
             return Err(invalid(
                 "must not contain white space or control characters",
             ));
@@ -101,6 +115,23 @@ impl Email {
     pub fn into_string(self) -> String {
         self.0
     }
+}
+
+/// Control characters (Unicode category Cc) and white space (Unicode `White_Space`), listed
+/// rather than asked of `char` so that [`EMAIL_PATTERN`] can name the same set.
+fn is_forbidden_in_email(c: char) -> bool {
+    matches!(
+        c,
+        '\u{0}'..='\u{20}'
+            | '\u{7F}'..='\u{A0}'
+            | '\u{1680}'
+            | '\u{2000}'..='\u{200A}'
+            | '\u{2028}'
+            | '\u{2029}'
+            | '\u{202F}'
+            | '\u{205F}'
+            | '\u{3000}'
+    )
 }
 
 /// A phone number for a new finAPI user: at most 50 characters of digits, spaces and
@@ -176,6 +207,18 @@ mod tests {
         }
         let long = format!("{}@example.com", "a".repeat(320));
         assert!(Email::parse(&long).is_err());
+    }
+
+    #[test]
+    fn email_forbids_exactly_control_and_white_space() {
+        for c in (0..=0x10FFFF).filter_map(char::from_u32) {
+            assert_eq!(
+                is_forbidden_in_email(c),
+                c.is_control() || c.is_whitespace(),
+                "U+{:04X}",
+                c as u32
+            );
+        }
     }
 
     #[test]

@@ -174,7 +174,7 @@ impl ApiError {
                 date: rfc3339_now(),
                 request_id,
                 endpoint,
-                auth_context: None,
+                auth_context: AUTH_CONTEXT,
             })
             .into_response(),
             ErrorBody::OAuth { error, description } => axum::Json(OAuthError {
@@ -201,6 +201,10 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// `authContext` of every ErrorMessage. finAPI's Access V2 spec makes it a required string
+/// (never null) and documents nothing about its content; `1/21` is the spec's own example.
+const AUTH_CONTEXT: &str = "1/21";
+
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct ErrorMessage<'a> {
@@ -208,7 +212,7 @@ struct ErrorMessage<'a> {
     date: String,
     request_id: &'a str,
     endpoint: &'a str,
-    auth_context: Option<&'a str>,
+    auth_context: &'static str,
 }
 
 #[derive(Serialize)]
