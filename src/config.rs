@@ -39,6 +39,43 @@ pub struct Settings {
     pub log: LogSettings,
     /// Retries, time budgets and circuit breakers around finAPI calls.
     pub resilience: ResilienceSettings,
+    /// The ledger of managed finAPI identities.
+    pub identities: IdentitiesSettings,
+}
+
+/// The ledger of the finAPI users the access flow creates, their derived passwords and their
+/// deletion.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentitiesSettings {
+    /// The ledger's database: `sqlite://PATH` (embedded, created if missing; enough for one
+    /// replica with a persistent volume) or `postgres://USER:PASSWORD@HOST/DB` (several
+    /// replicas). Treated as a secret: a PostgreSQL URL may hold a password.
+    pub database_url: SecretString,
+    /// Connections the broker keeps to the database at most.
+    pub database_max_connections: u32,
+    /// The key user passwords are derived from (HMAC-SHA256, at least 32 bytes). Set it only
+    /// through the environment (`GIROIDENT_BROKER_IDENTITIES__PASSWORD_KEY`), or use
+    /// `password_key_file`.
+    #[serde(default)]
+    pub password_key: Option<SecretString>,
+    /// A file holding the password key; one trailing newline is ignored.
+    #[serde(default)]
+    pub password_key_file: Option<PathBuf>,
+    /// Files holding earlier password keys, kept while identities made with them live.
+    pub previous_password_key_files: Vec<PathBuf>,
+    /// Seconds from an identity's last session to its deletion (callers may override it). Must
+    /// outlast the GiroIdent check: finAPI forbids deleting a user before its final result.
+    pub retention_secs: u64,
+    /// Seconds between two runs of the reaper, which deletes due identities.
+    pub reaper_interval_secs: u64,
+    /// Seconds after which an identity whose creation nobody completed is resolved by the
+    /// reaper; longer than any request (`server.request_timeout_secs`), so that no lost call
+    /// can still create the user.
+    pub orphan_min_age_secs: u64,
+    /// The earlier password keys, read from `previous_password_key_files`.
+    #[serde(skip)]
+    pub previous_password_keys: Vec<SecretString>,
 }
 
 /// The broker's own HTTP listener.
@@ -101,6 +138,10 @@ pub struct CallerSettings {
     /// Burst for this caller, instead of `limits.caller_burst`.
     #[serde(default)]
     pub burst: Option<u64>,
+    /// Seconds from an identity's last session to its deletion for this caller, instead of
+    /// `identities.retention_secs`.
+    #[serde(default)]
+    pub retention_secs: Option<u64>,
     /// SHA-256 of the key, resolved from whichever source is configured.
     #[serde(skip)]
     key_digest: Option<[u8; 32]>,
@@ -128,6 +169,7 @@ impl CallerSettings {
             flows: flows.iter().map(|f| f.as_str().to_owned()).collect(),
             rate_per_sec: None,
             burst: None,
+            retention_secs: None,
             key_digest: Some(digest),
         }
     }
@@ -253,7 +295,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn single(key: impl Into<String>, problem: impl Into<String>) -> Self {
+    pub fn single(key: impl Into<String>, problem: impl Into<String>) -> Self {
         Self {
             problems: vec![(key.into(), problem.into())],
         }
@@ -506,6 +548,7 @@ impl Settings {
             );
         }
         self.validate_resilience(&mut problem);
+        self.resolve_identities(&mut problem);
 
         if self.log_format().is_none() {
             problem(
@@ -524,6 +567,86 @@ impl Settings {
             Ok(())
         } else {
             Err(ConfigError { problems })
+        }
+    }
+
+    /// Reads the password keys and checks the ledger settings.
+    fn resolve_identities(&mut self, problem: &mut impl FnMut(&str, String)) {
+        use crate::identities::keys::MIN_KEY_BYTES;
+        let too_short = format!("must be at least {MIN_KEY_BYTES} bytes");
+        let i = &mut self.identities;
+        match (&i.password_key, &i.password_key_file) {
+            (Some(_), Some(_)) => problem(
+                "identities.password_key",
+                "set either identities.password_key or identities.password_key_file, not both"
+                    .into(),
+            ),
+            (None, None) => problem(
+                "identities.password_key",
+                format!(
+                    "must be set: {ENV_PREFIX}IDENTITIES__PASSWORD_KEY or \
+                     identities.password_key_file (at least {MIN_KEY_BYTES} random bytes, e.g. \
+                     `openssl rand -hex 32`)"
+                ),
+            ),
+            (None, Some(path)) => match read_secret_file(path) {
+                Ok(key) if key.expose_secret().len() < MIN_KEY_BYTES => {
+                    problem("identities.password_key_file", too_short.clone())
+                }
+                Ok(key) => i.password_key = Some(key),
+                Err(msg) => problem("identities.password_key_file", msg),
+            },
+            (Some(key), None) if key.expose_secret().len() < MIN_KEY_BYTES => {
+                problem("identities.password_key", too_short.clone())
+            }
+            (Some(_), None) => {}
+        }
+        i.previous_password_keys.clear();
+        for (n, path) in i.previous_password_key_files.iter().enumerate() {
+            let key = format!("identities.previous_password_key_files[{n}]");
+            match read_secret_file(path) {
+                Ok(secret) if secret.expose_secret().len() < MIN_KEY_BYTES => {
+                    problem(&key, too_short.clone())
+                }
+                Ok(secret) => i.previous_password_keys.push(secret),
+                Err(msg) => problem(&key, msg),
+            }
+        }
+        let url = i.database_url.expose_secret();
+        let scheme = url.split_once(':').map(|(scheme, _)| scheme);
+        if !matches!(scheme, Some("sqlite" | "postgres" | "postgresql")) {
+            // The URL may hold a password: only its scheme is named.
+            problem(
+                "identities.database_url",
+                "must be sqlite://PATH or postgres://… (the value is not shown)".into(),
+            );
+        }
+        if i.database_max_connections == 0 {
+            problem("identities.database_max_connections", "must be at least 1".into());
+        }
+        if i.retention_secs == 0 {
+            problem("identities.retention_secs", "must be at least 1".into());
+        }
+        if i.reaper_interval_secs == 0 {
+            problem("identities.reaper_interval_secs", "must be at least 1".into());
+        }
+        if i.orphan_min_age_secs <= self.server.request_timeout_secs {
+            problem(
+                "identities.orphan_min_age_secs",
+                format!(
+                    "must be longer than server.request_timeout_secs ({}): a request still \
+                     running may yet create its user",
+                    self.server.request_timeout_secs
+                ),
+            );
+        }
+        for (n, caller) in self.auth.callers.iter().enumerate() {
+            if caller.retention_secs == Some(0) {
+                problem(
+                    &format!("auth.callers[{n}].retention_secs"),
+                    "must be at least 1".into(),
+                );
+            }
         }
     }
 
@@ -686,7 +809,14 @@ impl Settings {
 type Table = toml::Table;
 
 /// Keys that have no default and therefore do not appear in `config/default.toml`.
-const OPTIONAL_KEYS: &[&str] = &["finapi.client_secret", "finapi.client_secret_file"];
+const OPTIONAL_KEYS: &[&str] = &[
+    "finapi.client_secret",
+    "finapi.client_secret_file",
+    "identities.password_key",
+    "identities.password_key_file",
+];
+/// Keys whose value is a secret: only the environment may set them, never a file.
+const ENV_ONLY_KEYS: &[&str] = &["finapi.client_secret", "identities.password_key"];
 
 /// The type a key must have: that of its built-in default (optional keys are strings). `None`
 /// for unknown keys.
@@ -745,12 +875,10 @@ fn overlay_file(
                 key,
                 format!("must be {}, not {}", default.type_str(), value.type_str()),
             )),
-            (Some(None), _) if key == "finapi.client_secret" => problems.push((
-                key,
-                format!(
-                    "not in a file: set {ENV_PREFIX}FINAPI__CLIENT_SECRET or finapi.client_secret_file"
-                ),
-            )),
+            (Some(None), _) if ENV_ONLY_KEYS.contains(&key.as_str()) => {
+                let env = format!("{ENV_PREFIX}{}", key.to_ascii_uppercase().replace('.', "__"));
+                problems.push((key.clone(), format!("not in a file: set {env} or {key}_file")))
+            }
             (Some(None), value) if !value.is_str() => {
                 problems.push((key, format!("must be string, not {}", value.type_str())))
             }

@@ -3,6 +3,7 @@
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use secrecy::{ExposeSecret, SecretString};
 
@@ -26,15 +27,20 @@ pub enum DemoError {
     /// The broker could not start.
     #[error(transparent)]
     Startup(#[from] StartupError),
+    /// The OS random source failed, so no password key could be made.
+    #[error("the OS random source failed")]
+    NoRandomness,
 }
 
 /// Broker settings pointing at a simulator, with the demo client, one caller `demo` holding
-/// `api_key` and allowed both flows, and no drain period.
+/// `api_key` and allowed both flows, the identity ledger at `ledger` with `password_key`, and
+/// no drain period.
 pub fn settings_for_simulator(
     listen: SocketAddr,
     admin_listen: SocketAddr,
     sim_url: &str,
     api_key: &SecretString,
+    ledger: &Ledger,
 ) -> Result<Settings, ConfigError> {
     let digest = to_hex(&sha256(api_key.expose_secret().as_bytes()));
     let vars = [
@@ -52,12 +58,43 @@ pub fn settings_for_simulator(
         ("FINAPI__ALLOW_INSECURE_HTTP", "true".to_owned()),
         ("FINAPI__CLIENT_ID", DEMO_CLIENT_ID.to_owned()),
         ("FINAPI__CLIENT_SECRET", DEMO_CLIENT_SECRET.to_owned()),
+        (
+            "IDENTITIES__DATABASE_URL",
+            ledger.database_url.expose_secret().to_owned(),
+        ),
+        (
+            "IDENTITIES__PASSWORD_KEY",
+            ledger.password_key.expose_secret().to_owned(),
+        ),
     ];
     Settings::load_with_env(
         None,
         vars.into_iter()
             .map(|(k, v)| (format!("{}{k}", crate::config::ENV_PREFIX), v)),
     )
+}
+
+/// Where a demo or test broker keeps its identities.
+pub struct Ledger {
+    /// `identities.database_url`.
+    pub database_url: SecretString,
+    /// `identities.password_key`.
+    pub password_key: SecretString,
+}
+
+impl Ledger {
+    /// A fresh SQLite file in the system's temporary directory and a random password key.
+    pub fn fresh() -> Result<(Self, PathBuf), getrandom::Error> {
+        let path = std::env::temp_dir().join(format!(
+            "giroident-broker-demo-{}.db",
+            uuid::Uuid::new_v4().simple()
+        ));
+        let ledger = Self {
+            database_url: SecretString::from(format!("sqlite://{}", path.display())),
+            password_key: crate::random::alphanumeric(48)?,
+        };
+        Ok((ledger, path))
+    }
 }
 
 /// A random API key for the demo (32 characters of `A-Z a-z 0-9`).
@@ -82,7 +119,9 @@ pub async fn run(
         source,
     })?;
     let admin_listen = SocketAddr::new(listen.ip(), 0);
-    let settings = settings_for_simulator(listen, admin_listen, &sim.base_url(), &api_key)?;
+    let (ledger, ledger_path) = Ledger::fresh().map_err(|_| DemoError::NoRandomness)?;
+    let settings =
+        settings_for_simulator(listen, admin_listen, &sim.base_url(), &api_key, &ledger)?;
     let app = Application::build(&settings).await?;
     println!(
         "{}",
@@ -90,7 +129,8 @@ pub async fn run(
             app.local_addr(),
             app.admin_addr(),
             &sim.base_url(),
-            api_key.expose_secret()
+            api_key.expose_secret(),
+            &ledger_path,
         )
     );
     app.run_until_stopped(shutdown).await;
@@ -98,7 +138,13 @@ pub async fn run(
     Ok(())
 }
 
-fn instructions(broker: SocketAddr, admin: SocketAddr, sim_url: &str, api_key: &str) -> String {
+fn instructions(
+    broker: SocketAddr,
+    admin: SocketAddr,
+    sim_url: &str,
+    api_key: &str,
+    ledger: &std::path::Path,
+) -> String {
     let b = format!("http://{broker}");
     let mut text = String::new();
     let _ = writeln!(text, "giroident-broker demo");
@@ -112,15 +158,31 @@ fn instructions(broker: SocketAddr, admin: SocketAddr, sim_url: &str, api_key: &
         "  simulator: {sim_url}   (finAPI stand-in; call counts at {sim_url}/__sim/stats)"
     );
     let _ = writeln!(text, "  metrics:   http://{admin}/metrics");
+    let _ = writeln!(
+        text,
+        "  ledger:    {}   (SQLite: the finAPI identities this demo makes)",
+        ledger.display()
+    );
     let _ = writeln!(text, "\nStandalone flow (Process Controller):");
     let _ = writeln!(
         text,
         "  curl -s -X POST {b}/kyc-sessions -H 'X-Api-Key: {api_key}' -H 'Content-Type: application/json' \\\n    -d '{{\"flow\":\"standalone\",\"clientReference\":\"customer-4711\"}}'"
     );
-    let _ = writeln!(text, "\nAccess flow (new finAPI user):");
     let _ = writeln!(
         text,
-        "  curl -s -X POST {b}/kyc-sessions -H 'X-Api-Key: {api_key}' -H 'Content-Type: application/json' \\\n    -d '{{\"flow\":\"access\",\"email\":\"jane@example.com\"}}'"
+        "\nAccess flow (a finAPI user, reused for the same clientReference):"
+    );
+    let _ = writeln!(
+        text,
+        "  curl -s -X POST {b}/kyc-sessions -H 'X-Api-Key: {api_key}' -H 'Content-Type: application/json' \\\n    -d '{{\"flow\":\"access\",\"clientReference\":\"customer-4711\",\"email\":\"jane@example.com\"}}'"
+    );
+    let _ = writeln!(
+        text,
+        "  curl -s {b}/identities/customer-4711 -H 'X-Api-Key: {api_key}'          # its record"
+    );
+    let _ = writeln!(
+        text,
+        "  curl -s -i -X DELETE {b}/identities/customer-4711 -H 'X-Api-Key: {api_key}'  # delete it"
     );
     let _ = writeln!(
         text,

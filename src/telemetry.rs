@@ -107,6 +107,32 @@ pub mod metrics {
     pub const CIRCUIT_OPENED: &str = "broker_finapi_circuit_opened_total";
     /// Calls a service's circuit breaker refused (counter).
     pub const CIRCUIT_REJECTED: &str = "broker_finapi_circuit_rejected_total";
+    /// Gauge: managed identities in the ledger, by `state`.
+    pub const IDENTITIES: &str = "broker_identities";
+    /// Counter: identity deletions by `outcome` (`deleted`, `unknown`, or the failure's code).
+    pub const IDENTITY_DELETIONS: &str = "broker_identity_deletions_total";
+    /// Gauge: seconds the oldest overdue deletion is late (0 when none is).
+    pub const IDENTITY_OLDEST_OVERDUE: &str = "broker_identity_oldest_overdue_seconds";
+    /// Gauge: 1 while the identity ledger answers, 0 while it does not.
+    pub const IDENTITY_STORE_UP: &str = "broker_identity_store_up";
+
+    /// Counts one identity deletion attempt by its outcome (a fixed set of codes).
+    pub fn count_identity_deletion(outcome: &'static str) {
+        ::metrics::counter!(IDENTITY_DELETIONS, "outcome" => outcome).increment(1);
+    }
+
+    /// Publishes the ledger's state: records per state and the oldest overdue deletion.
+    pub fn publish_identities(by_state: &[(&'static str, u64)], oldest_overdue_secs: f64) {
+        for (state, count) in by_state {
+            ::metrics::gauge!(IDENTITIES, "state" => *state).set(*count as f64);
+        }
+        ::metrics::gauge!(IDENTITY_OLDEST_OVERDUE).set(oldest_overdue_secs);
+    }
+
+    /// Publishes whether the ledger answers.
+    pub fn publish_store_up(up: bool) {
+        ::metrics::gauge!(IDENTITY_STORE_UP).set(if up { 1.0 } else { 0.0 });
+    }
 
     /// Publishes the flows' resilience counters and breaker states (kept as atomics where
     /// they happen) just before a scrape.
@@ -257,6 +283,14 @@ pub mod metrics {
             "Circuit breaker by service: 1 open or probing, 0 closed"
         );
         describe_counter!(CIRCUIT_OPENED, "Times a service's circuit breaker opened");
+        describe_gauge!(IDENTITIES, "Managed finAPI identities in the ledger by state");
+        describe_counter!(IDENTITY_DELETIONS, "Identity deletion attempts by outcome");
+        describe_gauge!(
+            IDENTITY_OLDEST_OVERDUE,
+            Unit::Seconds,
+            "How late the oldest overdue identity deletion is"
+        );
+        describe_gauge!(IDENTITY_STORE_UP, "Whether the identity ledger answers (1) or not (0)");
         describe_counter!(
             CIRCUIT_REJECTED,
             "Calls a service's circuit breaker refused"

@@ -62,6 +62,9 @@ pub enum ApiError {
     /// 404 `NOT_FOUND`.
     #[error("no such path")]
     NotFound,
+    /// 404 `IDENTITY_NOT_FOUND`: the caller has no identity for this reference.
+    #[error("no identity for this reference")]
+    IdentityNotFound,
     /// 405 `METHOD_NOT_ALLOWED`.
     #[error("method not allowed")]
     MethodNotAllowed,
@@ -206,6 +209,11 @@ impl ApiError {
                 "finAPI did not finish in time",
             ),
             Self::Internal => Kind::new(S::INTERNAL_SERVER_ERROR, "INTERNAL", "Internal error"),
+            Self::IdentityNotFound => Kind::new(
+                S::NOT_FOUND,
+                "IDENTITY_NOT_FOUND",
+                "No identity for this client reference",
+            ),
             Self::Flow(e) => flow_kind(e),
         }
     }
@@ -244,9 +252,19 @@ fn flow_kind(err: &FlowError) -> Kind {
         FlowError::OrphanedUser { .. } => {
             Kind::new(S::BAD_GATEWAY, "UPSTREAM_ERROR", "finAPI failed")
         }
-        FlowError::TokenFetchAborted | FlowError::NoRandomness => {
+        FlowError::TokenFetchAborted
+        | FlowError::NoRandomness
+        | FlowError::PasswordKeyMissing { .. } => {
             Kind::new(S::INTERNAL_SERVER_ERROR, "INTERNAL", "Internal error")
         }
+        FlowError::Store(_) => Kind {
+            retry_after: Some(Duration::from_secs(5)),
+            ..Kind::new(
+                S::SERVICE_UNAVAILABLE,
+                "STORE_UNAVAILABLE",
+                "The identity ledger is unavailable",
+            )
+        },
     }
 }
 

@@ -47,7 +47,8 @@ pub struct CreateSessionBody {
     /// `standalone` or `access`; the configured default when absent.
     #[serde(default)]
     pub flow: Option<FlowKind>,
-    /// The caller's reference for the process. Required by `standalone`, refused by `access`.
+    /// The caller's reference: for `standalone` the process's (required), for `access` the end
+    /// customer's (optional: with one, the customer's finAPI identity is reused while it lives).
     #[serde(default)]
     pub client_reference: Option<String>,
     /// E-mail of the new finAPI user. Optional for `access`, refused by `standalone`.
@@ -132,11 +133,17 @@ pub(super) fn flow_body_schemas(default_flow: FlowKind) -> [(&'static str, serde
     let access = json!({
         "type": "object",
         "title": "access",
-        "description": "Access flow: a new finAPI user and its token.",
+        "description": "Access flow: a finAPI user (new, or the customer's reused identity) and its token.",
         "required": required(FlowKind::Access, vec![]),
         "properties": {
             "flow": flow(FlowKind::Access),
-            "clientReference": refused,
+            "clientReference": {
+                "type": ["string", "null"],
+                "description": "The caller's reference for its end customer: with one, the broker keeps one finAPI identity per (caller, reference) and reuses it while it lives.",
+                "minLength": 1,
+                "maxLength": CLIENT_REFERENCE_MAX,
+                "pattern": CLIENT_REFERENCE_PATTERN,
+            },
             "email": {
                 "type": ["string", "null"],
                 "description": "E-mail of the new finAPI user: one `@` with text on both sides; no white space (Unicode White_Space) or control characters.",
@@ -188,10 +195,12 @@ impl CreateSessionBody {
                 })
             }
             FlowKind::Access => {
-                if self.client_reference.is_some() {
-                    return Err(not_for("clientReference"));
-                }
                 Ok(SessionRequest::Access {
+                    client_reference: self
+                        .client_reference
+                        .as_deref()
+                        .map(ClientReference::parse)
+                        .transpose()?,
                     email: self.email.as_deref().map(Email::parse).transpose()?,
                     phone: self.phone.as_deref().map(Phone::parse).transpose()?,
                 })
@@ -217,6 +226,16 @@ pub(super) struct SessionBody<'a> {
     /// The finAPI user id (access flow only).
     #[serde(skip_serializing_if = "Option::is_none")]
     user_id: Option<&'a str>,
+    /// Access flow only: `created` (a new finAPI user) or `reused` (the customer's identity
+    /// for the `clientReference`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, pattern = "^(created|reused)$")]
+    identity: Option<&'a str>,
+    /// Access flow only: when the identity will be deleted unless another session comes first
+    /// (RFC 3339, UTC, milliseconds).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    delete_after: Option<String>,
 }
 
 /// Start a KYC session.
@@ -281,7 +300,10 @@ async fn start_session(
     if !caller.may_use(request.flow()) {
         return Err(ApiError::FlowNotAllowed(request.flow()));
     }
-    let ctx = RequestContext { request_id };
+    let ctx = RequestContext {
+        request_id,
+        caller: caller.name.clone(),
+    };
     let session = tokio::time::timeout(
         state.request_timeout,
         state.flows.start_session(request, &ctx),
@@ -300,6 +322,11 @@ fn session_response(session: &KycSession) -> Response {
         expires_in: session.expires_in,
         flow: session.flow,
         user_id: session.user_id.as_deref(),
+        identity: session.identity.as_ref().map(|i| i.used.as_str()),
+        delete_after: session
+            .identity
+            .as_ref()
+            .map(|i| super::identities::rfc3339(i.delete_after)),
     };
     let Ok(bytes) = serde_json::to_vec(&body) else {
         return ApiError::Internal.into_response();
@@ -344,11 +371,15 @@ fn session_response(session: &KycSession) -> Response {
 pub(super) async fn delete_current(
     State(state): State<AppState>,
     Extension(RequestId(request_id)): Extension<RequestId>,
+    Extension(CallerExt(caller)): Extension<CallerExt>,
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
     let result: Result<StatusCode, ApiError> = async {
         let token = bearer_token(&headers).ok_or(ApiError::MissingUserToken)?;
-        let ctx = RequestContext { request_id };
+        let ctx = RequestContext {
+            request_id,
+            caller: caller.name.clone(),
+        };
         tokio::time::timeout(state.request_timeout, state.flows.delete_user(&token, &ctx))
             .await
             .map_err(|_| ApiError::Timeout)??;

@@ -149,6 +149,12 @@ pub async fn middleware(mut request: Request, next: Next) -> Response {
 /// The route of a path, for metric labels: the API's paths have no parameters, so a known path
 /// is its own route; anything else is `unmatched` (the label set stays bounded).
 fn route_label(path: &str) -> &'static str {
+    if path
+        .strip_prefix("/identities/")
+        .is_some_and(|rest| !rest.is_empty() && !rest.contains('/'))
+    {
+        return super::IDENTITY_ROUTE;
+    }
     super::ROUTES
         .iter()
         .find(|route| **route == path)

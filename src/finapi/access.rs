@@ -138,19 +138,26 @@ impl AccessClient {
         )
         .await?;
         // The answer repeats the password in plain text; only the id is read from it.
-        let id = decode::<CreatedUser>(Step::CreateUser, &body)?.id;
-        // The id goes back to the caller and into logs: only finAPI's id alphabet passes.
-        let valid = (1..=36).contains(&id.len())
-            && id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.+@".contains(&b));
-        if !valid {
-            return Err(UpstreamError::Protocol {
-                step: Step::CreateUser,
-                detail: "a user id outside finAPI's rules",
-            });
-        }
-        Ok(id)
+        checked_user_id(
+            Step::CreateUser,
+            decode::<CreatedUser>(Step::CreateUser, &body)?.id,
+        )
+    }
+
+    /// `GET /api/v2/users`: the id of the user the token belongs to.
+    pub async fn current_user_id(
+        &self,
+        user_token: &SecretString,
+        request_id: &str,
+    ) -> Result<String, UpstreamError> {
+        let request = self
+            .http
+            .get(self.users_url.clone())
+            .header(HOST, self.host.clone())
+            .bearer_auth(user_token.expose_secret());
+        let step = Step::GetUser;
+        let body = send(&self.breaker, step, request, request_id, StatusCode::OK).await?;
+        checked_user_id(step, decode::<CreatedUser>(step, &body)?.id)
     }
 
     /// `DELETE /api/v2/users`: deletes the user the token belongs to.
@@ -173,6 +180,23 @@ impl AccessClient {
         )
         .await?;
         Ok(())
+    }
+}
+
+/// A user id finAPI's rules allow (1 to 36 characters of `A-Z a-z 0-9 - _ . + @`): it goes back
+/// to the caller, into logs and into the ledger.
+fn checked_user_id(step: Step, id: String) -> Result<String, UpstreamError> {
+    let valid = (1..=36).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.+@".contains(&b));
+    if valid {
+        Ok(id)
+    } else {
+        Err(UpstreamError::Protocol {
+            step,
+            detail: "a user id outside finAPI's rules",
+        })
     }
 }
 

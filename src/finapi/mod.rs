@@ -79,6 +79,8 @@ pub enum Step {
     UserToken,
     /// `DELETE /api/v2/users`.
     DeleteUser,
+    /// `GET /api/v2/users`.
+    GetUser,
     /// `POST /api/v1/processes`.
     CreateProcess,
     /// `GET /api/v1/processes/{processToken}`.
@@ -89,7 +91,11 @@ impl Step {
     /// The finAPI service the call goes to: `access` or `process_controller`.
     pub fn service(self) -> &'static str {
         match self {
-            Self::ClientToken | Self::CreateUser | Self::UserToken | Self::DeleteUser => "access",
+            Self::ClientToken
+            | Self::CreateUser
+            | Self::UserToken
+            | Self::DeleteUser
+            | Self::GetUser => "access",
             Self::CreateProcess | Self::ExchangeProcessToken => "process_controller",
         }
     }
@@ -101,6 +107,7 @@ impl Step {
             Self::CreateUser => "create_user",
             Self::UserToken => "user_token",
             Self::DeleteUser => "delete_user",
+            Self::GetUser => "get_user",
             Self::CreateProcess => "create_process",
             Self::ExchangeProcessToken => "exchange_process_token",
         }

@@ -51,6 +51,7 @@ impl Flows {
                         expires_in: None,
                         flow: FlowKind::Standalone,
                         user_id: None,
+                        identity: None,
                     });
                 }
                 Err(err) => err,

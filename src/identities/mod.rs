@@ -1,1 +1,3 @@
 pub mod keys;
+pub mod store;
+pub use store::*;

@@ -5,7 +5,8 @@
 use std::time::Duration;
 
 use giroident_broker::config::Settings;
-use giroident_broker::demo::settings_for_simulator;
+use giroident_broker::demo::{Ledger, settings_for_simulator};
+use secrecy::SecretString;
 use giroident_broker::flows::{Flows, ResilienceSnapshot};
 use giroident_broker::sim::{self, SimConfig, SimHandle};
 use giroident_broker::startup::Application;
@@ -27,11 +28,38 @@ pub struct TestEnv {
 /// The API key of the test caller `demo` (both flows).
 pub const TEST_API_KEY: &str = "test-api-key-0123456789";
 
-/// Settings for a broker in front of `sim`, with the demo client and the test caller.
+/// The identity password key of test brokers (at least 32 bytes).
+pub const TEST_PASSWORD_KEY: &str = "test-password-key-0123456789-abcdefghijklmnop";
+
+/// A ledger in a fresh SQLite file, with the test password key.
+pub fn sqlite_ledger() -> Ledger {
+    let path = std::env::temp_dir().join(format!(
+        "giroident-broker-test-{}.db",
+        uuid::Uuid::new_v4().simple()
+    ));
+    ledger_at(&format!("sqlite://{}", path.display()))
+}
+
+/// A ledger at `database_url`, with the test password key.
+pub fn ledger_at(database_url: &str) -> Ledger {
+    Ledger {
+        database_url: SecretString::from(database_url.to_owned()),
+        password_key: SecretString::from(TEST_PASSWORD_KEY),
+    }
+}
+
+/// Settings for a broker in front of `sim`, with the demo client, the test caller and a fresh
+/// SQLite ledger.
 pub fn settings_for(sim: &SimHandle) -> Settings {
-    let key = secrecy::SecretString::from(TEST_API_KEY);
+    settings_with_ledger(sim, &sqlite_ledger())
+}
+
+/// Settings for a broker in front of `sim`, with the demo client, the test caller and `ledger`.
+pub fn settings_with_ledger(sim: &SimHandle, ledger: &Ledger) -> Settings {
+    let key = SecretString::from(TEST_API_KEY);
     let any_port = "127.0.0.1:0".parse().unwrap();
-    let mut settings = settings_for_simulator(any_port, any_port, &sim.base_url(), &key).unwrap();
+    let mut settings =
+        settings_for_simulator(any_port, any_port, &sim.base_url(), &key, ledger).unwrap();
     // Tests fire bursts of hundreds of requests; rate limits are tested on their own.
     settings.limits.caller_rate_per_sec = 1_000_000;
     settings.limits.caller_burst = 1_000_000;
