@@ -622,13 +622,19 @@ impl Settings {
             );
         }
         if i.database_max_connections == 0 {
-            problem("identities.database_max_connections", "must be at least 1".into());
+            problem(
+                "identities.database_max_connections",
+                "must be at least 1".into(),
+            );
         }
         if i.retention_secs == 0 {
             problem("identities.retention_secs", "must be at least 1".into());
         }
         if i.reaper_interval_secs == 0 {
-            problem("identities.reaper_interval_secs", "must be at least 1".into());
+            problem(
+                "identities.reaper_interval_secs",
+                "must be at least 1".into(),
+            );
         }
         if i.orphan_min_age_secs <= self.server.request_timeout_secs {
             problem(
@@ -876,8 +882,14 @@ fn overlay_file(
                 format!("must be {}, not {}", default.type_str(), value.type_str()),
             )),
             (Some(None), _) if ENV_ONLY_KEYS.contains(&key.as_str()) => {
-                let env = format!("{ENV_PREFIX}{}", key.to_ascii_uppercase().replace('.', "__"));
-                problems.push((key.clone(), format!("not in a file: set {env} or {key}_file")))
+                let env = format!(
+                    "{ENV_PREFIX}{}",
+                    key.to_ascii_uppercase().replace('.', "__")
+                );
+                problems.push((
+                    key.clone(),
+                    format!("not in a file: set {env} or {key}_file"),
+                ))
             }
             (Some(None), value) if !value.is_str() => {
                 problems.push((key, format!("must be string, not {}", value.type_str())))

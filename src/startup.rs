@@ -148,7 +148,10 @@ impl Application {
         });
         tracing::info!(addr = %self.addr, admin_addr = %self.admin_addr, "broker listening");
         let timeout = self.header_read_timeout;
-        let reaper = tokio::spawn(crate::flows::reaper::run(self.flows.clone(), stop_rx.clone()));
+        let reaper = tokio::spawn(crate::flows::reaper::run(
+            self.flows.clone(),
+            stop_rx.clone(),
+        ));
         tokio::join!(
             serve(self.listener, self.router, timeout, stop_rx.clone()),
             serve(self.admin_listener, self.admin_router, timeout, stop_rx),

@@ -283,14 +283,20 @@ pub mod metrics {
             "Circuit breaker by service: 1 open or probing, 0 closed"
         );
         describe_counter!(CIRCUIT_OPENED, "Times a service's circuit breaker opened");
-        describe_gauge!(IDENTITIES, "Managed finAPI identities in the ledger by state");
+        describe_gauge!(
+            IDENTITIES,
+            "Managed finAPI identities in the ledger by state"
+        );
         describe_counter!(IDENTITY_DELETIONS, "Identity deletion attempts by outcome");
         describe_gauge!(
             IDENTITY_OLDEST_OVERDUE,
             Unit::Seconds,
             "How late the oldest overdue identity deletion is"
         );
-        describe_gauge!(IDENTITY_STORE_UP, "Whether the identity ledger answers (1) or not (0)");
+        describe_gauge!(
+            IDENTITY_STORE_UP,
+            "Whether the identity ledger answers (1) or not (0)"
+        );
         describe_counter!(
             CIRCUIT_REJECTED,
             "Calls a service's circuit breaker refused"

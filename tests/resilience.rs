@@ -5,8 +5,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -563,50 +562,29 @@ fn spawn_broker(sim_url: &str, drain_secs: u64) -> (std::process::Child, String)
     let callers = format!(
         r#"[{{name = "load", key_sha256 = "{digest}", flows = ["standalone", "access"]}}]"#
     );
-    let mut child = Command::new(env!("CARGO_BIN_EXE_giroident-broker"))
-        .arg("serve")
-        .env_clear()
-        .envs([
-            ("GIROIDENT_BROKER_SERVER__LISTEN", "127.0.0.1:0"),
-            (
-                "GIROIDENT_BROKER_SERVER__DRAIN_SECS",
-                &drain_secs.to_string(),
-            ),
-            ("GIROIDENT_BROKER_FINAPI__ACCESS_URL", sim_url),
-            ("GIROIDENT_BROKER_FINAPI__PROCESS_CONTROLLER_URL", sim_url),
-            ("GIROIDENT_BROKER_FINAPI__ALLOW_INSECURE_HTTP", "true"),
-            ("GIROIDENT_BROKER_FINAPI__CLIENT_ID", sim::DEMO_CLIENT_ID),
-            (
-                "GIROIDENT_BROKER_FINAPI__CLIENT_SECRET",
-                sim::DEMO_CLIENT_SECRET,
-            ),
-            ("GIROIDENT_BROKER_LOG__FORMAT", "json"),
-            ("GIROIDENT_BROKER_LOG__FILTER", "info"),
-            ("GIROIDENT_BROKER_ADMIN__LISTEN", "127.0.0.1:0"),
-            ("GIROIDENT_BROKER_AUTH__CALLERS", &callers),
-            ("GIROIDENT_BROKER_LIMITS__CALLER_RATE_PER_SEC", "100000"),
-            ("GIROIDENT_BROKER_LIMITS__CALLER_BURST", "100000"),
-            ("GIROIDENT_BROKER_LIMITS__MAX_IN_FLIGHT", "10000"),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the broker binary starts");
-    let stderr = child.stderr.take().unwrap();
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Ok(log) = serde_json::from_str::<Value>(&line)
-                && log["message"] == "broker listening"
-            {
-                let _ = addr_tx.send(log["addr"].as_str().unwrap_or("").to_owned());
-            }
-        }
-    });
-    let addr = addr_rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("the broker logs its address");
-    (child, format!("http://{addr}"))
+    let mut command = broker_command(&sqlite_ledger());
+    command.envs([
+        ("GIROIDENT_BROKER_SERVER__LISTEN", "127.0.0.1:0"),
+        (
+            "GIROIDENT_BROKER_SERVER__DRAIN_SECS",
+            &drain_secs.to_string(),
+        ),
+        ("GIROIDENT_BROKER_FINAPI__ACCESS_URL", sim_url),
+        ("GIROIDENT_BROKER_FINAPI__PROCESS_CONTROLLER_URL", sim_url),
+        ("GIROIDENT_BROKER_FINAPI__ALLOW_INSECURE_HTTP", "true"),
+        ("GIROIDENT_BROKER_FINAPI__CLIENT_ID", sim::DEMO_CLIENT_ID),
+        (
+            "GIROIDENT_BROKER_FINAPI__CLIENT_SECRET",
+            sim::DEMO_CLIENT_SECRET,
+        ),
+        ("GIROIDENT_BROKER_LOG__FILTER", "info"),
+        ("GIROIDENT_BROKER_ADMIN__LISTEN", "127.0.0.1:0"),
+        ("GIROIDENT_BROKER_AUTH__CALLERS", &callers),
+        ("GIROIDENT_BROKER_LIMITS__CALLER_RATE_PER_SEC", "100000"),
+        ("GIROIDENT_BROKER_LIMITS__CALLER_BURST", "100000"),
+        ("GIROIDENT_BROKER_LIMITS__MAX_IN_FLIGHT", "10000"),
+    ]);
+    spawn_broker_binary(command, None)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

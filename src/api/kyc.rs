@@ -194,17 +194,15 @@ impl CreateSessionBody {
                     client_reference: ClientReference::parse(&reference)?,
                 })
             }
-            FlowKind::Access => {
-                Ok(SessionRequest::Access {
-                    client_reference: self
-                        .client_reference
-                        .as_deref()
-                        .map(ClientReference::parse)
-                        .transpose()?,
-                    email: self.email.as_deref().map(Email::parse).transpose()?,
-                    phone: self.phone.as_deref().map(Phone::parse).transpose()?,
-                })
-            }
+            FlowKind::Access => Ok(SessionRequest::Access {
+                client_reference: self
+                    .client_reference
+                    .as_deref()
+                    .map(ClientReference::parse)
+                    .transpose()?,
+                email: self.email.as_deref().map(Email::parse).transpose()?,
+                phone: self.phone.as_deref().map(Phone::parse).transpose()?,
+            }),
         }
     }
 }

@@ -47,9 +47,9 @@ pub const WARN_AFTER_FAILED_DELETIONS: u32 = 3;
 
 /// The current time as the ledger keeps it: Unix milliseconds.
 pub fn now_millis() -> Millis {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| Millis::try_from(d.as_millis()).unwrap_or(Millis::MAX))
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| {
+        Millis::try_from(d.as_millis()).unwrap_or(Millis::MAX)
+    })
 }
 
 fn millis(d: Duration) -> Millis {
@@ -158,7 +158,10 @@ impl Flows {
         deadline: &Deadline,
     ) -> Result<KycSession, FlowError> {
         let Some(reference) = reference else {
-            return match self.create_identity(None, email, phone, ctx, deadline).await? {
+            return match self
+                .create_identity(None, email, phone, ctx, deadline)
+                .await?
+            {
                 Creation::Done(session) => Ok(session),
                 Creation::Taken => unreachable!("an identity without a reference is never taken"),
             };
@@ -186,12 +189,8 @@ impl Flows {
                     self.resolve_stale_intent(&record, ctx, deadline).await?;
                 }
                 _ => {
-                    self.attempt(
-                        Step::CreateUser,
-                        deadline,
-                        tokio::time::sleep(INTENT_POLL),
-                    )
-                    .await?;
+                    self.attempt(Step::CreateUser, deadline, tokio::time::sleep(INTENT_POLL))
+                        .await?;
                 }
             }
         }
@@ -233,7 +232,11 @@ impl Flows {
         let Some(record) = newest else {
             return Ok(None);
         };
-        let events = self.ids().store.recent_events(record.id, RECENT_EVENTS).await?;
+        let events = self
+            .ids()
+            .store
+            .recent_events(record.id, RECENT_EVENTS)
+            .await?;
         Ok(Some(IdentityView { record, events }))
     }
 
@@ -382,8 +385,12 @@ impl Flows {
         {
             Ok(_) => {
                 let now = now_millis();
-                let delete_after = now.saturating_add(millis(self.ids().retention_for(&ctx.caller)));
-                self.ids().store.activate(record.id, now, delete_after).await?;
+                let delete_after =
+                    now.saturating_add(millis(self.ids().retention_for(&ctx.caller)));
+                self.ids()
+                    .store
+                    .activate(record.id, now, delete_after)
+                    .await?;
                 Ok(())
             }
             Err(err) if is_unknown_user(&err) => {
@@ -409,7 +416,8 @@ impl Flows {
                 } else {
                     EventKind::Deleted
                 };
-                self.close(record, kind, ctx, Some("unknown to finAPI")).await
+                self.close(record, kind, ctx, Some("unknown to finAPI"))
+                    .await
             }
             Err(_) => Ok(()),
         };
@@ -508,7 +516,10 @@ impl Flows {
                 let not_before = record
                     .created_at
                     .saturating_add(millis(self.ids().orphan_min_age));
-                self.ids().store.mark_deleting(record.id, not_before).await?;
+                self.ids()
+                    .store
+                    .mark_deleting(record.id, not_before)
+                    .await?;
                 Deletion::Scheduled {
                     code: "CREATION_IN_PROGRESS",
                     retry_at: not_before,

@@ -62,7 +62,10 @@ impl PasswordKey {
     pub fn password(&self, finapi_user_id: &str) -> SecretString {
         let digest = mac(
             &self.key,
-            &[PASSWORD_CONTEXT, finapi_user_id.to_ascii_lowercase().as_bytes()],
+            &[
+                PASSWORD_CONTEXT,
+                finapi_user_id.to_ascii_lowercase().as_bytes(),
+            ],
         );
         SecretString::from(to_hex(&digest))
     }
@@ -150,10 +153,7 @@ mod tests {
             a.reference_digest("app", "c-1")
         );
         // The separator keeps ("ab", "c") and ("a", "bc") apart.
-        assert_ne!(
-            a.reference_digest("ab", "c"),
-            a.reference_digest("a", "bc")
-        );
+        assert_ne!(a.reference_digest("ab", "c"), a.reference_digest("a", "bc"));
     }
 
     #[test]

@@ -104,10 +104,18 @@ impl IdentityStore {
     pub async fn insert_intent(&self, new: &NewIdentity<'_>) -> Result<Inserted, StoreError> {
         todo!()
     }
-    pub async fn find_live(&self, caller: &str, d: &str) -> Result<Option<IdentityRecord>, StoreError> {
+    pub async fn find_live(
+        &self,
+        caller: &str,
+        d: &str,
+    ) -> Result<Option<IdentityRecord>, StoreError> {
         todo!()
     }
-    pub async fn find_latest(&self, caller: &str, d: &str) -> Result<Option<IdentityRecord>, StoreError> {
+    pub async fn find_latest(
+        &self,
+        caller: &str,
+        d: &str,
+    ) -> Result<Option<IdentityRecord>, StoreError> {
         todo!()
     }
     pub async fn find_by_finapi_user(&self, u: &str) -> Result<Option<IdentityRecord>, StoreError> {
@@ -116,10 +124,20 @@ impl IdentityStore {
     pub async fn get(&self, id: Uuid) -> Result<Option<IdentityRecord>, StoreError> {
         todo!()
     }
-    pub async fn activate(&self, id: Uuid, now: Millis, delete_after: Millis) -> Result<(), StoreError> {
+    pub async fn activate(
+        &self,
+        id: Uuid,
+        now: Millis,
+        delete_after: Millis,
+    ) -> Result<(), StoreError> {
         todo!()
     }
-    pub async fn touch(&self, id: Uuid, now: Millis, delete_after: Millis) -> Result<(), StoreError> {
+    pub async fn touch(
+        &self,
+        id: Uuid,
+        now: Millis,
+        delete_after: Millis,
+    ) -> Result<(), StoreError> {
         todo!()
     }
     pub async fn mark_deleting(&self, id: Uuid, now: Millis) -> Result<(), StoreError> {
@@ -128,19 +146,43 @@ impl IdentityStore {
     pub async fn mark_deleted(&self, id: Uuid, now: Millis) -> Result<(), StoreError> {
         todo!()
     }
-    pub async fn record_failure(&self, id: Uuid, code: &str, next: Millis) -> Result<(), StoreError> {
+    pub async fn record_failure(
+        &self,
+        id: Uuid,
+        code: &str,
+        next: Millis,
+    ) -> Result<(), StoreError> {
         todo!()
     }
-    pub async fn claim_due(&self, now: Millis, orphan_min_age: Millis, owner: &str, lease: Millis, limit: u32) -> Result<Vec<IdentityRecord>, StoreError> {
+    pub async fn claim_due(
+        &self,
+        now: Millis,
+        orphan_min_age: Millis,
+        owner: &str,
+        lease: Millis,
+        limit: u32,
+    ) -> Result<Vec<IdentityRecord>, StoreError> {
         todo!()
     }
     pub async fn release(&self, id: Uuid, owner: &str) -> Result<(), StoreError> {
         todo!()
     }
-    pub async fn append_event(&self, identity_id: Uuid, kind: EventKind, caller: &str, request_id: Option<&str>, at: Millis, detail: Option<&str>) -> Result<(), StoreError> {
+    pub async fn append_event(
+        &self,
+        identity_id: Uuid,
+        kind: EventKind,
+        caller: &str,
+        request_id: Option<&str>,
+        at: Millis,
+        detail: Option<&str>,
+    ) -> Result<(), StoreError> {
         todo!()
     }
-    pub async fn recent_events(&self, identity_id: Uuid, limit: u32) -> Result<Vec<IdentityEvent>, StoreError> {
+    pub async fn recent_events(
+        &self,
+        identity_id: Uuid,
+        limit: u32,
+    ) -> Result<Vec<IdentityEvent>, StoreError> {
         todo!()
     }
     pub async fn counts_by_state(&self) -> Result<Vec<(IdentityState, u64)>, StoreError> {

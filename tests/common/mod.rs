@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use giroident_broker::config::Settings;
 use giroident_broker::demo::{Ledger, settings_for_simulator};
-use secrecy::SecretString;
 use giroident_broker::flows::{Flows, ResilienceSnapshot};
 use giroident_broker::sim::{self, SimConfig, SimHandle};
 use giroident_broker::startup::Application;
+use secrecy::SecretString;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -201,6 +201,17 @@ impl TestEnv {
     }
 
     /// Stops the broker (after its drain period) and the simulator.
+    /// Stops the broker and hands back its simulator, for a restarted broker.
+    pub async fn stop_broker_keep_sim(mut self) -> SimHandle {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.await.expect("broker task");
+        }
+        self.sim
+    }
+
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -311,4 +322,55 @@ impl std::io::Write for CapturedLogs {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
+}
+
+/// The broker binary with `serve`, a clean environment, JSON logs and `ledger`'s variables;
+/// tests add the rest of their configuration as `GIROIDENT_BROKER_*` variables.
+pub fn broker_command(ledger: &Ledger) -> std::process::Command {
+    use secrecy::ExposeSecret;
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_giroident-broker"));
+    command.arg("serve").env_clear().envs([
+        (
+            "GIROIDENT_BROKER_IDENTITIES__DATABASE_URL",
+            ledger.database_url.expose_secret(),
+        ),
+        (
+            "GIROIDENT_BROKER_IDENTITIES__PASSWORD_KEY",
+            ledger.password_key.expose_secret(),
+        ),
+        ("GIROIDENT_BROKER_LOG__FORMAT", "json"),
+    ]);
+    command
+}
+
+/// Starts `command` (a [`broker_command`] listening on port 0) and returns the child and the
+/// base URL from its "broker listening" log line; its later log lines go to `lines`, if given.
+pub fn spawn_broker_binary(
+    mut command: std::process::Command,
+    lines: Option<std::sync::mpsc::Sender<String>>,
+) -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    let mut child = command
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the broker binary starts");
+    let stderr = child.stderr.take().expect("stderr");
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Ok(log) = serde_json::from_str::<Value>(&line)
+                && log["message"] == "broker listening"
+            {
+                let _ = addr_tx.send(log["addr"].as_str().unwrap_or("").to_owned());
+            }
+            if let Some(lines) = &lines {
+                let _ = lines.send(line);
+            }
+        }
+    });
+    let addr = addr_rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the broker logs its address");
+    (child, format!("http://{addr}"))
 }
