@@ -16,6 +16,7 @@ RUN mkdir src benches \
  && rm -rf src
 
 COPY config ./config
+COPY migrations ./migrations
 COPY src ./src
 # COPY keeps the sources' timestamps, which may be older than the placeholder build: touch them so
 # that cargo rebuilds the crate itself.

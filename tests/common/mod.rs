@@ -2,6 +2,8 @@
 //! 127.0.0.1 port 0, talking over real sockets.
 #![allow(dead_code)] // each test binary uses a different part of this module
 
+pub mod pg;
+
 use std::time::Duration;
 
 use giroident_broker::config::Settings;
