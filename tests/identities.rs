@@ -326,11 +326,20 @@ async fn identities_are_deleted_by_the_reaper_after_their_retention() {
         .unwrap()
         .unwrap();
     assert_eq!(record.state, IdentityState::Deleted);
+    // The recorder is shared by every test of this binary: at least this deletion is in it.
     let metrics = env.metrics_text().await;
-    assert!(
-        metrics.contains("broker_identity_deletions_total{outcome=\"deleted\"} 1"),
-        "{metrics}"
-    );
+    let deleted = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("broker_identity_deletions_total{outcome=\"deleted\"} "))
+        .and_then(|v| v.parse::<f64>().ok());
+    assert!(deleted.is_some_and(|n| n >= 1.0), "{metrics}");
+    for gauge in [
+        "broker_identities{state=\"deleted\"}",
+        "broker_identity_oldest_overdue_seconds",
+        "broker_identity_store_up 1",
+    ] {
+        assert!(metrics.contains(gauge), "{gauge} missing: {metrics}");
+    }
     env.stop().await;
 }
 

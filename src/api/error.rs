@@ -257,6 +257,9 @@ fn flow_kind(err: &FlowError) -> Kind {
         | FlowError::PasswordKeyMissing { .. } => {
             Kind::new(S::INTERNAL_SERVER_ERROR, "INTERNAL", "Internal error")
         }
+        FlowError::Store(e) if !matches!(**e, crate::identities::StoreError::Unavailable(_)) => {
+            Kind::new(S::INTERNAL_SERVER_ERROR, "INTERNAL", "Internal error")
+        }
         FlowError::Store(_) => Kind {
             retry_after: Some(Duration::from_secs(5)),
             ..Kind::new(

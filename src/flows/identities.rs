@@ -196,6 +196,17 @@ impl Flows {
         }
     }
 
+    /// Whether the ledger answers within a second; also published as a metric.
+    pub async fn identity_store_up(&self) -> bool {
+        let ping = self.ids().store.ping();
+        let up = matches!(
+            tokio::time::timeout(Duration::from_secs(1), ping).await,
+            Ok(Ok(()))
+        );
+        crate::telemetry::metrics::publish_store_up(up);
+        up
+    }
+
     /// The caller's live identity (intent or active) for `reference`, looked up under every
     /// configured key, so that a key rotation does not split one customer in two.
     async fn live_identity(
