@@ -296,7 +296,7 @@ pub struct IdentityStore {
 }
 
 impl fmt::Debug for IdentityStore {
-    // The pools' own Debug would print connect options, which hold the password.
+    // Only the backend: nothing derived from the connect options (which hold the password).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("IdentityStore")
             .field("backend", &self.backend())
@@ -384,6 +384,13 @@ fn records(raw: Vec<RawRecord>) -> Result<Vec<IdentityRecord>, StoreError> {
 
 fn record(raw: Option<RawRecord>) -> Result<Option<IdentityRecord>, StoreError> {
     raw.map(RawRecord::into_record).transpose()
+}
+
+/// The reason sqlx gives for refusing `url`, without its password and without sqlx's
+/// repeated "error with configuration" prefixes.
+fn invalid_url(error: &sqlx::Error, url: &str) -> StoreError {
+    let reason = error.to_string().replace("error with configuration: ", "");
+    StoreError::InvalidUrl(scrub(reason, url))
 }
 
 /// Removes the URL's passwords (user info and a libpq `password=` parameter), raw and
@@ -483,7 +490,7 @@ impl IdentityStore {
             ));
         }
         let options = SqliteConnectOptions::from_str(raw)
-            .map_err(|e| StoreError::InvalidUrl(scrub(e.to_string(), raw)))?
+            .map_err(|e| invalid_url(&e, raw))?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
@@ -501,8 +508,7 @@ impl IdentityStore {
     }
 
     async fn connect_postgres(raw: &str, max_connections: u32) -> Result<Self, StoreError> {
-        let options = PgConnectOptions::from_str(raw)
-            .map_err(|e| StoreError::InvalidUrl(scrub(e.to_string(), raw)))?;
+        let options = PgConnectOptions::from_str(raw).map_err(|e| invalid_url(&e, raw))?;
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(ACQUIRE_TIMEOUT)

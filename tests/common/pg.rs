@@ -122,6 +122,8 @@ impl PgServer {
     fn start_blocking() -> PgServer {
         let bin = server_binaries();
         let as_postgres = running_as_root();
+        static REAP: std::sync::Once = std::sync::Once::new();
+        REAP.call_once(|| reap_stale(&bin, as_postgres));
         let dir = TempDir::new("giroident-pg");
         let data = dir.path().join("data");
         let mut server = PgServer {
@@ -261,6 +263,40 @@ impl PgServer {
 impl Drop for PgServer {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Stops the servers and removes the temp dirs of test processes that were killed before their
+/// drops ran (names carry the pid; a live pid is left alone).
+fn reap_stale(bin: &Path, as_postgres: bool) {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name
+            .strip_prefix("giroident-pg-")
+            .or_else(|| name.strip_prefix("giroident-ledger-"))
+        else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let dir = TempDir(entry.path());
+        if dir.path().join("data/postmaster.pid").exists() {
+            let server = PgServer {
+                bin: bin.to_owned(),
+                dir,
+                port: 0,
+                as_postgres,
+                running: true,
+            };
+            drop(server);
+        }
     }
 }
 
