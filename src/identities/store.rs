@@ -459,7 +459,7 @@ impl IdentityStore {
     /// `url` is `sqlite://PATH` or `sqlite:PATH` (the file is created if missing; WAL journal,
     /// 5 s busy timeout, foreign keys on; in-memory databases are refused because the ledger
     /// must outlive the process), or `postgres://…` / `postgresql://…` (libpq URL syntax, TLS
-    /// via `sslmode`). `max_connections` bounds the pool (at least 1). A connection is opened
+    /// via `sslmode`; PostgreSQL 12 or newer). `max_connections` bounds the pool (at least 1). A connection is opened
     /// at once, so a database that cannot be reached fails here.
     ///
     /// Errors: [`StoreError::InvalidUrl`] for an unknown scheme, an in-memory SQLite database or
