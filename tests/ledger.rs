@@ -763,3 +763,25 @@ async fn database_urls_are_checked_and_never_echo_a_password() {
         .expect("trust authentication ignores the password");
     assert!(!format!("{store:?}").contains(PASSWORD));
 }
+
+#[test]
+fn without_postgresql_binaries_the_tests_name_the_debian_package() {
+    let empty = TempDir::new("giroident-ledger");
+    let missing = pg::find_server_binaries(empty.path(), Some(empty.path().into()))
+        .expect_err("no binaries in an empty directory");
+    assert!(
+        missing.contains("apt-get install postgresql") && missing.contains("`postgresql`"),
+        "{missing}"
+    );
+
+    // The newest Debian version wins over PATH.
+    for version in ["9", "15", "16"] {
+        let bin = empty.path().join(version).join("bin");
+        std::fs::create_dir_all(&bin).expect("mkdir");
+        for program in ["initdb", "pg_ctl"] {
+            std::fs::write(bin.join(program), "").expect("write");
+        }
+    }
+    let found = pg::find_server_binaries(empty.path(), None).expect("found");
+    assert_eq!(found, empty.path().join("16").join("bin"));
+}

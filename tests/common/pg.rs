@@ -301,27 +301,37 @@ fn reap_stale(bin: &Path, as_postgres: bool) {
 }
 
 /// The directory holding `initdb` and `pg_ctl`: the newest `/usr/lib/postgresql/*/bin`
-/// (Debian's layout, off PATH), else PATH.
+/// (Debian's layout, off PATH), else PATH. Panics naming the Debian package when there is none.
 fn server_binaries() -> PathBuf {
-    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+    find_server_binaries(Path::new("/usr/lib/postgresql"), std::env::var_os("PATH"))
+        .unwrap_or_else(|missing| panic!("{missing}"))
+}
+
+/// [`server_binaries`] with the Debian root and PATH given; the error is the message that
+/// names the package to install.
+pub fn find_server_binaries(
+    debian_root: &Path,
+    path: Option<std::ffi::OsString>,
+) -> Result<PathBuf, &'static str> {
+    let has_server = |dir: &Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir(debian_root)
         .into_iter()
         .flatten()
         .flatten()
         .filter_map(|entry| {
             let version = entry.file_name().to_str()?.parse::<u32>().ok()?;
             let bin = entry.path().join("bin");
-            (bin.join("initdb").is_file() && bin.join("pg_ctl").is_file()).then_some((version, bin))
+            has_server(&bin).then_some((version, bin))
         })
         .collect();
     versions.sort();
     if let Some((_, bin)) = versions.pop() {
-        return bin;
+        return Ok(bin);
     }
-    std::env::var_os("PATH")
-        .into_iter()
+    path.into_iter()
         .flat_map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
-        .find(|dir| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file())
-        .unwrap_or_else(|| panic!("{MISSING}"))
+        .find(|dir| has_server(dir))
+        .ok_or(MISSING)
 }
 
 /// Whether the effective uid (from `/proc/self/status`) is 0.
