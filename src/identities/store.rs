@@ -296,7 +296,7 @@ pub struct IdentityStore {
 }
 
 impl fmt::Debug for IdentityStore {
-    // The pools' own Debug would print connect options, which hold the password.
+    // Only the backend: nothing derived from the connect options (which hold the password).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("IdentityStore")
             .field("backend", &self.backend())
@@ -386,6 +386,13 @@ fn record(raw: Option<RawRecord>) -> Result<Option<IdentityRecord>, StoreError> 
     raw.map(RawRecord::into_record).transpose()
 }
 
+/// The reason sqlx gives for refusing `url`, without its password and without sqlx's
+/// repeated "error with configuration" prefixes.
+fn invalid_url(error: &sqlx::Error, url: &str) -> StoreError {
+    let reason = error.to_string().replace("error with configuration: ", "");
+    StoreError::InvalidUrl(scrub(reason, url))
+}
+
 /// Removes the URL's passwords (user info and a libpq `password=` parameter), raw and
 /// percent-decoded, from a message about the URL.
 fn scrub(mut message: String, url: &str) -> String {
@@ -452,7 +459,7 @@ impl IdentityStore {
     /// `url` is `sqlite://PATH` or `sqlite:PATH` (the file is created if missing; WAL journal,
     /// 5 s busy timeout, foreign keys on; in-memory databases are refused because the ledger
     /// must outlive the process), or `postgres://…` / `postgresql://…` (libpq URL syntax, TLS
-    /// via `sslmode`). `max_connections` bounds the pool (at least 1). A connection is opened
+    /// via `sslmode`; PostgreSQL 12 or newer). `max_connections` bounds the pool (at least 1). A connection is opened
     /// at once, so a database that cannot be reached fails here.
     ///
     /// Errors: [`StoreError::InvalidUrl`] for an unknown scheme, an in-memory SQLite database or
@@ -483,7 +490,7 @@ impl IdentityStore {
             ));
         }
         let options = SqliteConnectOptions::from_str(raw)
-            .map_err(|e| StoreError::InvalidUrl(scrub(e.to_string(), raw)))?
+            .map_err(|e| invalid_url(&e, raw))?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
@@ -501,8 +508,7 @@ impl IdentityStore {
     }
 
     async fn connect_postgres(raw: &str, max_connections: u32) -> Result<Self, StoreError> {
-        let options = PgConnectOptions::from_str(raw)
-            .map_err(|e| StoreError::InvalidUrl(scrub(e.to_string(), raw)))?;
+        let options = PgConnectOptions::from_str(raw).map_err(|e| invalid_url(&e, raw))?;
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(ACQUIRE_TIMEOUT)

@@ -122,6 +122,8 @@ impl PgServer {
     fn start_blocking() -> PgServer {
         let bin = server_binaries();
         let as_postgres = running_as_root();
+        static REAP: std::sync::Once = std::sync::Once::new();
+        REAP.call_once(|| reap_stale(&bin, as_postgres));
         let dir = TempDir::new("giroident-pg");
         let data = dir.path().join("data");
         let mut server = PgServer {
@@ -264,28 +266,72 @@ impl Drop for PgServer {
     }
 }
 
+/// Stops the servers and removes the temp dirs of test processes that were killed before their
+/// drops ran (names carry the pid; a live pid is left alone).
+fn reap_stale(bin: &Path, as_postgres: bool) {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name
+            .strip_prefix("giroident-pg-")
+            .or_else(|| name.strip_prefix("giroident-ledger-"))
+        else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let dir = TempDir(entry.path());
+        if dir.path().join("data/postmaster.pid").exists() {
+            let server = PgServer {
+                bin: bin.to_owned(),
+                dir,
+                port: 0,
+                as_postgres,
+                running: true,
+            };
+            drop(server);
+        }
+    }
+}
+
 /// The directory holding `initdb` and `pg_ctl`: the newest `/usr/lib/postgresql/*/bin`
-/// (Debian's layout, off PATH), else PATH.
+/// (Debian's layout, off PATH), else PATH. Panics naming the Debian package when there is none.
 fn server_binaries() -> PathBuf {
-    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+    find_server_binaries(Path::new("/usr/lib/postgresql"), std::env::var_os("PATH"))
+        .unwrap_or_else(|missing| panic!("{missing}"))
+}
+
+/// [`server_binaries`] with the Debian root and PATH given; the error is the message that
+/// names the package to install.
+pub fn find_server_binaries(
+    debian_root: &Path,
+    path: Option<std::ffi::OsString>,
+) -> Result<PathBuf, &'static str> {
+    let has_server = |dir: &Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir(debian_root)
         .into_iter()
         .flatten()
         .flatten()
         .filter_map(|entry| {
             let version = entry.file_name().to_str()?.parse::<u32>().ok()?;
             let bin = entry.path().join("bin");
-            (bin.join("initdb").is_file() && bin.join("pg_ctl").is_file()).then_some((version, bin))
+            has_server(&bin).then_some((version, bin))
         })
         .collect();
     versions.sort();
     if let Some((_, bin)) = versions.pop() {
-        return bin;
+        return Ok(bin);
     }
-    std::env::var_os("PATH")
-        .into_iter()
+    path.into_iter()
         .flat_map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
-        .find(|dir| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file())
-        .unwrap_or_else(|| panic!("{MISSING}"))
+        .find(|dir| has_server(dir))
+        .ok_or(MISSING)
 }
 
 /// Whether the effective uid (from `/proc/self/status`) is 0.
