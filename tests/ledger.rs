@@ -658,14 +658,20 @@ async fn counts_and_the_oldest_overdue_record_feed_the_metrics(db: Db) {
         store.oldest_overdue(now).await.expect("overdue"),
         Some(now - 5)
     );
-    let deleting = intent(&store, "c", None, T0).await;
+    // A deletion that keeps failing stays as overdue as it was: its delete_after counts, not
+    // its next attempt.
+    let deleting = intent(&store, "c", None, T0 - 30 * HOUR).await;
     store
-        .mark_deleting(deleting, now - 50)
+        .mark_deleting(deleting, now + HOUR)
         .await
         .expect("deleting");
+    store
+        .record_failure(deleting, "LOCKED", now + 2 * HOUR)
+        .await
+        .expect("failure");
     assert_eq!(
         store.oldest_overdue(now).await.expect("overdue"),
-        Some(now - 50)
+        Some(T0 - 6 * HOUR)
     );
 
     assert_eq!(

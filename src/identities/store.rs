@@ -955,17 +955,15 @@ impl IdentityStore {
         Ok(counts)
     }
 
-    /// For metrics: the earliest of the `delete_after` of active records past it at `now`, and
-    /// the `next_attempt_at` of every record still deleting (deletion not yet done); `None` when
-    /// there is none. A deleting record waiting out a backoff may give a time after `now`.
+    /// For metrics: the earliest `delete_after` at or before `now` of a record not yet deleted
+    /// (active or deleting; failed attempts do not make it look younger); `None` when no
+    /// deletion is overdue.
     /// Errors: [`StoreError::Unavailable`], [`StoreError::Other`].
     pub async fn oldest_overdue(&self, now: Millis) -> Result<Option<Millis>, StoreError> {
         with_pool!(self, |pool| {
             sqlx::query_scalar(
-            "SELECT MIN(t) FROM (\
-             SELECT delete_after AS t FROM identities WHERE state = 'active' AND delete_after <= $1 \
-             UNION ALL \
-             SELECT next_attempt_at AS t FROM identities WHERE state = 'deleting') AS overdue"
+            "SELECT MIN(delete_after) FROM identities \
+             WHERE state IN ('active', 'deleting') AND delete_after <= $1"
         )
         .bind(now)
         .fetch_one(pool)
