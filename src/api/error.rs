@@ -276,7 +276,11 @@ fn upstream_kind(err: &UpstreamError) -> Kind {
         UpstreamError::Timeout { .. } => timeout(),
         UpstreamError::Transport { .. }
         | UpstreamError::Protocol { .. }
+        | UpstreamError::TooLarge { .. }
         | UpstreamError::Decode { .. } => failed(),
+        UpstreamError::Request { .. } => {
+            Kind::new(S::INTERNAL_SERVER_ERROR, "INTERNAL", "Internal error")
+        }
         UpstreamError::Status {
             status,
             retry_after,

@@ -105,8 +105,8 @@ impl AccessClient {
             .header(HOST, self.host.clone())
             .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
             .body(form);
-        let response = send(&self.breaker, step, request, request_id, StatusCode::OK).await?;
-        Ok(decode::<TokenBody>(step, response).await?.into())
+        let body = send(&self.breaker, step, request, request_id, StatusCode::OK).await?;
+        decode::<TokenBody>(step, &body)?.into_token(step)
     }
 
     /// `POST /api/v2/users` with a client token. Returns the id finAPI stored.
@@ -129,7 +129,7 @@ impl AccessClient {
             .header(HOST, self.host.clone())
             .bearer_auth(client_token.expose_secret())
             .json(&body);
-        let response = send(
+        let body = send(
             &self.breaker,
             Step::CreateUser,
             request,
@@ -138,7 +138,19 @@ impl AccessClient {
         )
         .await?;
         // The answer repeats the password in plain text; only the id is read from it.
-        Ok(decode::<CreatedUser>(Step::CreateUser, response).await?.id)
+        let id = decode::<CreatedUser>(Step::CreateUser, &body)?.id;
+        // The id goes back to the caller and into logs: only finAPI's id alphabet passes.
+        let valid = (1..=36).contains(&id.len())
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.+@".contains(&b));
+        if !valid {
+            return Err(UpstreamError::Protocol {
+                step: Step::CreateUser,
+                detail: "a user id outside finAPI's rules",
+            });
+        }
+        Ok(id)
     }
 
     /// `DELETE /api/v2/users`: deletes the user the token belongs to.

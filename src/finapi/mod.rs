@@ -15,7 +15,7 @@ use crate::resilience::CircuitBreaker;
 
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
 use reqwest::{RequestBuilder, Response, StatusCode};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
@@ -37,6 +37,14 @@ pub const MAX_RETRY_AFTER_SECS: u64 = 24 * 3600;
 
 /// finAPI's request id header, sent with every call.
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Most bytes of an upstream answer the broker reads. finAPI's answers are small: the largest,
+/// a token answer, holds an access and a refresh token of at most 8,192 characters each
+/// (finAPI's AccessToken schema). Past this the broker stops reading and drops the connection.
+pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
+
+/// Longest token finAPI's contract allows (AccessToken schema: 1 to 8,192 characters).
+pub const MAX_TOKEN_LEN: usize = 8192;
 
 /// finAPI client credentials.
 #[derive(Debug, Clone)]
@@ -163,6 +171,17 @@ pub enum UpstreamError {
     /// finAPI's answer broke the contract in a way a decoder cannot see.
     #[error("finAPI call {step} answered unexpectedly: {detail}")]
     Protocol { step: Step, detail: &'static str },
+    /// finAPI's answer was larger than [`MAX_ANSWER_BYTES`]; the broker stopped reading it.
+    #[error("finAPI call {step} answered {status} with a body over {MAX_ANSWER_BYTES} bytes")]
+    TooLarge { step: Step, status: StatusCode },
+    /// The request could not be built (a value that cannot be a header, say): a broker bug,
+    /// since every value is checked before it gets here. Nothing was sent.
+    #[error("finAPI call {step} could not be built")]
+    Request {
+        step: Step,
+        #[source]
+        source: reqwest::Error,
+    },
     /// finAPI answered with the expected status but a body we could not read. The decoder's
     /// message is dropped on purpose: serde quotes the offending value, which may be a token.
     #[error("finAPI call {step} answered with an unreadable body")]
@@ -179,6 +198,8 @@ impl UpstreamError {
             | Self::Status { step, .. }
             | Self::CircuitOpen { step, .. }
             | Self::Protocol { step, .. }
+            | Self::TooLarge { step, .. }
+            | Self::Request { step, .. }
             | Self::Decode { step, .. } => *step,
         }
     }
@@ -214,7 +235,11 @@ impl UpstreamError {
         match self {
             Self::Connect { .. } | Self::Timeout { .. } | Self::Transport { .. } => true,
             Self::Status { status, .. } => matches!(status.as_u16(), 429 | 500 | 502 | 503 | 504),
-            Self::CircuitOpen { .. } | Self::Protocol { .. } | Self::Decode { .. } => false,
+            Self::CircuitOpen { .. }
+            | Self::Protocol { .. }
+            | Self::TooLarge { .. }
+            | Self::Request { .. }
+            | Self::Decode { .. } => false,
         }
     }
 
@@ -240,7 +265,9 @@ impl UpstreamError {
     fn is_breaker_failure(&self) -> bool {
         match self {
             Self::Connect { .. } | Self::Timeout { .. } | Self::Transport { .. } => true,
-            Self::Status { status, .. } => status.is_server_error() || status.as_u16() == 429,
+            Self::Status { status, .. } | Self::TooLarge { status, .. } => {
+                status.is_server_error() || status.as_u16() == 429
+            }
             _ => false,
         }
     }
@@ -322,15 +349,24 @@ fn endpoint(base: &str, path: &str) -> Result<reqwest::Url, InvalidBaseUrl> {
         .map_err(|_| InvalidBaseUrl(base.to_owned()))
 }
 
-/// Sends one call through the service's circuit breaker, logs its outcome and turns any answer
-/// but `expected` into an error.
+/// Sends one call through the service's circuit breaker, reads its answer (at most
+/// [`MAX_ANSWER_BYTES`]), logs its outcome and turns any answer but `expected` into an error.
+/// Returns the body.
+///
+/// A request that cannot be built fails before the breaker is asked: nothing is sent, so it is
+/// neither a finAPI call in the metrics nor a breaker failure.
 async fn send(
     breaker: &CircuitBreaker,
     step: Step,
     request: RequestBuilder,
     request_id: &str,
     expected: StatusCode,
-) -> Result<Response, UpstreamError> {
+) -> Result<Vec<u8>, UpstreamError> {
+    let (http, request) = request.header(REQUEST_ID, request_id).build_split();
+    let request = request.map_err(|err| UpstreamError::Request {
+        step,
+        source: err.without_url(),
+    })?;
     let permit = breaker
         .acquire()
         .map_err(|open| UpstreamError::CircuitOpen {
@@ -338,7 +374,7 @@ async fn send(
             service: breaker.service(),
             retry_after: open.retry_after,
         })?;
-    let result = call(step, request, request_id, expected).await;
+    let result = call(&http, step, request, expected).await;
     permit.record(
         result
             .as_ref()
@@ -347,59 +383,94 @@ async fn send(
     result
 }
 
+/// One call, its answer read whole. The call's time, its metrics and its log line cover the
+/// body too: a body that stalls past the call timeout is a timeout, one cut off a broken
+/// connection (the answer is lost either way), whatever the status said.
 async fn call(
+    http: &reqwest::Client,
     step: Step,
-    request: RequestBuilder,
-    request_id: &str,
+    request: reqwest::Request,
     expected: StatusCode,
-) -> Result<Response, UpstreamError> {
+) -> Result<Vec<u8>, UpstreamError> {
     let started = Instant::now();
-    let result = request.header(REQUEST_ID, request_id).send().await;
-    let elapsed = started.elapsed();
-    let elapsed_ms = elapsed.as_secs_f64() * 1e3;
-    let response = match result {
-        Ok(response) => response,
-        Err(err) => {
-            let err = UpstreamError::from_reqwest(step, err);
-            let outcome = match &err {
-                UpstreamError::Timeout { .. } => "timeout",
-                UpstreamError::Connect { .. } => "connect_error",
-                _ => "transport_error",
-            };
-            record_call(step, outcome, elapsed);
-            tracing::debug!(step = step.as_str(), elapsed_ms, error = %err, "finAPI call failed");
-            return Err(err);
+    let (status, finapi_request_id, result) = match http.execute(request).await {
+        Ok(response) => {
+            let status = response.status();
+            let finapi_request_id = response
+                .headers()
+                .get(REQUEST_ID)
+                .and_then(|v| v.to_str().ok())
+                // finAPI's own limit; a longer one is not finAPI's and goes into no log line.
+                .filter(|id| id.len() <= 255)
+                .map(str::to_owned);
+            (
+                Some(status),
+                finapi_request_id,
+                read(step, response, expected).await,
+            )
         }
+        Err(err) => (None, None, Err(UpstreamError::from_reqwest(step, err))),
     };
-    let status = response.status();
-    record_call(step, status_label(status.as_u16()), elapsed);
-    let finapi_request_id = response
-        .headers()
-        .get(REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
+    let elapsed = started.elapsed();
+    let outcome = match &result {
+        Err(UpstreamError::Timeout { .. }) => "timeout",
+        Err(UpstreamError::Connect { .. }) => "connect_error",
+        Err(UpstreamError::Transport { .. }) => "transport_error",
+        Err(UpstreamError::TooLarge { .. }) => "body_too_large",
+        _ => status.map_or("transport_error", |s| status_label(s.as_u16())),
+    };
+    record_call(step, outcome, elapsed);
+    let elapsed_ms = elapsed.as_secs_f64() * 1e3;
     tracing::debug!(
         step = step.as_str(),
-        status = status.as_u16(),
+        status = status.map(|s| s.as_u16()),
+        outcome,
         elapsed_ms,
-        finapi_request_id,
+        finapi_request_id = finapi_request_id.as_deref().unwrap_or(""),
         "finAPI call"
     );
-    if status == expected {
-        return Ok(response);
+    result
+}
+
+/// Reads the answer's body, at most [`MAX_ANSWER_BYTES`] of it; an answer with another status
+/// than `expected` becomes [`UpstreamError::Status`] with finAPI's error code, if it sent one.
+async fn read(
+    step: Step,
+    mut response: Response,
+    expected: StatusCode,
+) -> Result<Vec<u8>, UpstreamError> {
+    let status = response.status();
+    let too_large = UpstreamError::TooLarge { step, status };
+    if response
+        .content_length()
+        .is_some_and(|len| len > MAX_ANSWER_BYTES as u64)
+    {
+        return Err(too_large);
     }
-    let retry_after = retry_after(response.headers());
-    // Only the error code is read from the body; the body itself goes nowhere.
-    let code = response
-        .json::<ErrorBody>()
+    let mut body = Vec::with_capacity(response.content_length().unwrap_or(0) as usize);
+    while let Some(chunk) = response
+        .chunk()
         .await
+        .map_err(|err| UpstreamError::from_reqwest(step, err))?
+    {
+        if body.len() + chunk.len() > MAX_ANSWER_BYTES {
+            // Dropping the response closes the connection with the rest unread.
+            return Err(too_large);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    if status == expected {
+        return Ok(body);
+    }
+    // Only the error code is read from the body; the body itself goes nowhere.
+    let code = serde_json::from_slice::<ErrorBody>(&body)
         .ok()
         .and_then(ErrorBody::code);
     Err(UpstreamError::Status {
         step,
         status,
         code,
-        retry_after,
+        retry_after: retry_after(response.headers()),
     })
 }
 
@@ -423,11 +494,24 @@ fn record_call(step: Step, outcome: &'static str, elapsed: Duration) {
     );
 }
 
-async fn decode<T: DeserializeOwned>(step: Step, response: Response) -> Result<T, UpstreamError> {
-    response
-        .json::<T>()
-        .await
-        .map_err(|_| UpstreamError::Decode { step })
+fn decode<T: DeserializeOwned>(step: Step, body: &[u8]) -> Result<T, UpstreamError> {
+    serde_json::from_slice::<T>(body).map_err(|_| UpstreamError::Decode { step })
+}
+
+/// A token finAPI's contract can produce: 1 to [`MAX_TOKEN_LEN`] visible ASCII characters
+/// (AccessToken schema). Anything else (empty, blank, a line break) is refused where it is
+/// decoded, so it is never cached, never put into a header, never handed out.
+fn checked_token(step: Step, token: SecretString) -> Result<SecretString, UpstreamError> {
+    let value = token.expose_secret();
+    if (1..=MAX_TOKEN_LEN).contains(&value.len()) && value.bytes().all(|b| b.is_ascii_graphic()) {
+        Ok(token)
+    } else {
+        Err(UpstreamError::Protocol {
+            step,
+            detail: "a token outside finAPI's contract (empty, over 8192 characters, or not \
+                     visible ASCII)",
+        })
+    }
 }
 
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
@@ -474,7 +558,7 @@ impl ErrorBody {
     }
 }
 
-/// finAPI's token answer (`POST /api/v2/oauth/token`).
+/// finAPI's token answer (`POST /api/v2/oauth/token`, AccessToken schema).
 #[derive(Deserialize)]
 struct TokenBody {
     access_token: SecretString,
@@ -484,18 +568,20 @@ struct TokenBody {
     expires_in: Option<u64>,
 }
 
-impl From<TokenBody> for AccessToken {
-    fn from(body: TokenBody) -> Self {
-        Self {
-            token: body.access_token,
-            token_type: body.token_type.unwrap_or_else(|| "bearer".to_owned()),
-            expires_in: body.expires_in.map(|secs| {
+impl TokenBody {
+    /// The token, checked against finAPI's contract; an `expires_in` above
+    /// [`MAX_EXPIRES_IN_SECS`] is read as that.
+    fn into_token(self, step: Step) -> Result<AccessToken, UpstreamError> {
+        Ok(AccessToken {
+            token: checked_token(step, self.access_token)?,
+            token_type: self.token_type.unwrap_or_else(|| "bearer".to_owned()),
+            expires_in: self.expires_in.map(|secs| {
                 if secs > MAX_EXPIRES_IN_SECS {
                     tracing::debug!(expires_in = secs, "finAPI's expires_in read as one year");
                 }
                 secs.min(MAX_EXPIRES_IN_SECS)
             }),
-        }
+        })
     }
 }
 
@@ -506,11 +592,13 @@ mod tests {
     #[test]
     fn absurd_expires_in_and_retry_after_are_capped() {
         let token = |expires_in| {
-            AccessToken::from(TokenBody {
+            TokenBody {
                 access_token: SecretString::from("t"),
                 token_type: None,
                 expires_in,
-            })
+            }
+            .into_token(Step::ClientToken)
+            .unwrap()
             .expires_in
         };
         assert_eq!(token(Some(u64::MAX)), Some(MAX_EXPIRES_IN_SECS));

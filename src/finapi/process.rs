@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 use crate::resilience::CircuitBreaker;
 
 use super::{
-    ClientCredentials, InvalidBaseUrl, Step, UpstreamError, decode, endpoint, host_header, send,
+    ClientCredentials, InvalidBaseUrl, Step, UpstreamError, checked_token, decode, endpoint,
+    host_header, send,
 };
 
 /// Client of the finAPI Process Controller. Cheap to clone.
@@ -66,7 +67,7 @@ impl ProcessControllerClient {
             .post(self.processes_url.clone())
             .header(HOST, self.host.clone())
             .json(&body);
-        let response = send(
+        let body = send(
             &self.breaker,
             step,
             request,
@@ -74,8 +75,8 @@ impl ProcessControllerClient {
             StatusCode::CREATED,
         )
         .await?;
-        let created: CreatedProcesses = decode(step, response).await?;
-        created
+        let created: CreatedProcesses = decode(step, &body)?;
+        let process_token = created
             .processes
             .into_iter()
             .find(|p| {
@@ -87,7 +88,8 @@ impl ProcessControllerClient {
             .ok_or(UpstreamError::Protocol {
                 step,
                 detail: "no process for the client reference",
-            })
+            })?;
+        checked_token(step, process_token)
     }
 
     /// `GET /api/v1/processes/{processToken}?invalidate=…`: the user access token. Not
@@ -108,7 +110,7 @@ impl ProcessControllerClient {
             .push(process_token.expose_secret());
         url.query_pairs_mut()
             .append_pair("invalidate", if invalidate { "true" } else { "false" });
-        let response = send(
+        let body = send(
             &self.breaker,
             step,
             self.http.get(url).header(HOST, self.host.clone()),
@@ -116,7 +118,7 @@ impl ProcessControllerClient {
             StatusCode::OK,
         )
         .await?;
-        Ok(decode::<ExchangedToken>(step, response).await?.access_token)
+        checked_token(step, decode::<ExchangedToken>(step, &body)?.access_token)
     }
 }
 

@@ -4,6 +4,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 
 use super::Endpoint;
 
@@ -13,6 +14,8 @@ pub const ANY_ENDPOINT: &str = "*";
 pub const MAX_LATENCY_MS: u64 = 3_600_000;
 /// Most rules `POST /__sim/faults` lets be active at once.
 pub const MAX_RULES: usize = 1_000;
+/// Largest padding a rule may add to a body (1 GiB): enough to outgrow any client's cap.
+pub const MAX_PAD_BYTES: u64 = 1 << 30;
 
 /// One fault rule, as accepted by `POST /__sim/faults` and [`super::SimHandle::add_fault`].
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -43,6 +46,25 @@ pub struct FaultRule {
     /// the number of calls left.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub count: Option<u64>,
+    /// Top-level fields written over the JSON object the call answers (after real handling or
+    /// `status`), e.g. `{"expires_in": 9223372036854775807}` or `{"access_token": "a\nb"}`:
+    /// answers finAPI's contract does not allow, to test their readers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub set: Option<Map<String, Value>>,
+    /// Bytes of JSON white space appended to the answer's body (at most [`MAX_PAD_BYTES`]); the
+    /// body stays valid JSON, only very large. Streamed, so the simulator holds none of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pad_bytes: Option<u64>,
+    /// With `stallMs`: the body is sent up to this byte, then stalls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stall_after_bytes: Option<u64>,
+    /// How long the body stalls at `stallAfterBytes` (at most one hour) before the rest follows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stall_ms: Option<u64>,
+    /// The body is sent up to this byte, then the connection breaks: the `Content-Length` still
+    /// announces the whole body, so the client sees an answer cut off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cut_after_bytes: Option<u64>,
 }
 
 impl FaultRule {
@@ -76,9 +98,28 @@ impl FaultRule {
                 "status, dropConnection and dropAfterHandling exclude each other".to_owned(),
             );
         }
-        if self.latency_ms.is_none() && !outcomes.contains(&true) {
+        let body = self.body_fault();
+        if body.is_some() && (self.drop_connection || self.drop_after_handling) {
             return Err(
-                "a rule needs latencyMs, status, dropConnection or dropAfterHandling".to_owned(),
+                "set, padBytes, stallAfterBytes and cutAfterBytes need an answer: not with \
+                 dropConnection or dropAfterHandling"
+                    .to_owned(),
+            );
+        }
+        if self.stall_after_bytes.is_some() != self.stall_ms.is_some() {
+            return Err("stallAfterBytes and stallMs go together".to_owned());
+        }
+        if self.stall_ms.is_some_and(|ms| ms > MAX_LATENCY_MS) {
+            return Err(format!("stallMs must be at most {MAX_LATENCY_MS}"));
+        }
+        if self.pad_bytes.is_some_and(|bytes| bytes > MAX_PAD_BYTES) {
+            return Err(format!("padBytes must be at most {MAX_PAD_BYTES}"));
+        }
+        if self.latency_ms.is_none() && !outcomes.contains(&true) && body.is_none() {
+            return Err(
+                "a rule needs latencyMs, status, dropConnection, dropAfterHandling, \
+                 set, padBytes, stallAfterBytes or cutAfterBytes"
+                    .to_owned(),
             );
         }
         if let Some(probability) = self.probability
@@ -93,6 +134,20 @@ impl FaultRule {
             return Err(format!("latencyMs must be at most {MAX_LATENCY_MS}"));
         }
         Ok(())
+    }
+
+    /// What the rule does to the answer's body, if anything.
+    fn body_fault(&self) -> Option<BodyFault> {
+        let fault = BodyFault {
+            set: self.set.clone(),
+            pad_bytes: self.pad_bytes.unwrap_or(0),
+            stall: self
+                .stall_after_bytes
+                .zip(self.stall_ms)
+                .map(|(at, ms)| (at, Duration::from_millis(ms))),
+            cut_after_bytes: self.cut_after_bytes,
+        };
+        (fault != BodyFault::default()).then_some(fault)
     }
 
     fn matches(&self, endpoint: Endpoint) -> bool {
@@ -118,6 +173,18 @@ impl FaultRule {
 pub(crate) struct FaultPlan {
     pub latency: Duration,
     pub action: FaultAction,
+    /// What happens to the answer's body; from the first firing rule that has a body fault.
+    pub body: Option<BodyFault>,
+}
+
+/// Changes to an answer's body (see the fields of [`FaultRule`] of the same names).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct BodyFault {
+    pub set: Option<Map<String, Value>>,
+    pub pad_bytes: u64,
+    /// Stall after this many bytes, for this long.
+    pub stall: Option<(u64, Duration)>,
+    pub cut_after_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, PartialEq)]
@@ -195,6 +262,9 @@ impl Faults {
                 } else {
                     FaultAction::Handle
                 };
+            }
+            if plan.body.is_none() {
+                plan.body = rule.body_fault();
             }
             match &mut rule.count {
                 Some(left) => {

@@ -4,6 +4,7 @@
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
@@ -11,7 +12,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use super::faults::FaultAction;
+use super::faults::{BodyFault, FaultAction};
 use super::state::SimState;
 use super::stats::Outcome;
 use super::wire::ApiError;
@@ -121,18 +122,23 @@ pub(crate) async fn around(
         // Remembered on arrival, so that tests can tell a request is being handled.
         state.remember_request_id(&request_id);
     }
+    let mut body_fault = None;
     let (response, endpoint, dropped) = match (id_error, endpoint) {
         (Some(error), _) => (error.into_response(), endpoint, false),
         (None, None) => (next.run(request).await, None, false),
         (None, Some(endpoint)) => match with_grant(request, endpoint).await {
             Ok((request, endpoint)) => {
-                let (response, dropped) = with_faults(&state, endpoint, request, next).await;
+                let (response, dropped, body) = with_faults(&state, endpoint, request, next).await;
+                body_fault = body;
                 (response, Some(endpoint), dropped)
             }
             Err(error) => (error.into_response(), Some(endpoint), false),
         },
     };
-    let response = finish(response, &request_id, &name);
+    let mut response = finish(response, &request_id, &name);
+    if let Some(fault) = body_fault {
+        response = with_body_fault(response, fault).await;
+    }
     if let Some(endpoint) = endpoint {
         let outcome = if dropped {
             Outcome::Dropped
@@ -202,18 +208,19 @@ fn grant_of(form: &[u8]) -> Option<Grant> {
         .flatten()
 }
 
-/// Applies the fault rules; returns the response and whether the connection is to be dropped.
+/// Applies the fault rules; returns the response, whether the connection is to be dropped, and
+/// what is to be done to the answer's body once it is rendered.
 async fn with_faults(
     state: &SimState,
     endpoint: Endpoint,
     request: Request,
     next: Next,
-) -> (Response, bool) {
+) -> (Response, bool, Option<BodyFault>) {
     let plan = state.faults().plan(endpoint);
     if !plan.latency.is_zero() {
         tokio::time::sleep(plan.latency).await;
     }
-    match plan.action {
+    let (response, dropped) = match plan.action {
         FaultAction::Handle => (next.run(request).await, false),
         FaultAction::Answer {
             status,
@@ -228,6 +235,95 @@ async fn with_faults(
         }
         FaultAction::Drop => (StatusCode::OK.into_response(), true),
         FaultAction::HandleThenDrop => (next.run(request).await, true),
+    };
+    (response, dropped, plan.body)
+}
+
+/// Largest rendered answer a `set` rule rewrites; the simulator's own answers are far smaller.
+const MAX_REWRITTEN_BODY: usize = 1024 * 1024;
+/// Size of the chunks that padding is streamed in.
+const PAD_CHUNK: usize = 64 * 1024;
+
+/// Rewrites, pads, stalls or cuts the rendered answer's body as `fault` says. The answer keeps
+/// a `Content-Length` of the whole (padded) body, so a stalled body keeps the client waiting
+/// and a cut one is seen as incomplete.
+async fn with_body_fault(response: Response, fault: BodyFault) -> Response {
+    let (mut parts, body) = response.into_parts();
+    let Ok(mut bytes) = axum::body::to_bytes(body, MAX_REWRITTEN_BODY).await else {
+        return dropped_connection();
+    };
+    if let Some(fields) = fault.set
+        && let Ok(serde_json::Value::Object(mut object)) =
+            serde_json::from_slice::<serde_json::Value>(&bytes)
+    {
+        object.extend(fields);
+        bytes = serde_json::to_vec(&object).map_or(bytes, Bytes::from);
+    }
+    let total = (bytes.len() as u64).saturating_add(fault.pad_bytes);
+    parts
+        .headers
+        .insert(axum::http::header::CONTENT_LENGTH, HeaderValue::from(total));
+    let plan = BodyPlan {
+        body: bytes,
+        sent: 0,
+        total,
+        stall: fault.stall,
+        cut_at: fault.cut_after_bytes,
+    };
+    let stream = futures_util::stream::unfold(plan, BodyPlan::next_chunk);
+    Response::from_parts(parts, Body::from_stream(stream))
+}
+
+/// The state of a faulted body as it is streamed.
+struct BodyPlan {
+    body: Bytes,
+    sent: u64,
+    total: u64,
+    stall: Option<(u64, Duration)>,
+    cut_at: Option<u64>,
+}
+
+impl BodyPlan {
+    async fn next_chunk(mut self) -> Option<(Result<Bytes, io::Error>, Self)> {
+        if let Some((at, pause)) = self.stall
+            && self.sent >= at.min(self.total)
+        {
+            self.stall = None;
+            tokio::time::sleep(pause).await;
+        }
+        if self.cut_at.is_some_and(|at| self.sent >= at) {
+            self.cut_at = None;
+            self.total = self.sent; // nothing after the error
+            // Pending once, so that hyper flushes what was sent before the error aborts the
+            // connection: otherwise the client may not even see the head.
+            tokio::task::yield_now().await;
+            let cut = io::Error::new(io::ErrorKind::ConnectionAborted, "body cut by a fault");
+            return Some((Err(cut), self));
+        }
+        if self.sent >= self.total {
+            return None;
+        }
+        // The next chunk ends at the next boundary: a stall, a cut, the body, a pad chunk.
+        let mut end = self.total.min(self.sent + PAD_CHUNK as u64);
+        let body_len = self.body.len() as u64;
+        if self.sent < body_len {
+            end = end.min(body_len);
+        }
+        for boundary in [self.stall.map(|(at, _)| at), self.cut_at]
+            .into_iter()
+            .flatten()
+        {
+            if boundary > self.sent {
+                end = end.min(boundary);
+            }
+        }
+        let chunk = if self.sent < body_len {
+            self.body.slice(self.sent as usize..end as usize)
+        } else {
+            Bytes::from(vec![b' '; (end - self.sent) as usize])
+        };
+        self.sent = end;
+        Some((Ok(chunk), self))
     }
 }
 
