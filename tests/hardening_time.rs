@@ -156,3 +156,42 @@ async fn a_retry_after_of_u64_max_seconds_on_a_request_is_a_quick_503_capped_at_
     env.access_session().await;
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absurd_expires_in_is_read_as_a_year_and_one_client_token_serves_every_session() {
+    let _serial = one_at_a_time().await;
+    let env = TestEnv::start().await;
+    let absurd = |endpoint: &str, expires_in: u64| {
+        let mut set = serde_json::Map::new();
+        set.insert("expires_in".into(), json!(expires_in));
+        FaultRule {
+            endpoint: endpoint.into(),
+            set: Some(set),
+            ..FaultRule::default()
+        }
+    };
+    env.sim.add_fault(absurd(CLIENT_TOKEN, i64::MAX as u64));
+    env.access_session().await;
+    let mut sessions = tokio::task::JoinSet::new();
+    for _ in 0..16 {
+        let (http, url) = (env.http.clone(), env.broker_url.clone());
+        sessions.spawn(async move {
+            let response = http
+                .post(format!("{url}/kyc-sessions"))
+                .json(&json!({"flow": "access"}))
+                .send()
+                .await
+                .expect("the broker answers");
+            expect_created(response).await
+        });
+    }
+    sessions.join_all().await;
+    assert_eq!(env.all_calls(CLIENT_TOKEN), 1, "{:?}", env.sim.stats());
+    assert_eq!(env.resilience().client_token_request_path_fetches, 1);
+
+    // A user token finAPI says lives longer than a year is passed on as living a year.
+    env.sim.add_fault(absurd(PASSWORD_TOKEN, u64::MAX));
+    let body = env.access_session().await;
+    assert_eq!(body["expiresIn"], 31_536_000, "{body}");
+    env.stop().await;
+}
