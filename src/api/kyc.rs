@@ -208,9 +208,9 @@ pub(super) struct SessionBody<'a> {
     access_token: &'a str,
     /// `bearer`.
     token_type: &'a str,
-    /// Seconds the token is valid, as finAPI says; null for the standalone flow, whose token
-    /// exchange gives none.
-    #[schema(required = true, minimum = 0)]
+    /// Seconds the token is valid, as finAPI says, more than a year read as one year
+    /// (31,536,000); null for the standalone flow, whose token exchange gives none.
+    #[schema(required = true, minimum = 0, maximum = 31_536_000)]
     expires_in: Option<u64>,
     /// The flow that ran.
     flow: FlowKind,

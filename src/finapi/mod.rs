@@ -24,6 +24,17 @@ use crate::telemetry::metrics::status_label;
 pub use access::AccessClient;
 pub use process::ProcessControllerClient;
 
+/// Longest `expires_in` the broker believes, in seconds (one year). finAPI documents no
+/// maximum; a larger value is read as this one, for the cache's schedule and in the caller's
+/// answer alike: a token valid longer is valid this long too, and no instant computed from it
+/// can overflow.
+pub const MAX_EXPIRES_IN_SECS: u64 = 365 * 24 * 3600;
+
+/// Longest `Retry-After` the broker reads, in seconds (one day); a larger value is read as
+/// this one. The broker never waits that long anyway (`resilience.max_retry_after_ms`, the
+/// token's end, and 60 s in its own answers bound it); the cap keeps sums of durations finite.
+pub const MAX_RETRY_AFTER_SECS: u64 = 24 * 3600;
+
 /// finAPI's request id header, sent with every call.
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -51,7 +62,8 @@ pub struct AccessToken {
     pub token: SecretString,
     /// `bearer`, as finAPI says.
     pub token_type: String,
-    /// Seconds the token stays valid, as finAPI says; `Some(0)` means it never expires.
+    /// Seconds the token stays valid, as finAPI says, at most [`MAX_EXPIRES_IN_SECS`];
+    /// `Some(0)` means it never expires.
     pub expires_in: Option<u64>,
 }
 
@@ -145,7 +157,7 @@ pub enum UpstreamError {
         status: StatusCode,
         /// The ErrorMessage `code` or the OAuth `error`, when the body had one.
         code: Option<String>,
-        /// The `Retry-After` header in seconds, when given.
+        /// The `Retry-After` header in seconds, when given, at most [`MAX_RETRY_AFTER_SECS`].
         retry_after: Option<Duration>,
     },
     /// The circuit breaker of the service is open: the call was not made.
@@ -504,14 +516,14 @@ fn checked_token(step: Step, token: SecretString) -> Result<SecretString, Upstre
 
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     // finAPI documents no format; seconds are assumed (an HTTP date is ignored).
-    headers
+    let secs = headers
         .get(RETRY_AFTER)?
         .to_str()
         .ok()?
         .trim()
         .parse::<u64>()
-        .ok()
-        .map(Duration::from_secs)
+        .ok()?;
+    Some(Duration::from_secs(secs.min(MAX_RETRY_AFTER_SECS)))
 }
 
 /// Either of finAPI's error shapes: ErrorMessage or the OAuth error.
@@ -557,12 +569,18 @@ struct TokenBody {
 }
 
 impl TokenBody {
-    /// The token, checked against finAPI's contract.
+    /// The token, checked against finAPI's contract; an `expires_in` above
+    /// [`MAX_EXPIRES_IN_SECS`] is read as that.
     fn into_token(self, step: Step) -> Result<AccessToken, UpstreamError> {
         Ok(AccessToken {
             token: checked_token(step, self.access_token)?,
             token_type: self.token_type.unwrap_or_else(|| "bearer".to_owned()),
-            expires_in: self.expires_in,
+            expires_in: self.expires_in.map(|secs| {
+                if secs > MAX_EXPIRES_IN_SECS {
+                    tracing::debug!(expires_in = secs, "finAPI's expires_in read as one year");
+                }
+                secs.min(MAX_EXPIRES_IN_SECS)
+            }),
         })
     }
 }
@@ -570,6 +588,32 @@ impl TokenBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn absurd_expires_in_and_retry_after_are_capped() {
+        let token = |expires_in| {
+            TokenBody {
+                access_token: SecretString::from("t"),
+                token_type: None,
+                expires_in,
+            }
+            .into_token(Step::ClientToken)
+            .unwrap()
+            .expires_in
+        };
+        assert_eq!(token(Some(u64::MAX)), Some(MAX_EXPIRES_IN_SECS));
+        assert_eq!(token(Some(3600)), Some(3600));
+        assert_eq!(token(Some(0)), Some(0));
+        assert_eq!(token(None), None);
+        let mut headers = HeaderMap::new();
+        headers.insert(RETRY_AFTER, HeaderValue::from(u64::MAX));
+        assert_eq!(
+            retry_after(&headers),
+            Some(Duration::from_secs(MAX_RETRY_AFTER_SECS))
+        );
+        headers.insert(RETRY_AFTER, HeaderValue::from(7u64));
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(7)));
+    }
 
     #[test]
     fn host_headers_name_the_port_only_when_it_is_not_the_default() {
