@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 use crate::resilience::CircuitBreaker;
 
 use super::{
-    ClientCredentials, InvalidBaseUrl, Step, UpstreamError, decode, endpoint, host_header, send,
+    ClientCredentials, EndUserMetadata, InvalidBaseUrl, Step, UpstreamError, decode, endpoint,
+    host_header, send,
 };
 
 /// Client of the finAPI Process Controller. Cheap to clone.
@@ -47,12 +48,14 @@ impl ProcessControllerClient {
         &self.breaker
     }
 
-    /// `POST /api/v1/processes` for one client reference; returns its process token.
+    /// `POST /api/v1/processes` for one client reference, on behalf of its end user; returns
+    /// its process token.
     pub async fn create_process(
         &self,
         client_reference: &str,
         process_id: &str,
         request_id: &str,
+        end_user: &EndUserMetadata,
     ) -> Result<SecretString, UpstreamError> {
         let step = Step::CreateProcess;
         let body = CreateProcessBody {
@@ -61,11 +64,12 @@ impl ProcessControllerClient {
             client_references: [ClientReferenceBody { client_reference }],
             process_id,
         };
-        let request = self
-            .http
-            .post(self.processes_url.clone())
-            .header(HOST, self.host.clone())
-            .json(&body);
+        let request = end_user.apply(
+            self.http
+                .post(self.processes_url.clone())
+                .header(HOST, self.host.clone())
+                .json(&body),
+        );
         let response = send(
             &self.breaker,
             step,
@@ -97,6 +101,7 @@ impl ProcessControllerClient {
         process_token: &SecretString,
         invalidate: bool,
         request_id: &str,
+        end_user: &EndUserMetadata,
     ) -> Result<SecretString, UpstreamError> {
         let step = Step::ExchangeProcessToken;
         let mut url = self.processes_url.clone();
@@ -111,7 +116,7 @@ impl ProcessControllerClient {
         let response = send(
             &self.breaker,
             step,
-            self.http.get(url).header(HOST, self.host.clone()),
+            end_user.apply(self.http.get(url).header(HOST, self.host.clone())),
             request_id,
             StatusCode::OK,
         )

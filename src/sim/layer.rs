@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::faults::FaultAction;
 use super::state::SimState;
-use super::stats::Outcome;
+use super::stats::{Outcome, PsuRecord};
 use super::wire::ApiError;
 
 const REQUEST_ID: &str = "x-request-id";
@@ -121,6 +121,7 @@ pub(crate) async fn around(
         // Remembered on arrival, so that tests can tell a request is being handled.
         state.remember_request_id(&request_id);
     }
+    let psu = endpoint.map(|_| PsuRecord::from_headers(request.headers(), &request_id));
     let (response, endpoint, dropped) = match (id_error, endpoint) {
         (Some(error), _) => (error.into_response(), endpoint, false),
         (None, None) => (next.run(request).await, None, false),
@@ -140,6 +141,9 @@ pub(crate) async fn around(
             Outcome::Status(response.status().as_u16())
         };
         state.counters().record(endpoint.key(), outcome);
+        if let Some(psu) = psu {
+            state.psu_log().record(endpoint.key(), psu);
+        }
         tracing::debug!(
             endpoint = endpoint.key(),
             ?outcome,
