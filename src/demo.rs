@@ -3,12 +3,18 @@
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::config::{ConfigError, Settings, sha256, to_hex};
 use crate::sim::{self, DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, SimConfig};
 use crate::startup::{Application, StartupError};
+
+/// Where the demo's broker listens unless `--listen`, a `--config` file or the environment says
+/// otherwise.
+pub const DEFAULT_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 8080);
 
 /// Why the demo could not start.
 #[derive(Debug, thiserror::Error)]
@@ -20,7 +26,8 @@ pub enum DemoError {
         #[source]
         source: std::io::Error,
     },
-    /// The demo configuration was refused (a bug).
+    /// The configuration (the demo's, with the `--config` file and the environment over it)
+    /// was refused.
     #[error(transparent)]
     Config(#[from] ConfigError),
     /// The broker could not start.
@@ -28,35 +35,61 @@ pub enum DemoError {
     Startup(#[from] StartupError),
 }
 
-/// Broker settings pointing at a simulator, with the demo client, one caller `demo` holding
-/// `api_key` and allowed both flows, and no drain period.
+/// What the `demo` command line asks for.
+#[derive(Debug)]
+pub struct DemoOptions {
+    /// `--listen`: the broker's address, over any configured `server.listen`.
+    pub listen: Option<SocketAddr>,
+    /// `--sim-listen`: the simulator's address (port 0: any free port).
+    pub sim_listen: SocketAddr,
+    /// The demo caller's API key.
+    pub api_key: SecretString,
+    /// `--config`: a file layered over the demo's settings.
+    pub config: Option<PathBuf>,
+}
+
+/// The demo's own settings, as a layer over the built-in defaults (see
+/// [`Settings::load_layered`]): the simulator's URLs and client, one caller `demo` holding
+/// `api_key` and allowed both flows, the listeners, and no drain period.
+pub fn preset(
+    listen: SocketAddr,
+    admin_listen: SocketAddr,
+    sim_url: &str,
+    api_key: &SecretString,
+) -> Vec<(String, String)> {
+    let digest = to_hex(&sha256(api_key.expose_secret().as_bytes()));
+    [
+        (
+            "auth.callers",
+            format!(
+                r#"[{{name = "demo", key_sha256 = "{digest}", flows = ["standalone", "access"]}}]"#
+            ),
+        ),
+        ("server.listen", listen.to_string()),
+        ("server.drain_secs", "0".to_owned()),
+        ("admin.listen", admin_listen.to_string()),
+        ("finapi.access_url", sim_url.to_owned()),
+        ("finapi.process_controller_url", sim_url.to_owned()),
+        ("finapi.allow_insecure_http", "true".to_owned()),
+        ("finapi.client_id", DEMO_CLIENT_ID.to_owned()),
+        ("finapi.client_secret", DEMO_CLIENT_SECRET.to_owned()),
+    ]
+    .into_iter()
+    .map(|(key, value)| (key.to_owned(), value))
+    .collect()
+}
+
+/// Broker settings pointing at a simulator: the [`preset`] over the defaults, nothing else.
 pub fn settings_for_simulator(
     listen: SocketAddr,
     admin_listen: SocketAddr,
     sim_url: &str,
     api_key: &SecretString,
 ) -> Result<Settings, ConfigError> {
-    let digest = to_hex(&sha256(api_key.expose_secret().as_bytes()));
-    let vars = [
-        (
-            "AUTH__CALLERS",
-            format!(
-                r#"[{{name = "demo", key_sha256 = "{digest}", flows = ["standalone", "access"]}}]"#
-            ),
-        ),
-        ("SERVER__LISTEN", listen.to_string()),
-        ("SERVER__DRAIN_SECS", "0".to_owned()),
-        ("ADMIN__LISTEN", admin_listen.to_string()),
-        ("FINAPI__ACCESS_URL", sim_url.to_owned()),
-        ("FINAPI__PROCESS_CONTROLLER_URL", sim_url.to_owned()),
-        ("FINAPI__ALLOW_INSECURE_HTTP", "true".to_owned()),
-        ("FINAPI__CLIENT_ID", DEMO_CLIENT_ID.to_owned()),
-        ("FINAPI__CLIENT_SECRET", DEMO_CLIENT_SECRET.to_owned()),
-    ];
-    Settings::load_with_env(
+    Settings::load_layered(
+        preset(listen, admin_listen, sim_url, api_key),
         None,
-        vars.into_iter()
-            .map(|(k, v)| (format!("{}{k}", crate::config::ENV_PREFIX), v)),
+        std::iter::empty(),
     )
 }
 
@@ -65,32 +98,49 @@ pub fn generate_api_key() -> Result<SecretString, getrandom::Error> {
     crate::random::alphanumeric(32)
 }
 
-/// Starts both, prints what to curl, and serves until `shutdown` completes.
+/// Starts both, prints what to curl, and serves until `shutdown` completes. The broker's
+/// settings are the demo's [`preset`], then the `--config` file, then `env`
+/// (`GIROIDENT_BROKER_*`), then `--listen`.
 pub async fn run(
-    listen: SocketAddr,
-    sim_listen: SocketAddr,
-    api_key: SecretString,
+    options: DemoOptions,
+    env: impl IntoIterator<Item = (String, String)>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), DemoError> {
     let sim = sim::start(SimConfig {
-        listen: sim_listen,
+        listen: options.sim_listen,
         ..SimConfig::default()
     })
     .await
     .map_err(|source| DemoError::Simulator {
-        addr: sim_listen,
+        addr: options.sim_listen,
         source,
     })?;
+    let listen = options.listen.unwrap_or(DEFAULT_LISTEN);
     let admin_listen = SocketAddr::new(listen.ip(), 0);
-    let settings = settings_for_simulator(listen, admin_listen, &sim.base_url(), &api_key)?;
-    let app = Application::build(&settings).await?;
+    let preset = preset(listen, admin_listen, &sim.base_url(), &options.api_key);
+    let built = match Settings::load_layered(preset, options.config.as_deref(), env) {
+        Ok(mut settings) => {
+            if let Some(listen) = options.listen {
+                settings.server.listen = listen.to_string();
+            }
+            Application::build(&settings).await.map_err(DemoError::from)
+        }
+        Err(err) => Err(err.into()),
+    };
+    let app = match built {
+        Ok(app) => app,
+        Err(err) => {
+            sim.shutdown().await;
+            return Err(err);
+        }
+    };
     println!(
         "{}",
         instructions(
             app.local_addr(),
             app.admin_addr(),
             &sim.base_url(),
-            api_key.expose_secret()
+            options.api_key.expose_secret()
         )
     );
     app.run_until_stopped(shutdown).await;

@@ -9,6 +9,7 @@ mod access;
 mod process;
 
 use std::fmt;
+use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use crate::resilience::CircuitBreaker;
@@ -45,6 +46,71 @@ pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
 
 /// Longest token finAPI's contract allows (AccessToken schema: 1 to 8,192 characters).
 pub const MAX_TOKEN_LEN: usize = 8192;
+
+/// finAPI's end-user metadata headers.
+const PSU_IP_ADDRESS: HeaderName = HeaderName::from_static("psu-ip-address");
+const PSU_DEVICE_OS: HeaderName = HeaderName::from_static("psu-device-os");
+const PSU_USER_AGENT: HeaderName = HeaderName::from_static("psu-user-agent");
+
+/// The end user's metadata finAPI asks for "with every request made on behalf of an end user"
+/// (finAPI reference, "End-user metadata headers"): `PSU-IP-Address` (IPv4 only),
+/// `PSU-Device-OS`, `PSU-User-Agent`, each optional. Sent with the calls made for one end
+/// user, never with client-token calls, which serve every caller.
+///
+/// The IP address is personal data and is never shown: `Debug` only says whether it is there,
+/// and its header value is marked sensitive.
+#[derive(Clone, Default)]
+pub struct EndUserMetadata {
+    ip: Option<HeaderValue>,
+    device_os: Option<HeaderValue>,
+    user_agent: Option<HeaderValue>,
+}
+
+impl EndUserMetadata {
+    /// Metadata from values the caller has checked (`flows::input::end_user_metadata`); a
+    /// text that cannot be a header value is left out.
+    pub fn new(ip: Option<Ipv4Addr>, device_os: Option<&str>, user_agent: Option<&str>) -> Self {
+        let ip = ip.and_then(|ip| HeaderValue::try_from(ip.to_string()).ok());
+        let ip = ip.map(|mut value| {
+            value.set_sensitive(true);
+            value
+        });
+        Self {
+            ip,
+            device_os: device_os.and_then(|v| HeaderValue::from_str(v).ok()),
+            user_agent: user_agent.and_then(|v| HeaderValue::from_str(v).ok()),
+        }
+    }
+
+    /// Whether no header is set.
+    pub fn is_empty(&self) -> bool {
+        self.ip.is_none() && self.device_os.is_none() && self.user_agent.is_none()
+    }
+
+    /// Adds the headers that are set to a request.
+    fn apply(&self, mut request: RequestBuilder) -> RequestBuilder {
+        for (name, value) in [
+            (PSU_IP_ADDRESS, &self.ip),
+            (PSU_DEVICE_OS, &self.device_os),
+            (PSU_USER_AGENT, &self.user_agent),
+        ] {
+            if let Some(value) = value {
+                request = request.header(name, value.clone());
+            }
+        }
+        request
+    }
+}
+
+impl fmt::Debug for EndUserMetadata {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EndUserMetadata")
+            .field("ip", &self.ip.as_ref().map(|_| "[REDACTED]"))
+            .field("device_os", &self.device_os)
+            .field("user_agent", &self.user_agent)
+            .finish()
+    }
+}
 
 /// finAPI client credentials.
 #[derive(Debug, Clone)]

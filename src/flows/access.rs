@@ -127,7 +127,8 @@ impl Flows {
                 .attempt(
                     step,
                     deadline,
-                    self.access.create_user(&token.token, user, &ctx.request_id),
+                    self.access
+                        .create_user(&token.token, user, &ctx.request_id, &ctx.end_user),
                 )
                 .await?;
             let err = match created {
@@ -181,7 +182,10 @@ impl Flows {
         self.with_retries(
             Step::UserToken,
             deadline,
-            || self.access.user_token(user_id, password, &ctx.request_id),
+            || {
+                self.access
+                    .user_token(user_id, password, &ctx.request_id, &ctx.end_user)
+            },
             |_| {},
         )
         .await

@@ -15,10 +15,12 @@ use crate::config::{FlowKind, Settings};
 use crate::finapi::{
     AccessClient, ClientCredentials, InvalidBaseUrl, ProcessControllerClient, Step, UpstreamError,
 };
+
+pub use crate::finapi::EndUserMetadata;
 use crate::resilience::{CircuitBreaker, Deadline, RetryPolicy};
 use crate::token_cache::{ClientTokenCache, TokenError};
 
-pub use input::{ClientReference, Email, InvalidInput, Phone};
+pub use input::{ClientReference, Email, InvalidInput, Phone, end_user_metadata};
 pub use retry::{ResilienceSnapshot, ResilienceStats};
 
 /// What a flow needs to know about the request it serves.
@@ -26,6 +28,8 @@ pub use retry::{ResilienceSnapshot, ResilienceStats};
 pub struct RequestContext {
     /// The request id, passed to finAPI as `X-Request-Id`.
     pub request_id: std::sync::Arc<str>,
+    /// The end user's metadata, passed to the finAPI calls made on the end user's behalf.
+    pub end_user: EndUserMetadata,
 }
 
 /// A started KYC session: what the caller gets.
@@ -265,7 +269,7 @@ impl Flows {
         ctx: &RequestContext,
     ) -> Result<(), FlowError> {
         self.access
-            .delete_user(user_token, &ctx.request_id)
+            .delete_user(user_token, &ctx.request_id, &ctx.end_user)
             .await
             .map_err(|err| {
                 let status = err.status().map(|s| s.as_u16());

@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::faults::{BodyFault, FaultAction};
 use super::state::SimState;
-use super::stats::Outcome;
+use super::stats::{Outcome, PsuRecord};
 use super::wire::ApiError;
 
 const REQUEST_ID: &str = "x-request-id";
@@ -123,6 +123,7 @@ pub(crate) async fn around(
         state.remember_request_id(&request_id);
     }
     let mut body_fault = None;
+    let psu = endpoint.map(|_| PsuRecord::from_headers(request.headers(), &request_id));
     let (response, endpoint, dropped) = match (id_error, endpoint) {
         (Some(error), _) => (error.into_response(), endpoint, false),
         (None, None) => (next.run(request).await, None, false),
@@ -146,6 +147,9 @@ pub(crate) async fn around(
             Outcome::Status(response.status().as_u16())
         };
         state.counters().record(endpoint.key(), outcome);
+        if let Some(psu) = psu {
+            state.psu_log().record(endpoint.key(), psu);
+        }
         tracing::debug!(
             endpoint = endpoint.key(),
             ?outcome,
