@@ -378,11 +378,33 @@ impl Settings {
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
+        Self::load_layered(std::iter::empty(), file, env)
+    }
+
+    /// Loads the built-in defaults, then `preset`, then `file` if given, then the environment:
+    /// each layer overrides the ones before it, and every problem of every layer is reported
+    /// at once. `preset` holds `(key, value)` pairs such as `("server.listen", "127.0.0.1:0")`,
+    /// each value read as its key's type like an environment variable's; the demo puts its own
+    /// settings there, so that a `--config` file and the environment still apply over them.
+    ///
+    /// `finapi.client_secret` and `finapi.client_secret_file` are one setting in two forms: a
+    /// file or environment that sets either replaces both of the preset's.
+    pub fn load_layered(
+        preset: impl IntoIterator<Item = (String, String)>,
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
         let mut problems = Vec::new();
         let defaults: Table = DEFAULT_TOML
             .parse()
             .map_err(|e| ConfigError::single("(built-in defaults)", format!("{e}")))?;
         let mut merged = defaults.clone();
+        for (key, value) in preset {
+            overlay_value(&defaults, &mut merged, &key, "preset", value, &mut problems);
+        }
+        // The user's layers are gathered apart first, so that they can replace a preset
+        // secret in the other form (see above).
+        let mut user = Table::new();
         if let Some(path) = file {
             let text = std::fs::read_to_string(path).map_err(|e| {
                 ConfigError::single(
@@ -401,16 +423,17 @@ impl Settings {
                     format!("{} line {line}: {}", path.display(), e.message()),
                 )
             })?;
-            overlay_file(&defaults, &mut merged, table, "", &mut problems);
+            overlay_file(&defaults, &mut user, table, "", &mut problems);
         }
         let env: Vec<(String, String)> = env.into_iter().collect();
         for (name, value) in &env {
             if let Some(rest) = name.strip_prefix(ENV_PREFIX) {
-                overlay_env(
+                let key = rest.to_ascii_lowercase().replace("__", ".");
+                overlay_value(
                     &defaults,
-                    &mut merged,
+                    &mut user,
+                    &key,
                     name,
-                    rest,
                     value.clone(),
                     &mut problems,
                 );
@@ -419,6 +442,17 @@ impl Settings {
         if !problems.is_empty() {
             return Err(ConfigError { problems });
         }
+        if let Some(toml::Value::Table(finapi)) = user.get("finapi")
+            && OPTIONAL_KEYS
+                .iter()
+                .any(|key| finapi.contains_key(key.trim_start_matches("finapi.")))
+            && let Some(toml::Value::Table(preset_finapi)) = merged.get_mut("finapi")
+        {
+            for key in OPTIONAL_KEYS {
+                preset_finapi.remove(key.trim_start_matches("finapi."));
+            }
+        }
+        merge(&mut merged, user);
         let mut settings: Settings = toml::Value::Table(merged)
             .try_into()
             .map_err(|e| ConfigError::single("(config)", e.to_string()))?;
@@ -899,19 +933,20 @@ fn overlay_file(
     }
 }
 
-/// Applies one `GIROIDENT_BROKER_SECTION__KEY` variable, parsed as the type of its default.
-fn overlay_env(
+/// Applies one value given as text (an environment variable `source`, or a preset), parsed
+/// as the type of its default.
+fn overlay_value(
     defaults: &Table,
     merged: &mut Table,
-    name: &str,
-    rest: &str,
+    key: &str,
+    source: &str,
     raw: String,
     problems: &mut Vec<(String, String)>,
 ) {
-    let key = rest.to_ascii_lowercase().replace("__", ".");
+    let key = key.to_owned();
     let parsed = match expected_kind(defaults, &key) {
         None | Some(Some(toml::Value::Table(_))) => {
-            problems.push((key, format!("unknown key (from {name})")));
+            problems.push((key, format!("unknown key (from {source})")));
             return;
         }
         Some(None) | Some(Some(toml::Value::String(_))) => Ok(toml::Value::String(raw)),
@@ -934,7 +969,19 @@ fn overlay_env(
     };
     match parsed {
         Ok(value) => insert(merged, &key, value),
-        Err(msg) => problems.push((key, format!("{msg} (from {name})"))),
+        Err(msg) => problems.push((key, format!("{msg} (from {source})"))),
+    }
+}
+
+/// Copies `upper` over `lower`, table by table; any other value replaces the one below.
+fn merge(lower: &mut Table, upper: Table) {
+    for (name, value) in upper {
+        match (lower.get_mut(&name), value) {
+            (Some(toml::Value::Table(below)), toml::Value::Table(above)) => merge(below, above),
+            (_, value) => {
+                lower.insert(name, value);
+            }
+        }
     }
 }
 
@@ -1276,6 +1323,49 @@ mod tests {
         let s = Settings::load_with_env(Some(&path), vars).expect("valid");
         assert_eq!(s.default_flow(), FlowKind::Access);
         assert_eq!(s.flows.process_id, "GIROIDENT");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_preset_lies_between_the_defaults_and_the_file_and_environment() {
+        let dir = std::env::temp_dir().join(format!("gib-cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("broker.toml");
+        std::fs::write(&path, "[limits]\ncaller_burst = 500\n").unwrap();
+        std::fs::write(dir.join("secret"), "from-file\n").unwrap();
+        let preset = env(&[
+            ("limits.caller_burst", "7"),
+            ("limits.caller_rate_per_sec", "3"),
+            ("flows.process_id", "USER_ONLY"),
+            ("finapi.client_secret", "preset-secret"),
+        ]);
+        let mut vars = valid_env();
+        vars.retain(|(k, _)| !k.ends_with("CLIENT_SECRET"));
+        vars.push((
+            "GIROIDENT_BROKER_LIMITS__CALLER_RATE_PER_SEC".into(),
+            "9".into(),
+        ));
+        let s = Settings::load_layered(preset.clone(), Some(&path), vars.clone()).expect("valid");
+        assert_eq!(s.limits.caller_burst, 500);
+        assert_eq!(s.limits.caller_rate_per_sec, 9);
+        assert_eq!(s.flows.process_id, "USER_ONLY");
+        assert_eq!(
+            s.finapi.client_secret.as_ref().unwrap().expose_secret(),
+            "preset-secret"
+        );
+        // A secret file given by the user replaces the preset's secret instead of clashing.
+        vars.push((
+            "GIROIDENT_BROKER_FINAPI__CLIENT_SECRET_FILE".into(),
+            dir.join("secret").to_str().unwrap().into(),
+        ));
+        let s = Settings::load_layered(preset, Some(&path), vars).expect("valid");
+        assert_eq!(
+            s.finapi.client_secret.as_ref().unwrap().expose_secret(),
+            "from-file"
+        );
+        let err =
+            Settings::load_layered(env(&[("limits.burst", "1")]), None, valid_env()).unwrap_err();
+        assert!(err.mentions("limits.burst"), "{err}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 

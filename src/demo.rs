@@ -11,6 +11,11 @@ use crate::config::{ConfigError, Settings, sha256, to_hex};
 use crate::sim::{self, DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, SimConfig};
 use crate::startup::{Application, StartupError};
 
+/// Where the demo's broker listens unless `--listen`, a `--config` file or the environment says
+/// otherwise.
+pub const DEFAULT_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 8080);
+
 /// Why the demo could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
@@ -21,7 +26,8 @@ pub enum DemoError {
         #[source]
         source: std::io::Error,
     },
-    /// The demo configuration was refused (a bug).
+    /// The configuration (the demo's, with the `--config` file and the environment over it)
+    /// was refused.
     #[error(transparent)]
     Config(#[from] ConfigError),
     /// The broker could not start.
@@ -32,46 +38,17 @@ pub enum DemoError {
     NoRandomness,
 }
 
-/// Broker settings pointing at a simulator, with the demo client, one caller `demo` holding
-/// `api_key` and allowed both flows, the identity ledger at `ledger` with `password_key`, and
-/// no drain period.
-pub fn settings_for_simulator(
-    listen: SocketAddr,
-    admin_listen: SocketAddr,
-    sim_url: &str,
-    api_key: &SecretString,
-    ledger: &Ledger,
-) -> Result<Settings, ConfigError> {
-    let digest = to_hex(&sha256(api_key.expose_secret().as_bytes()));
-    let vars = [
-        (
-            "AUTH__CALLERS",
-            format!(
-                r#"[{{name = "demo", key_sha256 = "{digest}", flows = ["standalone", "access"]}}]"#
-            ),
-        ),
-        ("SERVER__LISTEN", listen.to_string()),
-        ("SERVER__DRAIN_SECS", "0".to_owned()),
-        ("ADMIN__LISTEN", admin_listen.to_string()),
-        ("FINAPI__ACCESS_URL", sim_url.to_owned()),
-        ("FINAPI__PROCESS_CONTROLLER_URL", sim_url.to_owned()),
-        ("FINAPI__ALLOW_INSECURE_HTTP", "true".to_owned()),
-        ("FINAPI__CLIENT_ID", DEMO_CLIENT_ID.to_owned()),
-        ("FINAPI__CLIENT_SECRET", DEMO_CLIENT_SECRET.to_owned()),
-        (
-            "IDENTITIES__DATABASE_URL",
-            ledger.database_url.expose_secret().to_owned(),
-        ),
-        (
-            "IDENTITIES__PASSWORD_KEY",
-            ledger.password_key.expose_secret().to_owned(),
-        ),
-    ];
-    Settings::load_with_env(
-        None,
-        vars.into_iter()
-            .map(|(k, v)| (format!("{}{k}", crate::config::ENV_PREFIX), v)),
-    )
+/// What the `demo` command line asks for.
+#[derive(Debug)]
+pub struct DemoOptions {
+    /// `--listen`: the broker's address, over any configured `server.listen`.
+    pub listen: Option<SocketAddr>,
+    /// `--sim-listen`: the simulator's address (port 0: any free port).
+    pub sim_listen: SocketAddr,
+    /// The demo caller's API key.
+    pub api_key: SecretString,
+    /// `--config`: a file layered over the demo's settings.
+    pub config: Option<PathBuf>,
 }
 
 /// Where a demo or test broker keeps its identities.
@@ -83,7 +60,8 @@ pub struct Ledger {
 }
 
 impl Ledger {
-    /// A fresh SQLite file in the system's temporary directory and a random password key.
+    /// A fresh SQLite file in the system's temporary directory and a random password key;
+    /// returns the file's path too.
     pub fn fresh() -> Result<(Self, PathBuf), getrandom::Error> {
         let path = std::env::temp_dir().join(format!(
             "giroident-broker-demo-{}.db",
@@ -97,40 +75,129 @@ impl Ledger {
     }
 }
 
+/// The demo's own settings, as a layer over the built-in defaults (see
+/// [`Settings::load_layered`]): the simulator's URLs and client, one caller `demo` holding
+/// `api_key` and allowed both flows, the identity ledger, the listeners, and no drain period.
+pub fn preset(
+    listen: SocketAddr,
+    admin_listen: SocketAddr,
+    sim_url: &str,
+    api_key: &SecretString,
+    ledger: &Ledger,
+) -> Vec<(String, String)> {
+    let digest = to_hex(&sha256(api_key.expose_secret().as_bytes()));
+    [
+        (
+            "auth.callers",
+            format!(
+                r#"[{{name = "demo", key_sha256 = "{digest}", flows = ["standalone", "access"]}}]"#
+            ),
+        ),
+        ("server.listen", listen.to_string()),
+        ("server.drain_secs", "0".to_owned()),
+        ("admin.listen", admin_listen.to_string()),
+        ("finapi.access_url", sim_url.to_owned()),
+        ("finapi.process_controller_url", sim_url.to_owned()),
+        ("finapi.allow_insecure_http", "true".to_owned()),
+        ("finapi.client_id", DEMO_CLIENT_ID.to_owned()),
+        ("finapi.client_secret", DEMO_CLIENT_SECRET.to_owned()),
+        (
+            "identities.database_url",
+            ledger.database_url.expose_secret().to_owned(),
+        ),
+        (
+            "identities.password_key",
+            ledger.password_key.expose_secret().to_owned(),
+        ),
+    ]
+    .into_iter()
+    .map(|(key, value)| (key.to_owned(), value))
+    .collect()
+}
+
+/// Broker settings pointing at a simulator: the [`preset`] over the defaults, nothing else.
+pub fn settings_for_simulator(
+    listen: SocketAddr,
+    admin_listen: SocketAddr,
+    sim_url: &str,
+    api_key: &SecretString,
+    ledger: &Ledger,
+) -> Result<Settings, ConfigError> {
+    Settings::load_layered(
+        preset(listen, admin_listen, sim_url, api_key, ledger),
+        None,
+        std::iter::empty(),
+    )
+}
+
 /// A random API key for the demo (32 characters of `A-Z a-z 0-9`).
 pub fn generate_api_key() -> Result<SecretString, getrandom::Error> {
     crate::random::alphanumeric(32)
 }
 
-/// Starts both, prints what to curl, and serves until `shutdown` completes.
+/// Starts both, prints what to curl, and serves until `shutdown` completes. The broker's
+/// settings are the demo's [`preset`], then the `--config` file, then `env`
+/// (`GIROIDENT_BROKER_*`), then `--listen`.
 pub async fn run(
-    listen: SocketAddr,
-    sim_listen: SocketAddr,
-    api_key: SecretString,
+    options: DemoOptions,
+    env: impl IntoIterator<Item = (String, String)>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), DemoError> {
     let sim = sim::start(SimConfig {
-        listen: sim_listen,
+        listen: options.sim_listen,
         ..SimConfig::default()
     })
     .await
     .map_err(|source| DemoError::Simulator {
-        addr: sim_listen,
+        addr: options.sim_listen,
         source,
     })?;
+    let listen = options.listen.unwrap_or(DEFAULT_LISTEN);
     let admin_listen = SocketAddr::new(listen.ip(), 0);
-    let (ledger, ledger_path) = Ledger::fresh().map_err(|_| DemoError::NoRandomness)?;
-    let settings =
-        settings_for_simulator(listen, admin_listen, &sim.base_url(), &api_key, &ledger)?;
-    let app = Application::build(&settings).await?;
+    let (ledger, ledger_path) = match Ledger::fresh() {
+        Ok(fresh) => fresh,
+        Err(_) => {
+            sim.shutdown().await;
+            return Err(DemoError::NoRandomness);
+        }
+    };
+    let preset = preset(
+        listen,
+        admin_listen,
+        &sim.base_url(),
+        &options.api_key,
+        &ledger,
+    );
+    let mut ledger_note = ledger_path.display().to_string();
+    let built = match Settings::load_layered(preset, options.config.as_deref(), env) {
+        Ok(mut settings) => {
+            if let Some(listen) = options.listen {
+                settings.server.listen = listen.to_string();
+            }
+            if settings.identities.database_url.expose_secret()
+                != ledger.database_url.expose_secret()
+            {
+                ledger_note = "identities.database_url, as configured".to_owned();
+            }
+            Application::build(&settings).await.map_err(DemoError::from)
+        }
+        Err(err) => Err(err.into()),
+    };
+    let app = match built {
+        Ok(app) => app,
+        Err(err) => {
+            sim.shutdown().await;
+            return Err(err);
+        }
+    };
     println!(
         "{}",
         instructions(
             app.local_addr(),
             app.admin_addr(),
             &sim.base_url(),
-            api_key.expose_secret(),
-            &ledger_path,
+            options.api_key.expose_secret(),
+            &ledger_note,
         )
     );
     app.run_until_stopped(shutdown).await;
@@ -143,7 +210,7 @@ fn instructions(
     admin: SocketAddr,
     sim_url: &str,
     api_key: &str,
-    ledger: &std::path::Path,
+    ledger: &str,
 ) -> String {
     let b = format!("http://{broker}");
     let mut text = String::new();
@@ -160,8 +227,7 @@ fn instructions(
     let _ = writeln!(text, "  metrics:   http://{admin}/metrics");
     let _ = writeln!(
         text,
-        "  ledger:    {}   (SQLite: the finAPI identities this demo makes)",
-        ledger.display()
+        "  ledger:    {ledger}   (the finAPI identities this demo makes)"
     );
     let _ = writeln!(text, "\nStandalone flow (Process Controller):");
     let _ = writeln!(
@@ -178,7 +244,7 @@ fn instructions(
     );
     let _ = writeln!(
         text,
-        "  curl -s {b}/identities/customer-4711 -H 'X-Api-Key: {api_key}'          # its record"
+        "  curl -s {b}/identities/customer-4711 -H 'X-Api-Key: {api_key}'            # its record"
     );
     let _ = writeln!(
         text,

@@ -19,8 +19,8 @@ use secrecy::{ExposeSecret, SecretString};
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
-    /// Configuration file layered over the built-in defaults (environment variables
-    /// GIROIDENT_BROKER_<SECTION>__<KEY> override it).
+    /// Configuration file layered over the built-in defaults (for `demo`: over the demo's
+    /// settings); environment variables GIROIDENT_BROKER_<SECTION>__<KEY> override it.
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
 }
@@ -42,9 +42,10 @@ enum Command {
 enum Tool {
     /// Run the finAPI simulator and the broker together on loopback with demo credentials.
     Demo {
-        /// Broker address.
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        listen: SocketAddr,
+        /// Broker address [default: 127.0.0.1:8080]; wins over server.listen from --config or
+        /// the environment.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
         /// Simulator address (port 0: any free port).
         #[arg(long, default_value = "127.0.0.1:0")]
         sim_listen: SocketAddr,
@@ -108,7 +109,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Tool(tool) => match tokio::runtime::Runtime::new() {
-            Ok(runtime) => runtime.block_on(run(tool)),
+            Ok(runtime) => runtime.block_on(run(tool, cli.config)),
             Err(err) => {
                 eprintln!("cannot start the async runtime: {err}");
                 ExitCode::FAILURE
@@ -117,7 +118,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(tool: Tool) -> ExitCode {
+async fn run(tool: Tool, config: Option<PathBuf>) -> ExitCode {
     match tool {
         Tool::Demo {
             listen,
@@ -135,8 +136,18 @@ async fn run(tool: Tool) -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match demo::run(listen, sim_listen, api_key, shutdown_signal()).await {
+            let options = demo::DemoOptions {
+                listen,
+                sim_listen,
+                api_key,
+                config,
+            };
+            match demo::run(options, std::env::vars(), shutdown_signal()).await {
                 Ok(()) => ExitCode::SUCCESS,
+                Err(demo::DemoError::Config(err)) => {
+                    eprintln!("{err}");
+                    ExitCode::from(2)
+                }
                 Err(err) => {
                     eprintln!("demo failed: {}", cause_chain(&err));
                     ExitCode::FAILURE

@@ -13,6 +13,17 @@ use tokio::time::Instant;
 
 use crate::config::ResilienceSettings;
 
+/// `from + after`, saturating: an instant too far off to represent is read as thirty years on
+/// (as good as never for a running process). Every instant the broker derives from a duration
+/// goes through here, since some durations come from finAPI (`expires_in`, `Retry-After`) and
+/// `Instant + Duration` panics on overflow.
+pub fn later(from: Instant, after: Duration) -> Instant {
+    const FAR: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
+    from.checked_add(after.min(FAR))
+        .or_else(|| from.checked_add(FAR))
+        .unwrap_or(from)
+}
+
 /// When a session must be done. Every upstream attempt of the session runs inside it.
 #[derive(Debug, Clone, Copy)]
 pub struct Deadline(Instant);
@@ -25,7 +36,7 @@ pub struct BudgetExhausted;
 impl Deadline {
     /// A deadline `budget` from now.
     pub fn after(budget: Duration) -> Self {
-        Self(Instant::now() + budget)
+        Self(later(Instant::now(), budget))
     }
 
     /// Time left.
@@ -86,7 +97,7 @@ impl RetryPolicy {
             Some(after) => after,
             None => self.backoff(failed),
         };
-        (wait + self.attempt_time <= deadline.remaining()).then_some(wait)
+        (wait.saturating_add(self.attempt_time) <= deadline.remaining()).then_some(wait)
     }
 
     /// How long to wait before trying again after `failed` attempts, the last of which failed
@@ -183,7 +194,9 @@ impl CircuitBreaker {
             BreakerState::Closed { .. } => false,
             BreakerState::Open { until } if now >= until => true,
             BreakerState::HalfOpen { probing: false } => true,
-            BreakerState::Open { until } => return Err(self.reject(until - now)),
+            BreakerState::Open { until } => {
+                return Err(self.reject(until.saturating_duration_since(now)));
+            }
             BreakerState::HalfOpen { probing: true } => return Err(self.reject(Duration::ZERO)),
         };
         if probe {
@@ -250,7 +263,7 @@ impl CircuitBreaker {
 
     fn open(&self, state: &mut BreakerState) {
         *state = BreakerState::Open {
-            until: Instant::now() + self.cooldown,
+            until: later(Instant::now(), self.cooldown),
         };
         self.opened.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(
@@ -359,6 +372,25 @@ mod tests {
         drop(b.acquire().unwrap());
         b.acquire().expect("a new probe").record(false);
         assert!(!b.is_open());
+    }
+
+    #[tokio::test]
+    async fn durations_beyond_any_instant_saturate() {
+        let now = Instant::now();
+        assert!(later(now, Duration::MAX) > later(now, Duration::from_secs(3600 * 24 * 365)));
+        assert_eq!(
+            later(now, Duration::from_secs(5)),
+            now + Duration::from_secs(5)
+        );
+        let p = policy();
+        let d = Deadline::after(Duration::MAX);
+        assert!(d.remaining() > Duration::from_secs(3600));
+        assert!(p.delay(1, Some(Duration::MAX), &d).is_none());
+        let lenient = RetryPolicy {
+            max_retry_after: Duration::MAX,
+            ..policy()
+        };
+        assert!(lenient.delay(1, Some(Duration::MAX), &d).is_none());
     }
 
     #[test]

@@ -5,24 +5,31 @@
 //! The rule, for a token finAPI says is valid for `expires_in` seconds, `a` being
 //! `token_cache.refresh_ahead_secs`:
 //!
-//! - `expires_in = 0` (finAPI: never expires): kept until finAPI refuses it;
+//! - `expires_in = 0` (finAPI: never expires): kept until finAPI refuses it; a value above
+//!   [`MAX_EXPIRES_IN_SECS`] (one year) is read as one year;
 //! - otherwise the token is presented until `expires_in` after its answer arrived (finAPI rounds
 //!   to whole seconds, so it may end up to a second earlier); the first request that reads it
 //!   `a` before that (half-way for tokens shorter than `2a`) starts a background refresh, at
 //!   most one at a time. The refresh asks finAPI at once (the same token comes back, confirming
 //!   its remaining life), waits until a second before the token's end, then asks every
 //!   [`END_POLL`] until finAPI hands out the next token, which replaces it in the cache.
-//! - A failed refresh keeps the still-valid token and tries again with backoff.
+//! - A failed refresh keeps the still-valid token and tries again with backoff, or after
+//!   finAPI's `Retry-After` if longer; it never waits past the token's end plus [`END_GRACE`],
+//!   when it gives up.
 //!
 //! So after warm-up no request fetches a client token itself. What finAPI leaves possible is
 //! the narrow window between the real expiry and the arrival of the next token (at most
 //! `END_POLL` plus one call): a request in it may meet a `401`, or find the token past its end;
-//! it then waits for the refresh in flight instead of fetching. Only when no refresh is in
-//! flight (cold start, finAPI down for the token's whole end) does a request fetch, and
-//! concurrent ones share that fetch (`try_get_with`).
+//! it then waits for the refresh in flight instead of fetching, but only while the refresh's
+//! next call is due within the wait's bound: the token's end plus `END_GRACE`, and one call
+//! timeout from when the request began to wait. A refresh backing off beyond that (finAPI
+//! refused it) is not waited for. Whenever a request does not wait, or its wait runs out, it
+//! fetches, and concurrent ones share that fetch (`try_get_with`), which answers a new token or
+//! finAPI's refusal within one call's retries. So does a request that finds no token (cold
+//! start, or finAPI down throughout a token's end).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use moka::Expiry;
@@ -32,15 +39,16 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::finapi::{AccessClient, AccessToken, UpstreamError};
-use crate::resilience::{Deadline, RetryPolicy};
+use crate::finapi::{AccessClient, AccessToken, MAX_EXPIRES_IN_SECS, UpstreamError};
+use crate::resilience::{Deadline, RetryPolicy, later};
 use crate::telemetry::metrics::{HandleCache, TOKEN_CACHE, TOKEN_FETCHES};
 
 /// Interval of the refresh's calls in the last second of a token's life.
 pub const END_POLL: Duration = Duration::from_millis(25);
 /// How long past its end an entry stays, so that the refresh can replace it before requests
-/// find nothing: `END_POLL`, one call, and finAPI's rounding to whole seconds.
-const END_GRACE: Duration = Duration::from_secs(2);
+/// find nothing: `END_POLL`, one call, and finAPI's rounding to whole seconds. Also the
+/// longest a request waits for the refresh past the token's end, and when the refresh gives up.
+pub const END_GRACE: Duration = Duration::from_secs(2);
 /// Id sent as `X-Request-Id` with background refreshes.
 const REFRESH_REQUEST_ID: &str = "giroident-broker-token-refresh";
 
@@ -76,6 +84,47 @@ impl ClientToken {
 
     fn is_past_end(&self, now: Instant) -> bool {
         self.ends_at.is_some_and(|end| now >= end)
+    }
+}
+
+/// What the background refresh is doing, published to the requests that wait for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refresh {
+    /// No refresh runs.
+    Idle,
+    /// One runs; its next call to finAPI is due at `next_call` (already past: calling now).
+    Running { next_call: Instant },
+}
+
+/// The running refresh's hold on the shared [`Refresh`] state: at most one exists. However the
+/// refresh task ends (done, gave up, panicked, aborted), dropping the hold sets the state back
+/// to idle and wakes the requests waiting for it, so no state can claim a refresh that is gone.
+struct RefreshHold(Arc<watch::Sender<Refresh>>);
+
+impl RefreshHold {
+    /// The hold, unless a refresh runs already.
+    fn take(state: &Arc<watch::Sender<Refresh>>) -> Option<Self> {
+        let taken = state.send_if_modified(|refresh| match refresh {
+            Refresh::Idle => {
+                *refresh = Refresh::Running {
+                    next_call: Instant::now(),
+                };
+                true
+            }
+            Refresh::Running { .. } => false,
+        });
+        taken.then(|| Self(state.clone()))
+    }
+
+    /// Tells waiting requests when the refresh calls finAPI next.
+    fn next_call(&self, at: Instant) {
+        self.0.send_replace(Refresh::Running { next_call: at });
+    }
+}
+
+impl Drop for RefreshHold {
+    fn drop(&mut self) {
+        self.0.send_replace(Refresh::Idle);
     }
 }
 
@@ -115,8 +164,7 @@ pub struct ClientTokenCache {
     refresh_ahead: Duration,
     policy: RetryPolicy,
     budget: Duration,
-    refreshing: Arc<AtomicBool>,
-    replaced: Arc<watch::Sender<u64>>,
+    refresh: Arc<watch::Sender<Refresh>>,
     stats: Arc<TokenCacheStats>,
 }
 
@@ -124,9 +172,10 @@ struct KeepFor;
 
 impl KeepFor {
     fn keep(value: &ClientToken) -> Option<Duration> {
-        value
-            .ends_at
-            .map(|end| end.saturating_duration_since(Instant::now()) + END_GRACE)
+        value.ends_at.map(|end| {
+            end.saturating_duration_since(Instant::now())
+                .saturating_add(END_GRACE)
+        })
     }
 }
 
@@ -153,21 +202,26 @@ impl Expiry<String, Arc<ClientToken>> for KeepFor {
 }
 
 /// When to present a token until, and when to start refreshing it, for a token whose answer
-/// arrived at `received` saying `expires_in` (see module docs).
+/// arrived at `received` saying `expires_in` seconds (see module docs; more than
+/// [`MAX_EXPIRES_IN_SECS`] is read as that much).
 pub fn schedule(
     expires_in: Option<u64>,
     received: Instant,
     refresh_ahead: Duration,
 ) -> (Option<Instant>, Option<Instant>) {
-    let Some(lifetime) = expires_in.filter(|s| *s > 0).map(Duration::from_secs) else {
+    let Some(lifetime) = expires_in
+        .filter(|s| *s > 0)
+        .map(|s| Duration::from_secs(s.min(MAX_EXPIRES_IN_SECS)))
+    else {
         return (None, None);
     };
-    let ahead = if lifetime > refresh_ahead * 2 {
+    let ahead = if lifetime > refresh_ahead.saturating_mul(2) {
         refresh_ahead
     } else {
         lifetime / 2
     };
-    (Some(received + lifetime), Some(received + lifetime - ahead))
+    let end = later(received, lifetime);
+    (Some(end), Some(end.checked_sub(ahead).unwrap_or(received)))
 }
 
 impl ClientTokenCache {
@@ -189,8 +243,7 @@ impl ClientTokenCache {
             refresh_ahead,
             policy,
             budget,
-            refreshing: Arc::new(AtomicBool::new(false)),
-            replaced: Arc::new(watch::Sender::new(0)),
+            refresh: Arc::new(watch::Sender::new(Refresh::Idle)),
             stats: Arc::new(TokenCacheStats::default()),
         }
     }
@@ -221,31 +274,22 @@ impl ClientTokenCache {
     }
 
     /// A token other than `stale` (finAPI refused it, or it has ended): the one the refresh in
-    /// flight brings when `stale` is about to end, or else a fresh fetch after dropping `stale`
-    /// (only if the entry still holds it: a newer token another request fetched is kept). A
-    /// token refused long before its end was revoked: the refresh, which waits for the end,
-    /// would bring its successor too late.
+    /// flight brings when `stale` is about to end (waited for as [`Self::wait_for_refresh`]
+    /// says), or else a fresh fetch after dropping `stale` (only if the entry still holds it: a
+    /// newer token another request fetched is kept). A token refused long before its end was
+    /// revoked: the refresh, which waits for the end, would bring its successor too late.
     pub async fn replace(
         &self,
         stale: &ClientToken,
         request_id: &str,
     ) -> Result<Arc<ClientToken>, TokenError> {
-        let mut replaced = self.replaced.subscribe();
-        let mut waited = false;
-        let ending = stale.is_past_end(Instant::now() + END_GRACE);
-        while ending && self.refreshing.load(Ordering::Acquire) {
-            if let Some(current) = self.cache.get(self.access.client_id()).await
-                && !current.same_token(stale)
-            {
+        let now = Instant::now();
+        if let Some(end) = stale.ends_at
+            && later(now, END_GRACE) >= end
+        {
+            let bound = later(end, END_GRACE).min(later(now, self.policy.attempt_time));
+            if let Some(current) = self.wait_for_refresh(stale, bound).await {
                 return Ok(current);
-            }
-            if !waited {
-                waited = true;
-                self.stats.waits_for_refresh.fetch_add(1, Ordering::Relaxed);
-            }
-            // Woken by every token a refresh stores and by its end; callers bound the wait.
-            if replaced.changed().await.is_err() {
-                break;
             }
         }
         if let Some(current) = self.cache.get(self.access.client_id()).await
@@ -256,6 +300,41 @@ impl ClientTokenCache {
         }
         self.invalidate(stale).await;
         self.fetch_shared(request_id).await
+    }
+
+    /// The token the refresh in flight brings in place of `stale`, waited for until `bound` at
+    /// most; `None` as soon as no refresh runs or its next call is not due before `bound`
+    /// (it backs off after finAPI refused it): the caller then fetches. So a request waits for
+    /// about one upstream call, never for a refresh's `Retry-After`.
+    async fn wait_for_refresh(
+        &self,
+        stale: &ClientToken,
+        bound: Instant,
+    ) -> Option<Arc<ClientToken>> {
+        let mut refresh = self.refresh.subscribe();
+        let mut waited = false;
+        loop {
+            // Marked seen before the cache is read: a token stored after that read wakes us.
+            let state = *refresh.borrow_and_update();
+            match state {
+                Refresh::Running { next_call } if next_call < bound => {}
+                _ => return None,
+            }
+            if let Some(current) = self.cache.get(self.access.client_id()).await
+                && !current.same_token(stale)
+            {
+                return Some(current);
+            }
+            if !waited {
+                waited = true;
+                self.stats.waits_for_refresh.fetch_add(1, Ordering::Relaxed);
+            }
+            // Woken by each step of the refresh: every call it schedules, and its end.
+            match tokio::time::timeout_at(bound, refresh.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => return None,
+            }
+        }
     }
 
     /// Concurrent misses share one fetch. It runs in its own task: when the request that
@@ -315,29 +394,34 @@ impl ClientTokenCache {
 
     /// Starts the background refresh of `current`, unless one is running.
     fn start_refresh(&self, current: Arc<ClientToken>) {
-        if self.refreshing.swap(true, Ordering::AcqRel) {
+        let Some(hold) = RefreshHold::take(&self.refresh) else {
             return;
-        }
+        };
         let this = self.clone();
-        tokio::spawn(async move {
-            this.refresh(current).await;
-            this.refreshing.store(false, Ordering::Release);
-            // Wakes requests waiting for this refresh, also when it gave up.
-            this.replaced.send_modify(|n| *n += 1);
-        });
+        // The hold lives in the task: dropped however the task ends, it wakes the waiters.
+        tokio::spawn(async move { this.refresh(current, &hold).await });
     }
 
     /// Asks finAPI until it hands out a token other than `current`, then stores it. Gives up
-    /// when `current` has ended long enough for its entry to be gone.
-    async fn refresh(&self, current: Arc<ClientToken>) {
-        let give_up = current.ends_at.map(|end| end + END_GRACE);
+    /// when `current` has ended long enough for its entry to be gone, or when the entry holds
+    /// another token (a request fetched it; it gets its own refresh). No wait outlasts that
+    /// end, whatever finAPI's `Retry-After`: past it requests fetch for themselves.
+    async fn refresh(&self, current: Arc<ClientToken>, hold: &RefreshHold) {
+        let give_up = current.ends_at.map(|end| later(end, END_GRACE));
         // When the token surely still runs: the lower bound of its end, learnt from finAPI.
         let mut next_call = Instant::now();
         let mut failed = 0;
         loop {
-            tokio::time::sleep_until(next_call).await;
+            let wake = give_up.map_or(next_call, |at| next_call.min(at));
+            hold.next_call(wake);
+            tokio::time::sleep_until(wake).await;
             if give_up.is_some_and(|at| Instant::now() >= at) {
                 tracing::warn!("background client-token refresh gave up; requests will fetch");
+                return;
+            }
+            if let Some(entry) = self.cache.get(self.access.client_id()).await
+                && !entry.same_token(&current)
+            {
                 return;
             }
             self.stats
@@ -365,9 +449,11 @@ impl ClientTokenCache {
                     // finAPI rounds `expires_in` to whole seconds: the token surely runs until a
                     // second before what it says, counted from when we asked. Until then a new
                     // token cannot be had; from then on, ask every END_POLL.
-                    let surely_valid =
-                        sent + Duration::from_secs(secs).saturating_sub(Duration::from_secs(1));
-                    next_call = surely_valid.max(Instant::now() + END_POLL);
+                    let surely_valid = later(
+                        sent,
+                        Duration::from_secs(secs).saturating_sub(Duration::from_secs(1)),
+                    );
+                    next_call = surely_valid.max(later(Instant::now(), END_POLL));
                 }
                 Err(err) => {
                     failed += 1;
@@ -380,7 +466,7 @@ impl ClientTokenCache {
                         .max(self.policy.backoff(failed));
                     tracing::debug!(error = %err, wait_ms = wait.as_millis() as u64,
                         "background client-token refresh failed; keeping the current token");
-                    next_call = Instant::now() + wait;
+                    next_call = later(Instant::now(), wait);
                 }
             }
         }
@@ -422,6 +508,50 @@ mod tests {
         let (end, refresh) = schedule(Some(3600), now, AHEAD);
         assert_eq!(end, Some(now + Duration::from_secs(3600)));
         assert_eq!(refresh, Some(now + Duration::from_secs(3540)));
+    }
+
+    #[test]
+    fn absurd_lifetimes_are_read_as_one_year() {
+        let now = Instant::now();
+        let year = Duration::from_secs(MAX_EXPIRES_IN_SECS);
+        for absurd in [MAX_EXPIRES_IN_SECS + 1, i64::MAX as u64, u64::MAX] {
+            let (end, refresh) = schedule(Some(absurd), now, Duration::MAX);
+            assert_eq!(end, Some(now + year));
+            assert_eq!(refresh, Some(now + year / 2));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refresh_that_panics_or_is_aborted_leaves_no_refresh_behind_and_wakes_waiters() {
+        let state = Arc::new(watch::Sender::new(Refresh::Idle));
+        for abort in [false, true] {
+            let mut waiter = state.subscribe();
+            let hold = RefreshHold::take(&state).expect("no refresh runs");
+            assert!(RefreshHold::take(&state).is_none(), "one refresh at a time");
+            waiter.borrow_and_update();
+            let task = tokio::spawn(async move {
+                let _hold = hold;
+                if abort {
+                    std::future::pending::<()>().await;
+                }
+                panic!("the refresh task failed");
+            });
+            if abort {
+                task.abort();
+                assert!(task.await.unwrap_err().is_cancelled());
+            } else {
+                assert!(task.await.unwrap_err().is_panic());
+            }
+            tokio::time::timeout(Duration::from_secs(5), waiter.changed())
+                .await
+                .expect("the waiter is woken")
+                .expect("the state lives");
+            assert_eq!(*waiter.borrow(), Refresh::Idle);
+            assert!(
+                RefreshHold::take(&state).is_some(),
+                "a new refresh may start"
+            );
+        }
     }
 
     #[test]

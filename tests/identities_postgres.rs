@@ -30,9 +30,8 @@ async fn fifty_concurrent_first_sessions_on_postgresql_create_one_user() {
     let mut settings = common::settings_with_ledger(&sim, &common::ledger_at(&db.url()));
     quick(&mut settings);
     let env = TestEnv::with_settings(sim, &settings).await;
-    let sessions = (0..50).map(|_| {
-        env.start_session(json!({"flow": "access", "clientReference": "customer-pg"}))
-    });
+    let sessions = (0..50)
+        .map(|_| env.start_session(json!({"flow": "access", "clientReference": "customer-pg"})));
     let mut users = std::collections::HashSet::new();
     for answer in futures_util::future::join_all(sessions).await {
         let body = common::expect_created(answer).await;
@@ -73,7 +72,12 @@ async fn two_replicas_delete_each_due_identity_exactly_once() {
     let _ = stop_replica.send(());
     replica.await.expect("replica stops");
     assert!(all_deleted, "not all deleted: {:?}", env.sim.stats());
-    assert_eq!(env.all_calls(DELETE_USER), IDENTITIES as u64, "{:?}", env.sim.stats());
+    assert_eq!(
+        env.all_calls(DELETE_USER),
+        IDENTITIES as u64,
+        "{:?}",
+        env.sim.stats()
+    );
     env.stop().await;
 }
 
@@ -105,7 +109,11 @@ async fn a_ledger_that_goes_away_stops_the_access_flow_before_finapi_but_not_sta
     assert_eq!(env.all_calls(CREATE_USER), 0, "{:?}", env.sim.stats());
     assert_eq!(env.all_calls(common::CLIENT_TOKEN), 0);
 
-    common::expect_created(env.start_session(json!({"flow": "standalone", "clientReference": "c-1"})).await).await;
+    common::expect_created(
+        env.start_session(json!({"flow": "standalone", "clientReference": "c-1"}))
+            .await,
+    )
+    .await;
     let ready: serde_json::Value = env
         .http
         .get(format!("{}/readyz", env.broker_url))

@@ -92,11 +92,13 @@ async fn a_stalled_body_arrives_late_but_whole() {
         ..client_token_rule()
     })
     .await;
+    let started = Instant::now();
     let response = client_token(&sim, &http).await;
-    let headers_at = Instant::now();
     assert_eq!(response.status(), 200);
     let answer: Value = response.json().await.unwrap();
-    assert!(headers_at.elapsed() >= Duration::from_millis(400));
+    // From the request's start: how much of the stall falls before the head arrives depends on
+    // scheduling, the whole of it never does.
+    assert!(started.elapsed() >= Duration::from_millis(400));
     assert!(answer["access_token"].is_string());
 }
 

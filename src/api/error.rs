@@ -32,6 +32,10 @@ pub enum ApiError {
     /// 422 `INVALID_FIELD`: a field's value breaks its rule.
     #[error("invalid field: {0}")]
     InvalidField(InvalidInput),
+    /// 422 `INVALID_HEADER`: a header's value breaks its rule (the end user's metadata
+    /// headers `PSU-*`).
+    #[error("invalid header: {0}")]
+    InvalidHeader(InvalidInput),
     /// 413 `BODY_TOO_LARGE`.
     #[error("request body too large")]
     BodyTooLarge,
@@ -139,6 +143,12 @@ impl ApiError {
                 S::UNPROCESSABLE_ENTITY,
                 "INVALID_FIELD",
                 "Invalid field value",
+            )
+            .detail(e.to_string()),
+            Self::InvalidHeader(e) => Kind::new(
+                S::UNPROCESSABLE_ENTITY,
+                "INVALID_HEADER",
+                "Invalid header value",
             )
             .detail(e.to_string()),
             Self::BodyTooLarge => Kind::new(

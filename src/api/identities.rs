@@ -3,7 +3,7 @@
 use std::time::{Duration, UNIX_EPOCH};
 
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Json, Router};
@@ -119,6 +119,7 @@ fn context(
     caller: &Caller,
     reference: &str,
     request_id: std::sync::Arc<str>,
+    headers: &HeaderMap,
 ) -> Result<(ClientReference, RequestContext), ApiError> {
     if !caller.may_use(FlowKind::Access) {
         return Err(ApiError::FlowNotAllowed(FlowKind::Access));
@@ -127,6 +128,7 @@ fn context(
     let ctx = RequestContext {
         request_id,
         caller: caller.name.clone(),
+        end_user: super::kyc::end_user(headers)?,
     };
     Ok((reference, ctx))
 }
@@ -156,8 +158,9 @@ pub(super) async fn get_identity(
     Extension(RequestId(request_id)): Extension<RequestId>,
     Extension(CallerExt(caller)): Extension<CallerExt>,
     Path(reference): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Json<IdentityBody>, ApiError> {
-    let (reference, ctx) = context(&caller, &reference, request_id)?;
+    let (reference, ctx) = context(&caller, &reference, request_id, &headers)?;
     let view = state
         .flows
         .find_identity(&ctx.caller, &reference)
@@ -176,14 +179,19 @@ pub(super) async fn get_identity(
     path = "/identities/{clientReference}",
     tag = "identities",
     security(("api_key" = [])),
-    params(("clientReference" = String, Path, description = "The caller's reference for its end customer")),
+    params(
+        ("clientReference" = String, Path, description = "The caller's reference for its end customer"),
+        ("PSU-IP-Address" = Option<String>, Header, description = "As for POST /kyc-sessions; passed to finAPI's calls for the deletion", format = Ipv4),
+        ("PSU-Device-OS" = Option<String>, Header, description = "As for POST /kyc-sessions", min_length = 1, max_length = 128, pattern = "^[ -~]+$"),
+        ("PSU-User-Agent" = Option<String>, Header, description = "As for POST /kyc-sessions", min_length = 1, max_length = 512, pattern = "^[ -~]+$"),
+    ),
     responses(
         (status = 204, description = "The finAPI user is deleted (or finAPI no longer knew it)"),
         (status = 202, description = "finAPI cannot delete it now: the deletion is scheduled", body = IdentityBody),
         (status = 401, description = "MISSING_API_KEY, INVALID_API_KEY", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "FLOW_NOT_ALLOWED (the caller may not use the access flow)", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "IDENTITY_NOT_FOUND (none, or already deleted)", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "INVALID_FIELD", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "INVALID_FIELD, INVALID_HEADER", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "RATE_LIMITED, with Retry-After", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "STORE_UNAVAILABLE, OVERLOADED", body = Problem, content_type = "application/problem+json"),
     )
@@ -193,8 +201,9 @@ pub(super) async fn delete_identity(
     Extension(RequestId(request_id)): Extension<RequestId>,
     Extension(CallerExt(caller)): Extension<CallerExt>,
     Path(reference): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let (reference, ctx) = context(&caller, &reference, request_id)?;
+    let (reference, ctx) = context(&caller, &reference, request_id, &headers)?;
     let (deletion, view) = tokio::time::timeout(
         state.request_timeout,
         state.flows.delete_identity_of(&reference, &ctx),

@@ -18,7 +18,8 @@ use crate::flows::input::{
     PHONE_PATTERN,
 };
 use crate::flows::{
-    ClientReference, Email, InvalidInput, KycSession, Phone, RequestContext, SessionRequest,
+    ClientReference, Email, EndUserMetadata, InvalidInput, KycSession, Phone, RequestContext,
+    SessionRequest, end_user_metadata,
 };
 
 use super::AppState;
@@ -30,6 +31,9 @@ use crate::telemetry::metrics::{DELETIONS, HandleCache, SESSIONS};
 
 /// Longest bearer token accepted for deletion (finAPI allows up to 8192 characters).
 const MAX_TOKEN_LEN: usize = 8192;
+
+/// The end user's metadata headers, as finAPI names them.
+const PSU_HEADERS: [&str; 3] = ["PSU-IP-Address", "PSU-Device-OS", "PSU-User-Agent"];
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -215,9 +219,9 @@ pub(super) struct SessionBody<'a> {
     access_token: &'a str,
     /// `bearer`.
     token_type: &'a str,
-    /// Seconds the token is valid, as finAPI says; null for the standalone flow, whose token
-    /// exchange gives none.
-    #[schema(required = true, minimum = 0)]
+    /// Seconds the token is valid, as finAPI says, more than a year read as one year
+    /// (31,536,000); null for the standalone flow, whose token exchange gives none.
+    #[schema(required = true, minimum = 0, maximum = 31_536_000)]
     expires_in: Option<u64>,
     /// The flow that ran.
     flow: FlowKind,
@@ -245,7 +249,12 @@ pub(super) struct SessionBody<'a> {
     path = "/kyc-sessions",
     tag = "kyc",
     security(("api_key" = [])),
-    params(("X-Request-Id" = Option<String>, Header, description = "Request id (at most 255 characters of A-Z a-z 0-9 - _ . : /); generated when absent or unsafe")),
+    params(
+        ("X-Request-Id" = Option<String>, Header, description = "Request id (at most 255 characters of A-Z a-z 0-9 - _ . : /); generated when absent or unsafe"),
+        ("PSU-IP-Address" = Option<String>, Header, description = "The end user's IPv4 address (dotted quad, e.g. 203.0.113.7; IPv6 is refused), passed to finAPI's calls for the end user; never logged. INVALID_HEADER when invalid", format = Ipv4),
+        ("PSU-Device-OS" = Option<String>, Header, description = "The end user's device operating system, 1 to 128 characters of visible ASCII and space, passed to finAPI's calls for the end user. INVALID_HEADER when invalid", min_length = 1, max_length = 128, pattern = "^[ -~]+$"),
+        ("PSU-User-Agent" = Option<String>, Header, description = "The end user's browser or app user agent, 1 to 512 characters of visible ASCII and space, passed to finAPI's calls for the end user. INVALID_HEADER when invalid", min_length = 1, max_length = 512, pattern = "^[ -~]+$"),
+    ),
     request_body(content = CreateSessionBody, content_type = "application/json"),
     responses(
         (status = 201, description = "Session started; `Cache-Control: no-store`", body = SessionBody),
@@ -255,7 +264,7 @@ pub(super) struct SessionBody<'a> {
         (status = 408, description = "BODY_TIMEOUT", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "BODY_TOO_LARGE", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "UNSUPPORTED_MEDIA_TYPE", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "INVALID_FIELD", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "INVALID_FIELD, INVALID_HEADER", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "RATE_LIMITED, with Retry-After", body = Problem, content_type = "application/problem+json"),
         (status = 500, description = "INTERNAL", body = Problem, content_type = "application/problem+json"),
         (status = 502, description = "UPSTREAM_REJECTED, UPSTREAM_ERROR", body = Problem, content_type = "application/problem+json"),
@@ -267,14 +276,21 @@ pub(super) async fn create_session(
     State(state): State<AppState>,
     Extension(RequestId(request_id)): Extension<RequestId>,
     Extension(CallerExt(caller)): Extension<CallerExt>,
+    headers: HeaderMap,
     ApiJson(body): ApiJson<CreateSessionBody>,
 ) -> Result<Response, ApiError> {
+    let end_user = end_user(&headers)?;
     let request = body
         .validate(state.default_flow)
         .map_err(ApiError::InvalidField)?;
     let flow = request.flow();
     tracing::Span::current().record("flow", flow.as_str());
-    let result = start_session(&state, &caller, request, request_id).await;
+    let ctx = RequestContext {
+        request_id,
+        caller: caller.name.clone(),
+        end_user,
+    };
+    let result = start_session(&state, &caller, request, ctx).await;
     let outcome = match &result {
         Ok(_) => "created",
         Err(err) => err.code(),
@@ -293,15 +309,11 @@ async fn start_session(
     state: &AppState,
     caller: &Caller,
     request: SessionRequest,
-    request_id: std::sync::Arc<str>,
+    ctx: RequestContext,
 ) -> Result<Response, ApiError> {
     if !caller.may_use(request.flow()) {
         return Err(ApiError::FlowNotAllowed(request.flow()));
     }
-    let ctx = RequestContext {
-        request_id,
-        caller: caller.name.clone(),
-    };
     let session = tokio::time::timeout(
         state.request_timeout,
         state.flows.start_session(request, &ctx),
@@ -353,9 +365,15 @@ fn session_response(session: &KycSession) -> Response {
     path = "/kyc-sessions/current",
     tag = "kyc",
     security(("api_key" = [], "user_token" = [])),
-    params(("X-Request-Id" = Option<String>, Header, description = "Request id, as for POST /kyc-sessions")),
+    params(
+        ("X-Request-Id" = Option<String>, Header, description = "Request id, as for POST /kyc-sessions"),
+        ("PSU-IP-Address" = Option<String>, Header, description = "As for POST /kyc-sessions; passed to finAPI's DELETE /api/v2/users", format = Ipv4),
+        ("PSU-Device-OS" = Option<String>, Header, description = "As for POST /kyc-sessions", min_length = 1, max_length = 128, pattern = "^[ -~]+$"),
+        ("PSU-User-Agent" = Option<String>, Header, description = "As for POST /kyc-sessions", min_length = 1, max_length = 512, pattern = "^[ -~]+$"),
+    ),
     responses(
         (status = 204, description = "The user is deleted"),
+        (status = 422, description = "INVALID_HEADER", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "MISSING_API_KEY, INVALID_API_KEY, MISSING_USER_TOKEN, USER_TOKEN_REJECTED", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "NOT_A_USER_TOKEN", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "USER_LOCKED", body = Problem, content_type = "application/problem+json"),
@@ -373,10 +391,12 @@ pub(super) async fn delete_current(
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
     let result: Result<StatusCode, ApiError> = async {
+        let end_user = end_user(&headers)?;
         let token = bearer_token(&headers).ok_or(ApiError::MissingUserToken)?;
         let ctx = RequestContext {
             request_id,
             caller: caller.name.clone(),
+            end_user,
         };
         tokio::time::timeout(state.request_timeout, state.flows.delete_user(&token, &ctx))
             .await
@@ -396,6 +416,24 @@ pub(super) async fn delete_current(
         |deletions| deletions.increment(1),
     );
     result
+}
+
+/// The end user's metadata from the `PSU-*` headers (rules at [`end_user_metadata`]); each may
+/// be absent, none may be repeated.
+pub(super) fn end_user(headers: &HeaderMap) -> Result<EndUserMetadata, ApiError> {
+    let mut values = [None; 3];
+    for (value, name) in values.iter_mut().zip(PSU_HEADERS) {
+        let mut all = headers.get_all(name).iter();
+        *value = all.next().map(HeaderValue::as_bytes);
+        if all.next().is_some() {
+            return Err(ApiError::InvalidHeader(InvalidInput {
+                field: name,
+                rule: "must be given at most once",
+            }));
+        }
+    }
+    let [ip, device_os, user_agent] = values;
+    end_user_metadata(ip, device_os, user_agent).map_err(ApiError::InvalidHeader)
 }
 
 /// The token of `Authorization: Bearer <token>`: visible ASCII only, at most 8192 characters.

@@ -128,6 +128,8 @@ pub fn router(state: AppState) -> Router {
                 .layer(SetSensitiveRequestHeadersLayer::new([
                     header::AUTHORIZATION,
                     header::HeaderName::from_static("x-api-key"),
+                    // Personal data: kept out of anything that prints headers.
+                    header::HeaderName::from_static("psu-ip-address"),
                 ]))
                 .layer(axum::middleware::from_fn(request_id::middleware))
                 .layer(CatchPanicLayer::custom(|_| -> Response {

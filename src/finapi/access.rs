@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 use crate::resilience::CircuitBreaker;
 
 use super::{
-    AccessToken, ClientCredentials, InvalidBaseUrl, NewUser, Step, TokenBody, UpstreamError,
-    decode, endpoint, host_header, send,
+    AccessToken, ClientCredentials, EndUserMetadata, InvalidBaseUrl, NewUser, Step, TokenBody,
+    UpstreamError, decode, endpoint, host_header, send,
 };
 
 /// Client of finAPI Access. Cheap to clone: the HTTP connection pool is shared.
@@ -62,29 +62,33 @@ impl AccessClient {
         &self.credentials.client_id
     }
 
-    /// `grant_type=client_credentials`: a client token.
+    /// `grant_type=client_credentials`: a client token. It serves every caller, so it never
+    /// carries an end user's metadata.
     pub async fn client_token(&self, request_id: &str) -> Result<AccessToken, UpstreamError> {
         self.token(
             Step::ClientToken,
             &[("grant_type", "client_credentials")],
             request_id,
+            None,
         )
         .await
     }
 
-    /// `grant_type=password`: a token for the given user.
+    /// `grant_type=password`: a token for the given user, made on that user's behalf.
     pub async fn user_token(
         &self,
         user_id: &str,
         password: &SecretString,
         request_id: &str,
+        end_user: &EndUserMetadata,
     ) -> Result<AccessToken, UpstreamError> {
         let params = [
             ("grant_type", "password"),
             ("username", user_id),
             ("password", password.expose_secret()),
         ];
-        self.token(Step::UserToken, &params, request_id).await
+        self.token(Step::UserToken, &params, request_id, Some(end_user))
+            .await
     }
 
     async fn token(
@@ -92,6 +96,7 @@ impl AccessClient {
         step: Step,
         params: &[(&str, &str)],
         request_id: &str,
+        end_user: Option<&EndUserMetadata>,
     ) -> Result<AccessToken, UpstreamError> {
         let tail = self.credentials_form.expose_secret();
         let mut form = form_urlencoded::Serializer::new(String::with_capacity(128 + tail.len()))
@@ -105,16 +110,22 @@ impl AccessClient {
             .header(HOST, self.host.clone())
             .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
             .body(form);
+        let request = match end_user {
+            Some(end_user) => end_user.apply(request),
+            None => request,
+        };
         let body = send(&self.breaker, step, request, request_id, StatusCode::OK).await?;
         decode::<TokenBody>(step, &body)?.into_token(step)
     }
 
-    /// `POST /api/v2/users` with a client token. Returns the id finAPI stored.
+    /// `POST /api/v2/users` with a client token, on behalf of the end user who will be `user`.
+    /// Returns the id finAPI stored.
     pub async fn create_user(
         &self,
         client_token: &SecretString,
         user: &NewUser,
         request_id: &str,
+        end_user: &EndUserMetadata,
     ) -> Result<String, UpstreamError> {
         let body = CreateUserBody {
             id: &user.id,
@@ -129,6 +140,7 @@ impl AccessClient {
             .header(HOST, self.host.clone())
             .bearer_auth(client_token.expose_secret())
             .json(&body);
+        let request = end_user.apply(request);
         let body = send(
             &self.breaker,
             Step::CreateUser,
@@ -165,12 +177,14 @@ impl AccessClient {
         &self,
         user_token: &SecretString,
         request_id: &str,
+        end_user: &EndUserMetadata,
     ) -> Result<(), UpstreamError> {
-        let request = self
-            .http
-            .delete(self.users_url.clone())
-            .header(HOST, self.host.clone())
-            .bearer_auth(user_token.expose_secret());
+        let request = end_user.apply(
+            self.http
+                .delete(self.users_url.clone())
+                .header(HOST, self.host.clone())
+                .bearer_auth(user_token.expose_secret()),
+        );
         send(
             &self.breaker,
             Step::DeleteUser,

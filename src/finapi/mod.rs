@@ -9,6 +9,7 @@ mod access;
 mod process;
 
 use std::fmt;
+use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use crate::resilience::CircuitBreaker;
@@ -24,6 +25,17 @@ use crate::telemetry::metrics::status_label;
 pub use access::AccessClient;
 pub use process::ProcessControllerClient;
 
+/// Longest `expires_in` the broker believes, in seconds (one year). finAPI documents no
+/// maximum; a larger value is read as this one, for the cache's schedule and in the caller's
+/// answer alike: a token valid longer is valid this long too, and no instant computed from it
+/// can overflow.
+pub const MAX_EXPIRES_IN_SECS: u64 = 365 * 24 * 3600;
+
+/// Longest `Retry-After` the broker reads, in seconds (one day); a larger value is read as
+/// this one. The broker never waits that long anyway (`resilience.max_retry_after_ms`, the
+/// token's end, and 60 s in its own answers bound it); the cap keeps sums of durations finite.
+pub const MAX_RETRY_AFTER_SECS: u64 = 24 * 3600;
+
 /// finAPI's request id header, sent with every call.
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -34,6 +46,71 @@ pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
 
 /// Longest token finAPI's contract allows (AccessToken schema: 1 to 8,192 characters).
 pub const MAX_TOKEN_LEN: usize = 8192;
+
+/// finAPI's end-user metadata headers.
+const PSU_IP_ADDRESS: HeaderName = HeaderName::from_static("psu-ip-address");
+const PSU_DEVICE_OS: HeaderName = HeaderName::from_static("psu-device-os");
+const PSU_USER_AGENT: HeaderName = HeaderName::from_static("psu-user-agent");
+
+/// The end user's metadata finAPI asks for "with every request made on behalf of an end user"
+/// (finAPI reference, "End-user metadata headers"): `PSU-IP-Address` (IPv4 only),
+/// `PSU-Device-OS`, `PSU-User-Agent`, each optional. Sent with the calls made for one end
+/// user, never with client-token calls, which serve every caller.
+///
+/// The IP address is personal data and is never shown: `Debug` only says whether it is there,
+/// and its header value is marked sensitive.
+#[derive(Clone, Default)]
+pub struct EndUserMetadata {
+    ip: Option<HeaderValue>,
+    device_os: Option<HeaderValue>,
+    user_agent: Option<HeaderValue>,
+}
+
+impl EndUserMetadata {
+    /// Metadata from values the caller has checked (`flows::input::end_user_metadata`); a
+    /// text that cannot be a header value is left out.
+    pub fn new(ip: Option<Ipv4Addr>, device_os: Option<&str>, user_agent: Option<&str>) -> Self {
+        let ip = ip.and_then(|ip| HeaderValue::try_from(ip.to_string()).ok());
+        let ip = ip.map(|mut value| {
+            value.set_sensitive(true);
+            value
+        });
+        Self {
+            ip,
+            device_os: device_os.and_then(|v| HeaderValue::from_str(v).ok()),
+            user_agent: user_agent.and_then(|v| HeaderValue::from_str(v).ok()),
+        }
+    }
+
+    /// Whether no header is set.
+    pub fn is_empty(&self) -> bool {
+        self.ip.is_none() && self.device_os.is_none() && self.user_agent.is_none()
+    }
+
+    /// Adds the headers that are set to a request.
+    fn apply(&self, mut request: RequestBuilder) -> RequestBuilder {
+        for (name, value) in [
+            (PSU_IP_ADDRESS, &self.ip),
+            (PSU_DEVICE_OS, &self.device_os),
+            (PSU_USER_AGENT, &self.user_agent),
+        ] {
+            if let Some(value) = value {
+                request = request.header(name, value.clone());
+            }
+        }
+        request
+    }
+}
+
+impl fmt::Debug for EndUserMetadata {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EndUserMetadata")
+            .field("ip", &self.ip.as_ref().map(|_| "[REDACTED]"))
+            .field("device_os", &self.device_os)
+            .field("user_agent", &self.user_agent)
+            .finish()
+    }
+}
 
 /// finAPI client credentials.
 #[derive(Debug, Clone)]
@@ -51,7 +128,8 @@ pub struct AccessToken {
     pub token: SecretString,
     /// `bearer`, as finAPI says.
     pub token_type: String,
-    /// Seconds the token stays valid, as finAPI says; `Some(0)` means it never expires.
+    /// Seconds the token stays valid, as finAPI says, at most [`MAX_EXPIRES_IN_SECS`];
+    /// `Some(0)` means it never expires.
     pub expires_in: Option<u64>,
 }
 
@@ -152,7 +230,7 @@ pub enum UpstreamError {
         status: StatusCode,
         /// The ErrorMessage `code` or the OAuth `error`, when the body had one.
         code: Option<String>,
-        /// The `Retry-After` header in seconds, when given.
+        /// The `Retry-After` header in seconds, when given, at most [`MAX_RETRY_AFTER_SECS`].
         retry_after: Option<Duration>,
     },
     /// The circuit breaker of the service is open: the call was not made.
@@ -511,14 +589,14 @@ fn checked_token(step: Step, token: SecretString) -> Result<SecretString, Upstre
 
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     // finAPI documents no format; seconds are assumed (an HTTP date is ignored).
-    headers
+    let secs = headers
         .get(RETRY_AFTER)?
         .to_str()
         .ok()?
         .trim()
         .parse::<u64>()
-        .ok()
-        .map(Duration::from_secs)
+        .ok()?;
+    Some(Duration::from_secs(secs.min(MAX_RETRY_AFTER_SECS)))
 }
 
 /// Either of finAPI's error shapes: ErrorMessage or the OAuth error.
@@ -564,12 +642,18 @@ struct TokenBody {
 }
 
 impl TokenBody {
-    /// The token, checked against finAPI's contract.
+    /// The token, checked against finAPI's contract; an `expires_in` above
+    /// [`MAX_EXPIRES_IN_SECS`] is read as that.
     fn into_token(self, step: Step) -> Result<AccessToken, UpstreamError> {
         Ok(AccessToken {
             token: checked_token(step, self.access_token)?,
             token_type: self.token_type.unwrap_or_else(|| "bearer".to_owned()),
-            expires_in: self.expires_in,
+            expires_in: self.expires_in.map(|secs| {
+                if secs > MAX_EXPIRES_IN_SECS {
+                    tracing::debug!(expires_in = secs, "finAPI's expires_in read as one year");
+                }
+                secs.min(MAX_EXPIRES_IN_SECS)
+            }),
         })
     }
 }
@@ -577,6 +661,32 @@ impl TokenBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn absurd_expires_in_and_retry_after_are_capped() {
+        let token = |expires_in| {
+            TokenBody {
+                access_token: SecretString::from("t"),
+                token_type: None,
+                expires_in,
+            }
+            .into_token(Step::ClientToken)
+            .unwrap()
+            .expires_in
+        };
+        assert_eq!(token(Some(u64::MAX)), Some(MAX_EXPIRES_IN_SECS));
+        assert_eq!(token(Some(3600)), Some(3600));
+        assert_eq!(token(Some(0)), Some(0));
+        assert_eq!(token(None), None);
+        let mut headers = HeaderMap::new();
+        headers.insert(RETRY_AFTER, HeaderValue::from(u64::MAX));
+        assert_eq!(
+            retry_after(&headers),
+            Some(Duration::from_secs(MAX_RETRY_AFTER_SECS))
+        );
+        headers.insert(RETRY_AFTER, HeaderValue::from(7u64));
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(7)));
+    }
 
     #[test]
     fn host_headers_name_the_port_only_when_it_is_not_the_default() {

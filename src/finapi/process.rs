@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 use crate::resilience::CircuitBreaker;
 
 use super::{
-    ClientCredentials, InvalidBaseUrl, Step, UpstreamError, checked_token, decode, endpoint,
-    host_header, send,
+    ClientCredentials, EndUserMetadata, InvalidBaseUrl, Step, UpstreamError, checked_token, decode,
+    endpoint, host_header, send,
 };
 
 /// Client of the finAPI Process Controller. Cheap to clone.
@@ -48,12 +48,14 @@ impl ProcessControllerClient {
         &self.breaker
     }
 
-    /// `POST /api/v1/processes` for one client reference; returns its process token.
+    /// `POST /api/v1/processes` for one client reference, on behalf of its end user; returns
+    /// its process token.
     pub async fn create_process(
         &self,
         client_reference: &str,
         process_id: &str,
         request_id: &str,
+        end_user: &EndUserMetadata,
     ) -> Result<SecretString, UpstreamError> {
         let step = Step::CreateProcess;
         let body = CreateProcessBody {
@@ -62,11 +64,12 @@ impl ProcessControllerClient {
             client_references: [ClientReferenceBody { client_reference }],
             process_id,
         };
-        let request = self
-            .http
-            .post(self.processes_url.clone())
-            .header(HOST, self.host.clone())
-            .json(&body);
+        let request = end_user.apply(
+            self.http
+                .post(self.processes_url.clone())
+                .header(HOST, self.host.clone())
+                .json(&body),
+        );
         let body = send(
             &self.breaker,
             step,
@@ -99,6 +102,7 @@ impl ProcessControllerClient {
         process_token: &SecretString,
         invalidate: bool,
         request_id: &str,
+        end_user: &EndUserMetadata,
     ) -> Result<SecretString, UpstreamError> {
         let step = Step::ExchangeProcessToken;
         let mut url = self.processes_url.clone();
@@ -113,7 +117,7 @@ impl ProcessControllerClient {
         let body = send(
             &self.breaker,
             step,
-            self.http.get(url).header(HOST, self.host.clone()),
+            end_user.apply(self.http.get(url).header(HOST, self.host.clone())),
             request_id,
             StatusCode::OK,
         )

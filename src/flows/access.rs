@@ -51,7 +51,8 @@ impl Flows {
                 .attempt(
                     step,
                     deadline,
-                    self.access.create_user(&token.token, user, &ctx.request_id),
+                    self.access
+                        .create_user(&token.token, user, &ctx.request_id, &ctx.end_user),
                 )
                 .await?;
             let err = match created {
@@ -105,7 +106,10 @@ impl Flows {
         self.with_retries(
             Step::UserToken,
             deadline,
-            || self.access.user_token(user_id, password, &ctx.request_id),
+            || {
+                self.access
+                    .user_token(user_id, password, &ctx.request_id, &ctx.end_user)
+            },
             |_| {},
         )
         .await

@@ -488,7 +488,8 @@ impl Flows {
             .attempt(
                 Step::DeleteUser,
                 deadline,
-                self.access.delete_user(&token.token, &ctx.request_id),
+                self.access
+                    .delete_user(&token.token, &ctx.request_id, &ctx.end_user),
             )
             .await?;
         match result.map_err(super::user_call_error) {

@@ -2,6 +2,9 @@
 //! before it can reach finAPI.
 
 use std::fmt;
+use std::net::Ipv4Addr;
+
+use crate::finapi::EndUserMetadata;
 
 /// Why an input value was refused. The message names the rule, never echoes the value.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -170,6 +173,79 @@ impl Phone {
     }
 }
 
+/// Longest accepted `PSU-Device-OS`.
+pub const DEVICE_OS_MAX: usize = 128;
+/// Longest accepted `PSU-User-Agent`.
+pub const USER_AGENT_MAX: usize = 512;
+
+/// Checks the end user's metadata headers, each optional, as the caller sent them (raw header
+/// bytes) and builds what the finAPI calls carry:
+/// - `PSU-IP-Address`: an IPv4 address in dotted-quad form (`203.0.113.7`); finAPI takes IPv4
+///   only and would silently put its own address in place of anything else, so an IPv6 address
+///   or a host name is refused rather than passed on;
+/// - `PSU-Device-OS`: 1 to 128 characters, `PSU-User-Agent`: 1 to 512 characters, of visible
+///   ASCII and space. finAPI documents no format; these bounds hold any real OS name and
+///   browser user agent and keep control characters out of finAPI's logs.
+pub fn end_user_metadata(
+    ip: Option<&[u8]>,
+    device_os: Option<&[u8]>,
+    user_agent: Option<&[u8]>,
+) -> Result<EndUserMetadata, InvalidInput> {
+    let ip = ip
+        .map(|raw| {
+            std::str::from_utf8(raw)
+                .ok()
+                .and_then(|text| text.parse::<Ipv4Addr>().ok())
+                .ok_or(InvalidInput {
+                    field: "PSU-IP-Address",
+                    rule: "must be an IPv4 address like 203.0.113.7",
+                })
+        })
+        .transpose()?;
+    let device_os = device_os
+        .map(|raw| {
+            header_text(
+                raw,
+                "PSU-Device-OS",
+                DEVICE_OS_MAX,
+                "must be at most 128 characters",
+            )
+        })
+        .transpose()?;
+    let user_agent = user_agent
+        .map(|raw| {
+            header_text(
+                raw,
+                "PSU-User-Agent",
+                USER_AGENT_MAX,
+                "must be at most 512 characters",
+            )
+        })
+        .transpose()?;
+    Ok(EndUserMetadata::new(ip, device_os, user_agent))
+}
+
+/// 1 to `max` bytes of visible ASCII and space.
+fn header_text<'a>(
+    raw: &'a [u8],
+    field: &'static str,
+    max: usize,
+    too_long: &'static str,
+) -> Result<&'a str, InvalidInput> {
+    let invalid = |rule| InvalidInput { field, rule };
+    let visible = "may contain only visible ASCII characters and spaces";
+    if raw.is_empty() {
+        return Err(invalid("must not be empty"));
+    }
+    if raw.len() > max {
+        return Err(invalid(too_long));
+    }
+    if !raw.iter().all(|&b| b == b' ' || b.is_ascii_graphic()) {
+        return Err(invalid(visible));
+    }
+    std::str::from_utf8(raw).map_err(|_| invalid(visible))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,5 +303,36 @@ mod tests {
         for bad in ["", "call me", "+", "123\r\n", &"1".repeat(51)] {
             assert!(Phone::parse(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn end_user_metadata_rules() {
+        let ok = end_user_metadata(
+            Some(b"203.0.113.7"),
+            Some(b"Android 14"),
+            Some(b"Mozilla/5.0 (X11; Linux x86_64)"),
+        )
+        .unwrap();
+        assert!(!format!("{ok:?}").contains("203.0.113.7"));
+        assert!(end_user_metadata(None, None, None).unwrap().is_empty());
+        for bad in [
+            &b"::1"[..],
+            b"2001:db8::1",
+            b"203.0.113",
+            b"203.0.113.256",
+            b"host.example",
+            b" 203.0.113.7",
+            b"",
+        ] {
+            let err = end_user_metadata(Some(bad), None, None).unwrap_err();
+            assert_eq!(err.field, "PSU-IP-Address", "{bad:?}");
+        }
+        for bad in [&b""[..], b"tab\there", "Ümlaut".as_bytes(), &[b'x'; 129]] {
+            let err = end_user_metadata(None, Some(bad), None).unwrap_err();
+            assert_eq!(err.field, "PSU-Device-OS", "{bad:?}");
+        }
+        assert!(end_user_metadata(None, Some(&[b'x'; 128]), Some(&[b'y'; 512])).is_ok());
+        let err = end_user_metadata(None, None, Some(&[b'y'; 513])).unwrap_err();
+        assert_eq!(err.field, "PSU-User-Agent");
     }
 }

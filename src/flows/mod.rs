@@ -17,10 +17,12 @@ use crate::config::{FlowKind, Settings};
 use crate::finapi::{
     AccessClient, ClientCredentials, InvalidBaseUrl, ProcessControllerClient, Step, UpstreamError,
 };
+
+pub use crate::finapi::EndUserMetadata;
 use crate::resilience::{CircuitBreaker, Deadline, RetryPolicy};
 use crate::token_cache::{ClientTokenCache, TokenError};
 
-pub use input::{ClientReference, Email, InvalidInput, Phone};
+pub use input::{ClientReference, Email, InvalidInput, Phone, end_user_metadata};
 pub use retry::{ResilienceSnapshot, ResilienceStats};
 
 /// What a flow needs to know about the request it serves.
@@ -31,6 +33,8 @@ pub struct RequestContext {
     /// The caller's configured name (`anonymous` without authentication), recorded with the
     /// identities it makes.
     pub caller: std::sync::Arc<str>,
+    /// The end user's metadata, passed to the finAPI calls made on the end user's behalf.
+    pub end_user: EndUserMetadata,
 }
 
 /// A started KYC session: what the caller gets.
@@ -341,7 +345,7 @@ impl Flows {
             .await
             .map_err(user_call_error)?;
         self.access
-            .delete_user(user_token, &ctx.request_id)
+            .delete_user(user_token, &ctx.request_id, &ctx.end_user)
             .await
             .map_err(user_call_error)?;
         self.close_deleted_user(&user_id, ctx).await;

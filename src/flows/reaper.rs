@@ -56,6 +56,7 @@ pub async fn round(flows: &Flows, replica: &str) -> Result<usize, StoreError> {
         let ctx = RequestContext {
             request_id: Arc::from(REAPER_REQUEST_ID),
             caller: Arc::from("reaper"),
+            end_user: crate::finapi::EndUserMetadata::default(),
         };
         for record in &claimed {
             if record.state == IdentityState::Active {

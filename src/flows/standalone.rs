@@ -40,6 +40,7 @@ impl Flows {
                         &process_token,
                         self.invalidate_process_token,
                         &ctx.request_id,
+                        &ctx.end_user,
                     ),
                 )
                 .await?;
@@ -92,6 +93,7 @@ impl Flows {
                     client_reference.as_str(),
                     &self.process_id,
                     &ctx.request_id,
+                    &ctx.end_user,
                 )
             },
             |err| {

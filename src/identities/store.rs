@@ -962,12 +962,12 @@ impl IdentityStore {
     pub async fn oldest_overdue(&self, now: Millis) -> Result<Option<Millis>, StoreError> {
         with_pool!(self, |pool| {
             sqlx::query_scalar(
-            "SELECT MIN(delete_after) FROM identities \
-             WHERE state IN ('active', 'deleting') AND delete_after <= $1"
-        )
-        .bind(now)
-        .fetch_one(pool)
-        .await
+                "SELECT MIN(delete_after) FROM identities \
+             WHERE state IN ('active', 'deleting') AND delete_after <= $1",
+            )
+            .bind(now)
+            .fetch_one(pool)
+            .await
         })
     }
 }

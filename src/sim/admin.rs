@@ -8,7 +8,7 @@ use axum::{Json, Router};
 
 use super::faults::FaultRule;
 use super::state::SimState;
-use super::stats::Stats;
+use super::stats::{PsuHeaders, Stats};
 use super::wire::ApiError;
 
 pub(crate) fn router() -> Router<SimState> {
@@ -19,6 +19,7 @@ pub(crate) fn router() -> Router<SimState> {
         )
         .route("/__sim/revoke-tokens", post(revoke_tokens))
         .route("/__sim/stats", get(stats).delete(reset_stats))
+        .route("/__sim/psu", get(psu).delete(reset_psu))
 }
 
 async fn list_faults(State(state): State<SimState>) -> Json<Vec<FaultRule>> {
@@ -55,5 +56,14 @@ async fn stats(State(state): State<SimState>) -> Json<Stats> {
 
 async fn reset_stats(State(state): State<SimState>) -> StatusCode {
     state.counters().reset();
+    StatusCode::NO_CONTENT
+}
+
+async fn psu(State(state): State<SimState>) -> Json<PsuHeaders> {
+    Json(state.psu_headers())
+}
+
+async fn reset_psu(State(state): State<SimState>) -> StatusCode {
+    state.psu_log().reset();
     StatusCode::NO_CONTENT
 }

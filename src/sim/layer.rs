@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::faults::{BodyFault, FaultAction};
 use super::state::SimState;
-use super::stats::Outcome;
+use super::stats::{Outcome, PsuRecord};
 use super::wire::ApiError;
 
 const REQUEST_ID: &str = "x-request-id";
@@ -131,6 +131,7 @@ async fn handle(state: SimState, request: Request, next: Next) -> Response {
         state.remember_request_id(&request_id);
     }
     let mut body_fault = None;
+    let psu = endpoint.map(|_| PsuRecord::from_headers(request.headers(), &request_id));
     let (response, endpoint, dropped) = match (id_error, endpoint) {
         (Some(error), _) => (error.into_response(), endpoint, false),
         (None, None) => (next.run(request).await, None, false),
@@ -154,6 +155,9 @@ async fn handle(state: SimState, request: Request, next: Next) -> Response {
             Outcome::Status(response.status().as_u16())
         };
         state.counters().record(endpoint.key(), outcome);
+        if let Some(psu) = psu {
+            state.psu_log().record(endpoint.key(), psu);
+        }
         tracing::debug!(
             endpoint = endpoint.key(),
             ?outcome,

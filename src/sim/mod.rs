@@ -12,6 +12,8 @@
 //! | `POST /__sim/revoke-tokens` | invalidates every access and refresh token, `204` |
 //! | `GET /__sim/stats` | [`Stats`] as JSON |
 //! | `DELETE /__sim/stats` | resets the stats, `204` |
+//! | `GET /__sim/psu` | [`PsuHeaders`]: the `PSU-*` headers of the last 64 calls per endpoint |
+//! | `DELETE /__sim/psu` | forgets them, `204` |
 //!
 //! Where the reference is silent, the simulator
 //! - keeps one user namespace for all clients, and any known client may log a user in;
@@ -46,7 +48,7 @@ pub(crate) use layer::Endpoint;
 #[cfg(test)]
 pub(crate) use layer::Grant;
 pub use state::SimState;
-pub use stats::Stats;
+pub use stats::{PSU_LOG_PER_ENDPOINT, PsuHeaders, PsuRecord, Stats};
 
 /// Id of the client a default [`SimConfig`] knows.
 pub const DEMO_CLIENT_ID: &str = "demo-client";
@@ -196,6 +198,11 @@ impl SimHandle {
     /// The shared state, e.g. to serve the same simulator through [`router`] as well.
     pub fn state(&self) -> &SimState {
         &self.state
+    }
+
+    /// The `PSU-*` headers of the last calls per endpoint, as `GET /__sim/psu` shows them.
+    pub fn psu_headers(&self) -> PsuHeaders {
+        self.state.psu_headers()
     }
 
     /// A snapshot of the counters, as `GET /__sim/stats` shows them.

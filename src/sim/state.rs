@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::faults::{FaultRule, Faults};
-use super::stats::{Counters, Stats};
+use super::stats::{Counters, PsuHeaders, PsuLog, Stats};
 use super::wire::{ApiError, UserOut};
 use super::{SimClient, SimConfig};
 
@@ -257,6 +257,8 @@ struct Inner {
     tables: Mutex<Tables>,
     faults: Faults,
     stats: Counters,
+    /// The `PSU-*` headers of the last calls.
+    psu: PsuLog,
     recent_request_ids: Mutex<VecDeque<String>>,
 }
 
@@ -286,6 +288,7 @@ impl SimState {
                 }),
                 faults: Faults::new(config.faults.clone()),
                 stats: Counters::default(),
+                psu: PsuLog::default(),
                 recent_request_ids: Mutex::new(VecDeque::with_capacity(RECENT_REQUEST_IDS)),
             }),
         }
@@ -297,6 +300,15 @@ impl SimState {
 
     pub(crate) fn counters(&self) -> &Counters {
         &self.inner.stats
+    }
+
+    pub(crate) fn psu_log(&self) -> &PsuLog {
+        &self.inner.psu
+    }
+
+    /// The `PSU-*` headers of the last calls per endpoint, as `GET /__sim/psu` shows them.
+    pub fn psu_headers(&self) -> PsuHeaders {
+        self.inner.psu.snapshot()
     }
 
     fn tables(&self) -> MutexGuard<'_, Tables> {

@@ -57,3 +57,87 @@ impl Counters {
             .clear();
     }
 }
+
+/// Calls remembered per endpoint by [`PsuLog`]; older ones are forgotten.
+pub const PSU_LOG_PER_ENDPOINT: usize = 64;
+/// Longest header value kept by [`PsuLog`]; longer values are cut.
+const PSU_VALUE_MAX: usize = 1024;
+
+/// The end-user metadata headers of the last calls, by endpoint key (as in [`Stats`]), oldest
+/// first: what `GET /__sim/psu` shows.
+pub type PsuHeaders = BTreeMap<String, Vec<PsuRecord>>;
+
+/// The `PSU-*` headers one call carried (finAPI reference, "End-user metadata headers"), as
+/// received; `None` for a header that was absent.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PsuRecord {
+    /// The call's `X-Request-Id` (or the `selfgen-` one made up for it).
+    pub request_id: String,
+    /// `PSU-IP-Address`.
+    pub ip_address: Option<String>,
+    /// `PSU-Device-OS`.
+    pub device_os: Option<String>,
+    /// `PSU-User-Agent`.
+    pub user_agent: Option<String>,
+}
+
+impl PsuRecord {
+    pub(crate) fn from_headers(headers: &axum::http::HeaderMap, request_id: &str) -> Self {
+        let value = |name: &str| {
+            headers.get(name).map(|value| {
+                let mut text = String::from_utf8_lossy(value.as_bytes()).into_owned();
+                if text.len() > PSU_VALUE_MAX {
+                    let mut cut = PSU_VALUE_MAX;
+                    while !text.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    text.truncate(cut);
+                }
+                text
+            })
+        };
+        Self {
+            request_id: request_id.to_owned(),
+            ip_address: value("psu-ip-address"),
+            device_os: value("psu-device-os"),
+            user_agent: value("psu-user-agent"),
+        }
+    }
+}
+
+/// The last [`PSU_LOG_PER_ENDPOINT`] calls' `PSU-*` headers per endpoint, bounded.
+#[derive(Default)]
+pub(crate) struct PsuLog {
+    calls: Mutex<HashMap<&'static str, std::collections::VecDeque<PsuRecord>>>,
+}
+
+impl PsuLog {
+    pub(crate) fn record(&self, endpoint: &'static str, record: PsuRecord) {
+        let mut calls = self
+            .calls
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let recent = calls.entry(endpoint).or_default();
+        if recent.len() >= PSU_LOG_PER_ENDPOINT {
+            recent.pop_front();
+        }
+        recent.push_back(record);
+    }
+
+    pub(crate) fn snapshot(&self) -> PsuHeaders {
+        self.calls
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .iter()
+            .map(|(endpoint, recent)| ((*endpoint).to_owned(), recent.iter().cloned().collect()))
+            .collect()
+    }
+
+    pub(crate) fn reset(&self) {
+        self.calls
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clear();
+    }
+}

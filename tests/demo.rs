@@ -1,0 +1,138 @@
+//! The `demo` command honours `--config` and `GIROIDENT_BROKER_*` over its own settings,
+//! observed on the real binary.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+use tokio::task::JoinSet;
+
+const API_KEY: &str = "demo-test-key-0123456789";
+
+/// A running `giroident-broker demo`, killed when dropped.
+struct Demo {
+    child: Child,
+    broker_url: String,
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts the demo on a free port and waits for it to print its address.
+fn start_demo(args: &[&str], env: &[(&str, &str)]) -> Demo {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_giroident-broker"))
+        .args(["demo", "--listen", "127.0.0.1:0", "--api-key", API_KEY])
+        .args(args)
+        .env_clear()
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the binary runs");
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let mut demo = Demo {
+        child,
+        broker_url: String::new(),
+    };
+    let mut printed = Vec::new();
+    let mut lines = BufReader::new(stdout).lines();
+    for line in lines.by_ref() {
+        let line = line.expect("stdout is text");
+        if let Some(url) = line.trim().strip_prefix("broker:") {
+            demo.broker_url = url.trim().to_owned();
+        }
+        if line.trim().starts_with("API key:") {
+            assert!(line.contains(API_KEY), "{line}");
+            break;
+        }
+        printed.push(line);
+    }
+    // The rest is read, so that the demo never writes into a closed pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    assert!(
+        !demo.broker_url.is_empty(),
+        "the demo printed no broker address: {printed:?}, {:?}",
+        demo.child.try_wait()
+    );
+    demo
+}
+
+/// Sends `n` requests at once that pass the rate limit but need nothing from finAPI (the body
+/// lacks `clientReference`: 422), and returns how many were rate limited.
+async fn rate_limited_of(demo: &Demo, n: usize) -> usize {
+    let http = common::client_with_key(API_KEY);
+    let mut requests = JoinSet::new();
+    for _ in 0..n {
+        let request = http
+            .post(format!("{}/kyc-sessions", demo.broker_url))
+            .json(&serde_json::json!({"flow": "standalone"}));
+        requests.spawn(async move { request.send().await.map(|r| r.status().as_u16()) });
+    }
+    let mut limited = 0;
+    while let Some(status) = requests.join_next().await {
+        match status.expect("the task ran").expect("the demo answers") {
+            429 => limited += 1,
+            422 => {}
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    limited
+}
+
+#[tokio::test]
+async fn demo_takes_limits_from_its_config_file_and_the_environment() {
+    let dir = std::env::temp_dir().join(format!("gib-demo-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("demo.toml");
+    std::fs::write(&file, "[limits]\ncaller_burst = 150\n").unwrap();
+    let demo = start_demo(
+        &["--config", file.to_str().unwrap()],
+        &[("GIROIDENT_BROKER_LIMITS__CALLER_RATE_PER_SEC", "1")],
+    );
+    // The file's burst: 150 at once pass (the built-in 40, refilled at 20 per second, would
+    // need seconds for that).
+    assert_eq!(rate_limited_of(&demo, 150).await, 0);
+    // The environment's rate: the bucket refills by one a second, so it is empty now.
+    assert!(rate_limited_of(&demo, 10).await >= 5);
+    drop(demo);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
+async fn demo_without_configuration_keeps_the_default_burst() {
+    let demo = start_demo(&[], &[]);
+    assert!(rate_limited_of(&demo, 100).await > 0);
+}
+
+#[test]
+fn demo_reports_a_bad_configuration_with_its_key_and_exits_2() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_giroident-broker"))
+        .args(["demo", "--listen", "127.0.0.1:0"])
+        .env_clear()
+        .env("GIROIDENT_BROKER_LIMITS__CALLER_BURST", "many")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the binary runs");
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let started = BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .any(|line| line.contains("API key:"));
+    if started {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("the demo started despite GIROIDENT_BROKER_LIMITS__CALLER_BURST=many");
+    }
+    let out = child.wait_with_output().expect("the demo ends");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("limits.caller_burst"), "{stderr}");
+}
