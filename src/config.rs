@@ -1066,6 +1066,10 @@ mod tests {
             ("GIROIDENT_BROKER_FINAPI__CLIENT_ID", "client"),
             ("GIROIDENT_BROKER_FINAPI__CLIENT_SECRET", "s3cret"),
             (
+                "GIROIDENT_BROKER_IDENTITIES__PASSWORD_KEY",
+                "a-password-key-of-at-least-32-bytes-0123",
+            ),
+            (
                 "GIROIDENT_BROKER_AUTH__CALLERS",
                 &format!(
                     r#"[{{name = "web", key_sha256 = "{WEB_KEY_SHA256}", flows = ["standalone", "access"]}}]"#

@@ -66,7 +66,7 @@ async fn a_broker_killed_while_finapi_creates_a_user_leaves_it_to_the_next_broke
     // Kill the broker while the simulator holds POST /api/v2/users (it follows the client
     // token at once); the simulator still creates the user afterwards.
     let started = Instant::now();
-    while sim.stats().get(common::CLIENT_TOKEN).is_none() {
+    while !sim.stats().contains_key(common::CLIENT_TOKEN) {
         assert!(
             started.elapsed() < Duration::from_secs(10),
             "no call arrived"

@@ -246,16 +246,22 @@ async fn a_user_without_a_token_is_a_clean_502_and_counted_as_orphaned() {
 }
 
 #[tokio::test]
-async fn a_user_whose_request_is_abandoned_during_its_grant_is_counted_as_orphaned() {
+async fn a_user_whose_request_is_abandoned_during_its_grant_is_deleted_by_the_reaper() {
     let _serial = one_at_a_time().await;
-    let env = TestEnv::start().await;
+    let env = TestEnv::with(SimConfig::default(), |s| {
+        s.server.request_timeout_secs = 2;
+        s.identities.reaper_interval_secs = 1;
+        s.identities.orphan_min_age_secs = 3;
+    })
+    .await;
     env.sim.add_fault(FaultRule {
         endpoint: PASSWORD_TOKEN.into(),
-        latency_ms: Some(2_000),
+        latency_ms: Some(1_000),
         count: Some(1),
         ..FaultRule::default()
     });
-    // The client gives up while the broker waits for the password grant: hyper drops the flow.
+    // The client gives up while the broker waits for the password grant: hyper drops the flow,
+    // and the identity stays an intent in the ledger.
     let abandoned = tokio::time::timeout(
         Duration::from_millis(500),
         env.start_session(json!({"flow": "access"})),
@@ -263,11 +269,14 @@ async fn a_user_whose_request_is_abandoned_during_its_grant_is_counted_as_orphan
     .await;
     assert!(abandoned.is_err(), "the request was still waiting");
     assert_eq!(env.calls(CREATE_USER, "201"), 1);
+    // Once no lost call can still create it, the reaper finds the user and deletes it.
     assert!(
-        eventually(Duration::from_secs(5), || env.resilience().orphaned_users
+        eventually(Duration::from_secs(15), || env
+            .calls("DELETE /api/v2/users", "200")
             == 1)
         .await,
-        "the created user is counted as orphaned"
+        "the abandoned user was not deleted: {:?}",
+        env.sim.stats()
     );
     env.stop().await;
 }

@@ -473,14 +473,19 @@ mod tests {
     }
 
     #[test]
-    fn access_refuses_a_reference_and_checks_contact_fields() {
+    fn access_takes_an_optional_reference_and_checks_contact_fields() {
         assert!(
             body(r#"{"flow":"access"}"#)
                 .validate(FlowKind::Standalone)
                 .is_ok()
         );
         let reference = body(r#"{"flow":"access","clientReference":"c-1"}"#);
-        assert!(reference.validate(FlowKind::Standalone).is_err());
+        assert!(reference.validate(FlowKind::Standalone).is_ok());
+        let bad = body(r#"{"flow":"access","clientReference":"c 1"}"#);
+        assert_eq!(
+            bad.validate(FlowKind::Standalone).unwrap_err().field,
+            "clientReference"
+        );
         let phone = body(r#"{"flow":"access","phone":"call me"}"#);
         assert_eq!(
             phone.validate(FlowKind::Standalone).unwrap_err().field,
