@@ -95,15 +95,22 @@ pub async fn middleware(mut request: Request, next: Next) -> Response {
         }
     };
     request.extensions_mut().insert(RequestId(id.clone()));
+    let route = route_label(request.uri().path());
+    // An identity's path holds the caller's raw client reference, which no log may hold: its
+    // template stands in.
+    let path = if route == super::IDENTITY_ROUTE {
+        route
+    } else {
+        request.uri().path()
+    };
     let span = tracing::info_span!(
         "request",
         request_id = %id,
         method = %request.method(),
-        path = %request.uri().path(),
+        path = %path,
         caller = tracing::field::Empty,
         flow = tracing::field::Empty,
     );
-    let route = route_label(request.uri().path());
     let method = method_label(request.method());
     let started = Instant::now();
     let in_flight = InFlight::enter();
