@@ -167,6 +167,9 @@ impl Flows {
             };
         };
         loop {
+            if deadline.remaining().is_zero() {
+                return Err(FlowError::BudgetExhausted(Step::CreateUser));
+            }
             let live = self.live_identity(&ctx.caller, reference).await?;
             let Some(record) = live else {
                 match self

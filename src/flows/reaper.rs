@@ -13,8 +13,10 @@ use crate::identities::{IdentityState, StoreError};
 use super::identities::now_millis;
 use super::{Flows, RequestContext};
 
-/// Identities claimed per round.
+/// Identities claimed at once.
 const CLAIM_BATCH: u32 = 32;
+/// Batches one round works through at most.
+const MAX_BATCHES: usize = 16;
 /// How long a claim holds an identity: longer than one deletion (two finAPI calls with their
 /// retries), so that no other replica takes it meanwhile; a dead replica's claims expire.
 const LEASE: Duration = Duration::from_secs(300);
@@ -50,23 +52,34 @@ pub async fn round(flows: &Flows, replica: &str) -> Result<usize, StoreError> {
     let result = async {
         let now = now_millis();
         let orphan_age = millis(ids.orphan_min_age);
-        let claimed = store
-            .claim_due(now, orphan_age, replica, millis(LEASE), CLAIM_BATCH)
-            .await?;
         let ctx = RequestContext {
             request_id: Arc::from(REAPER_REQUEST_ID),
             caller: Arc::from("reaper"),
             end_user: crate::finapi::EndUserMetadata::default(),
         };
-        for record in &claimed {
-            if record.state == IdentityState::Active {
-                // Due: no session may reuse it any more.
-                store.mark_deleting(record.id, now + millis(LEASE)).await?;
+        let mut worked = 0;
+        // Batch after batch while a full one comes back, so that a backlog drains within a
+        // round; bounded, so that a round ends.
+        for _ in 0..MAX_BATCHES {
+            let claimed = store
+                .claim_due(now, orphan_age, replica, millis(LEASE), CLAIM_BATCH)
+                .await?;
+            for record in &claimed {
+                if record.state == IdentityState::Active {
+                    // Due: no session may reuse it any more.
+                    store
+                        .mark_deleting(record.id, now.saturating_add(millis(LEASE)))
+                        .await?;
+                }
+                flows.delete_identity(record, &ctx).await;
             }
-            flows.delete_identity(record, &ctx).await;
+            worked += claimed.len();
+            if claimed.len() < CLAIM_BATCH as usize {
+                break;
+            }
         }
         publish(flows).await?;
-        Ok(claimed.len())
+        Ok(worked)
     }
     .await;
     crate::telemetry::metrics::publish_store_up(!matches!(result, Err(StoreError::Unavailable(_))));
