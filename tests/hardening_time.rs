@@ -34,6 +34,30 @@ async fn warm_env(lifetime: Duration) -> (TestEnv, Instant) {
     (env, Instant::now())
 }
 
+/// Half-way through the token's life (it arrived at `warmed`) a request starts the background
+/// refresh, which finAPI refuses with `429` and `Retry-After: retry_after_secs`.
+async fn refuse_the_refresh(
+    env: &TestEnv,
+    warmed: Instant,
+    lifetime: Duration,
+    retry_after_secs: u64,
+) {
+    env.sim.add_fault(FaultRule {
+        endpoint: CLIENT_TOKEN.into(),
+        status: Some(429),
+        retry_after: Some(retry_after_secs),
+        count: Some(1),
+        ..FaultRule::default()
+    });
+    tokio::time::sleep_until(warmed + lifetime / 2 + Duration::from_millis(100)).await;
+    env.access_session().await;
+    assert!(
+        eventually(Duration::from_secs(5), || env.calls(CLIENT_TOKEN, "429")
+            == 1)
+        .await
+    );
+}
+
 /// `n` access sessions at once; asserts each answers within [`ABOUT_ONE_CALL`], with `201`, or
 /// `503 UPSTREAM_UNAVAILABLE` with `Retry-After`; returns how many were `201`.
 async fn burst_answers_within_about_one_call(env: &TestEnv, n: usize) -> usize {
@@ -74,21 +98,7 @@ async fn a_request_after_the_token_end_does_not_wait_out_a_refused_refresh() {
     let _serial = one_at_a_time().await;
     let lifetime = Duration::from_secs(6);
     let (env, warmed) = warm_env(lifetime).await;
-    env.sim.add_fault(FaultRule {
-        endpoint: CLIENT_TOKEN.into(),
-        status: Some(429),
-        retry_after: Some(30),
-        count: Some(1),
-        ..FaultRule::default()
-    });
-    // Half-way through the token's life a request starts the refresh, which finAPI refuses.
-    tokio::time::sleep_until(warmed + lifetime / 2 + Duration::from_millis(100)).await;
-    env.access_session().await;
-    assert!(
-        eventually(Duration::from_secs(5), || env.calls(CLIENT_TOKEN, "429")
-            == 1)
-        .await
-    );
+    refuse_the_refresh(&env, warmed, lifetime, 30).await;
 
     // Just after the token's end, and later within the grace period.
     tokio::time::sleep_until(warmed + lifetime + Duration::from_millis(300)).await;
@@ -108,20 +118,7 @@ async fn a_refresh_told_to_retry_after_u64_max_seconds_panics_nothing_and_refres
     let _serial = one_at_a_time().await;
     let lifetime = Duration::from_secs(4);
     let (env, warmed) = warm_env(lifetime).await;
-    env.sim.add_fault(FaultRule {
-        endpoint: CLIENT_TOKEN.into(),
-        status: Some(429),
-        retry_after: Some(u64::MAX),
-        count: Some(1),
-        ..FaultRule::default()
-    });
-    tokio::time::sleep_until(warmed + lifetime / 2 + Duration::from_millis(100)).await;
-    env.access_session().await;
-    assert!(
-        eventually(Duration::from_secs(5), || env.calls(CLIENT_TOKEN, "429")
-            == 1)
-        .await
-    );
+    refuse_the_refresh(&env, warmed, lifetime, u64::MAX).await;
 
     tokio::time::sleep_until(warmed + lifetime + Duration::from_millis(300)).await;
     assert_eq!(burst_answers_within_about_one_call(&env, 4).await, 4);

@@ -87,13 +87,10 @@ async fn a_client_token_that_cannot_be_a_header_is_refused_not_cached() {
     // Not cached: the next request fetches again and succeeds.
     common::expect_created(env.start_session(json!({"flow": "access"})).await).await;
     assert_eq!(env.all_calls(CLIENT_TOKEN), 2);
-    let metrics = env.metrics_text().await;
-    assert_eq!(
-        sample(&metrics, "broker_finapi_calls_total", &["transport_error"]),
-        0.0,
-        "{metrics}"
-    );
+    // Not retried, and no breaker failure (the metrics recorder is shared by this binary's
+    // tests, so the broker's own counters speak here).
     assert_eq!(env.resilience().retries, 0);
+    assert!(env.flows.circuits_open().iter().all(|(_, open)| !open));
     env.stop().await;
 }
 
