@@ -429,3 +429,79 @@ async fn the_ledger_holds_no_credential_and_no_personal_data() {
         assert!(!text.contains(secret), "the ledger holds {secret:?}");
     }
 }
+
+#[tokio::test]
+async fn a_callers_own_retention_overrides_the_default() {
+    let ledger = common::sqlite_ledger();
+    let env = env_with(&ledger, |s| {
+        s.identities.retention_secs = 86_400;
+        let other = s
+            .auth
+            .callers
+            .iter_mut()
+            .find(|c| c.name == "other")
+            .unwrap();
+        other.retention_secs = Some(1);
+    })
+    .await;
+    let kept = common::expect_created(env.start_session(access("customer-kept")).await).await;
+    let other = common::client_with_key(OTHER_KEY);
+    let short = other
+        .post(format!("{}/kyc-sessions", env.broker_url))
+        .json(&access("customer-short"))
+        .send()
+        .await
+        .unwrap();
+    common::expect_created(short).await;
+    let deleted = common::eventually(Duration::from_secs(10), || {
+        env.calls(DELETE_USER, "200") == 1
+    })
+    .await;
+    assert!(
+        deleted,
+        "the short-lived identity was not deleted: {:?}",
+        env.sim.stats()
+    );
+    let record: Value = get_identity(&env, &env.http, "customer-kept")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(record["state"], "active");
+    assert_eq!(record["userId"], kept["userId"]);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn an_identity_finapi_never_created_is_closed_without_a_deletion() {
+    let ledger = common::sqlite_ledger();
+    let env = env_with(&ledger, |_| {}).await;
+    env.sim.add_fault(FaultRule {
+        endpoint: CREATE_USER.into(),
+        status: Some(400),
+        count: Some(1),
+        ..FaultRule::default()
+    });
+    let refused = env.start_session(access("customer-never")).await;
+    common::expect_problem(refused, 502, "UPSTREAM_REJECTED").await;
+    // After orphan_min_age (3 s) the reaper logs in, finAPI knows no such user: closed.
+    let closed = common::eventually(Duration::from_secs(15), || {
+        env.calls(PASSWORD_TOKEN, "400") == 1
+    })
+    .await;
+    assert!(closed, "the reaper did not look: {:?}", env.sim.stats());
+    let record = loop {
+        let record: Value = get_identity(&env, &env.http, "customer-never")
+            .await
+            .json()
+            .await
+            .unwrap();
+        if record["state"] == "deleted" {
+            break record;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(record["events"][0]["kind"], "never_created");
+    assert_eq!(env.all_calls(DELETE_USER), 0);
+    env.stop().await;
+}

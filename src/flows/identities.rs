@@ -425,7 +425,9 @@ impl Flows {
         let result = match &outcome {
             Ok(true) => self.close(record, EventKind::Deleted, ctx, None).await,
             Ok(false) => {
-                let kind = if record.state == IdentityState::Intent {
+                // Never active: its creation failed or never finished, and finAPI confirms
+                // there is no such user.
+                let kind = if record.last_session_at.is_none() {
                     EventKind::NeverCreated
                 } else {
                     EventKind::Deleted
