@@ -157,19 +157,20 @@ impl Flows {
         ctx: &RequestContext,
         deadline: &Deadline,
     ) -> Result<KycSession, FlowError> {
-        let Some(reference) = reference else {
-            return match self
-                .create_identity(None, email, phone, ctx, deadline)
-                .await?
-            {
-                Creation::Done(session) => Ok(session),
-                Creation::Taken => unreachable!("an identity without a reference is never taken"),
-            };
-        };
         loop {
             if deadline.remaining().is_zero() {
                 return Err(FlowError::BudgetExhausted(Step::CreateUser));
             }
+            let Some(reference) = reference else {
+                // Without a reference no other session's intent can take this one's place.
+                match self
+                    .create_identity(None, email.clone(), phone.clone(), ctx, deadline)
+                    .await?
+                {
+                    Creation::Done(session) => return Ok(session),
+                    Creation::Taken => continue,
+                }
+            };
             let live = self.live_identity(&ctx.caller, reference).await?;
             let Some(record) = live else {
                 match self
