@@ -661,16 +661,24 @@ impl Settings {
                 "must be at least 1".into(),
             );
         }
-        if i.retention_secs == 0 {
-            problem("identities.retention_secs", "must be at least 1".into());
-        }
-        if i.reaper_interval_secs == 0 {
+        if !(1..=MAX_RETENTION_SECS).contains(&i.retention_secs) {
             problem(
-                "identities.reaper_interval_secs",
-                "must be at least 1".into(),
+                "identities.retention_secs",
+                format!("must be between 1 and {MAX_RETENTION_SECS} (ten years)"),
             );
         }
-        if i.orphan_min_age_secs <= self.server.request_timeout_secs {
+        if !(1..=86_400).contains(&i.reaper_interval_secs) {
+            problem(
+                "identities.reaper_interval_secs",
+                "must be between 1 and 86400".into(),
+            );
+        }
+        if i.orphan_min_age_secs > 86_400 {
+            problem(
+                "identities.orphan_min_age_secs",
+                "must be at most 86400".into(),
+            );
+        } else if i.orphan_min_age_secs <= self.server.request_timeout_secs {
             problem(
                 "identities.orphan_min_age_secs",
                 format!(
@@ -681,10 +689,13 @@ impl Settings {
             );
         }
         for (n, caller) in self.auth.callers.iter().enumerate() {
-            if caller.retention_secs == Some(0) {
+            if caller
+                .retention_secs
+                .is_some_and(|secs| !(1..=MAX_RETENTION_SECS).contains(&secs))
+            {
                 problem(
                     &format!("auth.callers[{n}].retention_secs"),
-                    "must be at least 1".into(),
+                    format!("must be between 1 and {MAX_RETENTION_SECS} (ten years)"),
                 );
             }
         }
@@ -855,6 +866,9 @@ const OPTIONAL_KEYS: &[&str] = &[
     "identities.password_key",
     "identities.password_key_file",
 ];
+/// Longest identity retention, in seconds (ten years): far beyond any GiroIdent check, and
+/// within every date the ledger and the API can write.
+pub const MAX_RETENTION_SECS: u64 = 10 * 365 * 86_400;
 /// Keys whose value is a secret: only the environment may set them, never a file.
 const ENV_ONLY_KEYS: &[&str] = &["finapi.client_secret", "identities.password_key"];
 
@@ -1231,6 +1245,26 @@ mod tests {
         vars.push(("GIROIDENT_BROKER_SERVER__DRAIN_SECS".into(), "soon".into()));
         let err = Settings::load_with_env(None, vars).unwrap_err();
         assert!(err.mentions("server.drain_secs"), "{err}");
+    }
+
+    #[test]
+    fn identity_durations_are_bounded_with_their_keys() {
+        let mut vars = valid_env();
+        for (key, value) in [
+            ("IDENTITIES__RETENTION_SECS", "9223372036854775807"),
+            ("IDENTITIES__REAPER_INTERVAL_SECS", "0"),
+            ("IDENTITIES__ORPHAN_MIN_AGE_SECS", "10"),
+        ] {
+            vars.push((format!("{ENV_PREFIX}{key}"), value.into()));
+        }
+        let err = Settings::load_with_env(None, vars).unwrap_err();
+        for key in [
+            "identities.retention_secs",
+            "identities.reaper_interval_secs",
+            "identities.orphan_min_age_secs",
+        ] {
+            assert!(err.mentions(key), "{err}");
+        }
     }
 
     #[test]

@@ -202,6 +202,12 @@ pub async fn run(
     );
     app.run_until_stopped(shutdown).await;
     sim.shutdown().await;
+    // The demo's ledger describes users of a simulator that is gone now.
+    for suffix in ["", "-wal", "-shm"] {
+        let mut file = ledger_path.clone().into_os_string();
+        file.push(suffix);
+        let _ = std::fs::remove_file(file);
+    }
     Ok(())
 }
 
@@ -227,7 +233,7 @@ fn instructions(
     let _ = writeln!(text, "  metrics:   http://{admin}/metrics");
     let _ = writeln!(
         text,
-        "  ledger:    {ledger}   (the finAPI identities this demo makes)"
+        "  ledger:    {ledger}   (the finAPI identities this demo makes; fresh for this run, removed at exit)"
     );
     let _ = writeln!(text, "\nStandalone flow (Process Controller):");
     let _ = writeln!(

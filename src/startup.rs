@@ -159,6 +159,8 @@ impl Application {
         // The reaper stops with the listeners; a deletion it is in the middle of keeps its
         // lease, which expires for the next broker.
         reaper.abort();
+        let _ = reaper.await;
+        self.flows.close_ledger().await;
         tracing::info!("broker stopped");
     }
 }

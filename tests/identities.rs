@@ -484,9 +484,10 @@ async fn an_identity_finapi_never_created_is_closed_without_a_deletion() {
     });
     let refused = env.start_session(access("customer-never")).await;
     common::expect_problem(refused, 502, "UPSTREAM_REJECTED").await;
-    // After orphan_min_age (3 s) the reaper logs in, finAPI knows no such user: closed.
+    // After orphan_min_age (3 s) the reaper logs in, and finAPI knows no such user, twice in a
+    // row: closed.
     let closed = common::eventually(Duration::from_secs(15), || {
-        env.calls(PASSWORD_TOKEN, "400") == 1
+        env.calls(PASSWORD_TOKEN, "400") == 2
     })
     .await;
     assert!(closed, "the reaper did not look: {:?}", env.sim.stats());
@@ -503,5 +504,91 @@ async fn an_identity_finapi_never_created_is_closed_without_a_deletion() {
     };
     assert_eq!(record["events"][0]["kind"], "never_created");
     assert_eq!(env.all_calls(DELETE_USER), 0);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_session_whose_identity_is_deleted_meanwhile_gets_a_new_one() {
+    let ledger = common::sqlite_ledger();
+    let env = env_with(&ledger, |_| {}).await;
+    let first = common::expect_created(env.start_session(access("customer-race")).await).await;
+    // The reuse's token answer takes a while; the caller deletes the identity meanwhile.
+    env.sim.add_fault(FaultRule {
+        endpoint: PASSWORD_TOKEN.into(),
+        stall_after_bytes: Some(10),
+        stall_ms: Some(600),
+        count: Some(1),
+        ..FaultRule::default()
+    });
+    let session = tokio::spawn({
+        let (http, url) = (env.http.clone(), env.broker_url.clone());
+        async move {
+            http.post(format!("{url}/kyc-sessions"))
+                .json(&access("customer-race"))
+                .send()
+                .await
+                .unwrap()
+        }
+    });
+    let arrived = common::eventually(Duration::from_secs(5), || {
+        env.sim
+            .stats()
+            .get(PASSWORD_TOKEN)
+            .is_some_and(|s| s.get("200") == Some(&1))
+    })
+    .await;
+    assert!(arrived);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        delete_identity(&env, &env.http, "customer-race")
+            .await
+            .status(),
+        204
+    );
+    let second = common::expect_created(session.await.unwrap()).await;
+    // Not the deleted identity's dead token: a new identity that lives.
+    assert_eq!(second["identity"], "created", "{second}");
+    assert_ne!(second["userId"], first["userId"]);
+    let token = second["accessToken"].as_str().unwrap();
+    assert_eq!(env.sim_user(token).await.status(), 200);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn one_stray_400_to_the_login_does_not_close_a_live_identity() {
+    let ledger = common::sqlite_ledger();
+    let env = env_with(&ledger, |_| {}).await;
+    let session = common::expect_created(env.start_session(access("customer-400")).await).await;
+    env.sim.add_fault(FaultRule {
+        endpoint: PASSWORD_TOKEN.into(),
+        status: Some(400),
+        count: Some(1),
+        ..FaultRule::default()
+    });
+    assert_eq!(
+        delete_identity(&env, &env.http, "customer-400")
+            .await
+            .status(),
+        204
+    );
+    // The second login worked, and the user really is deleted.
+    assert_eq!(env.calls(DELETE_USER, "200"), 1);
+    let token = session["accessToken"].as_str().unwrap();
+    assert_eq!(env.sim_user(token).await.status(), 401);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_reference_that_does_not_decode_is_an_invalid_field() {
+    let ledger = common::sqlite_ledger();
+    let env = env_with(&ledger, |_| {}).await;
+    for path in ["%FF", "a%20b"] {
+        common::expect_problem(
+            get_identity(&env, &env.http, path).await,
+            422,
+            "INVALID_FIELD",
+        )
+        .await;
+    }
     env.stop().await;
 }

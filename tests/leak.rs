@@ -107,9 +107,15 @@ async fn no_secret_reaches_logs_or_responses() {
     }
     secrets.gather(&env);
     let identity_url = format!("{}/identities/{reference}", env.broker_url);
-    answers
-        .record(env.http.get(&identity_url).send().await.unwrap())
-        .await;
+    for url in [
+        identity_url.clone(),
+        format!("{identity_url}/"),
+        format!("{identity_url}/x"),
+    ] {
+        answers
+            .record(env.http.get(&url).send().await.unwrap())
+            .await;
+    }
     env.sim.add_fault(FaultRule {
         endpoint: "DELETE /api/v2/users".into(),
         status: Some(423),

@@ -2,6 +2,7 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -11,6 +12,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::config::FlowKind;
+use crate::finapi::EndUserMetadata;
 use crate::flows::identities::{Deletion, IdentityView};
 use crate::flows::{ClientReference, RequestContext};
 use crate::identities::Millis;
@@ -27,10 +29,14 @@ pub fn router() -> Router<AppState> {
     )
 }
 
-/// A Unix time in milliseconds as RFC 3339 (UTC, milliseconds).
+/// Latest time [`rfc3339`] writes: the end of year 9999, RFC 3339's last.
+const LATEST_MILLIS: Millis = 253_402_300_799_999;
+
+/// A Unix time in milliseconds as RFC 3339 (UTC, milliseconds); times outside years 1970 to
+/// 9999 are clamped (the configuration's bounds keep the broker's own far inside).
 pub(super) fn rfc3339(at: Millis) -> String {
-    let at = UNIX_EPOCH + Duration::from_millis(u64::try_from(at).unwrap_or(0));
-    humantime::format_rfc3339_millis(at).to_string()
+    let at = u64::try_from(at.clamp(0, LATEST_MILLIS)).unwrap_or(0);
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(at)).to_string()
 }
 
 /// A managed finAPI identity, as its caller may see it: never a password, token, key, e-mail,
@@ -117,18 +123,20 @@ impl IdentityBody {
 /// flow, the reference must be valid.
 fn context(
     caller: &Caller,
-    reference: &str,
+    reference: Result<Path<String>, PathRejection>,
     request_id: std::sync::Arc<str>,
-    headers: &HeaderMap,
+    end_user: EndUserMetadata,
 ) -> Result<(ClientReference, RequestContext), ApiError> {
     if !caller.may_use(FlowKind::Access) {
         return Err(ApiError::FlowNotAllowed(FlowKind::Access));
     }
-    let reference = ClientReference::parse(reference).map_err(ApiError::InvalidField)?;
+    // A path segment that does not decode (invalid UTF-8) is no valid reference either.
+    let reference = reference.map_or_else(|_| String::new(), |Path(r)| r);
+    let reference = ClientReference::parse(&reference).map_err(ApiError::InvalidField)?;
     let ctx = RequestContext {
         request_id,
         caller: caller.name.clone(),
-        end_user: super::kyc::end_user(headers)?,
+        end_user,
     };
     Ok((reference, ctx))
 }
@@ -142,7 +150,7 @@ fn context(
     path = "/identities/{clientReference}",
     tag = "identities",
     security(("api_key" = [])),
-    params(("clientReference" = String, Path, description = "The caller's reference for its end customer, as sent to POST /kyc-sessions")),
+    params(("clientReference" = String, Path, description = "The caller's reference for its end customer, as sent to POST /kyc-sessions", min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9._:@+-]+$")),
     responses(
         (status = 200, description = "The identity", body = IdentityBody),
         (status = 401, description = "MISSING_API_KEY, INVALID_API_KEY", body = Problem, content_type = "application/problem+json"),
@@ -150,6 +158,7 @@ fn context(
         (status = 404, description = "IDENTITY_NOT_FOUND", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "INVALID_FIELD", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "RATE_LIMITED, with Retry-After", body = Problem, content_type = "application/problem+json"),
+        (status = 500, description = "INTERNAL", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "STORE_UNAVAILABLE, OVERLOADED", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -157,10 +166,9 @@ pub(super) async fn get_identity(
     State(state): State<AppState>,
     Extension(RequestId(request_id)): Extension<RequestId>,
     Extension(CallerExt(caller)): Extension<CallerExt>,
-    Path(reference): Path<String>,
-    headers: HeaderMap,
+    reference: Result<Path<String>, PathRejection>,
 ) -> Result<Json<IdentityBody>, ApiError> {
-    let (reference, ctx) = context(&caller, &reference, request_id, &headers)?;
+    let (reference, ctx) = context(&caller, reference, request_id, EndUserMetadata::default())?;
     let view = state
         .flows
         .find_identity(&ctx.caller, &reference)
@@ -180,7 +188,7 @@ pub(super) async fn get_identity(
     tag = "identities",
     security(("api_key" = [])),
     params(
-        ("clientReference" = String, Path, description = "The caller's reference for its end customer"),
+        ("clientReference" = String, Path, description = "The caller's reference for its end customer", min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9._:@+-]+$"),
         ("PSU-IP-Address" = Option<String>, Header, description = "As for POST /kyc-sessions; passed to finAPI's calls for the deletion", format = Ipv4),
         ("PSU-Device-OS" = Option<String>, Header, description = "As for POST /kyc-sessions", min_length = 1, max_length = 128, pattern = "^[ -~]+$"),
         ("PSU-User-Agent" = Option<String>, Header, description = "As for POST /kyc-sessions", min_length = 1, max_length = 512, pattern = "^[ -~]+$"),
@@ -193,17 +201,20 @@ pub(super) async fn get_identity(
         (status = 404, description = "IDENTITY_NOT_FOUND (none, or already deleted)", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "INVALID_FIELD, INVALID_HEADER", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "RATE_LIMITED, with Retry-After", body = Problem, content_type = "application/problem+json"),
+        (status = 500, description = "INTERNAL", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "STORE_UNAVAILABLE, OVERLOADED", body = Problem, content_type = "application/problem+json"),
+        (status = 504, description = "REQUEST_TIMEOUT", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(super) async fn delete_identity(
     State(state): State<AppState>,
     Extension(RequestId(request_id)): Extension<RequestId>,
     Extension(CallerExt(caller)): Extension<CallerExt>,
-    Path(reference): Path<String>,
+    reference: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let (reference, ctx) = context(&caller, &reference, request_id, &headers)?;
+    let end_user = super::kyc::end_user(&headers)?;
+    let (reference, ctx) = context(&caller, reference, request_id, end_user)?;
     let (deletion, view) = tokio::time::timeout(
         state.request_timeout,
         state.flows.delete_identity_of(&reference, &ctx),

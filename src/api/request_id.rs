@@ -96,10 +96,10 @@ pub async fn middleware(mut request: Request, next: Next) -> Response {
     };
     request.extensions_mut().insert(RequestId(id.clone()));
     let route = route_label(request.uri().path());
-    // An identity's path holds the caller's raw client reference, which no log may hold: its
-    // template stands in.
-    let path = if route == super::IDENTITY_ROUTE {
-        route
+    // An identity's path holds the caller's raw client reference, which no log may hold: the
+    // route's template stands in, for any path below it (a trailing slash, an extra segment).
+    let path = if request.uri().path().starts_with("/identities/") {
+        super::IDENTITY_ROUTE
     } else {
         request.uri().path()
     };

@@ -40,6 +40,8 @@ const INTENT_POLL: Duration = Duration::from_millis(25);
 const DELETION_LEASE: Duration = Duration::from_secs(120);
 /// Longest wait between two deletion attempts of one identity.
 const MAX_DELETION_BACKOFF: Duration = Duration::from_secs(3600);
+/// Answers "unknown user" in a row that close an identity's record.
+const UNKNOWN_CONFIRMATIONS: u32 = 2;
 /// Events shown with a record.
 pub const RECENT_EVENTS: u32 = 20;
 /// Failed deletions of one identity from which each further failure is logged at warn.
@@ -200,6 +202,11 @@ impl Flows {
         }
     }
 
+    /// Closes the ledger's connections (at shutdown, once requests and the reaper are done).
+    pub async fn close_ledger(&self) {
+        self.ids().store.close().await;
+    }
+
     /// Whether the ledger answers within a second; also published as a metric.
     pub async fn identity_store_up(&self) -> bool {
         let ping = self.ids().store.ping();
@@ -320,7 +327,18 @@ impl Flows {
         };
         let now = now_millis();
         let delete_after = now.saturating_add(millis(ids.retention_for(&ctx.caller)));
-        ids.store.activate(id, now, delete_after).await?;
+        if !ids.store.activate(id, now, delete_after).await? {
+            // Its deletion was asked for while it was being created: it is the reaper's now,
+            // and this session gets an identity that will live.
+            self.event(
+                id,
+                EventKind::Created,
+                ctx,
+                Some("deleted before its first session"),
+            )
+            .await;
+            return Ok(Creation::Taken);
+        }
         self.event(id, EventKind::Created, ctx, None).await;
         Ok(Creation::Done(session(
             token,
@@ -336,14 +354,9 @@ impl Flows {
     /// the same reference.
     async fn abandon_intent(&self, id: Uuid, created_at: Millis, err: &FlowError) {
         let not_before = created_at.saturating_add(millis(self.ids().orphan_min_age));
-        let code = err.code();
-        let store = &self.ids().store;
-        let result = async {
-            store.mark_deleting(id, not_before).await?;
-            store.record_failure(id, code, not_before).await
-        }
-        .await;
-        if let Err(store_err) = result {
+        tracing::debug!(identity_id = %id, code = err.code(),
+            "identity not completed; the reaper resolves it");
+        if let Err(store_err) = self.ids().store.mark_deleting(id, not_before).await {
             // The intent stays: the reaper resolves it all the same.
             tracing::warn!(identity_id = %id, error = %store_err,
                 "could not hand a failed identity to the reaper; it stays an intent");
@@ -358,23 +371,17 @@ impl Flows {
         ctx: &RequestContext,
         deadline: &Deadline,
     ) -> Result<Option<KycSession>, FlowError> {
-        let key = self.key_of(record)?;
-        let password = key.password(&record.finapi_user_id);
-        let token = match self
-            .user_token(&record.finapi_user_id, &password, ctx, deadline)
-            .await
-        {
-            Ok(token) => token,
-            Err(err) if is_unknown_user(&err) => {
-                self.close(record, EventKind::Deleted, ctx, Some("unknown to finAPI"))
-                    .await?;
-                return Ok(None);
-            }
-            Err(err) => return Err(err),
+        let Some(token) = self.login(record, ctx, deadline).await? else {
+            self.close(record, EventKind::Deleted, ctx, Some("unknown to finAPI"))
+                .await?;
+            return Ok(None);
         };
         let now = now_millis();
         let delete_after = now.saturating_add(millis(self.ids().retention_for(&ctx.caller)));
-        self.ids().store.touch(record.id, now, delete_after).await?;
+        if !self.ids().store.touch(record.id, now, delete_after).await? {
+            // Its deletion began meanwhile: the token would die with it.
+            return Ok(None);
+        }
         self.event(record.id, EventKind::Reused, ctx, None).await;
         Ok(Some(session(
             token,
@@ -392,13 +399,8 @@ impl Flows {
         ctx: &RequestContext,
         deadline: &Deadline,
     ) -> Result<(), FlowError> {
-        let key = self.key_of(record)?;
-        let password = key.password(&record.finapi_user_id);
-        match self
-            .user_token(&record.finapi_user_id, &password, ctx, deadline)
-            .await
-        {
-            Ok(_) => {
+        match self.login(record, ctx, deadline).await? {
+            Some(_) => {
                 let now = now_millis();
                 let delete_after =
                     now.saturating_add(millis(self.ids().retention_for(&ctx.caller)));
@@ -408,10 +410,7 @@ impl Flows {
                     .await?;
                 Ok(())
             }
-            Err(err) if is_unknown_user(&err) => {
-                self.close(record, EventKind::NeverCreated, ctx, None).await
-            }
-            Err(err) => Err(err),
+            None => self.close(record, EventKind::NeverCreated, ctx, None).await,
         }
     }
 
@@ -480,15 +479,8 @@ impl Flows {
         ctx: &RequestContext,
         deadline: &Deadline,
     ) -> Result<bool, FlowError> {
-        let key = self.key_of(record)?;
-        let password = key.password(&record.finapi_user_id);
-        let token = match self
-            .user_token(&record.finapi_user_id, &password, ctx, deadline)
-            .await
-        {
-            Ok(token) => token,
-            Err(err) if is_unknown_user(&err) => return Ok(false),
-            Err(err) => return Err(err),
+        let Some(token) = self.login(record, ctx, deadline).await? else {
+            return Ok(false);
         };
         let result = self
             .attempt(
@@ -503,6 +495,35 @@ impl Flows {
             // Deleted in the meantime (deleting a user invalidates its tokens).
             Err(FlowError::UserTokenRejected(_)) => Ok(false),
             Err(err) => Err(err),
+        }
+    }
+
+    /// Logs in as the identity's user: `Ok(None)` when finAPI does not know it. A record is
+    /// closed on that answer, so one stray `400` is not enough: the grant is made again and
+    /// [`UNKNOWN_CONFIRMATIONS`] answers in a row must say so.
+    async fn login(
+        &self,
+        record: &IdentityRecord,
+        ctx: &RequestContext,
+        deadline: &Deadline,
+    ) -> Result<Option<AccessToken>, FlowError> {
+        let key = self.key_of(record)?;
+        let password = key.password(&record.finapi_user_id);
+        let mut unknown = 0;
+        loop {
+            match self
+                .user_token(&record.finapi_user_id, &password, ctx, deadline)
+                .await
+            {
+                Ok(token) => return Ok(Some(token)),
+                Err(err) if is_unknown_user(&err) => {
+                    unknown += 1;
+                    if unknown >= UNKNOWN_CONFIRMATIONS {
+                        return Ok(None);
+                    }
+                }
+                Err(err) => return Err(err),
+            }
         }
     }
 

@@ -581,6 +581,16 @@ impl IdentityStore {
         }
     }
 
+    /// Closes every connection, waiting for those in use. SQLite writes its write-ahead log
+    /// back into the database file when the last connection closes, so a stopped broker
+    /// leaves one self-contained file.
+    pub async fn close(&self) {
+        match &self.pool {
+            Pool::Sqlite(pool) => pool.close().await,
+            Pool::Postgres(pool) => pool.close().await,
+        }
+    }
+
     /// Readiness: one round trip to the database. Errors: [`StoreError::Unavailable`].
     pub async fn ping(&self) -> Result<(), StoreError> {
         let _: i32 = with_pool!(self, |pool| sqlx::query_scalar("SELECT 1")
@@ -699,7 +709,8 @@ impl IdentityStore {
     }
 
     /// Runs a state change: `sql` with `$1` the identity id and `$2…` the `times`.
-    async fn update(&self, sql: &str, id: Uuid, times: &[Millis]) -> Result<(), StoreError> {
+    /// Runs an update of one record; returns how many rows it changed (0 or 1).
+    async fn update(&self, sql: &str, id: Uuid, times: &[Millis]) -> Result<u64, StoreError> {
         let id = id.to_string();
         with_pool!(self, |pool| {
             let mut query = sqlx::query(sql).bind(&id);
@@ -707,19 +718,19 @@ impl IdentityStore {
                 query = query.bind(*time);
             }
             query.execute(pool).await.map(|done| done.rows_affected())
-        })?;
-        Ok(())
+        })
     }
 
     /// `intent` → `active`: the finAPI user exists. Sets `last_session_at = now` and
-    /// `delete_after`. No change when the record is not an intent (e.g. the reaper already took
-    /// the orphan). Errors: [`StoreError::Unavailable`], [`StoreError::Other`].
+    /// `delete_after`. Returns `false`, changing nothing, when the record is no longer an intent
+    /// (a caller's deletion or the reaper came first). Errors: [`StoreError::Unavailable`],
+    /// [`StoreError::Other`].
     pub async fn activate(
         &self,
         id: Uuid,
         now: Millis,
         delete_after: Millis,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         self.update(
             "UPDATE identities SET state = 'active', last_session_at = $2, delete_after = $3 \
              WHERE id = $1 AND state = 'intent'",
@@ -727,16 +738,18 @@ impl IdentityStore {
             &[now, delete_after],
         )
         .await
+        .map(|changed| changed == 1)
     }
 
     /// A reused session: `last_session_at = now` and the new `delete_after`, only while the
-    /// record is active. Errors: [`StoreError::Unavailable`], [`StoreError::Other`].
+    /// record is active; returns `false`, changing nothing, when it no longer is (its deletion
+    /// began). Errors: [`StoreError::Unavailable`], [`StoreError::Other`].
     pub async fn touch(
         &self,
         id: Uuid,
         now: Millis,
         delete_after: Millis,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         self.update(
             "UPDATE identities SET last_session_at = $2, delete_after = $3 \
              WHERE id = $1 AND state = 'active'",
@@ -744,6 +757,7 @@ impl IdentityStore {
             &[now, delete_after],
         )
         .await
+        .map(|changed| changed == 1)
     }
 
     /// `intent`/`active` → `deleting` (a caller asked, or deletion is due), with
@@ -758,6 +772,7 @@ impl IdentityStore {
             &[now],
         )
         .await
+        .map(drop)
     }
 
     /// Any state → `deleted`, `deleted_at = now`, lease released. A record already deleted
@@ -770,6 +785,7 @@ impl IdentityStore {
             &[now],
         )
         .await
+        .map(drop)
     }
 
     /// A failed deletion attempt: `deletion_attempts += 1`, `last_error = code` (a short broker
