@@ -631,29 +631,33 @@ impl ErrorBody {
     }
 }
 
-/// finAPI's token answer (`POST /api/v2/oauth/token`, AccessToken schema).
+/// finAPI's token answer (`POST /api/v2/oauth/token`, AccessToken schema): `access_token`,
+/// `token_type` and `expires_in` are required; an answer without one is no finAPI answer.
 #[derive(Deserialize)]
 struct TokenBody {
     access_token: SecretString,
-    #[serde(default)]
-    token_type: Option<String>,
-    #[serde(default)]
-    expires_in: Option<u64>,
+    token_type: String,
+    expires_in: u64,
 }
 
 impl TokenBody {
-    /// The token, checked against finAPI's contract; an `expires_in` above
-    /// [`MAX_EXPIRES_IN_SECS`] is read as that.
+    /// The token, checked against finAPI's contract (`token_type` is `bearer`, compared without
+    /// case); an `expires_in` above [`MAX_EXPIRES_IN_SECS`] is read as that.
     fn into_token(self, step: Step) -> Result<AccessToken, UpstreamError> {
+        if !self.token_type.eq_ignore_ascii_case("bearer") {
+            return Err(UpstreamError::Protocol {
+                step,
+                detail: "a token_type other than bearer",
+            });
+        }
+        let secs = self.expires_in;
+        if secs > MAX_EXPIRES_IN_SECS {
+            tracing::debug!(expires_in = secs, "finAPI's expires_in read as one year");
+        }
         Ok(AccessToken {
             token: checked_token(step, self.access_token)?,
-            token_type: self.token_type.unwrap_or_else(|| "bearer".to_owned()),
-            expires_in: self.expires_in.map(|secs| {
-                if secs > MAX_EXPIRES_IN_SECS {
-                    tracing::debug!(expires_in = secs, "finAPI's expires_in read as one year");
-                }
-                secs.min(MAX_EXPIRES_IN_SECS)
-            }),
+            token_type: "bearer".to_owned(),
+            expires_in: Some(secs.min(MAX_EXPIRES_IN_SECS)),
         })
     }
 }
@@ -667,17 +671,16 @@ mod tests {
         let token = |expires_in| {
             TokenBody {
                 access_token: SecretString::from("t"),
-                token_type: None,
+                token_type: "bearer".to_owned(),
                 expires_in,
             }
             .into_token(Step::ClientToken)
             .unwrap()
             .expires_in
         };
-        assert_eq!(token(Some(u64::MAX)), Some(MAX_EXPIRES_IN_SECS));
-        assert_eq!(token(Some(3600)), Some(3600));
-        assert_eq!(token(Some(0)), Some(0));
-        assert_eq!(token(None), None);
+        assert_eq!(token(u64::MAX), Some(MAX_EXPIRES_IN_SECS));
+        assert_eq!(token(3600), Some(3600));
+        assert_eq!(token(0), Some(0));
         let mut headers = HeaderMap::new();
         headers.insert(RETRY_AFTER, HeaderValue::from(u64::MAX));
         assert_eq!(
