@@ -52,6 +52,11 @@ pub struct IdentitiesSettings {
     /// replica with a persistent volume) or `postgres://USER:PASSWORD@HOST/DB` (several
     /// replicas). Treated as a secret: a PostgreSQL URL may hold a password.
     pub database_url: SecretString,
+    /// A file holding the database URL (a Docker or Kubernetes secret, since a PostgreSQL URL
+    /// holds its password); one trailing newline is ignored. When set, it replaces
+    /// `database_url`, which must then be left at its default.
+    #[serde(default)]
+    pub database_url_file: Option<PathBuf>,
     /// Connections the broker keeps to the database at most.
     pub database_max_connections: u32,
     /// The key user passwords are derived from (HMAC-SHA256, at least 32 bytes). Set it only
@@ -646,12 +651,31 @@ impl Settings {
                 Err(msg) => problem(&key, msg),
             }
         }
+        if let Some(path) = &i.database_url_file {
+            if i.database_url.expose_secret() != default_database_url() {
+                problem(
+                    "identities.database_url",
+                    "set either identities.database_url or identities.database_url_file, not both"
+                        .into(),
+                );
+            } else {
+                match read_secret_file(path) {
+                    Ok(url) => i.database_url = url,
+                    Err(msg) => problem("identities.database_url_file", msg),
+                }
+            }
+        }
+        let url_key = if i.database_url_file.is_some() {
+            "identities.database_url_file"
+        } else {
+            "identities.database_url"
+        };
         let url = i.database_url.expose_secret();
         let scheme = url.split_once(':').map(|(scheme, _)| scheme);
         if !matches!(scheme, Some("sqlite" | "postgres" | "postgresql")) {
             // The URL may hold a password: only its scheme is named.
             problem(
-                "identities.database_url",
+                url_key,
                 "must be sqlite://PATH or postgres://… (the value is not shown)".into(),
             );
         }
@@ -865,6 +889,7 @@ const OPTIONAL_KEYS: &[&str] = &[
     "finapi.client_secret_file",
     "identities.password_key",
     "identities.password_key_file",
+    "identities.database_url_file",
 ];
 /// Longest identity retention, in seconds (ten years): far beyond any GiroIdent check, and
 /// within every date the ledger and the API can write.
@@ -1021,6 +1046,21 @@ fn check_base_url(url: &str, allow_http: bool) -> Result<(), String> {
         return Err("must not carry credentials".into());
     }
     Ok(())
+}
+
+/// `identities.database_url` as `config/default.toml` sets it: `identities.database_url_file`
+/// may only be combined with this value, so that a URL set in two places is refused.
+fn default_database_url() -> String {
+    DEFAULT_TOML
+        .parse::<Table>()
+        .ok()
+        .and_then(|t| {
+            t.get("identities")?
+                .get("database_url")?
+                .as_str()
+                .map(str::to_owned)
+        })
+        .unwrap_or_default()
 }
 
 /// Reads a secret from a file (a Docker or Kubernetes secret): one trailing newline (`\n` or
@@ -1311,6 +1351,48 @@ mod tests {
             "from-file"
         );
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn database_url_comes_from_a_file_and_is_never_set_twice() {
+        let dir = std::env::temp_dir().join(format!("gib-cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let url = "postgres://giroident:pg-pass-1@db/giroident";
+        let path = dir.join("database_url");
+        std::fs::write(&path, format!("{url}\n")).unwrap();
+        let file_var = (
+            "GIROIDENT_BROKER_IDENTITIES__DATABASE_URL_FILE".to_owned(),
+            path.to_str().unwrap().to_owned(),
+        );
+        let mut vars = valid_env();
+        vars.push(file_var.clone());
+        let s = Settings::load_with_env(None, vars.clone()).expect("valid");
+        assert_eq!(s.identities.database_url.expose_secret(), url);
+
+        // Both forms at once: refused, naming the keys but neither URL.
+        vars.push((
+            "GIROIDENT_BROKER_IDENTITIES__DATABASE_URL".into(),
+            "postgres://other:pg-pass-2@db/other".into(),
+        ));
+        let err = Settings::load_with_env(None, vars).unwrap_err();
+        assert!(err.mentions("identities.database_url"), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("database_url_file"), "{text}");
+        assert!(!text.contains("pg-pass"), "{text}");
+
+        // A file whose URL is no database URL: the file's key is named, its content is not.
+        std::fs::write(&path, "mysql://u:pg-pass-3@db/x").unwrap();
+        let mut vars = valid_env();
+        vars.push(file_var.clone());
+        let err = Settings::load_with_env(None, vars).unwrap_err();
+        assert!(err.mentions("identities.database_url_file"), "{err}");
+        assert!(!err.to_string().contains("pg-pass"), "{err}");
+
+        std::fs::remove_dir_all(&dir).unwrap();
+        let mut vars = valid_env();
+        vars.push(file_var);
+        let err = Settings::load_with_env(None, vars).unwrap_err();
+        assert!(err.mentions("identities.database_url_file"), "{err}");
     }
 
     #[test]

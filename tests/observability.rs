@@ -319,6 +319,7 @@ fn the_readme_configuration_reference_matches_the_code() {
         "finapi.client_secret_file",
         "identities.password_key",
         "identities.password_key_file",
+        "identities.database_url_file",
     ] {
         expected.insert(optional.to_owned(), "–".to_owned());
     }
