@@ -87,6 +87,9 @@ async fn a_ledger_that_goes_away_stops_the_access_flow_before_finapi_but_not_sta
     let sim = sim::start(SimConfig::default()).await.expect("simulator");
     let mut settings = common::settings_with_ledger(&sim, &common::ledger_at(&server.url()));
     quick(&mut settings);
+    // Room for the ledger's 2 s connection timeout on a loaded machine: the answer must be the
+    // ledger's 503, not the request's own timeout.
+    settings.server.request_timeout_secs = 20;
     let env = TestEnv::with_settings(sim, &settings).await;
     common::expect_created(env.start_session(json!({"flow": "access"})).await).await;
     server.stop();

@@ -358,6 +358,8 @@ async fn the_circuit_opens_when_finapi_is_down_and_closes_when_it_is_back() {
         });
         let needed = open_the_breaker(&env, flow).await;
         let calls_when_open = calls_total(&env.sim.stats(), "");
+        let retries_when_open = env.resilience().retries;
+        // Printed for docs/RELIABILITY.md, not asserted: timings on a shared machine vary.
         let mut slowest = Duration::ZERO;
         for i in 0..20 {
             let started = Instant::now();
@@ -373,7 +375,8 @@ async fn the_circuit_opens_when_finapi_is_down_and_closes_when_it_is_back() {
             );
             expect_problem(response, 503, "UPSTREAM_UNAVAILABLE").await;
         }
-        assert!(slowest < Duration::from_millis(50), "{flow}: {slowest:?}");
+        // At once: no retry and no backoff waited out (a count, not a timing).
+        assert_eq!(env.resilience().retries, retries_when_open, "{flow}");
         assert_eq!(
             calls_total(&env.sim.stats(), ""),
             calls_when_open,
