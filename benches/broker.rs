@@ -15,7 +15,8 @@
 //! `BENCH_BROKER_WORKER_THREADS` (the broker's `server.worker_threads`), `BENCH_BROKER_PRELOAD`
 //! (an `LD_PRELOAD` for the broker), `BENCH_LEDGER` (`sqlite`, the default: a fresh file per
 //! broker, removed after; `postgres`: a throwaway PostgreSQL server started by the bench, a
-//! fresh database per broker; `none`: a build without the identity ledger) and
+//! fresh database per broker; `none`: a build without the identity ledger),
+//! `BENCH_LEDGER_MAX_CONNECTIONS` (the ledger's pool size for this build) and
 //! `BENCH_BROKER_BIN` (another build of the broker, started against this build's simulator:
 //! the broker the other sections measure instead of this build, and the ledger section's
 //! baseline). Whether a build knows the ledger is asked of the build itself (`check-config`
@@ -175,6 +176,10 @@ fn broker_env(
             "GIROIDENT_BROKER_IDENTITIES__PASSWORD_KEY",
             BENCH_PASSWORD_KEY.into(),
         ));
+        // The ledger's pool size (`identities.database_max_connections`, default 8).
+        if let Ok(n) = std::env::var("BENCH_LEDGER_MAX_CONNECTIONS") {
+            env.push(("GIROIDENT_BROKER_IDENTITIES__DATABASE_MAX_CONNECTIONS", n));
+        }
     }
     // Lets a run try another runtime for the broker only (`server.worker_threads`).
     if let Ok(workers) = std::env::var("BENCH_BROKER_WORKER_THREADS") {
@@ -1543,6 +1548,7 @@ async fn ledger_section(
             rows.push(row);
         }
     }
+    let pool = std::env::var("BENCH_LEDGER_MAX_CONNECTIONS").unwrap_or_else(|_| "8".into());
     let _ = writeln!(
         report,
         "\n### Identity ledger (issue 12)\n\nThe access flow through each broker; per point a \
@@ -1551,9 +1557,9 @@ async fn ledger_section(
          back, each round starting with the next broker. Figures are medians over rounds; ratios \
          and differences are taken per round against the previous build's run of the same round, \
          then the median (range of the ratios in brackets). SQLite: the broker's settings (WAL, \
-         `synchronous=NORMAL`, a pool of 8), the file in the temp dir. PostgreSQL: a local \
+         `synchronous=NORMAL`, a pool of {pool}), the file in the temp dir. PostgreSQL: a local \
          server over TCP on 127.0.0.1 with its durable defaults (`fsync`, `synchronous_commit` \
-         on), a pool of 8; its own CPU time is not in the broker column. Latency in ms.{}\n\n\
+         on), a pool of {pool}; its own CPU time is not in the broker column. Latency in ms.{}\n\n\
          | conc. | broker | sess/s | **÷ previous** (range) | p50 | p99 | **p50 − previous** | p99 − previous | broker CPU µs/session | sessions | errors |\n\
          |---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         opts.rounds.max(1),
