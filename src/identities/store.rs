@@ -285,7 +285,13 @@ enum Backend {
 
 #[derive(Clone)]
 enum Pool {
-    Sqlite(SqlitePool),
+    /// SQLite takes one writer at a time: writes go through a pool of one connection, so that
+    /// they queue in the broker instead of meeting a held lock and sleeping in SQLite's busy
+    /// handler; reads (never blocked under WAL) use the other connections.
+    Sqlite {
+        read: SqlitePool,
+        write: SqlitePool,
+    },
     Postgres(PgPool),
 }
 
@@ -309,7 +315,19 @@ impl fmt::Debug for IdentityStore {
 macro_rules! with_pool {
     ($store:expr, |$pool:ident| $body:expr) => {
         match &$store.pool {
-            Pool::Sqlite($pool) => ($body).map_err(|e| classify(Backend::Sqlite, e)),
+            Pool::Sqlite { read: $pool, .. } => ($body).map_err(|e| classify(Backend::Sqlite, e)),
+            Pool::Postgres($pool) => ($body).map_err(|e| classify(Backend::Postgres, e)),
+        }
+    };
+}
+
+/// Like `with_pool!`, for statements that write: SQLite's writer connection.
+macro_rules! with_writer {
+    ($store:expr, |$pool:ident| $body:expr) => {
+        match &$store.pool {
+            Pool::Sqlite { write: $pool, .. } => {
+                ($body).map_err(|e| classify(Backend::Sqlite, e))
+            }
             Pool::Postgres($pool) => ($body).map_err(|e| classify(Backend::Postgres, e)),
         }
     };
@@ -496,14 +514,21 @@ impl IdentityStore {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(SQLITE_BUSY_TIMEOUT)
             .foreign_keys(true);
-        let pool = SqlitePoolOptions::new()
+        // The writer first: it creates the file and sets WAL before readers open it.
+        let write = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(options.clone())
+            .await
+            .map_err(|e| classify(Backend::Sqlite, e))?;
+        let read = SqlitePoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(options)
             .await
             .map_err(|e| classify(Backend::Sqlite, e))?;
         Ok(Self {
-            pool: Pool::Sqlite(pool),
+            pool: Pool::Sqlite { read, write },
         })
     }
 
@@ -528,7 +553,7 @@ impl IdentityStore {
             return Err(StoreError::SchemaTooNew { version });
         }
         let result = match &self.pool {
-            Pool::Sqlite(pool) => SQLITE_MIGRATOR.run(pool).await,
+            Pool::Sqlite { write, .. } => SQLITE_MIGRATOR.run(write).await,
             Pool::Postgres(pool) => POSTGRES_MIGRATOR.run(pool).await,
         };
         result.map_err(|e| match e {
@@ -568,7 +593,7 @@ impl IdentityStore {
 
     fn backend_kind(&self) -> Backend {
         match self.pool {
-            Pool::Sqlite(_) => Backend::Sqlite,
+            Pool::Sqlite { .. } => Backend::Sqlite,
             Pool::Postgres(_) => Backend::Postgres,
         }
     }
@@ -586,7 +611,10 @@ impl IdentityStore {
     /// leaves one self-contained file.
     pub async fn close(&self) {
         match &self.pool {
-            Pool::Sqlite(pool) => pool.close().await,
+            Pool::Sqlite { read, write } => {
+                read.close().await;
+                write.close().await;
+            }
             Pool::Postgres(pool) => pool.close().await,
         }
     }
@@ -615,7 +643,7 @@ impl IdentityStore {
              WHERE reference_digest IS NOT NULL AND state IN ('intent', 'active') DO NOTHING";
         let id = new.id.to_string();
         for _ in 0..INSERT_ATTEMPTS {
-            let inserted = with_pool!(self, |pool| sqlx::query(SQL)
+            let inserted = with_writer!(self, |pool| sqlx::query(SQL)
                 .bind(&id)
                 .bind(new.finapi_user_id)
                 .bind(new.caller)
@@ -712,7 +740,7 @@ impl IdentityStore {
     /// Runs an update of one record; returns how many rows it changed (0 or 1).
     async fn update(&self, sql: &str, id: Uuid, times: &[Millis]) -> Result<u64, StoreError> {
         let id = id.to_string();
-        with_pool!(self, |pool| {
+        with_writer!(self, |pool| {
             let mut query = sqlx::query(sql).bind(&id);
             for time in times {
                 query = query.bind(*time);
@@ -798,7 +826,7 @@ impl IdentityStore {
         next_attempt_at: Millis,
     ) -> Result<(), StoreError> {
         let id = id.to_string();
-        with_pool!(self, |pool| sqlx::query(
+        with_writer!(self, |pool| sqlx::query(
             "UPDATE identities SET deletion_attempts = deletion_attempts + 1, last_error = $2, \
              next_attempt_at = $3, lease_owner = NULL, lease_until = NULL WHERE id = $1"
         )
@@ -863,7 +891,7 @@ impl IdentityStore {
         };
         let orphan_before = now.saturating_sub(orphan_min_age);
         let lease_until = now.saturating_add(lease);
-        let raw = with_pool!(self, |pool| sqlx::query_as::<_, RawRecord>(&sql)
+        let raw = with_writer!(self, |pool| sqlx::query_as::<_, RawRecord>(&sql)
             .bind(owner)
             .bind(lease_until)
             .bind(now)
@@ -880,7 +908,7 @@ impl IdentityStore {
     /// Errors: [`StoreError::Unavailable`], [`StoreError::Other`].
     pub async fn release(&self, id: Uuid, owner: &str) -> Result<(), StoreError> {
         let id = id.to_string();
-        with_pool!(self, |pool| sqlx::query(
+        with_writer!(self, |pool| sqlx::query(
             "UPDATE identities SET lease_owner = NULL, lease_until = NULL \
              WHERE id = $1 AND lease_owner = $2"
         )
@@ -906,7 +934,7 @@ impl IdentityStore {
         detail: Option<&str>,
     ) -> Result<(), StoreError> {
         let identity_id = identity_id.to_string();
-        with_pool!(self, |pool| sqlx::query(
+        with_writer!(self, |pool| sqlx::query(
             "INSERT INTO identity_events (identity_id, kind, caller, request_id, at, detail) \
              VALUES ($1, $2, $3, $4, $5, $6)"
         )
