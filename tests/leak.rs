@@ -229,9 +229,10 @@ async fn no_secret_reaches_logs_or_responses() {
     secrets
         .never
         .push(("identity password key", TEST_PASSWORD_KEY.into()));
-    secrets
-        .never
-        .push(("raw client reference", "leak-test-raw-reference-9d2c".into()));
+    secrets.never.push((
+        "raw client reference",
+        "leak-test-raw-reference-9d2c".into(),
+    ));
 
     let logs = logs.text();
     assert!(
