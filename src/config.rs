@@ -1459,6 +1459,85 @@ mod tests {
     }
 
     #[test]
+    fn tracing_is_off_by_default_and_the_standard_variables_win_over_the_keys() {
+        let s = Settings::load_with_env(None, valid_env()).unwrap();
+        assert_eq!(s.tracing.traces_url(), None);
+        assert!(!s.tracing.propagate_to_finapi);
+        assert_eq!(s.tracing.sampler(), Some(TraceSampler::ParentBasedAlwaysOn));
+
+        let mut vars = valid_env();
+        vars.extend(env(&[
+            (
+                "GIROIDENT_BROKER_TRACING__ENDPOINT",
+                "http://file-side:4318",
+            ),
+            ("GIROIDENT_BROKER_TRACING__SERVICE_NAME", "from-key"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318/"),
+            ("OTEL_SERVICE_NAME", "from-otel"),
+            ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+            ("OTEL_TRACES_SAMPLER_ARG", "0.25"),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "api-key=k%3D1,x-tenant = a "),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", ""),
+        ]));
+        let s = Settings::load_with_env(None, vars.clone()).unwrap();
+        let t = &s.tracing;
+        assert_eq!(
+            t.traces_url().as_deref(),
+            Some("http://collector:4318/v1/traces")
+        );
+        assert_eq!(t.service_name, "from-otel");
+        assert_eq!(
+            t.sampler(),
+            Some(TraceSampler::ParentBasedTraceIdRatio(0.25))
+        );
+        assert_eq!(
+            t.header_pairs().unwrap(),
+            vec![
+                ("api-key".to_owned(), "k=1".to_owned()),
+                ("x-tenant".to_owned(), "a".to_owned())
+            ]
+        );
+        assert_eq!(t.timeout_ms, 10000, "an empty variable counts as unset");
+        assert!(!format!("{s:?}").contains("k%3D1"), "headers are secret");
+
+        vars.push((
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT".into(),
+            "https://c/t".into(),
+        ));
+        let s = Settings::load_with_env(None, vars.clone()).unwrap();
+        assert_eq!(s.tracing.traces_url().as_deref(), Some("https://c/t"));
+        vars.push(("OTEL_SDK_DISABLED".into(), "true".into()));
+        let s = Settings::load_with_env(None, vars).unwrap();
+        assert_eq!(s.tracing.traces_url(), None);
+    }
+
+    #[test]
+    fn bad_tracing_settings_are_reported_with_their_keys_and_no_header_value() {
+        let mut vars = valid_env();
+        vars.extend(env(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318"),
+            ("OTEL_TRACES_SAMPLER", "sometimes"),
+            ("OTEL_TRACES_SAMPLER_ARG", "2"),
+            (
+                "OTEL_EXPORTER_OTLP_HEADERS",
+                "api-key=hunter2-secret,broken",
+            ),
+            ("GIROIDENT_BROKER_TRACING__MAX_QUEUE_SIZE", "0"),
+        ]));
+        let err = Settings::load_with_env(None, vars).unwrap_err();
+        for key in [
+            "tracing.endpoint",
+            "tracing.sampler",
+            "tracing.sampler_arg",
+            "tracing.headers",
+            "tracing.max_queue_size",
+        ] {
+            assert!(err.mentions(key), "{key}: {err}");
+        }
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+
+    #[test]
     fn unknown_key_is_refused() {
         let mut vars = valid_env();
         vars.push(("GIROIDENT_BROKER_FINAPI__CLIENT_SECERT".into(), "x".into()));

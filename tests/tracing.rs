@@ -527,6 +527,7 @@ async fn no_secret_appears_in_any_exported_byte() {
     }
     let (client_tokens, user_tokens) = env.sim.state().live_tokens();
     let passwords = env.sim.state().user_passwords();
+    let process_tokens = env.sim.state().process_exchanges();
     env.stop().await;
 
     let mut never: Vec<(&str, String)> = vec![
@@ -537,7 +538,13 @@ async fn no_secret_appears_in_any_exported_byte() {
         ("e-mail", email.into()),
         ("phone", phone.into()),
         ("PSU address", psu_ip.into()),
+        ("collector header", "collector-secret-4b1d".into()),
     ];
+    never.extend(
+        process_tokens
+            .into_iter()
+            .map(|(t, ..)| ("process token", t)),
+    );
     never.extend(client_tokens.into_iter().map(|t| ("client token", t)));
     never.extend(user_tokens.into_iter().map(|t| ("user token", t)));
     never.extend(tokens.into_iter().map(|t| ("handed-out token", t)));
