@@ -147,7 +147,7 @@ fn harness() -> &'static Harness {
         let writer = logs.clone();
         let (installed, guard) = giroident_broker::telemetry::install(
             LogFormat::Json,
-            "info",
+            "info,giroident_broker=debug",
             move || writer.clone(),
             Some(&settings),
         )
@@ -190,6 +190,39 @@ async fn spans_of(trace_id: &str, names: &[&str]) -> Vec<Span> {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Waits until some span matches `found`; returns all spans received so far.
+async fn spans_until(found: impl Fn(&[Span]) -> bool) -> Vec<Span> {
+    let received = &harness().received;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let spans = received.lock().unwrap().spans.clone();
+        if found(&spans) {
+            return spans;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the spans never arrived; roots: {:?}",
+            spans
+                .iter()
+                .filter(|s| s.parent_span_id.is_empty())
+                .map(|s| (&s.name, s.span_id.clone()))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A root span named `root` with a child named `child`.
+fn root_with_child(spans: &[Span], root: &str, child: &str) -> bool {
+    spans.iter().any(|r| {
+        r.name == root
+            && r.parent_span_id.is_empty()
+            && spans.iter().any(|c| {
+                c.name == child && c.parent_span_id == r.span_id && c.trace_id == r.trace_id
+            })
+    })
 }
 
 async fn start_traced(env: &TestEnv, traceparent: &str, body: Value) -> reqwest::Response {
@@ -393,6 +426,37 @@ async fn a_session_without_traceparent_starts_a_trace_and_problems_name_it() {
 }
 
 #[tokio::test]
+async fn background_work_has_traces_of_its_own() {
+    harness();
+    // Client tokens living 2 s are refreshed in the background after 1 s.
+    let env = TestEnv::with(
+        SimConfig {
+            client_token_ttl: Duration::from_secs(2),
+            ..SimConfig::default()
+        },
+        |_| {},
+    )
+    .await;
+    // A lookup after half the token's life starts the refresh: sessions go on until its
+    // trace arrives.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        env.access_session().await;
+        let spans = harness().received.lock().unwrap().spans.clone();
+        if root_with_child(&spans, "client_token.refresh", "finapi.client_token") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no client_token.refresh trace"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    spans_until(|spans| root_with_child(spans, "reaper.round", "ledger.claim_due")).await;
+    env.stop().await;
+}
+
+#[tokio::test]
 async fn json_log_lines_carry_the_trace_and_span_ids() {
     let logs = &harness().logs;
     let env = TestEnv::start().await;
@@ -416,6 +480,18 @@ async fn json_log_lines_carry_the_trace_and_span_ids() {
         })
         .unwrap_or_else(|| panic!("no log line of trace {trace_id}"));
     assert_eq!(finished["span"]["span_id"], request.span_id.as_str());
+    // Lines written inside a finAPI call's span still show the request span.
+    let call_line = text
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .find(|line| {
+            line["message"] == "finAPI call" && line["span"]["trace_id"] == trace_id.as_str()
+        })
+        .unwrap_or_else(|| panic!("no finAPI call line of trace {trace_id}"));
+    assert_eq!(
+        call_line["span"]["request_id"],
+        finished["span"]["request_id"]
+    );
 }
 
 #[tokio::test]
