@@ -81,8 +81,8 @@ pub struct PsuRecord {
     /// `PSU-User-Agent`.
     pub user_agent: Option<String>,
     /// `traceparent` (W3C Trace Context), which finAPI ignores; recorded so that tests see
-    /// whether a trace id left the broker.
-    #[serde(default)]
+    /// whether a trace id left the broker. Left out of the JSON when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
 }
 
