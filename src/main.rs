@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use giroident_broker::config::{FlowKind, LogFormat, Settings, read_secret_file};
+use giroident_broker::config::{FlowKind, LogFormat, Settings, TracingSettings, read_secret_file};
 use giroident_broker::startup::{Application, shutdown_signal};
 use giroident_broker::telemetry::{self, cause_chain};
 use giroident_broker::{demo, healthcheck, sim};
@@ -125,7 +125,21 @@ async fn run(tool: Tool, config: Option<PathBuf>) -> ExitCode {
             sim_listen,
             api_key,
         } => {
-            let _logs = telemetry::init(LogFormat::Pretty, "info", None);
+            // The demo's spans go where the standard OTEL_* variables say.
+            let tracing = match TracingSettings::from_otel_env(&|name| std::env::var(name).ok()) {
+                Ok(tracing) => tracing,
+                Err(err) => {
+                    eprintln!("{err}");
+                    return ExitCode::from(2);
+                }
+            };
+            let _logs = match telemetry::init(LogFormat::Pretty, "info", Some(&tracing)) {
+                Ok(telemetry) => telemetry,
+                Err(err) => {
+                    eprintln!("cannot start tracing: {}", cause_chain(&err));
+                    return ExitCode::FAILURE;
+                }
+            };
             let api_key = match api_key
                 .map(SecretString::from)
                 .map_or_else(demo::generate_api_key, Ok)
