@@ -41,6 +41,253 @@ pub struct Settings {
     pub resilience: ResilienceSettings,
     /// The ledger of managed finAPI identities.
     pub identities: IdentitiesSettings,
+    /// Distributed tracing: OTLP export and W3C trace context.
+    pub tracing: TracingSettings,
+}
+
+/// Distributed tracing (OpenTelemetry). Each key has a standard OpenTelemetry variable that
+/// wins over it (the OpenTelemetry specification lets the environment configure the SDK):
+/// `OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, `OTEL_SERVICE_NAME`,
+/// `OTEL_TRACES_SAMPLER`, `OTEL_TRACES_SAMPLER_ARG`, `OTEL_EXPORTER_OTLP_HEADERS`,
+/// `OTEL_EXPORTER_OTLP_TIMEOUT`, `OTEL_BSP_MAX_QUEUE_SIZE`; `OTEL_SDK_DISABLED=true` turns
+/// export off. Without an endpoint nothing is exported and no tracing layer is installed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TracingSettings {
+    /// Base URL of an OTLP/HTTP collector (e.g. `http://otel-collector:4318`); traces go to
+    /// its `/v1/traces`. Empty: no export.
+    pub endpoint: String,
+    /// Full URL traces are sent to, used as it is; wins over `endpoint`.
+    pub traces_endpoint: String,
+    /// `service.name` of the exported spans.
+    pub service_name: String,
+    /// `always_on`, `always_off`, `traceidratio`, `parentbased_always_on`,
+    /// `parentbased_always_off` or `parentbased_traceidratio` (OpenTelemetry's sampler names).
+    pub sampler: String,
+    /// The ratio (0 to 1) of the `*traceidratio` samplers.
+    pub sampler_arg: f64,
+    /// Headers sent to the collector, `key=value` pairs separated by commas (W3C Baggage
+    /// format, as `OTEL_EXPORTER_OTLP_HEADERS`), e.g. an API key: a secret, never logged.
+    pub headers: SecretString,
+    /// Milliseconds one export may take before its spans are dropped.
+    pub timeout_ms: u64,
+    /// Finished spans waiting for export, at most; spans beyond are dropped and counted in
+    /// `broker_trace_spans_dropped_total`, so that a slow collector never holds a request.
+    pub max_queue_size: usize,
+    /// Send `traceparent` (and `tracestate`) to finAPI. Off by default: trace ids would reach
+    /// a third party.
+    pub propagate_to_finapi: bool,
+}
+
+/// An OpenTelemetry sampler, by its standard name (`OTEL_TRACES_SAMPLER`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum TraceSampler {
+    /// `always_on`.
+    AlwaysOn,
+    /// `always_off`.
+    AlwaysOff,
+    /// `traceidratio`, with the ratio.
+    TraceIdRatio(f64),
+    /// `parentbased_always_on` (the default): the caller's decision, else on.
+    ParentBasedAlwaysOn,
+    /// `parentbased_always_off`.
+    ParentBasedAlwaysOff,
+    /// `parentbased_traceidratio`, with the ratio.
+    ParentBasedTraceIdRatio(f64),
+}
+
+impl TracingSettings {
+    /// The URL spans are sent to, `None` when export is off (no endpoint configured).
+    pub fn traces_url(&self) -> Option<String> {
+        if !self.traces_endpoint.is_empty() {
+            Some(self.traces_endpoint.clone())
+        } else if !self.endpoint.is_empty() {
+            Some(format!("{}/v1/traces", self.endpoint.trim_end_matches('/')))
+        } else {
+            None
+        }
+    }
+
+    /// The sampler the settings name (checked at load).
+    pub fn sampler(&self) -> Option<TraceSampler> {
+        let ratio = self.sampler_arg;
+        Some(match self.sampler.as_str() {
+            "always_on" => TraceSampler::AlwaysOn,
+            "always_off" => TraceSampler::AlwaysOff,
+            "traceidratio" => TraceSampler::TraceIdRatio(ratio),
+            "parentbased_always_on" => TraceSampler::ParentBasedAlwaysOn,
+            "parentbased_always_off" => TraceSampler::ParentBasedAlwaysOff,
+            "parentbased_traceidratio" => TraceSampler::ParentBasedTraceIdRatio(ratio),
+            _ => return None,
+        })
+    }
+
+    /// The collector headers as `(name, value)` pairs; `Err` names the first bad pair by its
+    /// position only (a value may be a secret).
+    pub fn header_pairs(&self) -> Result<Vec<(String, String)>, String> {
+        let raw = self.headers.expose_secret();
+        let mut pairs = Vec::new();
+        for (n, item) in raw.split(',').enumerate() {
+            if item.trim().is_empty() {
+                continue;
+            }
+            let bad = || format!("pair {} is not key=value with a valid header name", n + 1);
+            let (key, value) = item.split_once('=').ok_or_else(bad)?;
+            let key = key.trim();
+            let value = value.trim();
+            let value = percent_decode(value).ok_or_else(bad)?;
+            if key.is_empty()
+                || !key
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+                || value.chars().any(char::is_control)
+            {
+                return Err(bad());
+            }
+            pairs.push((key.to_ascii_lowercase(), value));
+        }
+        Ok(pairs)
+    }
+
+    /// The built-in defaults with the standard OpenTelemetry variables of `env` over them: what
+    /// `demo` exports with (its other settings are its own).
+    pub fn from_otel_env(env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let defaults: Table = DEFAULT_TOML
+            .parse()
+            .map_err(|e| ConfigError::single("(built-in defaults)", format!("{e}")))?;
+        let mut settings: Self = defaults
+            .get("tracing")
+            .cloned()
+            .ok_or_else(|| ConfigError::single("tracing", "missing from the defaults"))?
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::single("tracing", e.to_string()))?;
+        let mut problems = Vec::new();
+        settings.resolve(env, &mut |key: &str, msg| {
+            problems.push((key.to_owned(), msg))
+        });
+        if problems.is_empty() {
+            Ok(settings)
+        } else {
+            Err(ConfigError { problems })
+        }
+    }
+
+    /// Overlays the standard OpenTelemetry variables (an empty one counts as unset, as the
+    /// specification says) and checks every value.
+    fn resolve(
+        &mut self,
+        env: &dyn Fn(&str) -> Option<String>,
+        problem: &mut impl FnMut(&str, String),
+    ) {
+        let var = |name: &str| env(name).filter(|v| !v.trim().is_empty());
+        if let Some(v) = var("OTEL_EXPORTER_OTLP_ENDPOINT") {
+            self.endpoint = v;
+        }
+        if let Some(v) = var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
+            self.traces_endpoint = v;
+        }
+        if let Some(v) = var("OTEL_SERVICE_NAME") {
+            self.service_name = v;
+        }
+        if let Some(v) = var("OTEL_TRACES_SAMPLER") {
+            self.sampler = v.trim().to_ascii_lowercase();
+        }
+        if let Some(v) = var("OTEL_TRACES_SAMPLER_ARG") {
+            match v.trim().parse::<f64>() {
+                Ok(ratio) => self.sampler_arg = ratio,
+                Err(_) => problem("OTEL_TRACES_SAMPLER_ARG", format!("{v:?} is not a number")),
+            }
+        }
+        if let Some(v) = var("OTEL_EXPORTER_OTLP_HEADERS") {
+            self.headers = SecretString::from(v);
+        }
+        if let Some(v) = var("OTEL_EXPORTER_OTLP_TIMEOUT") {
+            match v.trim().parse::<u64>() {
+                Ok(ms) => self.timeout_ms = ms,
+                Err(_) => problem(
+                    "OTEL_EXPORTER_OTLP_TIMEOUT",
+                    format!("{v:?} is not a whole number of milliseconds"),
+                ),
+            }
+        }
+        if let Some(v) = var("OTEL_BSP_MAX_QUEUE_SIZE") {
+            match v.trim().parse::<usize>() {
+                Ok(n) => self.max_queue_size = n,
+                Err(_) => problem("OTEL_BSP_MAX_QUEUE_SIZE", format!("{v:?} is not a number")),
+            }
+        }
+        if var("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true")) {
+            self.endpoint.clear();
+            self.traces_endpoint.clear();
+        }
+
+        for (key, url) in [
+            ("tracing.endpoint", &self.endpoint),
+            ("tracing.traces_endpoint", &self.traces_endpoint),
+        ] {
+            if url.is_empty() {
+                continue;
+            }
+            match reqwest::Url::parse(url) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => {
+                    if !u.username().is_empty() || u.password().is_some() {
+                        problem(
+                            key,
+                            "must not carry credentials (use tracing.headers)".into(),
+                        );
+                    }
+                }
+                _ => problem(key, format!("{url:?} is not an http(s) URL")),
+            }
+        }
+        if self.service_name.trim().is_empty() {
+            problem("tracing.service_name", "must be set".into());
+        }
+        if self.sampler().is_none() {
+            problem(
+                "tracing.sampler",
+                format!(
+                    "{:?} is not a sampler: use always_on, always_off, traceidratio, \
+                     parentbased_always_on, parentbased_always_off or parentbased_traceidratio",
+                    self.sampler
+                ),
+            );
+        }
+        if !(0.0..=1.0).contains(&self.sampler_arg) {
+            problem("tracing.sampler_arg", "must be between 0 and 1".into());
+        }
+        if let Err(msg) = self.header_pairs() {
+            problem("tracing.headers", msg);
+        }
+        if self.timeout_ms == 0 {
+            problem("tracing.timeout_ms", "must be at least 1".into());
+        }
+        if !(1..=1_000_000).contains(&self.max_queue_size) {
+            problem(
+                "tracing.max_queue_size",
+                "must be between 1 and 1000000".into(),
+            );
+        }
+    }
+}
+
+/// Decodes `%XX` escapes (the W3C Baggage format of `OTEL_EXPORTER_OTLP_HEADERS`); `None` for
+/// a broken escape or a result that is not UTF-8.
+fn percent_decode(value: &str) -> Option<String> {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = value.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// The ledger of the finAPI users the access flow creates, their derived passwords and their
@@ -588,6 +835,7 @@ impl Settings {
         }
         self.validate_resilience(&mut problem);
         self.resolve_identities(&mut problem);
+        self.tracing.resolve(env, &mut problem);
 
         if self.log_format().is_none() {
             problem(
@@ -1305,6 +1553,104 @@ mod tests {
         ] {
             assert!(err.mentions(key), "{err}");
         }
+    }
+
+    #[test]
+    fn tracing_is_off_by_default_and_the_standard_variables_win_over_the_keys() {
+        let s = Settings::load_with_env(None, valid_env()).unwrap();
+        assert_eq!(s.tracing.traces_url(), None);
+        assert!(!s.tracing.propagate_to_finapi);
+        assert_eq!(s.tracing.sampler(), Some(TraceSampler::ParentBasedAlwaysOn));
+
+        let mut vars = valid_env();
+        vars.extend(env(&[
+            (
+                "GIROIDENT_BROKER_TRACING__ENDPOINT",
+                "http://file-side:4318",
+            ),
+            ("GIROIDENT_BROKER_TRACING__SERVICE_NAME", "from-key"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318/"),
+            ("OTEL_SERVICE_NAME", "from-otel"),
+            ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+            ("OTEL_TRACES_SAMPLER_ARG", "0.25"),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "api-key=k%3D1,x-tenant = a "),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", ""),
+        ]));
+        let s = Settings::load_with_env(None, vars.clone()).unwrap();
+        let t = &s.tracing;
+        assert_eq!(
+            t.traces_url().as_deref(),
+            Some("http://collector:4318/v1/traces")
+        );
+        assert_eq!(t.service_name, "from-otel");
+        assert_eq!(
+            t.sampler(),
+            Some(TraceSampler::ParentBasedTraceIdRatio(0.25))
+        );
+        assert_eq!(
+            t.header_pairs().unwrap(),
+            vec![
+                ("api-key".to_owned(), "k=1".to_owned()),
+                ("x-tenant".to_owned(), "a".to_owned())
+            ]
+        );
+        assert_eq!(t.timeout_ms, 10000, "an empty variable counts as unset");
+        assert!(!format!("{s:?}").contains("k%3D1"), "headers are secret");
+
+        vars.push((
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT".into(),
+            "https://c/t".into(),
+        ));
+        let s = Settings::load_with_env(None, vars.clone()).unwrap();
+        assert_eq!(s.tracing.traces_url().as_deref(), Some("https://c/t"));
+        vars.push(("OTEL_SDK_DISABLED".into(), "true".into()));
+        let s = Settings::load_with_env(None, vars).unwrap();
+        assert_eq!(s.tracing.traces_url(), None);
+    }
+
+    #[test]
+    fn the_demo_traces_where_the_standard_variables_say() {
+        let none = TracingSettings::from_otel_env(&|_| None).unwrap();
+        assert_eq!(none.traces_url(), None);
+        let vars = env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")]);
+        let lookup = |name: &str| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        let set = TracingSettings::from_otel_env(&lookup).unwrap();
+        assert_eq!(
+            set.traces_url().as_deref(),
+            Some("http://127.0.0.1:4318/v1/traces")
+        );
+        let bad = |name: &str| (name == "OTEL_TRACES_SAMPLER").then(|| "never".to_owned());
+        assert!(
+            TracingSettings::from_otel_env(&bad)
+                .unwrap_err()
+                .mentions("tracing.sampler")
+        );
+    }
+
+    #[test]
+    fn bad_tracing_settings_are_reported_with_their_keys_and_no_header_value() {
+        let mut vars = valid_env();
+        vars.extend(env(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318"),
+            ("OTEL_TRACES_SAMPLER", "sometimes"),
+            ("OTEL_TRACES_SAMPLER_ARG", "2"),
+            (
+                "OTEL_EXPORTER_OTLP_HEADERS",
+                "api-key=hunter2-secret,broken",
+            ),
+            ("GIROIDENT_BROKER_TRACING__MAX_QUEUE_SIZE", "0"),
+        ]));
+        let err = Settings::load_with_env(None, vars).unwrap_err();
+        for key in [
+            "tracing.endpoint",
+            "tracing.sampler",
+            "tracing.sampler_arg",
+            "tracing.headers",
+            "tracing.max_queue_size",
+        ] {
+            assert!(err.mentions(key), "{key}: {err}");
+        }
+        assert!(!err.to_string().contains("hunter2"), "{err}");
     }
 
     #[test]

@@ -354,6 +354,11 @@ pub(super) struct Problem<'a> {
     /// The request id, also in `X-Request-Id`.
     #[schema(required = true)]
     request_id: Option<String>,
+    /// The W3C trace id of the request (32 lowercase hex digits), present while the broker
+    /// exports traces: the caller's own when it sent a `traceparent`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(example = "4bf92f3577b34da6a3ce929d0e0e4736")]
+    trace_id: Option<String>,
 }
 
 /// The `type` URI of a problem code.
@@ -375,6 +380,7 @@ impl IntoResponse for ApiError {
             detail: kind.detail.as_deref(),
             code: kind.code,
             request_id: request_id::current(),
+            trace_id: request_id::current_trace_id(),
         };
         let body = serde_json::to_vec(&problem).unwrap_or_default();
         let mut response = (kind.status, body).into_response();

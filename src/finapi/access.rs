@@ -25,6 +25,8 @@ pub struct AccessClient {
     /// `client_id=…&client_secret=…`, form-encoded once: the tail of every token request.
     credentials_form: Arc<SecretString>,
     breaker: Arc<CircuitBreaker>,
+    /// Whether calls carry `traceparent` (`tracing.propagate_to_finapi`).
+    propagate_trace: bool,
 }
 
 impl AccessClient {
@@ -49,7 +51,15 @@ impl AccessClient {
             credentials,
             credentials_form: Arc::new(form.into()),
             breaker,
+            propagate_trace: false,
         })
+    }
+
+    /// Makes the calls carry the W3C `traceparent` of their span while spans are exported
+    /// (`tracing.propagate_to_finapi`; off by default: trace ids would reach a third party).
+    pub fn propagating_trace(mut self, on: bool) -> Self {
+        self.propagate_trace = on;
+        self
     }
 
     /// The circuit breaker guarding this service.
@@ -114,7 +124,15 @@ impl AccessClient {
             Some(end_user) => end_user.apply(request),
             None => request,
         };
-        let body = send(&self.breaker, step, request, request_id, StatusCode::OK).await?;
+        let body = send(
+            &self.breaker,
+            self.propagate_trace,
+            step,
+            request,
+            request_id,
+            StatusCode::OK,
+        )
+        .await?;
         decode::<TokenBody>(step, &body)?.into_token(step)
     }
 
@@ -143,6 +161,7 @@ impl AccessClient {
         let request = end_user.apply(request);
         let body = send(
             &self.breaker,
+            self.propagate_trace,
             Step::CreateUser,
             request,
             request_id,
@@ -168,7 +187,15 @@ impl AccessClient {
             .header(HOST, self.host.clone())
             .bearer_auth(user_token.expose_secret());
         let step = Step::GetUser;
-        let body = send(&self.breaker, step, request, request_id, StatusCode::OK).await?;
+        let body = send(
+            &self.breaker,
+            self.propagate_trace,
+            step,
+            request,
+            request_id,
+            StatusCode::OK,
+        )
+        .await?;
         checked_user_id(step, decode::<CreatedUser>(step, &body)?.id)
     }
 
@@ -187,6 +214,7 @@ impl AccessClient {
         );
         send(
             &self.breaker,
+            self.propagate_trace,
             Step::DeleteUser,
             request,
             request_id,

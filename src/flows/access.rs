@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use secrecy::SecretString;
 
-use crate::finapi::{AccessToken, NewUser, Step};
+use crate::finapi::{AccessToken, NewUser, Step, as_attempt};
 use crate::resilience::Deadline;
 use crate::token_cache::ClientToken;
 
@@ -46,14 +46,13 @@ impl Flows {
         let mut token_replaced = false;
         let mut maybe_created = false;
         let mut failed = 0;
+        let mut reason = "";
         loop {
+            let call = self
+                .access
+                .create_user(&token.token, user, &ctx.request_id, &ctx.end_user);
             let created = self
-                .attempt(
-                    step,
-                    deadline,
-                    self.access
-                        .create_user(&token.token, user, &ctx.request_id, &ctx.end_user),
-                )
+                .attempt(step, deadline, as_attempt(failed + 1, reason, call))
                 .await?;
             let err = match created {
                 Ok(id) => return Ok(id),
@@ -80,6 +79,7 @@ impl Flows {
                 return Ok(user.id.clone());
             }
             failed += 1;
+            reason = err.outcome();
             maybe_created |= err.may_have_been_handled();
             if !self.back_off(step, failed, &err, deadline).await {
                 if maybe_created {

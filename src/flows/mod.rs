@@ -258,13 +258,15 @@ impl Flows {
             &f.access_url,
             credentials.clone(),
             breaker("access"),
-        )?;
+        )?
+        .propagating_trace(settings.tracing.propagate_to_finapi);
         let processes = ProcessControllerClient::new(
             http,
             &f.process_controller_url,
             credentials,
             breaker("process_controller"),
-        )?;
+        )?
+        .propagating_trace(settings.tracing.propagate_to_finapi);
         let policy = RetryPolicy::new(r, Duration::from_millis(f.request_timeout_ms));
         let session_budget = Duration::from_millis(r.session_budget_ms);
         let tokens = ClientTokenCache::new(

@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument;
 
 use tokio::sync::watch;
 
@@ -29,7 +30,13 @@ pub async fn run(flows: Arc<Flows>, mut stop: watch::Receiver<bool>) {
     let replica = uuid::Uuid::new_v4().to_string();
     let interval = flows.identities.reaper_interval;
     loop {
-        match round(&flows, &replica).await {
+        // Each round is a trace of its own.
+        let span = tracing::info_span!(
+            target: crate::telemetry::otel::TARGET,
+            parent: None,
+            "reaper.round",
+        );
+        match round(&flows, &replica).instrument(span).await {
             Ok(0) => {}
             Ok(n) => tracing::debug!(identities = n, "reaper round"),
             Err(err) => {

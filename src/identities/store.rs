@@ -325,9 +325,7 @@ macro_rules! with_pool {
 macro_rules! with_writer {
     ($store:expr, |$pool:ident| $body:expr) => {
         match &$store.pool {
-            Pool::Sqlite { write: $pool, .. } => {
-                ($body).map_err(|e| classify(Backend::Sqlite, e))
-            }
+            Pool::Sqlite { write: $pool, .. } => ($body).map_err(|e| classify(Backend::Sqlite, e)),
             Pool::Postgres($pool) => ($body).map_err(|e| classify(Backend::Postgres, e)),
         }
     };
@@ -635,6 +633,7 @@ impl IdentityStore {
     ///
     /// Errors: [`StoreError::Other`] when `id` or `finapi_user_id` (case-insensitively) is
     /// already taken; [`StoreError::Unavailable`].
+    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.insert_intent", skip_all, fields(otel.kind = "client", db.operation.name = "insert_intent"))]
     pub async fn insert_intent(&self, new: &NewIdentity<'_>) -> Result<Inserted, StoreError> {
         const SQL: &str = "INSERT INTO identities (id, finapi_user_id, caller, reference_digest, \
              key_id, finapi_client, state, created_at, delete_after, next_attempt_at) \
@@ -672,6 +671,7 @@ impl IdentityStore {
 
     /// The reusable (intent or active) record for the caller's reference, if any.
     /// Errors: [`StoreError::Unavailable`], [`StoreError::Other`].
+    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.find_live", skip_all, fields(otel.kind = "client", db.operation.name = "find_live"))]
     pub async fn find_live(
         &self,
         caller: &str,
@@ -691,6 +691,7 @@ impl IdentityStore {
 
     /// The newest record (by `created_at`) of any state for the caller's reference, if any.
     /// Errors: [`StoreError::Unavailable`], [`StoreError::Other`].
+    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.find_latest", skip_all, fields(otel.kind = "client", db.operation.name = "find_latest"))]
     pub async fn find_latest(
         &self,
         caller: &str,
@@ -710,6 +711,7 @@ impl IdentityStore {
 
     /// The record of a finAPI user id, compared case-insensitively (finAPI user ids are).
     /// Errors: [`StoreError::Unavailable`], [`StoreError::Other`].
+    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.find_by_finapi_user", skip_all, fields(otel.kind = "client", db.operation.name = "find_by_finapi_user"))]
     pub async fn find_by_finapi_user(
         &self,
         finapi_user_id: &str,
@@ -726,6 +728,7 @@ impl IdentityStore {
 
     /// The record with the broker's identity id `id`, if any.
     /// Errors: [`StoreError::Unavailable`], [`StoreError::Other`].
+    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.get", skip_all, fields(otel.kind = "client", db.operation.name = "get"))]
     pub async fn get(&self, id: Uuid) -> Result<Option<IdentityRecord>, StoreError> {
         let sql = format!("SELECT {RECORD_COLUMNS} FROM identities WHERE id = $1");
         let id = id.to_string();
@@ -753,6 +756,7 @@ impl IdentityStore {
     /// `delete_after`. Returns `false`, changing nothing, when the record is no longer an intent
     /// (a caller's deletion or the reaper came first). Errors: [`StoreError::Unavailable`],
     /// [`StoreError::Other`].
+    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.activate", skip_all, fields(otel.kind = "client", db.operation.name = "activate"))]
     pub async fn activate(
         &self,
         id: Uuid,
@@ -772,6 +776,7 @@ impl IdentityStore {
     /// A reused session: `last_session_at = now` and the new `delete_after`, only while the
     /// record is active; returns `false`, changing nothing, when it no longer is (its deletion
     /// began). Errors: [`StoreError::Unavailable`], [`StoreError::Other`].
+    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.touch", skip_all, fields(otel.kind = "client", db.operation.name = "touch"))]
     pub async fn touch(
         &self,
         id: Uuid,
@@ -792,6 +797,7 @@ impl IdentityStore {
     /// `next_attempt_at = now` so that the reaper picks it up at once. Idempotent: a record
     /// already deleting (its backoff is kept) or deleted is left alone; a lease is kept (the
     /// reaper holding it goes on). Errors: [`StoreError::Unavailable`], [`StoreError::Other`].
+    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.mark_deleting", skip_all, fields(otel.kind = "client", db.operation.name = "mark_deleting"))]
     pub async fn mark_deleting(&self, id: Uuid, now: Millis) -> Result<(), StoreError> {
         self.update(
             "UPDATE identities SET state = 'deleting', next_attempt_at = $2 \
@@ -805,6 +811,7 @@ impl IdentityStore {
 
     /// Any state → `deleted`, `deleted_at = now`, lease released. A record already deleted
     /// keeps its first `deleted_at`. Errors: [`StoreError::Unavailable`], [`StoreError::Other`].
+    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.mark_deleted", skip_all, fields(otel.kind = "client", db.operation.name = "mark_deleted"))]
     pub async fn mark_deleted(&self, id: Uuid, now: Millis) -> Result<(), StoreError> {
         self.update(
             "UPDATE identities SET state = 'deleted', deleted_at = COALESCE(deleted_at, $2), \
@@ -819,6 +826,7 @@ impl IdentityStore {
     /// A failed deletion attempt: `deletion_attempts += 1`, `last_error = code` (a short broker
     /// error code), `next_attempt_at`, lease released; the state is unchanged.
     /// Errors: [`StoreError::Unavailable`], [`StoreError::Other`].
+    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.record_failure", skip_all, fields(otel.kind = "client", db.operation.name = "record_failure"))]
     pub async fn record_failure(
         &self,
         id: Uuid,
@@ -854,6 +862,7 @@ impl IdentityStore {
     /// one file are serialised). A dead owner's lease simply expires.
     ///
     /// Errors: [`StoreError::Unavailable`], [`StoreError::Other`].
+    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.claim_due", skip_all, fields(otel.kind = "client", db.operation.name = "claim_due"))]
     pub async fn claim_due(
         &self,
         now: Millis,
@@ -906,6 +915,7 @@ impl IdentityStore {
     /// Releases `owner`'s lease on the record without any other change (e.g. at shutdown); a
     /// lease held by another owner is left alone.
     /// Errors: [`StoreError::Unavailable`], [`StoreError::Other`].
+    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.release", skip_all, fields(otel.kind = "client", db.operation.name = "release"))]
     pub async fn release(&self, id: Uuid, owner: &str) -> Result<(), StoreError> {
         let id = id.to_string();
         with_writer!(self, |pool| sqlx::query(
@@ -924,6 +934,7 @@ impl IdentityStore {
     /// finAPI message or anything secret.
     /// Errors: [`StoreError::Other`] when no identity `identity_id` exists (foreign key);
     /// [`StoreError::Unavailable`].
+    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.append_event", skip_all, fields(otel.kind = "client", db.operation.name = "append_event"))]
     pub async fn append_event(
         &self,
         identity_id: Uuid,
@@ -952,6 +963,7 @@ impl IdentityStore {
 
     /// The identity's newest `limit` events, newest first (by time, then by order of
     /// appending). Errors: [`StoreError::Unavailable`], [`StoreError::Other`].
+    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.recent_events", skip_all, fields(otel.kind = "client", db.operation.name = "recent_events"))]
     pub async fn recent_events(
         &self,
         identity_id: Uuid,
@@ -981,6 +993,7 @@ impl IdentityStore {
 
     /// The number of records in each state, for metrics: all four states, in life-cycle order,
     /// zero included. Errors: [`StoreError::Unavailable`], [`StoreError::Other`].
+    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.counts_by_state", skip_all, fields(otel.kind = "client", db.operation.name = "counts_by_state"))]
     pub async fn counts_by_state(&self) -> Result<Vec<(IdentityState, u64)>, StoreError> {
         let rows: Vec<(String, i64)> = with_pool!(self, |pool| sqlx::query_as(
             "SELECT state, COUNT(*) FROM identities GROUP BY state"
@@ -1003,6 +1016,7 @@ impl IdentityStore {
     /// (active or deleting; failed attempts do not make it look younger); `None` when no
     /// deletion is overdue.
     /// Errors: [`StoreError::Unavailable`], [`StoreError::Other`].
+    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.oldest_overdue", skip_all, fields(otel.kind = "client", db.operation.name = "oldest_overdue"))]
     pub async fn oldest_overdue(&self, now: Millis) -> Result<Option<Millis>, StoreError> {
         with_pool!(self, |pool| {
             sqlx::query_scalar(
