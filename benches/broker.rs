@@ -10,19 +10,28 @@
 //! Options (after `--`): `--quick`, `--seconds S` (per measured run), `--sessions N` (cap per
 //! run), `--rounds N` (direct/broker pairs per point; the median pair is shown),
 //! `--mem-sessions N` (sessions between the two memory readings), `--herd N`,
-//! `--only NAME` (a section: ready, sweep, herd, refresh, memory), `--flow access|standalone`
-//! and `--concurrency N` (sweep points). Environment: `BENCH_BROKER_WORKER_THREADS` (the broker's
-//! `server.worker_threads`), `BENCH_BROKER_PRELOAD` (an `LD_PRELOAD` for the broker) and
-//! `BENCH_BROKER_BIN` (another build of the broker, for A/B runs against the same simulator).
+//! `--only NAME` (a section: ready, sweep, ledger, herd, refresh, memory), `--flow
+//! access|standalone` and `--concurrency N` (sweep and ledger points). Environment:
+//! `BENCH_BROKER_WORKER_THREADS` (the broker's `server.worker_threads`), `BENCH_BROKER_PRELOAD`
+//! (an `LD_PRELOAD` for the broker), `BENCH_LEDGER` (`sqlite`, the default: a fresh file per
+//! broker, removed after; `postgres`: a throwaway PostgreSQL server started by the bench, a
+//! fresh database per broker; `none`: a build without the identity ledger),
+//! `BENCH_LEDGER_MAX_CONNECTIONS` (the ledger's pool size for this build) and
+//! `BENCH_BROKER_BIN` (another build of the broker, started against this build's simulator:
+//! the broker the other sections measure instead of this build, and the ledger section's
+//! baseline). Whether a build knows the ledger is asked of the build itself (`check-config`
+//! with and without the `identities.*` variables), so an older build gets none of them.
 //! The broker is configured with one caller whose API key
 //! the load generator sends as `X-Api-Key`, with rate and in-flight limits above the load.
 
+use std::cell::OnceCell;
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
@@ -112,9 +121,17 @@ impl Opts {
 /// The API key of the benchmark's caller (the broker is configured with its SHA-256).
 const BENCH_API_KEY: &str = "bench-api-key-0123456789abcdef";
 
+/// The key the broker derives finAPI user passwords from (at least 32 bytes).
+const BENCH_PASSWORD_KEY: &str = "bench-password-key-0123456789abcdef-0123456789";
+
 /// The broker's configuration, all of it: the one place to change when the broker's config
-/// grows.
-fn broker_env(listen: SocketAddr, sim_url: &str) -> Vec<(&'static str, String)> {
+/// grows. `ledger_url` is the identity ledger's database, `None` for a build without one (an
+/// older build refuses the `identities.*` variables as unknown keys).
+fn broker_env(
+    listen: SocketAddr,
+    sim_url: &str,
+    ledger_url: Option<&str>,
+) -> Vec<(&'static str, String)> {
     let digest = giroident_broker::config::to_hex(&giroident_broker::config::sha256(
         BENCH_API_KEY.as_bytes(),
     ));
@@ -153,6 +170,17 @@ fn broker_env(listen: SocketAddr, sim_url: &str) -> Vec<(&'static str, String)> 
         ("GIROIDENT_BROKER_LOG__FILTER", "warn".into()),
         ("RUST_LOG", "warn".into()),
     ];
+    if let Some(url) = ledger_url {
+        env.push(("GIROIDENT_BROKER_IDENTITIES__DATABASE_URL", url.into()));
+        env.push((
+            "GIROIDENT_BROKER_IDENTITIES__PASSWORD_KEY",
+            BENCH_PASSWORD_KEY.into(),
+        ));
+        // The ledger's pool size (`identities.database_max_connections`, default 8).
+        if let Ok(n) = std::env::var("BENCH_LEDGER_MAX_CONNECTIONS") {
+            env.push(("GIROIDENT_BROKER_IDENTITIES__DATABASE_MAX_CONNECTIONS", n));
+        }
+    }
     // Lets a run try another runtime for the broker only (`server.worker_threads`).
     if let Ok(workers) = std::env::var("BENCH_BROKER_WORKER_THREADS") {
         env.push(("GIROIDENT_BROKER_SERVER__WORKER_THREADS", workers));
@@ -175,11 +203,13 @@ fn broker_headers(api_key: &str) -> HeaderMap {
 // ---------------------------------------------------------------------------------------------
 // Child processes
 
-/// A child process on a loopback port; killed when dropped.
+/// A child process on a loopback port; killed when dropped (before its ledger's files go).
 struct Proc {
     child: Child,
     addr: SocketAddr,
     ready_after: Duration,
+    /// The directory of the broker's SQLite ledger, removed after the broker is killed.
+    _ledger_files: Option<TempDir>,
 }
 
 impl Proc {
@@ -245,6 +275,7 @@ fn spawn_ready(command: &mut Command, addr: SocketAddr, path: &str) -> Proc {
         child,
         addr,
         ready_after: Duration::ZERO,
+        _ledger_files: None,
     };
     while started.elapsed() < Duration::from_secs(10) {
         if answers_200(addr, path) {
@@ -291,17 +322,392 @@ fn spawn_sim(client_token_ttl_secs: u64) -> Proc {
     spawn_ready(&mut command, addr, "/__sim/stats")
 }
 
-fn spawn_broker(sim: &Proc) -> Proc {
+fn spawn_broker(sim: &Proc, spec: &BrokerSpec, setup: &Setup) -> Proc {
     let addr = free_addr();
-    // `BENCH_BROKER_BIN` runs another build of the broker (an A/B comparison); the simulator
-    // always comes from this build.
-    let bin = std::env::var("BENCH_BROKER_BIN").unwrap_or_else(|_| BIN.to_owned());
-    let mut command = Command::new(bin);
+    let (url, files) = setup.ledger_db(spec.ledger);
+    let mut command = Command::new(&spec.bin);
     command
         .env_clear()
-        .envs(broker_env(addr, &sim.url()))
+        .envs(broker_env(addr, &sim.url(), url.as_deref()))
         .arg("serve");
-    spawn_ready(&mut command, addr, "/readyz")
+    let mut proc = spawn_ready(&mut command, addr, "/readyz");
+    proc._ledger_files = files;
+    proc
+}
+
+/// A directory under the system temp dir, removed with its contents on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(what: &str) -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "giroident-bench-{what}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create a temp dir");
+        Self(path)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The identity ledger a broker is started with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ledger {
+    /// A build from before the ledger (issue 12): no `identities.*` variables.
+    None,
+    /// A fresh SQLite file per broker (WAL, `synchronous=NORMAL`: the broker's settings).
+    Sqlite,
+    /// A fresh database per broker on the bench's own PostgreSQL server.
+    Postgres,
+}
+
+impl Ledger {
+    /// `BENCH_LEDGER`: `sqlite` (the default), `postgres` or `none`.
+    fn from_env() -> Self {
+        match std::env::var("BENCH_LEDGER").as_deref() {
+            Err(_) | Ok("sqlite") => Self::Sqlite,
+            Ok("postgres") => Self::Postgres,
+            Ok("none") => Self::None,
+            Ok(other) => panic!("BENCH_LEDGER={other}: expected sqlite, postgres or none"),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::None => "no ledger",
+            Self::Sqlite => "SQLite",
+            Self::Postgres => "PostgreSQL",
+        }
+    }
+}
+
+/// A build of the broker and the ledger it is started with.
+#[derive(Clone, Debug)]
+struct BrokerSpec {
+    bin: String,
+    ledger: Ledger,
+}
+
+impl BrokerSpec {
+    /// `bin` with `wanted`, or with no ledger if the build does not know the ledger.
+    fn for_build(bin: String, wanted: Ledger) -> Self {
+        let ledger = if wanted != Ledger::None && !knows_ledger(&bin) {
+            eprintln!("{bin} has no identity ledger: started without `identities.*` variables");
+            Ledger::None
+        } else {
+            wanted
+        };
+        Self { bin, ledger }
+    }
+}
+
+/// Whether the build at `bin` knows the identity ledger: its `check-config` accepts the bench's
+/// configuration with the `identities.*` variables (a build without the ledger refuses them as
+/// unknown keys, and accepts the configuration without them). `check-config` opens no database.
+fn knows_ledger(bin: &str) -> bool {
+    let check = |ledger_url: Option<&str>| {
+        Command::new(bin)
+            .env_clear()
+            .envs(broker_env(free_addr(), "http://127.0.0.1:9", ledger_url))
+            .arg("check-config")
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {bin}: {e}"))
+    };
+    let with = check(Some("sqlite:///nonexistent/bench-probe.db"));
+    if with.status.success() {
+        return true;
+    }
+    let without = check(None);
+    if without.status.success() {
+        return false;
+    }
+    panic!(
+        "{bin} check-config refuses the bench's configuration with the ledger ({}) and without \
+         it ({})",
+        String::from_utf8_lossy(&with.stderr).trim(),
+        String::from_utf8_lossy(&without.stderr).trim()
+    );
+}
+
+/// What the sections start brokers with.
+struct Setup {
+    /// The broker the ready, sweep, herd, refresh and memory sections measure:
+    /// `BENCH_BROKER_BIN` or this build, with `BENCH_LEDGER`'s ledger if the build has one.
+    tested: BrokerSpec,
+    /// `BENCH_BROKER_BIN`, if given, with the ledger it knows: the ledger section's baseline.
+    baseline: Option<BrokerSpec>,
+    /// The PostgreSQL server, started on first use; the error says why it could not start.
+    pg: OnceCell<Result<pg::Server, String>>,
+}
+
+impl Setup {
+    fn from_env() -> Self {
+        let ledger = Ledger::from_env();
+        let baseline = std::env::var("BENCH_BROKER_BIN")
+            .ok()
+            .map(|bin| BrokerSpec::for_build(bin, ledger));
+        let tested = match &baseline {
+            Some(spec) => spec.clone(),
+            None => BrokerSpec {
+                bin: BIN.to_owned(),
+                ledger,
+            },
+        };
+        Self {
+            tested,
+            baseline,
+            pg: OnceCell::new(),
+        }
+    }
+
+    fn pg(&self) -> Result<&pg::Server, &str> {
+        self.pg
+            .get_or_init(|| {
+                eprintln!("starting PostgreSQL…");
+                pg::Server::start()
+            })
+            .as_ref()
+            .map_err(String::as_str)
+    }
+
+    /// The database URL for a new broker with `ledger`, and the directory to remove after it.
+    fn ledger_db(&self, ledger: Ledger) -> (Option<String>, Option<TempDir>) {
+        match ledger {
+            Ledger::None => (None, None),
+            Ledger::Sqlite => {
+                let dir = TempDir::new("ledger");
+                let url = format!("sqlite://{}/identities.db", dir.path().display());
+                (Some(url), Some(dir))
+            }
+            Ledger::Postgres => {
+                let server = self.pg().unwrap_or_else(|e| panic!("{e}"));
+                (Some(server.database()), None)
+            }
+        }
+    }
+}
+
+/// A throwaway PostgreSQL server for the ledger: a compact copy of `tests/common/pg.rs`
+/// (initdb and `pg_ctl` from the machine's server binaries, trust authentication, 127.0.0.1
+/// and a free port, run as the `postgres` user when root). Unlike the tests' server, this one
+/// keeps PostgreSQL's durable defaults (`fsync`, `synchronous_commit` and `full_page_writes`
+/// on), so that the figures are those of a ledger that survives a crash.
+mod pg {
+    use std::cell::Cell;
+    use std::path::{Path, PathBuf};
+    use std::process::{Command, Output};
+
+    use super::TempDir;
+
+    pub struct Server {
+        bin: PathBuf,
+        dir: TempDir,
+        port: u16,
+        as_postgres: bool,
+        databases: Cell<u32>,
+        running: bool,
+    }
+
+    impl Server {
+        /// initdb, then `pg_ctl start -w`; the error names the missing package or holds the log.
+        pub fn start() -> Result<Self, String> {
+            let bin = server_binaries().ok_or(
+                "PostgreSQL server binaries not found: install the Debian package `postgresql`",
+            )?;
+            let dir = TempDir::new("pg");
+            let as_postgres = running_as_root();
+            if as_postgres {
+                let owner = Command::new("chown")
+                    .args(["-R", "postgres:postgres"])
+                    .arg(dir.path())
+                    .output()
+                    .map_err(|e| format!("chown: {e}"))?;
+                if !owner.status.success() {
+                    return Err(format!(
+                        "cannot hand {} to the `postgres` user: {}",
+                        dir.path().display(),
+                        String::from_utf8_lossy(&owner.stderr)
+                    ));
+                }
+            }
+            let mut server = Self {
+                bin,
+                dir,
+                port: 0,
+                as_postgres,
+                databases: Cell::new(0),
+                running: false,
+            };
+            let data = server.data();
+            // `--no-sync` only skips flushing initdb's own files; the server runs durably.
+            let init = server.run(
+                "initdb",
+                &[
+                    "-D",
+                    &data,
+                    "-U",
+                    "postgres",
+                    "-A",
+                    "trust",
+                    "-E",
+                    "UTF8",
+                    "--locale=C",
+                    "--no-sync",
+                ],
+            );
+            if !init.status.success() {
+                return Err(format!(
+                    "initdb failed: {}",
+                    String::from_utf8_lossy(&init.stderr)
+                ));
+            }
+            let log = server.dir.path().join("server.log");
+            let log = log.to_string_lossy().into_owned();
+            // A free port can be taken by someone else before the server binds it: try a few.
+            for _ in 0..5 {
+                server.port = super::free_addr().port();
+                let options = format!(
+                    "-c listen_addresses=127.0.0.1 -p {} -k {} -c max_connections=200",
+                    server.port,
+                    server.dir.path().display()
+                );
+                let started = server.run(
+                    "pg_ctl",
+                    &[
+                        "-D", &data, "start", "-w", "-t", "60", "-l", &log, "-o", &options,
+                    ],
+                );
+                if started.status.success() {
+                    server.running = true;
+                    return Ok(server);
+                }
+            }
+            Err(format!(
+                "PostgreSQL did not start: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            ))
+        }
+
+        /// The major version, from the binaries' directory (`/usr/lib/postgresql/NN/bin`).
+        pub fn version(&self) -> String {
+            self.bin
+                .parent()
+                .and_then(Path::file_name)
+                .map_or_else(String::new, |v| v.to_string_lossy().into_owned())
+        }
+
+        /// A URL to a new, empty database (`postgres://postgres@127.0.0.1:PORT/bench_N`).
+        pub fn database(&self) -> String {
+            let n = self.databases.get();
+            self.databases.set(n + 1);
+            let port = self.port.to_string();
+            let socket = self.dir.path().to_string_lossy().into_owned();
+            let sql = format!("CREATE DATABASE bench_{n}");
+            let out = self.run(
+                "psql",
+                &[
+                    "-h",
+                    &socket,
+                    "-p",
+                    &port,
+                    "-U",
+                    "postgres",
+                    "-d",
+                    "postgres",
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                    "-qc",
+                    &sql,
+                ],
+            );
+            assert!(
+                out.status.success(),
+                "{sql} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            format!("postgres://postgres@127.0.0.1:{}/bench_{n}", self.port)
+        }
+
+        fn data(&self) -> String {
+            self.dir.path().join("data").to_string_lossy().into_owned()
+        }
+
+        fn run(&self, program: &str, args: &[&str]) -> Output {
+            let mut path = self.bin.join(program);
+            if !path.exists() {
+                path = PathBuf::from(program);
+            }
+            let mut command = if self.as_postgres {
+                let mut c = Command::new("runuser");
+                c.args(["-u", "postgres", "--"]).arg(&path);
+                c
+            } else {
+                Command::new(&path)
+            };
+            command
+                .args(args)
+                .current_dir(self.dir.path())
+                .env_remove("PGDATA")
+                .env_remove("PGHOST")
+                .env_remove("PGPORT")
+                .env_remove("PGUSER")
+                .env_remove("PGDATABASE")
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run {}: {e}", path.display()))
+        }
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            if self.running {
+                let data = self.data();
+                let _ = self.run("pg_ctl", &["-D", &data, "stop", "-m", "immediate", "-w"]);
+            }
+        }
+    }
+
+    /// The newest `/usr/lib/postgresql/*/bin` holding `initdb` and `pg_ctl` (Debian's layout),
+    /// else a directory on PATH that holds them.
+    fn server_binaries() -> Option<PathBuf> {
+        let has_server = |dir: &Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();
+        let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|entry| {
+                let version = entry.file_name().to_str()?.parse::<u32>().ok()?;
+                let bin = entry.path().join("bin");
+                has_server(&bin).then_some((version, bin))
+            })
+            .collect();
+        versions.sort();
+        versions.pop().map(|(_, bin)| bin).or_else(|| {
+            std::env::split_paths(&std::env::var_os("PATH")?).find(|dir| has_server(dir))
+        })
+    }
+
+    /// Whether the effective uid (from `/proc/self/status`) is 0: PostgreSQL refuses root.
+    fn running_as_root() -> bool {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|status| {
+                let uids = status.lines().find(|l| l.starts_with("Uid:"))?.to_owned();
+                uids.split_whitespace().nth(2).map(|euid| euid == "0")
+            })
+            .unwrap_or(false)
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -310,6 +716,9 @@ fn spawn_broker(sim: &Proc) -> Proc {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Flow {
     Access,
+    /// The access flow with a new `clientReference` per session: each creates an identity
+    /// after looking the reference up in the ledger.
+    AccessRef,
     Standalone,
     /// Access and standalone in turn (memory test).
     Mixed,
@@ -319,6 +728,7 @@ impl Flow {
     fn name(self) -> &'static str {
         match self {
             Self::Access => "access",
+            Self::AccessRef => "access + clientReference",
             Self::Standalone => "standalone",
             Self::Mixed => "mixed",
         }
@@ -438,7 +848,9 @@ impl Target {
         };
         match via {
             Via::Broker => self.via_broker(flow, n).await,
-            Via::Direct if flow == Flow::Access => self.direct_access().await,
+            Via::Direct if matches!(flow, Flow::Access | Flow::AccessRef) => {
+                self.direct_access().await
+            }
             Via::Direct => self.direct_standalone(n).await,
         }
     }
@@ -446,6 +858,13 @@ impl Target {
     async fn via_broker(&self, flow: Flow, n: usize) -> Outcome {
         let body = match flow {
             Flow::Access => r#"{"flow":"access"}"#.to_owned(),
+            Flow::AccessRef => {
+                // Unique over the whole bench process, so no session finds an identity to
+                // reuse.
+                static NEXT_REFERENCE: AtomicU64 = AtomicU64::new(0);
+                let reference = NEXT_REFERENCE.fetch_add(1, Ordering::Relaxed);
+                format!(r#"{{"flow":"access","clientReference":"bench-{reference}"}}"#)
+            }
             _ => format!(r#"{{"flow":"standalone","clientReference":"bench-{n}"}}"#),
         };
         let response = self
@@ -739,10 +1158,15 @@ async fn reset_sim_stats(http: &reqwest::Client, sim: &Proc) {
 
 const CLIENT_CREDENTIALS: &str = "POST /api/v2/oauth/token client_credentials";
 
-fn ready_section(report: &mut String, runs: usize) {
+fn ready_section(setup: &Setup, report: &mut String, runs: usize) {
     let sim = spawn_sim(3600);
     let mut times: Vec<f64> = (0..runs)
-        .map(|_| spawn_broker(&sim).ready_after.as_secs_f64() * 1e3)
+        .map(|_| {
+            spawn_broker(&sim, &setup.tested, setup)
+                .ready_after
+                .as_secs_f64()
+                * 1e3
+        })
         .collect();
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
@@ -807,7 +1231,12 @@ impl SweepRow {
     }
 }
 
-async fn sweep_section(opts: &Opts, headers: &HeaderMap, report: &mut String) -> Vec<SweepRow> {
+async fn sweep_section(
+    opts: &Opts,
+    headers: &HeaderMap,
+    setup: &Setup,
+    report: &mut String,
+) -> Vec<SweepRow> {
     let mut rows = Vec::new();
     let max_time = Duration::from_secs_f64(opts.seconds);
     for flow in [Flow::Access, Flow::Standalone] {
@@ -819,7 +1248,7 @@ async fn sweep_section(opts: &Opts, headers: &HeaderMap, report: &mut String) ->
             }
             // Fresh processes per point, so the simulator's tables start empty for each.
             let sim = spawn_sim(3600);
-            let broker = spawn_broker(&sim);
+            let broker = spawn_broker(&sim, &setup.tested, setup);
             let mut target = Target {
                 http: http_client(),
                 broker: broker.url(),
@@ -938,13 +1367,268 @@ async fn sweep_section(opts: &Opts, headers: &HeaderMap, report: &mut String) ->
     rows
 }
 
+/// One broker of the ledger comparison and the flow it is driven with.
+struct LedgerVariant {
+    label: String,
+    spec: BrokerSpec,
+    flow: Flow,
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// The figures of one variant at one point, medians over rounds; the comparisons with the
+/// baseline are taken per round (the runs of one round are back to back) and then the median.
+struct LedgerRow {
+    concurrency: usize,
+    label: String,
+    ledger: Ledger,
+    flow: Flow,
+    rate: f64,
+    p50: f64,
+    p99: f64,
+    broker_cpu_us: f64,
+    /// Throughput ÷ the baseline's: median, min, max.
+    ratio: Option<(f64, f64, f64)>,
+    /// Minus the baseline's p50 and p99 (ms).
+    delta: Option<(f64, f64)>,
+    sessions: usize,
+    errors: usize,
+}
+
+/// The access flow through the previous build (`BENCH_BROKER_BIN`, no ledger), through this
+/// build with SQLite and with PostgreSQL, and with a `clientReference` per session, at
+/// concurrency 1, 16 and 64; rounds interleave the brokers. Returns the verdicts.
+async fn ledger_section(
+    opts: &Opts,
+    headers: &HeaderMap,
+    setup: &Setup,
+    report: &mut String,
+) -> Vec<String> {
+    let mut notes = Vec::new();
+    let mut variants = Vec::new();
+    if let Some(baseline) = &setup.baseline {
+        variants.push(LedgerVariant {
+            label: format!("previous build, {}", baseline.ledger.name()),
+            spec: baseline.clone(),
+            flow: Flow::Access,
+        });
+    } else {
+        notes.push(
+            "No previous build given (`BENCH_BROKER_BIN`): no baseline, no ratios.".to_owned(),
+        );
+    }
+    let this = |ledger| BrokerSpec {
+        bin: BIN.to_owned(),
+        ledger,
+    };
+    variants.push(LedgerVariant {
+        label: "this build, SQLite".into(),
+        spec: this(Ledger::Sqlite),
+        flow: Flow::Access,
+    });
+    match setup.pg() {
+        Ok(server) => variants.push(LedgerVariant {
+            label: format!("this build, PostgreSQL {}", server.version()),
+            spec: this(Ledger::Postgres),
+            flow: Flow::Access,
+        }),
+        Err(e) => notes.push(format!("No PostgreSQL rows: {e}.")),
+    }
+    variants.push(LedgerVariant {
+        label: "this build, SQLite, new `clientReference` each".into(),
+        spec: this(Ledger::Sqlite),
+        flow: Flow::AccessRef,
+    });
+    let has_baseline = setup.baseline.is_some();
+    let max_time = Duration::from_secs_f64(opts.seconds);
+    let mut rows = Vec::new();
+    for concurrency in [1, 16, 64] {
+        if opts.concurrency.is_some_and(|c| c != concurrency) {
+            continue;
+        }
+        // Fresh processes and databases per point; all brokers up at once, so that the rounds
+        // can interleave them.
+        let sim = spawn_sim(3600);
+        let brokers: Vec<Proc> = variants
+            .iter()
+            .map(|v| spawn_broker(&sim, &v.spec, setup))
+            .collect();
+        let targets: Vec<Arc<Target>> = brokers
+            .iter()
+            .map(|broker| {
+                Arc::new(Target {
+                    http: http_client(),
+                    broker: broker.url(),
+                    sim: sim.url(),
+                    headers: headers.clone(),
+                    client_token: None,
+                })
+            })
+            .collect();
+        for (i, v) in variants.iter().enumerate() {
+            let procs = (&brokers[i], &sim);
+            let warmup = Duration::from_millis(500);
+            run_load(
+                &targets[i],
+                procs,
+                v.flow,
+                Via::Broker,
+                concurrency,
+                2000,
+                warmup,
+            )
+            .await;
+        }
+        let mut runs: Vec<Vec<RunResult>> = variants.iter().map(|_| Vec::new()).collect();
+        for round in 0..opts.rounds.max(1) {
+            // Each round starts with the next broker, so that a drift in the machine's load
+            // favours none of them.
+            for k in 0..variants.len() {
+                let i = (k + round) % variants.len();
+                let procs = (&brokers[i], &sim);
+                let run = run_load(
+                    &targets[i],
+                    procs,
+                    variants[i].flow,
+                    Via::Broker,
+                    concurrency,
+                    opts.sessions,
+                    max_time,
+                )
+                .await;
+                runs[i].push(run);
+            }
+        }
+        for (i, v) in variants.iter().enumerate() {
+            let per_round = |f: &dyn Fn(&RunResult) -> f64| runs[i].iter().map(f).collect();
+            let rates: Vec<f64> = per_round(&|r| r.rate());
+            let p50s: Vec<f64> = per_round(&|r| r.latencies().p50);
+            let p99s: Vec<f64> = per_round(&|r| r.latencies().p99);
+            let against_baseline = has_baseline && i > 0;
+            let ratios: Vec<f64> = runs[i]
+                .iter()
+                .zip(&runs[0])
+                .map(|(r, b)| r.rate() / b.rate())
+                .collect();
+            let base_p50s: Vec<f64> = runs[0].iter().map(|r| r.latencies().p50).collect();
+            let base_p99s: Vec<f64> = runs[0].iter().map(|r| r.latencies().p99).collect();
+            let row = LedgerRow {
+                concurrency,
+                label: v.label.clone(),
+                ledger: v.spec.ledger,
+                flow: v.flow,
+                rate: median(rates),
+                p50: median(p50s.clone()),
+                p99: median(p99s.clone()),
+                broker_cpu_us: median(per_round(&|r| r.cpu_per_session()[1])),
+                ratio: against_baseline.then(|| {
+                    let min = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+                    let max = ratios.iter().copied().fold(0.0, f64::max);
+                    (median(ratios.clone()), min, max)
+                }),
+                delta: against_baseline.then(|| {
+                    let d = |mine: &[f64], base: &[f64]| {
+                        median(mine.iter().zip(base).map(|(m, b)| m - b).collect())
+                    };
+                    (d(&p50s, &base_p50s), d(&p99s, &base_p99s))
+                }),
+                sessions: runs[i].iter().map(|r| r.samples.len()).sum(),
+                errors: runs[i].iter().map(|r| r.errors).sum(),
+            };
+            eprintln!(
+                "  ledger c={concurrency} {}: {:.0}/s, p50 {:.2} ms",
+                row.label, row.rate, row.p50
+            );
+            rows.push(row);
+        }
+    }
+    let pool = std::env::var("BENCH_LEDGER_MAX_CONNECTIONS").unwrap_or_else(|_| "8".into());
+    let _ = writeln!(
+        report,
+        "\n### Identity ledger (issue 12)\n\nThe access flow through each broker; per point a \
+         fresh simulator, all brokers started side by side (a fresh SQLite file or PostgreSQL \
+         database each), 0.5 s warm-up each, then {} round(s) of one {} s run per broker, back to \
+         back, each round starting with the next broker. Figures are medians over rounds; ratios \
+         and differences are taken per round against the previous build's run of the same round, \
+         then the median (range of the ratios in brackets). SQLite: the broker's settings (WAL, \
+         `synchronous=NORMAL`, a pool of {pool}), the file in the temp dir. PostgreSQL: a local \
+         server over TCP on 127.0.0.1 with its durable defaults (`fsync`, `synchronous_commit` \
+         on), a pool of {pool}; its own CPU time is not in the broker column. Latency in ms.{}\n\n\
+         | conc. | broker | sess/s | **÷ previous** (range) | p50 | p99 | **p50 − previous** | p99 − previous | broker CPU µs/session | sessions | errors |\n\
+         |---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        opts.rounds.max(1),
+        opts.seconds,
+        notes.iter().map(|n| format!(" {n}")).collect::<String>()
+    );
+    for row in &rows {
+        let ratio = row.ratio.map_or("–".to_owned(), |(m, lo, hi)| {
+            format!("**{m:.2}** ({lo:.2}–{hi:.2})")
+        });
+        let (d50, d99) = row
+            .delta
+            .map_or(("–".to_owned(), "–".to_owned()), |(a, b)| {
+                (format!("**{a:+.2}**"), format!("{b:+.2}"))
+            });
+        let _ = writeln!(
+            report,
+            "| {} | {} | {:.0} | {ratio} | {:.2} | {:.2} | {d50} | {d99} | {:.0} | {} | {} |",
+            row.concurrency,
+            row.label,
+            row.rate,
+            row.p50,
+            row.p99,
+            row.broker_cpu_us,
+            row.sessions,
+            row.errors
+        );
+    }
+    let mut verdicts = Vec::new();
+    let at_16 = |ledger| {
+        rows.iter()
+            .find(|r| r.concurrency == 16 && r.ledger == ledger && r.flow == Flow::Access)
+    };
+    match at_16(Ledger::Sqlite).and_then(|r| Some((r, r.ratio?, r.delta?))) {
+        Some((row, (ratio, _, _), (d50, _))) => verdicts.push(format!(
+            "ledger: SQLite at c=16 {:.0} sessions/s = {ratio:.2} × the previous build (target ≥ \
+             0.70), p50 {d50:+.2} ms (target ≤ +1): {}",
+            row.rate,
+            verdict(ratio >= 0.7 && d50 <= 1.0)
+        )),
+        None => verdicts.push(
+            "ledger: no SQLite c=16 figures against a previous build (`BENCH_BROKER_BIN`)"
+                .to_owned(),
+        ),
+    }
+    if let Some(row) = at_16(Ledger::Postgres) {
+        let against = match (row.ratio, row.delta) {
+            (Some((ratio, _, _)), Some((d50, _))) => {
+                format!(" = {ratio:.2} × the previous build, p50 {d50:+.2} ms")
+            }
+            _ => String::new(),
+        };
+        verdicts.push(format!(
+            "ledger: PostgreSQL at c=16 {:.0} sessions/s{against}, p50 {:.2} ms, p99 {:.2} ms \
+             (no target; reported)",
+            row.rate, row.p50, row.p99
+        ));
+    }
+    verdicts
+}
+
 async fn herd_section(
     opts: &Opts,
     headers: &HeaderMap,
+    setup: &Setup,
     report: &mut String,
 ) -> (Latencies, Latencies, u64) {
     let sim = spawn_sim(3600);
-    let broker = spawn_broker(&sim);
+    let broker = spawn_broker(&sim, &setup.tested, setup);
     let admin = http_client();
     reset_sim_stats(&admin, &sim).await;
     // A new client: no connection to the broker exists yet either.
@@ -988,12 +1672,13 @@ async fn herd_section(
 async fn refresh_section(
     opts: &Opts,
     headers: &HeaderMap,
+    setup: &Setup,
     report: &mut String,
 ) -> (Latencies, Latencies) {
     const TTL_SECS: u64 = 4;
     const CONCURRENCY: usize = 16;
     let sim = spawn_sim(TTL_SECS);
-    let broker = spawn_broker(&sim);
+    let broker = spawn_broker(&sim, &setup.tested, setup);
     let target = Arc::new(Target {
         http: http_client(),
         broker: broker.url(),
@@ -1100,9 +1785,14 @@ async fn refresh_section(
     (in_window, steady)
 }
 
-async fn memory_section(opts: &Opts, headers: &HeaderMap, report: &mut String) -> (u64, u64, u64) {
+async fn memory_section(
+    opts: &Opts,
+    headers: &HeaderMap,
+    setup: &Setup,
+    report: &mut String,
+) -> (u64, u64, u64) {
     let sim = spawn_sim(3600);
-    let broker = spawn_broker(&sim);
+    let broker = spawn_broker(&sim, &setup.tested, setup);
     let target = Arc::new(Target {
         http: http_client(),
         broker: broker.url(),
@@ -1150,29 +1840,37 @@ fn main() {
         .build()
         .expect("tokio runtime");
     let headers = broker_headers(&opts.api_key);
+    let setup = Setup::from_env();
     let mut report = String::new();
     let started = Instant::now();
     let _ = writeln!(
         report,
-        "## Results\n\nMachine: {}; load average at start {}; {}.",
+        "## Results\n\nMachine: {}; load average at start {}; {}. Broker under test (all \
+         sections but the ledger's): {} with {}.",
         machine(),
         loadavg(),
         if opts.quick {
             "quick run (`--quick`)"
         } else {
             "full run"
-        }
+        },
+        if setup.baseline.is_some() {
+            "`BENCH_BROKER_BIN`"
+        } else {
+            "this build"
+        },
+        setup.tested.ledger.name()
     );
     let mut verdicts = Vec::new();
     if opts.runs("ready") {
         eprintln!("ready time…");
-        ready_section(&mut report, if opts.quick { 5 } else { 20 });
+        ready_section(&setup, &mut report, if opts.quick { 5 } else { 20 });
     }
     runtime.block_on(async {
         let mut steady_p99_64 = None;
         if opts.runs("sweep") {
             eprintln!("throughput sweep…");
-            let rows = sweep_section(&opts, &headers, &mut report).await;
+            let rows = sweep_section(&opts, &headers, &setup, &mut report).await;
             for row in &rows {
                 let ratio = row.median().ratio();
                 if row.concurrency == 64 {
@@ -1195,9 +1893,13 @@ fn main() {
                 }
             }
         }
+        if opts.runs("ledger") {
+            eprintln!("identity ledger…");
+            verdicts.extend(ledger_section(&opts, &headers, &setup, &mut report).await);
+        }
         if opts.runs("herd") {
             eprintln!("cold herd…");
-            let (cold, warm, calls) = herd_section(&opts, &headers, &mut report).await;
+            let (cold, warm, calls) = herd_section(&opts, &headers, &setup, &mut report).await;
             let vs_64 = steady_p99_64.map_or(String::new(), |p| {
                 format!("; {:.1} × the c=64 steady p99 of {p:.2} ms", cold.p99 / p)
             });
@@ -1211,7 +1913,7 @@ fn main() {
         }
         if opts.runs("refresh") {
             eprintln!("token refresh under load…");
-            let (window, steady) = refresh_section(&opts, &headers, &mut report).await;
+            let (window, steady) = refresh_section(&opts, &headers, &setup, &mut report).await;
             let ratio = window.p99 / steady.p99;
             verdicts.push(format!(
                 "refresh window p99 {:.2} ms = {ratio:.2} × steady p99 {:.2} ms (target ≤ 1.2): {}",
@@ -1222,7 +1924,7 @@ fn main() {
         }
         if opts.runs("memory") {
             eprintln!("memory…");
-            let (_, first, second) = memory_section(&opts, &headers, &mut report).await;
+            let (_, first, second) = memory_section(&opts, &headers, &setup, &mut report).await;
             let (a, b) = (first as f64 / 1024.0, second as f64 / 1024.0);
             verdicts.push(format!(
                 "RSS {a:.1} MiB after {} sessions (≤ 30), {b:.1} MiB after {} (no growth: {:+.1} MiB): {}",

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Proves the container deployment end to end: builds the image, checks the size of the layers it
-# adds over the distroless base, starts docker-compose.yml (broker + simulator), runs both flows
-# with curl, checks that the broker runs as a non-root user, stops it with SIGTERM (it must drain
-# and exit 0 in time) and tears everything down, whatever happens.
+# adds over the distroless base, starts docker-compose.yml (broker + simulator + PostgreSQL), runs
+# both flows with curl, checks that a customer's identity is created once, reused and kept in
+# PostgreSQL, checks that the broker runs as a non-root user, stops it with SIGTERM (it must drain
+# and exit 0 in time), starts it again (the ledger survives) and tears everything down, whatever
+# happens.
 #
 # Exit status: 0 all checks passed; 1 a check failed; 3 Docker (daemon or Compose) is not
 # available, so nothing was tested. On the project's machines: bash ../shared/tools/local-docker.sh
@@ -62,6 +64,16 @@ curl_json() {
     curl -sS -o "$work/$name" -w '%{http_code}' -X "$method" "$BROKER$path" \
         -H "X-Api-Key: $(cat deploy/compose/secrets/broker_api_key)" "$@"
 }
+# wait_healthy CONTAINER: waits up to 60 s for its healthcheck; prints the last status.
+wait_healthy() {
+    local health=
+    for _ in $(seq 1 60); do
+        health=$(docker inspect -f '{{.State.Health.Status}}' "$1")
+        [ "$health" = healthy ] && break
+        sleep 1
+    done
+    echo "$health"
+}
 json_string() { sed -n "s/.*\"$1\":\"\\([^\"]*\\)\".*/\\1/p" "$2"; }
 redacted() { sed -E 's/"accessToken":"[^"]*"/"accessToken":"<redacted>"/' "$1"; }
 
@@ -91,14 +103,15 @@ bash deploy/compose/make-secrets.sh
 "${compose[@]}" up -d --no-build 2>&1
 broker_id=$("${compose[@]}" ps -q broker)
 [ -n "$broker_id" ] || fail "no broker container"
-for _ in $(seq 1 60); do
-    health=$(docker inspect -f '{{.State.Health.Status}}' "$broker_id")
-    [ "$health" = healthy ] && break
-    sleep 1
-done
+health=$(wait_healthy "$broker_id")
 [ "$health" = healthy ] || fail "broker health: $health"
 sim_id=$("${compose[@]}" ps -q simulator)
-ok "simulator $(docker inspect -f '{{.State.Health.Status}}' "$sim_id"), broker $health (HEALTHCHECK: giroident-broker healthcheck)"
+pg_id=$("${compose[@]}" ps -q postgres)
+[ -n "$pg_id" ] || fail "no postgres container"
+ok "postgres $(docker inspect -f '{{.State.Health.Status}}' "$pg_id"), simulator $(docker inspect -f '{{.State.Health.Status}}' "$sim_id"), broker $health (HEALTHCHECK: giroident-broker healthcheck)"
+pg_ports=$(docker port "$pg_id")
+[ -z "$pg_ports" ] || fail "PostgreSQL is published on the host: $pg_ports"
+ok "PostgreSQL is not published on the host"
 
 step "API key"
 status=$(curl -sS -o /dev/null -w '%{http_code}' -X POST "$BROKER/kyc-sessions" \
@@ -135,6 +148,31 @@ status=$(curl_json delete-again DELETE /kyc-sessions/current -H "Authorization: 
 echo "DELETE /kyc-sessions/current (same token again) -> $status $(cat "$work/delete-again")"
 [ "$status" = 401 ] || fail "second delete answered $status"
 ok "access flow"
+
+step "managed identity"
+REFERENCE=container-customer-1
+for expected in created reused; do
+    status=$(curl_json "identity-$expected" POST /kyc-sessions -H 'Content-Type: application/json' \
+        -d "{\"flow\":\"access\",\"clientReference\":\"$REFERENCE\",\"email\":\"jane@example.com\"}")
+    echo "POST /kyc-sessions access, clientReference $REFERENCE -> $status $(redacted "$work/identity-$expected")"
+    [ "$status" = 201 ] || fail "access flow with a clientReference answered $status"
+    identity=$(json_string identity "$work/identity-$expected")
+    [ "$identity" = "$expected" ] || fail "identity is '$identity', expected '$expected'"
+done
+user_created=$(json_string userId "$work/identity-created")
+user_reused=$(json_string userId "$work/identity-reused")
+[ -n "$user_created" ] && [ "$user_created" = "$user_reused" ] ||
+    fail "the reused session has user '$user_reused', the first '$user_created'"
+status=$(curl_json identity-get GET "/identities/$REFERENCE")
+echo "GET /identities/$REFERENCE -> $status $(cat "$work/identity-get")"
+[ "$status" = 200 ] || fail "GET /identities/$REFERENCE answered $status"
+[ "$(json_string state "$work/identity-get")" = active ] || fail "the identity is not active"
+# The ledger is PostgreSQL's, not a file in the broker's container.
+rows=$(docker exec "$pg_id" psql -U giroident -d giroident -tAc \
+    "SELECT count(*) FROM identities WHERE finapi_user_id = '$user_created'")
+echo "identities in PostgreSQL for $user_created: $rows"
+[ "$rows" = 1 ] || fail "the identity is not in PostgreSQL ($rows rows)"
+ok "identity created once, reused, listed, and kept in PostgreSQL"
 echo "simulator stats: $(curl -sS "$SIM/__sim/stats")"
 
 step "non-root"
@@ -178,4 +216,13 @@ docker logs "$broker_id" 2>&1 | grep -E 'SIGTERM received|draining|drain period 
 [ "$elapsed" -lt "$STOP_TIMEOUT" ] || fail "stopped only after docker stop's timeout"
 ok "SIGTERM: drained, exited 0 within the grace period"
 
-printf '\nPASS: image, compose, both flows, non-root, SIGTERM\n'
+step "restart"
+docker start "$broker_id" >/dev/null
+health=$(wait_healthy "$broker_id")
+[ "$health" = healthy ] || fail "broker health after the restart: $health"
+status=$(curl_json identity-after-restart GET "/identities/$REFERENCE")
+echo "GET /identities/$REFERENCE after the restart -> $status"
+[ "$status" = 200 ] || fail "the identity was lost with the restart ($status)"
+ok "the ledger outlives the broker's container"
+
+printf '\nPASS: image, compose, both flows, managed identity on PostgreSQL, non-root, SIGTERM, restart\n'

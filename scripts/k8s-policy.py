@@ -25,6 +25,27 @@ def env_value(container, name):
     return None
 
 
+def peer_is_narrow(peer):
+    """A NetworkPolicy peer that names a namespace (by labels) or an address block."""
+    if "ipBlock" in peer:
+        return set(peer) == {"ipBlock"} and bool(peer["ipBlock"].get("cidr"))
+    return set(peer) <= {"namespaceSelector", "podSelector"} and bool(
+        peer.get("namespaceSelector", {}).get("matchLabels"))
+
+
+def secret_files(pod, container):
+    """Files the container reads from the Secret: {path: key}, for read-only mounts only."""
+    volumes = {v["name"]: v["secret"] for v in pod.get("volumes", []) if "secret" in v}
+    files = {}
+    for mount in container.get("volumeMounts", []):
+        source = volumes.get(mount["name"])
+        if source is None or source.get("secretName") != NAME or not mount.get("readOnly"):
+            continue
+        for item in source.get("items", []):
+            files[f"{mount['mountPath'].rstrip('/')}/{item['path']}"] = item["key"]
+    return files
+
+
 def check(resources):
     problems = []
 
@@ -108,12 +129,41 @@ def check(resources):
         for peer in rule.get("from", []):
             need(set(peer) == {"namespaceSelector"} and peer["namespaceSelector"].get("matchLabels"),
                  "NetworkPolicy: ingress only from a named namespace")
+    egress = policy["spec"].get("egress", [])
     egress_ports = {(p.get("protocol", "TCP"), p["port"])
-                    for rule in policy["spec"].get("egress", []) for p in rule.get("ports", [])}
-    need(egress_ports and egress_ports <= {("UDP", 53), ("TCP", 53), ("TCP", 443)},
-         f"NetworkPolicy: egress only DNS and HTTPS, found {sorted(egress_ports)}")
-    need(all(rule.get("ports") for rule in policy["spec"].get("egress", [])),
+                    for rule in egress for p in rule.get("ports", [])}
+    need(egress_ports and egress_ports <= {("UDP", 53), ("TCP", 53), ("TCP", 443), ("TCP", 5432)},
+         f"NetworkPolicy: egress only DNS, HTTPS and PostgreSQL, found {sorted(egress_ports)}")
+    need(all(rule.get("ports") for rule in egress),
          "NetworkPolicy: every egress rule names its ports")
+    need(("TCP", 5432) in egress_ports, "NetworkPolicy: egress to PostgreSQL (TCP 5432), the ledger")
+    for rule in egress:
+        if any(p["port"] == 5432 for p in rule.get("ports", [])):
+            # PostgreSQL only to the database: a named namespace or an address, never anywhere,
+            # and not mixed with finAPI's HTTPS.
+            peers = rule.get("to", [])
+            need(peers and all(peer_is_narrow(peer) for peer in peers),
+                 "NetworkPolicy: PostgreSQL egress only to a named namespace or an ipBlock")
+            need({p["port"] for p in rule["ports"]} == {5432},
+                 "NetworkPolicy: the PostgreSQL rule admits port 5432 only")
+
+    # Several replicas share one ledger: its URL comes from the Secret (a postgres:// URL holds
+    # its password), never the image's default SQLite file, and so does the password key.
+    need(not env_value(container, "GIROIDENT_BROKER_IDENTITIES__DATABASE_URL"),
+         "container: the database URL holds a password: use GIROIDENT_BROKER_IDENTITIES__DATABASE_URL_FILE")
+    need(not env_value(container, "GIROIDENT_BROKER_IDENTITIES__PASSWORD_KEY"),
+         "container: the password key is a secret: use GIROIDENT_BROKER_IDENTITIES__PASSWORD_KEY_FILE")
+    mounted = secret_files(pod, container)
+    secret_keys = {**secret.get("stringData", {}), **secret.get("data", {})}
+    for var, key in (("GIROIDENT_BROKER_IDENTITIES__DATABASE_URL_FILE", "database_url"),
+                     ("GIROIDENT_BROKER_IDENTITIES__PASSWORD_KEY_FILE", "identity_password_key")):
+        path = env_value(container, var)
+        need(path is not None, f"container: {var} must be set (the broker refuses to start without it)")
+        if path is not None:
+            need(mounted.get(path) == key, f"container: {var} must be the Secret's key {key}, mounted read-only")
+        need(key in secret_keys, f"Secret: needs the key {key}")
+    for path, key in mounted.items():
+        need(key in secret_keys, f"Secret: the Deployment mounts {key}, which the Secret lacks")
 
     for key, value in {**secret.get("stringData", {}), **secret.get("data", {})}.items():
         need(str(value).startswith("REPLACE_"), f"Secret: {key} must be a REPLACE_ placeholder")

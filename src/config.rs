@@ -39,6 +39,295 @@ pub struct Settings {
     pub log: LogSettings,
     /// Retries, time budgets and circuit breakers around finAPI calls.
     pub resilience: ResilienceSettings,
+    /// The ledger of managed finAPI identities.
+    pub identities: IdentitiesSettings,
+    /// Distributed tracing: OTLP export and W3C trace context.
+    pub tracing: TracingSettings,
+}
+
+/// Distributed tracing (OpenTelemetry). Each key has a standard OpenTelemetry variable that
+/// wins over it (the OpenTelemetry specification lets the environment configure the SDK):
+/// `OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, `OTEL_SERVICE_NAME`,
+/// `OTEL_TRACES_SAMPLER`, `OTEL_TRACES_SAMPLER_ARG`, `OTEL_EXPORTER_OTLP_HEADERS`,
+/// `OTEL_EXPORTER_OTLP_TIMEOUT`, `OTEL_BSP_MAX_QUEUE_SIZE`; `OTEL_SDK_DISABLED=true` turns
+/// export off. Without an endpoint nothing is exported and no tracing layer is installed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TracingSettings {
+    /// Base URL of an OTLP/HTTP collector (e.g. `http://otel-collector:4318`); traces go to
+    /// its `/v1/traces`. Empty: no export.
+    pub endpoint: String,
+    /// Full URL traces are sent to, used as it is; wins over `endpoint`.
+    pub traces_endpoint: String,
+    /// `service.name` of the exported spans.
+    pub service_name: String,
+    /// `always_on`, `always_off`, `traceidratio`, `parentbased_always_on`,
+    /// `parentbased_always_off` or `parentbased_traceidratio` (OpenTelemetry's sampler names).
+    pub sampler: String,
+    /// The ratio (0 to 1) of the `*traceidratio` samplers.
+    pub sampler_arg: f64,
+    /// Headers sent to the collector, `key=value` pairs separated by commas (W3C Baggage
+    /// format, as `OTEL_EXPORTER_OTLP_HEADERS`), e.g. an API key: a secret, never logged.
+    pub headers: SecretString,
+    /// Milliseconds one export may take before its spans are dropped.
+    pub timeout_ms: u64,
+    /// Finished spans waiting for export, at most; spans beyond are dropped and counted in
+    /// `broker_trace_spans_dropped_total`, so that a slow collector never holds a request.
+    pub max_queue_size: usize,
+    /// Send `traceparent` (and `tracestate`) to finAPI. Off by default: trace ids would reach
+    /// a third party.
+    pub propagate_to_finapi: bool,
+}
+
+/// An OpenTelemetry sampler, by its standard name (`OTEL_TRACES_SAMPLER`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum TraceSampler {
+    /// `always_on`.
+    AlwaysOn,
+    /// `always_off`.
+    AlwaysOff,
+    /// `traceidratio`, with the ratio.
+    TraceIdRatio(f64),
+    /// `parentbased_always_on` (the default): the caller's decision, else on.
+    ParentBasedAlwaysOn,
+    /// `parentbased_always_off`.
+    ParentBasedAlwaysOff,
+    /// `parentbased_traceidratio`, with the ratio.
+    ParentBasedTraceIdRatio(f64),
+}
+
+impl TracingSettings {
+    /// The URL spans are sent to, `None` when export is off (no endpoint configured).
+    pub fn traces_url(&self) -> Option<String> {
+        if !self.traces_endpoint.is_empty() {
+            Some(self.traces_endpoint.clone())
+        } else if !self.endpoint.is_empty() {
+            Some(format!("{}/v1/traces", self.endpoint.trim_end_matches('/')))
+        } else {
+            None
+        }
+    }
+
+    /// The sampler the settings name (checked at load).
+    pub fn sampler(&self) -> Option<TraceSampler> {
+        let ratio = self.sampler_arg;
+        Some(match self.sampler.as_str() {
+            "always_on" => TraceSampler::AlwaysOn,
+            "always_off" => TraceSampler::AlwaysOff,
+            "traceidratio" => TraceSampler::TraceIdRatio(ratio),
+            "parentbased_always_on" => TraceSampler::ParentBasedAlwaysOn,
+            "parentbased_always_off" => TraceSampler::ParentBasedAlwaysOff,
+            "parentbased_traceidratio" => TraceSampler::ParentBasedTraceIdRatio(ratio),
+            _ => return None,
+        })
+    }
+
+    /// The collector headers as `(name, value)` pairs; `Err` names the first bad pair by its
+    /// position only (a value may be a secret).
+    pub fn header_pairs(&self) -> Result<Vec<(String, String)>, String> {
+        let raw = self.headers.expose_secret();
+        let mut pairs = Vec::new();
+        for (n, item) in raw.split(',').enumerate() {
+            if item.trim().is_empty() {
+                continue;
+            }
+            let bad = || format!("pair {} is not key=value with a valid header name", n + 1);
+            let (key, value) = item.split_once('=').ok_or_else(bad)?;
+            let key = key.trim();
+            let value = value.trim();
+            let value = percent_decode(value).ok_or_else(bad)?;
+            if key.is_empty()
+                || !key
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+                || value.chars().any(char::is_control)
+            {
+                return Err(bad());
+            }
+            pairs.push((key.to_ascii_lowercase(), value));
+        }
+        Ok(pairs)
+    }
+
+    /// The built-in defaults with the standard OpenTelemetry variables of `env` over them: what
+    /// `demo` exports with (its other settings are its own).
+    pub fn from_otel_env(env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let defaults: Table = DEFAULT_TOML
+            .parse()
+            .map_err(|e| ConfigError::single("(built-in defaults)", format!("{e}")))?;
+        let mut settings: Self = defaults
+            .get("tracing")
+            .cloned()
+            .ok_or_else(|| ConfigError::single("tracing", "missing from the defaults"))?
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::single("tracing", e.to_string()))?;
+        let mut problems = Vec::new();
+        settings.resolve(env, &mut |key: &str, msg| {
+            problems.push((key.to_owned(), msg))
+        });
+        if problems.is_empty() {
+            Ok(settings)
+        } else {
+            Err(ConfigError { problems })
+        }
+    }
+
+    /// Overlays the standard OpenTelemetry variables (an empty one counts as unset, as the
+    /// specification says) and checks every value.
+    fn resolve(
+        &mut self,
+        env: &dyn Fn(&str) -> Option<String>,
+        problem: &mut impl FnMut(&str, String),
+    ) {
+        let var = |name: &str| env(name).filter(|v| !v.trim().is_empty());
+        if let Some(v) = var("OTEL_EXPORTER_OTLP_ENDPOINT") {
+            self.endpoint = v;
+        }
+        if let Some(v) = var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
+            self.traces_endpoint = v;
+        }
+        if let Some(v) = var("OTEL_SERVICE_NAME") {
+            self.service_name = v;
+        }
+        if let Some(v) = var("OTEL_TRACES_SAMPLER") {
+            self.sampler = v.trim().to_ascii_lowercase();
+        }
+        if let Some(v) = var("OTEL_TRACES_SAMPLER_ARG") {
+            match v.trim().parse::<f64>() {
+                Ok(ratio) => self.sampler_arg = ratio,
+                Err(_) => problem("OTEL_TRACES_SAMPLER_ARG", format!("{v:?} is not a number")),
+            }
+        }
+        if let Some(v) = var("OTEL_EXPORTER_OTLP_HEADERS") {
+            self.headers = SecretString::from(v);
+        }
+        if let Some(v) = var("OTEL_EXPORTER_OTLP_TIMEOUT") {
+            match v.trim().parse::<u64>() {
+                Ok(ms) => self.timeout_ms = ms,
+                Err(_) => problem(
+                    "OTEL_EXPORTER_OTLP_TIMEOUT",
+                    format!("{v:?} is not a whole number of milliseconds"),
+                ),
+            }
+        }
+        if let Some(v) = var("OTEL_BSP_MAX_QUEUE_SIZE") {
+            match v.trim().parse::<usize>() {
+                Ok(n) => self.max_queue_size = n,
+                Err(_) => problem("OTEL_BSP_MAX_QUEUE_SIZE", format!("{v:?} is not a number")),
+            }
+        }
+        if var("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true")) {
+            self.endpoint.clear();
+            self.traces_endpoint.clear();
+        }
+
+        for (key, url) in [
+            ("tracing.endpoint", &self.endpoint),
+            ("tracing.traces_endpoint", &self.traces_endpoint),
+        ] {
+            if url.is_empty() {
+                continue;
+            }
+            match reqwest::Url::parse(url) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => {
+                    if !u.username().is_empty() || u.password().is_some() {
+                        problem(
+                            key,
+                            "must not carry credentials (use tracing.headers)".into(),
+                        );
+                    }
+                }
+                _ => problem(key, format!("{url:?} is not an http(s) URL")),
+            }
+        }
+        if self.service_name.trim().is_empty() {
+            problem("tracing.service_name", "must be set".into());
+        }
+        if self.sampler().is_none() {
+            problem(
+                "tracing.sampler",
+                format!(
+                    "{:?} is not a sampler: use always_on, always_off, traceidratio, \
+                     parentbased_always_on, parentbased_always_off or parentbased_traceidratio",
+                    self.sampler
+                ),
+            );
+        }
+        if !(0.0..=1.0).contains(&self.sampler_arg) {
+            problem("tracing.sampler_arg", "must be between 0 and 1".into());
+        }
+        if let Err(msg) = self.header_pairs() {
+            problem("tracing.headers", msg);
+        }
+        if self.timeout_ms == 0 {
+            problem("tracing.timeout_ms", "must be at least 1".into());
+        }
+        if !(1..=1_000_000).contains(&self.max_queue_size) {
+            problem(
+                "tracing.max_queue_size",
+                "must be between 1 and 1000000".into(),
+            );
+        }
+    }
+}
+
+/// Decodes `%XX` escapes (the W3C Baggage format of `OTEL_EXPORTER_OTLP_HEADERS`); `None` for
+/// a broken escape or a result that is not UTF-8.
+fn percent_decode(value: &str) -> Option<String> {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = value.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// The ledger of the finAPI users the access flow creates, their derived passwords and their
+/// deletion.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentitiesSettings {
+    /// The ledger's database: `sqlite://PATH` (embedded, created if missing; enough for one
+    /// replica with a persistent volume) or `postgres://USER:PASSWORD@HOST/DB` (several
+    /// replicas). Treated as a secret: a PostgreSQL URL may hold a password.
+    pub database_url: SecretString,
+    /// A file holding the database URL (a Docker or Kubernetes secret, since a PostgreSQL URL
+    /// holds its password); one trailing newline is ignored. When set, it replaces
+    /// `database_url`, which must then be left at its default.
+    #[serde(default)]
+    pub database_url_file: Option<PathBuf>,
+    /// Connections the broker keeps to the database at most.
+    pub database_max_connections: u32,
+    /// The key user passwords are derived from (HMAC-SHA256, at least 32 bytes). Set it only
+    /// through the environment (`GIROIDENT_BROKER_IDENTITIES__PASSWORD_KEY`), or use
+    /// `password_key_file`.
+    #[serde(default)]
+    pub password_key: Option<SecretString>,
+    /// A file holding the password key; one trailing newline is ignored.
+    #[serde(default)]
+    pub password_key_file: Option<PathBuf>,
+    /// Files holding earlier password keys, kept while identities made with them live.
+    pub previous_password_key_files: Vec<PathBuf>,
+    /// Seconds from an identity's last session to its deletion (callers may override it). Must
+    /// outlast the GiroIdent check: finAPI forbids deleting a user before its final result.
+    pub retention_secs: u64,
+    /// Seconds between two runs of the reaper, which deletes due identities.
+    pub reaper_interval_secs: u64,
+    /// Seconds after which an identity whose creation nobody completed is resolved by the
+    /// reaper; longer than any request (`server.request_timeout_secs`), so that no lost call
+    /// can still create the user.
+    pub orphan_min_age_secs: u64,
+    /// The earlier password keys, read from `previous_password_key_files`.
+    #[serde(skip)]
+    pub previous_password_keys: Vec<SecretString>,
 }
 
 /// The broker's own HTTP listener.
@@ -101,6 +390,10 @@ pub struct CallerSettings {
     /// Burst for this caller, instead of `limits.caller_burst`.
     #[serde(default)]
     pub burst: Option<u64>,
+    /// Seconds from an identity's last session to its deletion for this caller, instead of
+    /// `identities.retention_secs`.
+    #[serde(default)]
+    pub retention_secs: Option<u64>,
     /// SHA-256 of the key, resolved from whichever source is configured.
     #[serde(skip)]
     key_digest: Option<[u8; 32]>,
@@ -128,6 +421,7 @@ impl CallerSettings {
             flows: flows.iter().map(|f| f.as_str().to_owned()).collect(),
             rate_per_sec: None,
             burst: None,
+            retention_secs: None,
             key_digest: Some(digest),
         }
     }
@@ -253,7 +547,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn single(key: impl Into<String>, problem: impl Into<String>) -> Self {
+    pub fn single(key: impl Into<String>, problem: impl Into<String>) -> Self {
         Self {
             problems: vec![(key.into(), problem.into())],
         }
@@ -540,6 +834,8 @@ impl Settings {
             );
         }
         self.validate_resilience(&mut problem);
+        self.resolve_identities(&mut problem);
+        self.tracing.resolve(env, &mut problem);
 
         if self.log_format().is_none() {
             problem(
@@ -558,6 +854,122 @@ impl Settings {
             Ok(())
         } else {
             Err(ConfigError { problems })
+        }
+    }
+
+    /// Reads the password keys and checks the ledger settings.
+    fn resolve_identities(&mut self, problem: &mut impl FnMut(&str, String)) {
+        use crate::identities::keys::MIN_KEY_BYTES;
+        let too_short = format!("must be at least {MIN_KEY_BYTES} bytes");
+        let i = &mut self.identities;
+        match (&i.password_key, &i.password_key_file) {
+            (Some(_), Some(_)) => problem(
+                "identities.password_key",
+                "set either identities.password_key or identities.password_key_file, not both"
+                    .into(),
+            ),
+            (None, None) => problem(
+                "identities.password_key",
+                format!(
+                    "must be set: {ENV_PREFIX}IDENTITIES__PASSWORD_KEY or \
+                     identities.password_key_file (at least {MIN_KEY_BYTES} random bytes, e.g. \
+                     `openssl rand -hex 32`)"
+                ),
+            ),
+            (None, Some(path)) => match read_secret_file(path) {
+                Ok(key) if key.expose_secret().len() < MIN_KEY_BYTES => {
+                    problem("identities.password_key_file", too_short.clone())
+                }
+                Ok(key) => i.password_key = Some(key),
+                Err(msg) => problem("identities.password_key_file", msg),
+            },
+            (Some(key), None) if key.expose_secret().len() < MIN_KEY_BYTES => {
+                problem("identities.password_key", too_short.clone())
+            }
+            (Some(_), None) => {}
+        }
+        i.previous_password_keys.clear();
+        for (n, path) in i.previous_password_key_files.iter().enumerate() {
+            let key = format!("identities.previous_password_key_files[{n}]");
+            match read_secret_file(path) {
+                Ok(secret) if secret.expose_secret().len() < MIN_KEY_BYTES => {
+                    problem(&key, too_short.clone())
+                }
+                Ok(secret) => i.previous_password_keys.push(secret),
+                Err(msg) => problem(&key, msg),
+            }
+        }
+        if let Some(path) = &i.database_url_file {
+            if i.database_url.expose_secret() != default_database_url() {
+                problem(
+                    "identities.database_url",
+                    "set either identities.database_url or identities.database_url_file, not both"
+                        .into(),
+                );
+            } else {
+                match read_secret_file(path) {
+                    Ok(url) => i.database_url = url,
+                    Err(msg) => problem("identities.database_url_file", msg),
+                }
+            }
+        }
+        let url_key = if i.database_url_file.is_some() {
+            "identities.database_url_file"
+        } else {
+            "identities.database_url"
+        };
+        let url = i.database_url.expose_secret();
+        let scheme = url.split_once(':').map(|(scheme, _)| scheme);
+        if !matches!(scheme, Some("sqlite" | "postgres" | "postgresql")) {
+            // The URL may hold a password: only its scheme is named.
+            problem(
+                url_key,
+                "must be sqlite://PATH or postgres://… (the value is not shown)".into(),
+            );
+        }
+        if i.database_max_connections == 0 {
+            problem(
+                "identities.database_max_connections",
+                "must be at least 1".into(),
+            );
+        }
+        if !(1..=MAX_RETENTION_SECS).contains(&i.retention_secs) {
+            problem(
+                "identities.retention_secs",
+                format!("must be between 1 and {MAX_RETENTION_SECS} (ten years)"),
+            );
+        }
+        if !(1..=86_400).contains(&i.reaper_interval_secs) {
+            problem(
+                "identities.reaper_interval_secs",
+                "must be between 1 and 86400".into(),
+            );
+        }
+        if i.orphan_min_age_secs > 86_400 {
+            problem(
+                "identities.orphan_min_age_secs",
+                "must be at most 86400".into(),
+            );
+        } else if i.orphan_min_age_secs <= self.server.request_timeout_secs {
+            problem(
+                "identities.orphan_min_age_secs",
+                format!(
+                    "must be longer than server.request_timeout_secs ({}): a request still \
+                     running may yet create its user",
+                    self.server.request_timeout_secs
+                ),
+            );
+        }
+        for (n, caller) in self.auth.callers.iter().enumerate() {
+            if caller
+                .retention_secs
+                .is_some_and(|secs| !(1..=MAX_RETENTION_SECS).contains(&secs))
+            {
+                problem(
+                    &format!("auth.callers[{n}].retention_secs"),
+                    format!("must be between 1 and {MAX_RETENTION_SECS} (ten years)"),
+                );
+            }
         }
     }
 
@@ -720,7 +1132,18 @@ impl Settings {
 type Table = toml::Table;
 
 /// Keys that have no default and therefore do not appear in `config/default.toml`.
-const OPTIONAL_KEYS: &[&str] = &["finapi.client_secret", "finapi.client_secret_file"];
+const OPTIONAL_KEYS: &[&str] = &[
+    "finapi.client_secret",
+    "finapi.client_secret_file",
+    "identities.password_key",
+    "identities.password_key_file",
+    "identities.database_url_file",
+];
+/// Longest identity retention, in seconds (ten years): far beyond any GiroIdent check, and
+/// within every date the ledger and the API can write.
+pub const MAX_RETENTION_SECS: u64 = 10 * 365 * 86_400;
+/// Keys whose value is a secret: only the environment may set them, never a file.
+const ENV_ONLY_KEYS: &[&str] = &["finapi.client_secret", "identities.password_key"];
 
 /// The type a key must have: that of its built-in default (optional keys are strings). `None`
 /// for unknown keys.
@@ -779,12 +1202,16 @@ fn overlay_file(
                 key,
                 format!("must be {}, not {}", default.type_str(), value.type_str()),
             )),
-            (Some(None), _) if key == "finapi.client_secret" => problems.push((
-                key,
-                format!(
-                    "not in a file: set {ENV_PREFIX}FINAPI__CLIENT_SECRET or finapi.client_secret_file"
-                ),
-            )),
+            (Some(None), _) if ENV_ONLY_KEYS.contains(&key.as_str()) => {
+                let env = format!(
+                    "{ENV_PREFIX}{}",
+                    key.to_ascii_uppercase().replace('.', "__")
+                );
+                problems.push((
+                    key.clone(),
+                    format!("not in a file: set {env} or {key}_file"),
+                ))
+            }
             (Some(None), value) if !value.is_str() => {
                 problems.push((key, format!("must be string, not {}", value.type_str())))
             }
@@ -869,6 +1296,21 @@ fn check_base_url(url: &str, allow_http: bool) -> Result<(), String> {
     Ok(())
 }
 
+/// `identities.database_url` as `config/default.toml` sets it: `identities.database_url_file`
+/// may only be combined with this value, so that a URL set in two places is refused.
+fn default_database_url() -> String {
+    DEFAULT_TOML
+        .parse::<Table>()
+        .ok()
+        .and_then(|t| {
+            t.get("identities")?
+                .get("database_url")?
+                .as_str()
+                .map(str::to_owned)
+        })
+        .unwrap_or_default()
+}
+
 /// Reads a secret from a file (a Docker or Kubernetes secret): one trailing newline (`\n` or
 /// `\r\n`) is dropped, and an empty secret is refused.
 pub fn read_secret_file(path: &Path) -> Result<SecretString, String> {
@@ -925,6 +1367,10 @@ mod tests {
         env(&[
             ("GIROIDENT_BROKER_FINAPI__CLIENT_ID", "client"),
             ("GIROIDENT_BROKER_FINAPI__CLIENT_SECRET", "s3cret"),
+            (
+                "GIROIDENT_BROKER_IDENTITIES__PASSWORD_KEY",
+                "a-password-key-of-at-least-32-bytes-0123",
+            ),
             (
                 "GIROIDENT_BROKER_AUTH__CALLERS",
                 &format!(
@@ -1090,6 +1536,124 @@ mod tests {
     }
 
     #[test]
+    fn identity_durations_are_bounded_with_their_keys() {
+        let mut vars = valid_env();
+        for (key, value) in [
+            ("IDENTITIES__RETENTION_SECS", "9223372036854775807"),
+            ("IDENTITIES__REAPER_INTERVAL_SECS", "0"),
+            ("IDENTITIES__ORPHAN_MIN_AGE_SECS", "10"),
+        ] {
+            vars.push((format!("{ENV_PREFIX}{key}"), value.into()));
+        }
+        let err = Settings::load_with_env(None, vars).unwrap_err();
+        for key in [
+            "identities.retention_secs",
+            "identities.reaper_interval_secs",
+            "identities.orphan_min_age_secs",
+        ] {
+            assert!(err.mentions(key), "{err}");
+        }
+    }
+
+    #[test]
+    fn tracing_is_off_by_default_and_the_standard_variables_win_over_the_keys() {
+        let s = Settings::load_with_env(None, valid_env()).unwrap();
+        assert_eq!(s.tracing.traces_url(), None);
+        assert!(!s.tracing.propagate_to_finapi);
+        assert_eq!(s.tracing.sampler(), Some(TraceSampler::ParentBasedAlwaysOn));
+
+        let mut vars = valid_env();
+        vars.extend(env(&[
+            (
+                "GIROIDENT_BROKER_TRACING__ENDPOINT",
+                "http://file-side:4318",
+            ),
+            ("GIROIDENT_BROKER_TRACING__SERVICE_NAME", "from-key"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318/"),
+            ("OTEL_SERVICE_NAME", "from-otel"),
+            ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+            ("OTEL_TRACES_SAMPLER_ARG", "0.25"),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "api-key=k%3D1,x-tenant = a "),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", ""),
+        ]));
+        let s = Settings::load_with_env(None, vars.clone()).unwrap();
+        let t = &s.tracing;
+        assert_eq!(
+            t.traces_url().as_deref(),
+            Some("http://collector:4318/v1/traces")
+        );
+        assert_eq!(t.service_name, "from-otel");
+        assert_eq!(
+            t.sampler(),
+            Some(TraceSampler::ParentBasedTraceIdRatio(0.25))
+        );
+        assert_eq!(
+            t.header_pairs().unwrap(),
+            vec![
+                ("api-key".to_owned(), "k=1".to_owned()),
+                ("x-tenant".to_owned(), "a".to_owned())
+            ]
+        );
+        assert_eq!(t.timeout_ms, 10000, "an empty variable counts as unset");
+        assert!(!format!("{s:?}").contains("k%3D1"), "headers are secret");
+
+        vars.push((
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT".into(),
+            "https://c/t".into(),
+        ));
+        let s = Settings::load_with_env(None, vars.clone()).unwrap();
+        assert_eq!(s.tracing.traces_url().as_deref(), Some("https://c/t"));
+        vars.push(("OTEL_SDK_DISABLED".into(), "true".into()));
+        let s = Settings::load_with_env(None, vars).unwrap();
+        assert_eq!(s.tracing.traces_url(), None);
+    }
+
+    #[test]
+    fn the_demo_traces_where_the_standard_variables_say() {
+        let none = TracingSettings::from_otel_env(&|_| None).unwrap();
+        assert_eq!(none.traces_url(), None);
+        let vars = env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")]);
+        let lookup = |name: &str| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        let set = TracingSettings::from_otel_env(&lookup).unwrap();
+        assert_eq!(
+            set.traces_url().as_deref(),
+            Some("http://127.0.0.1:4318/v1/traces")
+        );
+        let bad = |name: &str| (name == "OTEL_TRACES_SAMPLER").then(|| "never".to_owned());
+        assert!(
+            TracingSettings::from_otel_env(&bad)
+                .unwrap_err()
+                .mentions("tracing.sampler")
+        );
+    }
+
+    #[test]
+    fn bad_tracing_settings_are_reported_with_their_keys_and_no_header_value() {
+        let mut vars = valid_env();
+        vars.extend(env(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318"),
+            ("OTEL_TRACES_SAMPLER", "sometimes"),
+            ("OTEL_TRACES_SAMPLER_ARG", "2"),
+            (
+                "OTEL_EXPORTER_OTLP_HEADERS",
+                "api-key=hunter2-secret,broken",
+            ),
+            ("GIROIDENT_BROKER_TRACING__MAX_QUEUE_SIZE", "0"),
+        ]));
+        let err = Settings::load_with_env(None, vars).unwrap_err();
+        for key in [
+            "tracing.endpoint",
+            "tracing.sampler",
+            "tracing.sampler_arg",
+            "tracing.headers",
+            "tracing.max_queue_size",
+        ] {
+            assert!(err.mentions(key), "{key}: {err}");
+        }
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+
+    #[test]
     fn unknown_key_is_refused() {
         let mut vars = valid_env();
         vars.push(("GIROIDENT_BROKER_FINAPI__CLIENT_SECERT".into(), "x".into()));
@@ -1133,6 +1697,48 @@ mod tests {
             "from-file"
         );
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn database_url_comes_from_a_file_and_is_never_set_twice() {
+        let dir = std::env::temp_dir().join(format!("gib-cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let url = "postgres://giroident:pg-pass-1@db/giroident";
+        let path = dir.join("database_url");
+        std::fs::write(&path, format!("{url}\n")).unwrap();
+        let file_var = (
+            "GIROIDENT_BROKER_IDENTITIES__DATABASE_URL_FILE".to_owned(),
+            path.to_str().unwrap().to_owned(),
+        );
+        let mut vars = valid_env();
+        vars.push(file_var.clone());
+        let s = Settings::load_with_env(None, vars.clone()).expect("valid");
+        assert_eq!(s.identities.database_url.expose_secret(), url);
+
+        // Both forms at once: refused, naming the keys but neither URL.
+        vars.push((
+            "GIROIDENT_BROKER_IDENTITIES__DATABASE_URL".into(),
+            "postgres://other:pg-pass-2@db/other".into(),
+        ));
+        let err = Settings::load_with_env(None, vars).unwrap_err();
+        assert!(err.mentions("identities.database_url"), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("database_url_file"), "{text}");
+        assert!(!text.contains("pg-pass"), "{text}");
+
+        // A file whose URL is no database URL: the file's key is named, its content is not.
+        std::fs::write(&path, "mysql://u:pg-pass-3@db/x").unwrap();
+        let mut vars = valid_env();
+        vars.push(file_var.clone());
+        let err = Settings::load_with_env(None, vars).unwrap_err();
+        assert!(err.mentions("identities.database_url_file"), "{err}");
+        assert!(!err.to_string().contains("pg-pass"), "{err}");
+
+        std::fs::remove_dir_all(&dir).unwrap();
+        let mut vars = valid_env();
+        vars.push(file_var);
+        let err = Settings::load_with_env(None, vars).unwrap_err();
+        assert!(err.mentions("identities.database_url_file"), "{err}");
     }
 
     #[test]

@@ -33,6 +33,9 @@ pub enum DemoError {
     /// The broker could not start.
     #[error(transparent)]
     Startup(#[from] StartupError),
+    /// The OS random source failed, so no password key could be made.
+    #[error("the OS random source failed")]
+    NoRandomness,
 }
 
 /// What the `demo` command line asks for.
@@ -48,14 +51,39 @@ pub struct DemoOptions {
     pub config: Option<PathBuf>,
 }
 
+/// Where a demo or test broker keeps its identities.
+pub struct Ledger {
+    /// `identities.database_url`.
+    pub database_url: SecretString,
+    /// `identities.password_key`.
+    pub password_key: SecretString,
+}
+
+impl Ledger {
+    /// A fresh SQLite file in the system's temporary directory and a random password key;
+    /// returns the file's path too.
+    pub fn fresh() -> Result<(Self, PathBuf), getrandom::Error> {
+        let path = std::env::temp_dir().join(format!(
+            "giroident-broker-demo-{}.db",
+            uuid::Uuid::new_v4().simple()
+        ));
+        let ledger = Self {
+            database_url: SecretString::from(format!("sqlite://{}", path.display())),
+            password_key: crate::random::alphanumeric(48)?,
+        };
+        Ok((ledger, path))
+    }
+}
+
 /// The demo's own settings, as a layer over the built-in defaults (see
 /// [`Settings::load_layered`]): the simulator's URLs and client, one caller `demo` holding
-/// `api_key` and allowed both flows, the listeners, and no drain period.
+/// `api_key` and allowed both flows, the identity ledger, the listeners, and no drain period.
 pub fn preset(
     listen: SocketAddr,
     admin_listen: SocketAddr,
     sim_url: &str,
     api_key: &SecretString,
+    ledger: &Ledger,
 ) -> Vec<(String, String)> {
     let digest = to_hex(&sha256(api_key.expose_secret().as_bytes()));
     [
@@ -73,6 +101,14 @@ pub fn preset(
         ("finapi.allow_insecure_http", "true".to_owned()),
         ("finapi.client_id", DEMO_CLIENT_ID.to_owned()),
         ("finapi.client_secret", DEMO_CLIENT_SECRET.to_owned()),
+        (
+            "identities.database_url",
+            ledger.database_url.expose_secret().to_owned(),
+        ),
+        (
+            "identities.password_key",
+            ledger.password_key.expose_secret().to_owned(),
+        ),
     ]
     .into_iter()
     .map(|(key, value)| (key.to_owned(), value))
@@ -85,9 +121,10 @@ pub fn settings_for_simulator(
     admin_listen: SocketAddr,
     sim_url: &str,
     api_key: &SecretString,
+    ledger: &Ledger,
 ) -> Result<Settings, ConfigError> {
     Settings::load_layered(
-        preset(listen, admin_listen, sim_url, api_key),
+        preset(listen, admin_listen, sim_url, api_key, ledger),
         None,
         std::iter::empty(),
     )
@@ -117,11 +154,30 @@ pub async fn run(
     })?;
     let listen = options.listen.unwrap_or(DEFAULT_LISTEN);
     let admin_listen = SocketAddr::new(listen.ip(), 0);
-    let preset = preset(listen, admin_listen, &sim.base_url(), &options.api_key);
+    let (ledger, ledger_path) = match Ledger::fresh() {
+        Ok(fresh) => fresh,
+        Err(_) => {
+            sim.shutdown().await;
+            return Err(DemoError::NoRandomness);
+        }
+    };
+    let preset = preset(
+        listen,
+        admin_listen,
+        &sim.base_url(),
+        &options.api_key,
+        &ledger,
+    );
+    let mut ledger_note = ledger_path.display().to_string();
     let built = match Settings::load_layered(preset, options.config.as_deref(), env) {
         Ok(mut settings) => {
             if let Some(listen) = options.listen {
                 settings.server.listen = listen.to_string();
+            }
+            if settings.identities.database_url.expose_secret()
+                != ledger.database_url.expose_secret()
+            {
+                ledger_note = "identities.database_url, as configured".to_owned();
             }
             Application::build(&settings).await.map_err(DemoError::from)
         }
@@ -140,15 +196,28 @@ pub async fn run(
             app.local_addr(),
             app.admin_addr(),
             &sim.base_url(),
-            options.api_key.expose_secret()
+            options.api_key.expose_secret(),
+            &ledger_note,
         )
     );
     app.run_until_stopped(shutdown).await;
     sim.shutdown().await;
+    // The demo's ledger describes users of a simulator that is gone now.
+    for suffix in ["", "-wal", "-shm"] {
+        let mut file = ledger_path.clone().into_os_string();
+        file.push(suffix);
+        let _ = std::fs::remove_file(file);
+    }
     Ok(())
 }
 
-fn instructions(broker: SocketAddr, admin: SocketAddr, sim_url: &str, api_key: &str) -> String {
+fn instructions(
+    broker: SocketAddr,
+    admin: SocketAddr,
+    sim_url: &str,
+    api_key: &str,
+    ledger: &str,
+) -> String {
     let b = format!("http://{broker}");
     let mut text = String::new();
     let _ = writeln!(text, "giroident-broker demo");
@@ -162,15 +231,30 @@ fn instructions(broker: SocketAddr, admin: SocketAddr, sim_url: &str, api_key: &
         "  simulator: {sim_url}   (finAPI stand-in; call counts at {sim_url}/__sim/stats)"
     );
     let _ = writeln!(text, "  metrics:   http://{admin}/metrics");
+    let _ = writeln!(
+        text,
+        "  ledger:    {ledger}   (the finAPI identities this demo makes; fresh for this run, removed at exit)"
+    );
     let _ = writeln!(text, "\nStandalone flow (Process Controller):");
     let _ = writeln!(
         text,
         "  curl -s -X POST {b}/kyc-sessions -H 'X-Api-Key: {api_key}' -H 'Content-Type: application/json' \\\n    -d '{{\"flow\":\"standalone\",\"clientReference\":\"customer-4711\"}}'"
     );
-    let _ = writeln!(text, "\nAccess flow (new finAPI user):");
     let _ = writeln!(
         text,
-        "  curl -s -X POST {b}/kyc-sessions -H 'X-Api-Key: {api_key}' -H 'Content-Type: application/json' \\\n    -d '{{\"flow\":\"access\",\"email\":\"jane@example.com\"}}'"
+        "\nAccess flow (a finAPI user, reused for the same clientReference):"
+    );
+    let _ = writeln!(
+        text,
+        "  curl -s -X POST {b}/kyc-sessions -H 'X-Api-Key: {api_key}' -H 'Content-Type: application/json' \\\n    -d '{{\"flow\":\"access\",\"clientReference\":\"customer-4711\",\"email\":\"jane@example.com\"}}'"
+    );
+    let _ = writeln!(
+        text,
+        "  curl -s {b}/identities/customer-4711 -H 'X-Api-Key: {api_key}'            # its record"
+    );
+    let _ = writeln!(
+        text,
+        "  curl -s -i -X DELETE {b}/identities/customer-4711 -H 'X-Api-Key: {api_key}'  # delete it"
     );
     let _ = writeln!(
         text,

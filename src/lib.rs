@@ -8,6 +8,7 @@ pub mod demo;
 pub mod finapi;
 pub mod flows;
 pub mod healthcheck;
+pub mod identities;
 pub mod random;
 pub mod resilience;
 pub mod sim;

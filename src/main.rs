@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use giroident_broker::config::{FlowKind, LogFormat, Settings, read_secret_file};
+use giroident_broker::config::{FlowKind, LogFormat, Settings, TracingSettings, read_secret_file};
 use giroident_broker::startup::{Application, shutdown_signal};
 use giroident_broker::telemetry::{self, cause_chain};
 use giroident_broker::{demo, healthcheck, sim};
@@ -125,7 +125,21 @@ async fn run(tool: Tool, config: Option<PathBuf>) -> ExitCode {
             sim_listen,
             api_key,
         } => {
-            let _logs = telemetry::init(LogFormat::Pretty, "info");
+            // The demo's spans go where the standard OTEL_* variables say.
+            let tracing = match TracingSettings::from_otel_env(&|name| std::env::var(name).ok()) {
+                Ok(tracing) => tracing,
+                Err(err) => {
+                    eprintln!("{err}");
+                    return ExitCode::from(2);
+                }
+            };
+            let _logs = match telemetry::init(LogFormat::Pretty, "info", Some(&tracing)) {
+                Ok(telemetry) => telemetry,
+                Err(err) => {
+                    eprintln!("cannot start tracing: {}", cause_chain(&err));
+                    return ExitCode::FAILURE;
+                }
+            };
             let api_key = match api_key
                 .map(SecretString::from)
                 .map_or_else(demo::generate_api_key, Ok)
@@ -162,7 +176,7 @@ async fn run(tool: Tool, config: Option<PathBuf>) -> ExitCode {
             user_token_ttl_secs,
             faults,
         } => {
-            let _logs = telemetry::init(LogFormat::Auto, "info");
+            let _logs = telemetry::init(LogFormat::Auto, "info", None);
             let secret = match sim_secret(client_secret_file) {
                 Ok(secret) => secret,
                 Err(msg) => {
@@ -203,10 +217,17 @@ fn serve(config: Option<PathBuf>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let _logs = telemetry::init(
+    let _telemetry = match telemetry::init(
         settings.log_format().unwrap_or(LogFormat::Auto),
         &settings.log.filter,
-    );
+        Some(&settings.tracing),
+    ) {
+        Ok(telemetry) => telemetry,
+        Err(err) => {
+            eprintln!("cannot start tracing: {}", cause_chain(&err));
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match settings.server.worker_threads {
         1 => tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -17,6 +17,9 @@ use crate::api::{self, AppState, Readiness, SharedState};
 use crate::config::Settings;
 use crate::finapi::{self, InvalidBaseUrl};
 use crate::flows::Flows;
+use crate::flows::identities::IdentitySettings;
+use crate::identities::IdentityStore;
+use crate::identities::keys::{PasswordKey, PasswordKeys};
 
 /// Why the broker could not start.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +33,10 @@ pub enum StartupError {
     /// The listen address is invalid.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    /// The identity ledger could not be opened (unreachable, or a schema newer than this
+    /// binary).
+    #[error("cannot open the identity ledger (identities.database_url)")]
+    Store(#[source] crate::identities::StoreError),
     /// The listener could not be bound.
     #[error("cannot listen on {addr}")]
     Bind {
@@ -61,7 +68,8 @@ impl Application {
             Duration::from_millis(settings.finapi.request_timeout_ms),
         )
         .map_err(StartupError::HttpClient)?;
-        let flows = Arc::new(Flows::new(settings, http)?);
+        let identities = identity_settings(settings).await?;
+        let flows = Arc::new(Flows::new(settings, http, identities)?);
         let readiness = Readiness::new();
         let callers = Callers::from_settings(settings);
         if callers.disabled() {
@@ -140,12 +148,64 @@ impl Application {
         });
         tracing::info!(addr = %self.addr, admin_addr = %self.admin_addr, "broker listening");
         let timeout = self.header_read_timeout;
+        let reaper = tokio::spawn(crate::flows::reaper::run(
+            self.flows.clone(),
+            stop_rx.clone(),
+        ));
         tokio::join!(
             serve(self.listener, self.router, timeout, stop_rx.clone()),
             serve(self.admin_listener, self.admin_router, timeout, stop_rx),
         );
+        // The reaper stops with the listeners; a deletion it is in the middle of keeps its
+        // lease, which expires for the next broker.
+        reaper.abort();
+        let _ = reaper.await;
+        self.flows.close_ledger().await;
         tracing::info!("broker stopped");
     }
+}
+
+/// Opens the ledger (migrating it) and reads the password keys of validated settings.
+async fn identity_settings(settings: &Settings) -> Result<IdentitySettings, StartupError> {
+    let i = &settings.identities;
+    let store = IdentityStore::connect(&i.database_url, i.database_max_connections)
+        .await
+        .map_err(StartupError::Store)?;
+    let key = |secret: &secrecy::SecretString| {
+        PasswordKey::new(secret.clone()).map_err(|_| {
+            StartupError::Config(crate::config::ConfigError::single(
+                "identities.password_key",
+                "must be at least 32 bytes",
+            ))
+        })
+    };
+    let newest = match &i.password_key {
+        Some(secret) => key(secret)?,
+        None => {
+            return Err(StartupError::Config(crate::config::ConfigError::single(
+                "identities.password_key",
+                "must be set",
+            )));
+        }
+    };
+    let older = i
+        .previous_password_keys
+        .iter()
+        .map(key)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(IdentitySettings {
+        store,
+        keys: PasswordKeys::new(newest, older),
+        retention: Duration::from_secs(i.retention_secs),
+        retention_by_caller: settings
+            .auth
+            .callers
+            .iter()
+            .filter_map(|c| Some((c.name.clone(), Duration::from_secs(c.retention_secs?))))
+            .collect(),
+        orphan_min_age: Duration::from_secs(i.orphan_min_age_secs),
+        reaper_interval: Duration::from_secs(i.reaper_interval_secs),
+    })
 }
 
 async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartupError> {

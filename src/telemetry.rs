@@ -2,11 +2,16 @@
 
 use std::io::IsTerminal;
 
-use tracing_appender::non_blocking::WorkerGuard;
-use tracing_subscriber::EnvFilter;
-use tracing_subscriber::fmt::MakeWriter;
+pub mod otel;
 
-use crate::config::LogFormat;
+use tracing_appender::non_blocking::WorkerGuard;
+use tracing_subscriber::filter::filter_fn;
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
+
+use crate::config::{LogFormat, TracingSettings};
 
 /// `outer: cause: root cause`, for logging an error once with its whole chain.
 pub fn cause_chain(err: &dyn std::error::Error) -> String {
@@ -20,19 +25,49 @@ pub fn cause_chain(err: &dyn std::error::Error) -> String {
     text
 }
 
+/// What [`init`] started: dropping it flushes the queued log lines and sends the queued spans.
+pub struct Telemetry {
+    _logs: Option<WorkerGuard>,
+    _spans: Option<otel::OtelGuard>,
+}
+
 /// Installs the global subscriber writing to standard error through a background thread, so
-/// that request handlers never block on a slow log pipe. `RUST_LOG`, when set, overrides
-/// `filter`. Keep the returned guard alive until exit: dropping it flushes what is queued.
-pub fn init(format: LogFormat, filter: &str) -> Option<WorkerGuard> {
+/// that request handlers never block on a slow log pipe, and exporting spans when `tracing`
+/// names an endpoint. `RUST_LOG`, when set, overrides `filter`. Keep the returned guard alive
+/// until exit.
+pub fn init(
+    format: LogFormat,
+    filter: &str,
+    tracing: Option<&TracingSettings>,
+) -> Result<Telemetry, otel::OtelError> {
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         // Under a flood the queue is full: wait rather than lose lines.
         .lossy(false)
         .finish(std::io::stderr());
-    init_with_writer(format, filter, writer).then_some(guard)
+    let (installed, spans) = install(format, filter, writer, tracing)?;
+    Ok(Telemetry {
+        _logs: installed.then_some(guard),
+        _spans: spans,
+    })
 }
 
-/// Like [`init`], with another writer (tests capture logs this way).
+/// Like [`init`] without span export, with another writer (tests capture logs this way).
+/// Returns whether the subscriber was installed (only one per process can be).
 pub fn init_with_writer<W>(format: LogFormat, filter: &str, writer: W) -> bool
+where
+    W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
+{
+    install(format, filter, writer, None).is_ok_and(|(installed, _)| installed)
+}
+
+/// Installs the global subscriber: log lines to `writer`, and spans to the collector of
+/// `tracing` when it names one. Returns whether it was installed, and the export's guard.
+pub fn install<W>(
+    format: LogFormat,
+    filter: &str,
+    writer: W,
+    tracing: Option<&TracingSettings>,
+) -> Result<(bool, Option<otel::OtelGuard>), otel::OtelError>
 where
     W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
 {
@@ -45,21 +80,48 @@ where
         LogFormat::Pretty => false,
         LogFormat::Auto => !std::io::stderr().is_terminal(),
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let lines = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(writer);
-    if json {
-        builder
+    let lines: Box<dyn Layer<Registry> + Send + Sync> = if json {
+        lines
             .json()
             .flatten_event(true)
             .with_current_span(true)
             .with_span_list(false)
-            .try_init()
-            .is_ok()
+            .boxed()
     } else {
-        builder.try_init().is_ok()
-    }
+        lines.boxed()
+    };
+    // Log lines never see the OpenTelemetry-only spans: a request's lines keep showing the
+    // request span's fields.
+    let lines = lines
+        .with_filter(filter)
+        .with_filter(filter_fn(|meta| meta.target() != otel::TARGET));
+    let (layer, guard) = match tracing.map(otel::tracer).transpose()?.flatten() {
+        Some((tracer, guard)) => {
+            let layer = tracing_opentelemetry::layer()
+                .with_tracer(tracer)
+                .with_location(false)
+                .with_threads(false)
+                .with_level(false)
+                // Spans only, and only the broker's: log events never become span events, so
+                // nothing a log line says reaches the collector.
+                .with_filter(filter_fn(|meta| {
+                    meta.is_span()
+                        && meta.target().starts_with("giroident_broker")
+                        && !meta.target().starts_with("giroident_broker::sim")
+                }));
+            (Some(layer), Some(guard))
+        }
+        None => (None, None),
+    };
+    let installed = tracing_subscriber::registry()
+        .with(lines)
+        .with(layer)
+        .try_init()
+        .is_ok();
+    Ok((installed, guard.filter(|_| installed)))
 }
 
 /// Prometheus metrics: names, and the one recorder of the process.
@@ -107,6 +169,34 @@ pub mod metrics {
     pub const CIRCUIT_OPENED: &str = "broker_finapi_circuit_opened_total";
     /// Calls a service's circuit breaker refused (counter).
     pub const CIRCUIT_REJECTED: &str = "broker_finapi_circuit_rejected_total";
+    /// Gauge: managed identities in the ledger, by `state`.
+    pub const IDENTITIES: &str = "broker_identities";
+    /// Counter: identity deletions by `outcome` (`deleted`, `unknown`, or the failure's code).
+    pub const IDENTITY_DELETIONS: &str = "broker_identity_deletions_total";
+    /// Gauge: seconds the oldest overdue deletion is late (0 when none is).
+    pub const IDENTITY_OLDEST_OVERDUE: &str = "broker_identity_oldest_overdue_seconds";
+    /// Gauge: 1 while the identity ledger answers, 0 while it does not.
+    pub const IDENTITY_STORE_UP: &str = "broker_identity_store_up";
+    /// Counter: finished spans not exported, by `reason` (`queue_full`, `export_failed`).
+    pub const TRACE_SPANS_DROPPED: &str = "broker_trace_spans_dropped_total";
+
+    /// Counts one identity deletion attempt by its outcome (a fixed set of codes).
+    pub fn count_identity_deletion(outcome: &'static str) {
+        ::metrics::counter!(IDENTITY_DELETIONS, "outcome" => outcome).increment(1);
+    }
+
+    /// Publishes the ledger's state: records per state and the oldest overdue deletion.
+    pub fn publish_identities(by_state: &[(&'static str, u64)], oldest_overdue_secs: f64) {
+        for (state, count) in by_state {
+            ::metrics::gauge!(IDENTITIES, "state" => *state).set(*count as f64);
+        }
+        ::metrics::gauge!(IDENTITY_OLDEST_OVERDUE).set(oldest_overdue_secs);
+    }
+
+    /// Publishes whether the ledger answers.
+    pub fn publish_store_up(up: bool) {
+        ::metrics::gauge!(IDENTITY_STORE_UP).set(if up { 1.0 } else { 0.0 });
+    }
 
     /// Publishes the flows' resilience counters and breaker states (kept as atomics where
     /// they happen) just before a scrape.
@@ -257,6 +347,24 @@ pub mod metrics {
             "Circuit breaker by service: 1 open or probing, 0 closed"
         );
         describe_counter!(CIRCUIT_OPENED, "Times a service's circuit breaker opened");
+        describe_gauge!(
+            IDENTITIES,
+            "Managed finAPI identities in the ledger by state"
+        );
+        describe_counter!(IDENTITY_DELETIONS, "Identity deletion attempts by outcome");
+        describe_gauge!(
+            IDENTITY_OLDEST_OVERDUE,
+            Unit::Seconds,
+            "How late the oldest overdue identity deletion is"
+        );
+        describe_gauge!(
+            IDENTITY_STORE_UP,
+            "Whether the identity ledger answers (1) or not (0)"
+        );
+        describe_counter!(
+            TRACE_SPANS_DROPPED,
+            "Finished spans not exported: queue full or export failed"
+        );
         describe_counter!(
             CIRCUIT_REJECTED,
             "Calls a service's circuit breaker refused"

@@ -31,6 +31,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+use tracing::Instrument;
 
 use moka::Expiry;
 use moka::future::Cache;
@@ -52,7 +53,13 @@ pub const END_GRACE: Duration = Duration::from_secs(2);
 /// Id sent as `X-Request-Id` with background refreshes.
 const REFRESH_REQUEST_ID: &str = "giroident-broker-token-refresh";
 
+/// Counts a lookup, and says its result on the lookup's span.
 fn count_lookup(result: &'static str) {
+    tracing::Span::current().record("client_token.cache", result);
+    count_lookup_only(result);
+}
+
+fn count_lookup_only(result: &'static str) {
     static HANDLES: HandleCache<&'static str, metrics::Counter> = HandleCache::new();
     HANDLES.with(
         result,
@@ -257,6 +264,15 @@ impl ClientTokenCache {
     /// refresh in flight brings when the cached one has ended, or one fetched once for all
     /// concurrent callers.
     pub async fn get(&self, request_id: &str) -> Result<Arc<ClientToken>, TokenError> {
+        let span = tracing::info_span!(
+            target: crate::telemetry::otel::TARGET,
+            "client_token.lookup",
+            client_token.cache = tracing::field::Empty,
+        );
+        self.lookup(request_id).instrument(span).await
+    }
+
+    async fn lookup(&self, request_id: &str) -> Result<Arc<ClientToken>, TokenError> {
         if let Some(token) = self.cache.get(self.access.client_id()).await {
             let now = Instant::now();
             if !token.is_past_end(now) {
@@ -311,6 +327,20 @@ impl ClientTokenCache {
         stale: &ClientToken,
         bound: Instant,
     ) -> Option<Arc<ClientToken>> {
+        let span = tracing::info_span!(
+            target: crate::telemetry::otel::TARGET,
+            "client_token.wait_for_refresh",
+            client_token.refreshed = tracing::field::Empty,
+        );
+        let got = self
+            .await_refresh(stale, bound)
+            .instrument(span.clone())
+            .await;
+        span.record("client_token.refreshed", got.is_some());
+        got
+    }
+
+    async fn await_refresh(&self, stale: &ClientToken, bound: Instant) -> Option<Arc<ClientToken>> {
         let mut refresh = self.refresh.subscribe();
         let mut waited = false;
         loop {
@@ -342,20 +372,25 @@ impl ClientTokenCache {
     async fn fetch_shared(&self, request_id: &str) -> Result<Arc<ClientToken>, TokenError> {
         let this = self.clone();
         let request_id = request_id.to_owned();
-        tokio::spawn(async move {
-            let key = this.access.client_id().to_owned();
-            this.cache
-                .try_get_with(key, async {
-                    this.stats
-                        .request_path_fetches
-                        .fetch_add(1, Ordering::Relaxed);
-                    let result = this.fetch(&request_id).await;
-                    count_fetch("request", result.is_ok());
-                    result
-                })
-                .await
-                .map_err(TokenError::Fetch)
-        })
+        // The shared fetch belongs to the trace of the request that started it.
+        let span = tracing::Span::current();
+        tokio::spawn(
+            async move {
+                let key = this.access.client_id().to_owned();
+                this.cache
+                    .try_get_with(key, async {
+                        this.stats
+                            .request_path_fetches
+                            .fetch_add(1, Ordering::Relaxed);
+                        let result = this.fetch(&request_id).await;
+                        count_fetch("request", result.is_ok());
+                        result
+                    })
+                    .await
+                    .map_err(TokenError::Fetch)
+            }
+            .instrument(span),
+        )
         .await
         .map_err(|_| TokenError::Aborted)?
     }
@@ -367,8 +402,10 @@ impl ClientTokenCache {
     async fn fetch(&self, request_id: &str) -> Result<Arc<ClientToken>, UpstreamError> {
         let deadline = Deadline::after(self.budget);
         let mut failed = 0;
+        let mut reason = "";
         loop {
-            let err = match self.access.client_token(request_id).await {
+            let call = self.access.client_token(request_id);
+            let err = match crate::finapi::as_attempt(failed + 1, reason, call).await {
                 Ok(answer) => return Ok(self.entry(answer, Instant::now())),
                 Err(err) => err,
             };
@@ -378,6 +415,7 @@ impl ClientTokenCache {
             };
             tracing::debug!(error = %err, delay_ms = delay.as_millis() as u64,
                 "retrying the client-token call");
+            reason = err.outcome();
             tokio::time::sleep(delay).await;
         }
     }
@@ -399,7 +437,13 @@ impl ClientTokenCache {
         };
         let this = self.clone();
         // The hold lives in the task: dropped however the task ends, it wakes the waiters.
-        tokio::spawn(async move { this.refresh(current, &hold).await });
+        // Background work: a trace of its own, not part of the request that found it due.
+        let span = tracing::info_span!(
+            target: crate::telemetry::otel::TARGET,
+            parent: None,
+            "client_token.refresh",
+        );
+        tokio::spawn(async move { this.refresh(current, &hold).instrument(span).await });
     }
 
     /// Asks finAPI until it hands out a token other than `current`, then stores it. Gives up

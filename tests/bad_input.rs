@@ -135,8 +135,8 @@ fn cases() -> Vec<Case> {
             "INVALID_FIELD",
         ),
         case(
-            "clientReference on the access flow",
-            r#"{"flow":"access","clientReference":"c-1"}"#,
+            "an invalid clientReference on the access flow",
+            r#"{"flow":"access","clientReference":"c 1"}"#,
             422,
             "INVALID_FIELD",
         ),

@@ -14,6 +14,10 @@ fn broker(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
 const VALID: &[(&str, &str)] = &[
     ("GIROIDENT_BROKER_FINAPI__CLIENT_ID", "client"),
     ("GIROIDENT_BROKER_FINAPI__CLIENT_SECRET", "cli-test-secret"),
+    (
+        "GIROIDENT_BROKER_IDENTITIES__PASSWORD_KEY",
+        "cli-test-password-key-0123456789abcdef",
+    ),
     ("GIROIDENT_BROKER_AUTH__DISABLED", "true"),
 ];
 

@@ -44,7 +44,15 @@ async fn access_flow_returns_a_user_token_and_the_user_id() {
     let fields: Vec<&String> = session.as_object().unwrap().keys().collect();
     assert_eq!(
         fields,
-        ["accessToken", "expiresIn", "flow", "tokenType", "userId"]
+        [
+            "accessToken",
+            "deleteAfter",
+            "expiresIn",
+            "flow",
+            "identity",
+            "tokenType",
+            "userId"
+        ]
     );
     env.stop().await;
 }

@@ -95,6 +95,40 @@ async fn no_secret_reaches_logs_or_responses() {
         .record(env.delete_current(standalone_token).await)
         .await;
 
+    // Managed identities: created, reused, shown, a deletion finAPI refuses, one it does.
+    let reference = "leak-test-raw-reference-9d2c";
+    for _ in 0..2 {
+        answers
+            .record(
+                env.start_session(json!({"flow": "access", "clientReference": reference}))
+                    .await,
+            )
+            .await;
+    }
+    secrets.gather(&env);
+    let identity_url = format!("{}/identities/{reference}", env.broker_url);
+    for url in [
+        identity_url.clone(),
+        format!("{identity_url}/"),
+        format!("{identity_url}/x"),
+    ] {
+        answers
+            .record(env.http.get(&url).send().await.unwrap())
+            .await;
+    }
+    env.sim.add_fault(FaultRule {
+        endpoint: "DELETE /api/v2/users".into(),
+        status: Some(423),
+        count: Some(1),
+        ..FaultRule::default()
+    });
+    for _ in 0..2 {
+        answers
+            .record(env.http.delete(&identity_url).send().await.unwrap())
+            .await;
+    }
+    secrets.gather(&env);
+
     // Caller errors.
     let plain = reqwest::Client::new();
     let url = format!("{}/kyc-sessions", env.broker_url);
@@ -198,6 +232,13 @@ async fn no_secret_reaches_logs_or_responses() {
     secrets.never.push(("client secret", wrong_secret.into()));
     secrets.never.push(("API key", TEST_API_KEY.into()));
     secrets.never.push(("API key", OTHER_KEY.into()));
+    secrets
+        .never
+        .push(("identity password key", TEST_PASSWORD_KEY.into()));
+    secrets.never.push((
+        "raw client reference",
+        "leak-test-raw-reference-9d2c".into(),
+    ));
 
     let logs = logs.text();
     assert!(

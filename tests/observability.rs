@@ -314,7 +314,13 @@ fn the_readme_configuration_reference_matches_the_code() {
         documented.insert(key, cells[3].trim_matches('`').to_owned());
     }
     let mut expected = default_keys();
-    for optional in ["finapi.client_secret", "finapi.client_secret_file"] {
+    for optional in [
+        "finapi.client_secret",
+        "finapi.client_secret_file",
+        "identities.password_key",
+        "identities.password_key_file",
+        "identities.database_url_file",
+    ] {
         expected.insert(optional.to_owned(), "–".to_owned());
     }
     assert_eq!(

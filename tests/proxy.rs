@@ -4,7 +4,7 @@
 mod common;
 
 use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{CREATE_PROCESS, CREATE_USER};
@@ -32,9 +32,7 @@ async fn upstream_calls_go_through_the_proxy_the_environment_names() {
         .and_then(|l| l.local_addr())
         .expect("a free port");
     let unreachable = "http://finapi.invalid";
-    let child = Command::new(env!("CARGO_BIN_EXE_giroident-broker"))
-        .arg("serve")
-        .env_clear()
+    let child = common::broker_command(&common::sqlite_ledger())
         .envs([
             ("GIROIDENT_BROKER_SERVER__LISTEN", listen.to_string()),
             ("GIROIDENT_BROKER_ADMIN__LISTEN", "127.0.0.1:0".into()),

@@ -5,8 +5,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -247,16 +246,22 @@ async fn a_user_without_a_token_is_a_clean_502_and_counted_as_orphaned() {
 }
 
 #[tokio::test]
-async fn a_user_whose_request_is_abandoned_during_its_grant_is_counted_as_orphaned() {
+async fn a_user_whose_request_is_abandoned_during_its_grant_is_deleted_by_the_reaper() {
     let _serial = one_at_a_time().await;
-    let env = TestEnv::start().await;
+    let env = TestEnv::with(SimConfig::default(), |s| {
+        s.server.request_timeout_secs = 2;
+        s.identities.reaper_interval_secs = 1;
+        s.identities.orphan_min_age_secs = 3;
+    })
+    .await;
     env.sim.add_fault(FaultRule {
         endpoint: PASSWORD_TOKEN.into(),
-        latency_ms: Some(2_000),
+        latency_ms: Some(1_000),
         count: Some(1),
         ..FaultRule::default()
     });
-    // The client gives up while the broker waits for the password grant: hyper drops the flow.
+    // The client gives up while the broker waits for the password grant: hyper drops the flow,
+    // and the identity stays an intent in the ledger.
     let abandoned = tokio::time::timeout(
         Duration::from_millis(500),
         env.start_session(json!({"flow": "access"})),
@@ -264,11 +269,14 @@ async fn a_user_whose_request_is_abandoned_during_its_grant_is_counted_as_orphan
     .await;
     assert!(abandoned.is_err(), "the request was still waiting");
     assert_eq!(env.calls(CREATE_USER, "201"), 1);
+    // Once no lost call can still create it, the reaper finds the user and deletes it.
     assert!(
-        eventually(Duration::from_secs(5), || env.resilience().orphaned_users
+        eventually(Duration::from_secs(15), || env
+            .calls("DELETE /api/v2/users", "200")
             == 1)
         .await,
-        "the created user is counted as orphaned"
+        "the abandoned user was not deleted: {:?}",
+        env.sim.stats()
     );
     env.stop().await;
 }
@@ -350,6 +358,8 @@ async fn the_circuit_opens_when_finapi_is_down_and_closes_when_it_is_back() {
         });
         let needed = open_the_breaker(&env, flow).await;
         let calls_when_open = calls_total(&env.sim.stats(), "");
+        let retries_when_open = env.resilience().retries;
+        // Printed for docs/RELIABILITY.md, not asserted: timings on a shared machine vary.
         let mut slowest = Duration::ZERO;
         for i in 0..20 {
             let started = Instant::now();
@@ -365,7 +375,8 @@ async fn the_circuit_opens_when_finapi_is_down_and_closes_when_it_is_back() {
             );
             expect_problem(response, 503, "UPSTREAM_UNAVAILABLE").await;
         }
-        assert!(slowest < Duration::from_millis(50), "{flow}: {slowest:?}");
+        // At once: no retry and no backoff waited out (a count, not a timing).
+        assert_eq!(env.resilience().retries, retries_when_open, "{flow}");
         assert_eq!(
             calls_total(&env.sim.stats(), ""),
             calls_when_open,
@@ -563,50 +574,29 @@ fn spawn_broker(sim_url: &str, drain_secs: u64) -> (std::process::Child, String)
     let callers = format!(
         r#"[{{name = "load", key_sha256 = "{digest}", flows = ["standalone", "access"]}}]"#
     );
-    let mut child = Command::new(env!("CARGO_BIN_EXE_giroident-broker"))
-        .arg("serve")
-        .env_clear()
-        .envs([
-            ("GIROIDENT_BROKER_SERVER__LISTEN", "127.0.0.1:0"),
-            (
-                "GIROIDENT_BROKER_SERVER__DRAIN_SECS",
-                &drain_secs.to_string(),
-            ),
-            ("GIROIDENT_BROKER_FINAPI__ACCESS_URL", sim_url),
-            ("GIROIDENT_BROKER_FINAPI__PROCESS_CONTROLLER_URL", sim_url),
-            ("GIROIDENT_BROKER_FINAPI__ALLOW_INSECURE_HTTP", "true"),
-            ("GIROIDENT_BROKER_FINAPI__CLIENT_ID", sim::DEMO_CLIENT_ID),
-            (
-                "GIROIDENT_BROKER_FINAPI__CLIENT_SECRET",
-                sim::DEMO_CLIENT_SECRET,
-            ),
-            ("GIROIDENT_BROKER_LOG__FORMAT", "json"),
-            ("GIROIDENT_BROKER_LOG__FILTER", "info"),
-            ("GIROIDENT_BROKER_ADMIN__LISTEN", "127.0.0.1:0"),
-            ("GIROIDENT_BROKER_AUTH__CALLERS", &callers),
-            ("GIROIDENT_BROKER_LIMITS__CALLER_RATE_PER_SEC", "100000"),
-            ("GIROIDENT_BROKER_LIMITS__CALLER_BURST", "100000"),
-            ("GIROIDENT_BROKER_LIMITS__MAX_IN_FLIGHT", "10000"),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the broker binary starts");
-    let stderr = child.stderr.take().unwrap();
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Ok(log) = serde_json::from_str::<Value>(&line)
-                && log["message"] == "broker listening"
-            {
-                let _ = addr_tx.send(log["addr"].as_str().unwrap_or("").to_owned());
-            }
-        }
-    });
-    let addr = addr_rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("the broker logs its address");
-    (child, format!("http://{addr}"))
+    let mut command = broker_command(&sqlite_ledger());
+    command.envs([
+        ("GIROIDENT_BROKER_SERVER__LISTEN", "127.0.0.1:0"),
+        (
+            "GIROIDENT_BROKER_SERVER__DRAIN_SECS",
+            &drain_secs.to_string(),
+        ),
+        ("GIROIDENT_BROKER_FINAPI__ACCESS_URL", sim_url),
+        ("GIROIDENT_BROKER_FINAPI__PROCESS_CONTROLLER_URL", sim_url),
+        ("GIROIDENT_BROKER_FINAPI__ALLOW_INSECURE_HTTP", "true"),
+        ("GIROIDENT_BROKER_FINAPI__CLIENT_ID", sim::DEMO_CLIENT_ID),
+        (
+            "GIROIDENT_BROKER_FINAPI__CLIENT_SECRET",
+            sim::DEMO_CLIENT_SECRET,
+        ),
+        ("GIROIDENT_BROKER_LOG__FILTER", "info"),
+        ("GIROIDENT_BROKER_ADMIN__LISTEN", "127.0.0.1:0"),
+        ("GIROIDENT_BROKER_AUTH__CALLERS", &callers),
+        ("GIROIDENT_BROKER_LIMITS__CALLER_RATE_PER_SEC", "100000"),
+        ("GIROIDENT_BROKER_LIMITS__CALLER_BURST", "100000"),
+        ("GIROIDENT_BROKER_LIMITS__MAX_IN_FLIGHT", "10000"),
+    ]);
+    spawn_broker_binary(command, None)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

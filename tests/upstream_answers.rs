@@ -197,3 +197,24 @@ async fn a_cut_off_client_token_answer_is_retried() {
     assert_eq!(env.all_calls(CLIENT_TOKEN), 2);
     env.stop().await;
 }
+
+#[tokio::test]
+async fn a_token_answer_missing_a_required_field_or_not_bearer_is_a_502() {
+    let env = env().await;
+    for fields in [
+        json!({ "token_type": "x<script>" }),
+        json!({ "token_type": null }),
+        json!({ "expires_in": null }),
+        json!({ "expires_in": -1 }),
+    ] {
+        env.sim.add_fault(set_once(PASSWORD_TOKEN, fields));
+        let response = env.start_session(json!({"flow": "access"})).await;
+        common::expect_problem(response, 502, "UPSTREAM_ERROR").await;
+    }
+    // finAPI's own spelling varies in case; the caller always reads `bearer`.
+    env.sim
+        .add_fault(set_once(PASSWORD_TOKEN, json!({ "token_type": "Bearer" })));
+    let session = common::expect_created(env.start_session(json!({"flow": "access"})).await).await;
+    assert_eq!(session["tokenType"], "bearer");
+    env.stop().await;
+}

@@ -95,9 +95,10 @@ proptest! {
                 prop_assert!(reference_ok(client_reference.as_str()));
                 prop_assert!(email.is_none() && phone.is_none());
             }
-            Ok(SessionRequest::Access { email: e, phone: p }) => {
+            Ok(SessionRequest::Access { client_reference: r, email: e, phone: p }) => {
                 prop_assert_ne!(flow, Some("standalone"));
-                prop_assert!(reference.is_none());
+                prop_assert_eq!(r.is_some(), reference.is_some());
+                prop_assert!(r.as_ref().is_none_or(|r| reference_ok(r.as_str())));
                 prop_assert!(e.as_ref().is_none_or(|e| email_ok(e.as_str())));
                 prop_assert!(p.as_ref().is_none_or(|p| phone_ok(p.as_str())));
             }

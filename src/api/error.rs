@@ -66,6 +66,9 @@ pub enum ApiError {
     /// 404 `NOT_FOUND`.
     #[error("no such path")]
     NotFound,
+    /// 404 `IDENTITY_NOT_FOUND`: the caller has no identity for this reference.
+    #[error("no identity for this reference")]
+    IdentityNotFound,
     /// 405 `METHOD_NOT_ALLOWED`.
     #[error("method not allowed")]
     MethodNotAllowed,
@@ -216,6 +219,11 @@ impl ApiError {
                 "finAPI did not finish in time",
             ),
             Self::Internal => Kind::new(S::INTERNAL_SERVER_ERROR, "INTERNAL", "Internal error"),
+            Self::IdentityNotFound => Kind::new(
+                S::NOT_FOUND,
+                "IDENTITY_NOT_FOUND",
+                "No identity for this client reference",
+            ),
             Self::Flow(e) => flow_kind(e),
         }
     }
@@ -254,9 +262,22 @@ fn flow_kind(err: &FlowError) -> Kind {
         FlowError::OrphanedUser { .. } => {
             Kind::new(S::BAD_GATEWAY, "UPSTREAM_ERROR", "finAPI failed")
         }
-        FlowError::TokenFetchAborted | FlowError::NoRandomness => {
+        FlowError::TokenFetchAborted
+        | FlowError::NoRandomness
+        | FlowError::PasswordKeyMissing { .. } => {
             Kind::new(S::INTERNAL_SERVER_ERROR, "INTERNAL", "Internal error")
         }
+        FlowError::Store(e) if !matches!(**e, crate::identities::StoreError::Unavailable(_)) => {
+            Kind::new(S::INTERNAL_SERVER_ERROR, "INTERNAL", "Internal error")
+        }
+        FlowError::Store(_) => Kind {
+            retry_after: Some(Duration::from_secs(5)),
+            ..Kind::new(
+                S::SERVICE_UNAVAILABLE,
+                "STORE_UNAVAILABLE",
+                "The identity ledger is unavailable",
+            )
+        },
     }
 }
 
@@ -333,6 +354,11 @@ pub(super) struct Problem<'a> {
     /// The request id, also in `X-Request-Id`.
     #[schema(required = true)]
     request_id: Option<String>,
+    /// The W3C trace id of the request (32 lowercase hex digits), present while the broker
+    /// exports traces: the caller's own when it sent a `traceparent`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(example = "4bf92f3577b34da6a3ce929d0e0e4736")]
+    trace_id: Option<String>,
 }
 
 /// The `type` URI of a problem code.
@@ -354,6 +380,7 @@ impl IntoResponse for ApiError {
             detail: kind.detail.as_deref(),
             code: kind.code,
             request_id: request_id::current(),
+            trace_id: request_id::current_trace_id(),
         };
         let body = serde_json::to_vec(&problem).unwrap_or_default();
         let mut response = (kind.status, body).into_response();

@@ -18,9 +18,17 @@ pub fn router() -> Router<AppState> {
 
 /// A probe's answer.
 #[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
 pub(super) struct HealthStatus {
     /// `ok` (livez) or `ready` (readyz).
     status: &'static str,
+    /// readyz only: `up`, or `unavailable` while the identity ledger does not answer. The
+    /// broker stays ready then (the standalone flow works, and replicas sharing the ledger
+    /// would all leave the load balancer); the access flow and the identity endpoints answer
+    /// `503 STORE_UNAVAILABLE`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^(up|unavailable)$")]
+    identity_store: Option<&'static str>,
 }
 
 /// Liveness: the process is up.
@@ -31,10 +39,14 @@ pub(super) struct HealthStatus {
     responses((status = 200, description = "Alive", body = HealthStatus))
 )]
 pub(super) async fn livez() -> Json<HealthStatus> {
-    Json(HealthStatus { status: "ok" })
+    Json(HealthStatus {
+        status: "ok",
+        identity_store: None,
+    })
 }
 
-/// Readiness: ready to serve; 503 from the moment shutdown starts.
+/// Readiness: ready to serve; 503 from the moment shutdown starts. Says whether the identity
+/// ledger answers.
 #[utoipa::path(
     get,
     path = "/readyz",
@@ -46,7 +58,16 @@ pub(super) async fn livez() -> Json<HealthStatus> {
 )]
 pub(super) async fn readyz(State(state): State<AppState>) -> Response {
     if state.readiness.is_ready() {
-        Json(HealthStatus { status: "ready" }).into_response()
+        let store = if state.flows.identity_store_up().await {
+            "up"
+        } else {
+            "unavailable"
+        };
+        Json(HealthStatus {
+            status: "ready",
+            identity_store: Some(store),
+        })
+        .into_response()
     } else {
         ApiError::NotReady.into_response()
     }

@@ -51,7 +51,8 @@ pub struct CreateSessionBody {
     /// `standalone` or `access`; the configured default when absent.
     #[serde(default)]
     pub flow: Option<FlowKind>,
-    /// The caller's reference for the process. Required by `standalone`, refused by `access`.
+    /// The caller's reference: for `standalone` the process's (required), for `access` the end
+    /// customer's (optional: with one, the customer's finAPI identity is reused while it lives).
     #[serde(default)]
     pub client_reference: Option<String>,
     /// E-mail of the new finAPI user. Optional for `access`, refused by `standalone`.
@@ -136,11 +137,17 @@ pub(super) fn flow_body_schemas(default_flow: FlowKind) -> [(&'static str, serde
     let access = json!({
         "type": "object",
         "title": "access",
-        "description": "Access flow: a new finAPI user and its token.",
+        "description": "Access flow: a finAPI user (new, or the customer's reused identity) and its token.",
         "required": required(FlowKind::Access, vec![]),
         "properties": {
             "flow": flow(FlowKind::Access),
-            "clientReference": refused,
+            "clientReference": {
+                "type": ["string", "null"],
+                "description": "The caller's reference for its end customer: with one, the broker keeps one finAPI identity per (caller, reference) and reuses it while it lives.",
+                "minLength": 1,
+                "maxLength": CLIENT_REFERENCE_MAX,
+                "pattern": CLIENT_REFERENCE_PATTERN,
+            },
             "email": {
                 "type": ["string", "null"],
                 "description": "E-mail of the new finAPI user: one `@` with text on both sides; no white space (Unicode White_Space) or control characters.",
@@ -191,15 +198,15 @@ impl CreateSessionBody {
                     client_reference: ClientReference::parse(&reference)?,
                 })
             }
-            FlowKind::Access => {
-                if self.client_reference.is_some() {
-                    return Err(not_for("clientReference"));
-                }
-                Ok(SessionRequest::Access {
-                    email: self.email.as_deref().map(Email::parse).transpose()?,
-                    phone: self.phone.as_deref().map(Phone::parse).transpose()?,
-                })
-            }
+            FlowKind::Access => Ok(SessionRequest::Access {
+                client_reference: self
+                    .client_reference
+                    .as_deref()
+                    .map(ClientReference::parse)
+                    .transpose()?,
+                email: self.email.as_deref().map(Email::parse).transpose()?,
+                phone: self.phone.as_deref().map(Phone::parse).transpose()?,
+            }),
         }
     }
 }
@@ -221,6 +228,16 @@ pub(super) struct SessionBody<'a> {
     /// The finAPI user id (access flow only).
     #[serde(skip_serializing_if = "Option::is_none")]
     user_id: Option<&'a str>,
+    /// Access flow only: `created` (a new finAPI user) or `reused` (the customer's identity
+    /// for the `clientReference`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, pattern = "^(created|reused)$")]
+    identity: Option<&'a str>,
+    /// Access flow only: when the identity will be deleted unless another session comes first
+    /// (RFC 3339, UTC, milliseconds).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    delete_after: Option<String>,
 }
 
 /// Start a KYC session.
@@ -270,6 +287,7 @@ pub(super) async fn create_session(
     tracing::Span::current().record("flow", flow.as_str());
     let ctx = RequestContext {
         request_id,
+        caller: caller.name.clone(),
         end_user,
     };
     let result = start_session(&state, &caller, request, ctx).await;
@@ -314,6 +332,11 @@ fn session_response(session: &KycSession) -> Response {
         expires_in: session.expires_in,
         flow: session.flow,
         user_id: session.user_id.as_deref(),
+        identity: session.identity.as_ref().map(|i| i.used.as_str()),
+        delete_after: session
+            .identity
+            .as_ref()
+            .map(|i| super::identities::rfc3339(i.delete_after)),
     };
     let Ok(bytes) = serde_json::to_vec(&body) else {
         return ApiError::Internal.into_response();
@@ -364,6 +387,7 @@ fn session_response(session: &KycSession) -> Response {
 pub(super) async fn delete_current(
     State(state): State<AppState>,
     Extension(RequestId(request_id)): Extension<RequestId>,
+    Extension(CallerExt(caller)): Extension<CallerExt>,
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
     let result: Result<StatusCode, ApiError> = async {
@@ -371,6 +395,7 @@ pub(super) async fn delete_current(
         let token = bearer_token(&headers).ok_or(ApiError::MissingUserToken)?;
         let ctx = RequestContext {
             request_id,
+            caller: caller.name.clone(),
             end_user,
         };
         tokio::time::timeout(state.request_timeout, state.flows.delete_user(&token, &ctx))
@@ -395,7 +420,7 @@ pub(super) async fn delete_current(
 
 /// The end user's metadata from the `PSU-*` headers (rules at [`end_user_metadata`]); each may
 /// be absent, none may be repeated.
-fn end_user(headers: &HeaderMap) -> Result<EndUserMetadata, ApiError> {
+pub(super) fn end_user(headers: &HeaderMap) -> Result<EndUserMetadata, ApiError> {
     let mut values = [None; 3];
     for (value, name) in values.iter_mut().zip(PSU_HEADERS) {
         let mut all = headers.get_all(name).iter();
@@ -448,14 +473,19 @@ mod tests {
     }
 
     #[test]
-    fn access_refuses_a_reference_and_checks_contact_fields() {
+    fn access_takes_an_optional_reference_and_checks_contact_fields() {
         assert!(
             body(r#"{"flow":"access"}"#)
                 .validate(FlowKind::Standalone)
                 .is_ok()
         );
         let reference = body(r#"{"flow":"access","clientReference":"c-1"}"#);
-        assert!(reference.validate(FlowKind::Standalone).is_err());
+        assert!(reference.validate(FlowKind::Standalone).is_ok());
+        let bad = body(r#"{"flow":"access","clientReference":"c 1"}"#);
+        assert_eq!(
+            bad.validate(FlowKind::Standalone).unwrap_err().field,
+            "clientReference"
+        );
         let phone = body(r#"{"flow":"access","phone":"call me"}"#);
         assert_eq!(
             phone.validate(FlowKind::Standalone).unwrap_err().field,

@@ -6,6 +6,7 @@ pub mod auth;
 mod error;
 mod extract;
 mod health;
+mod identities;
 mod kyc;
 mod openapi;
 pub mod request_id;
@@ -30,7 +31,10 @@ pub use error::{ApiError, problem_type};
 pub use kyc::CreateSessionBody;
 pub use openapi::document as openapi_document;
 
-/// Every path the API serves (none has parameters); used to label metrics.
+/// The identity endpoints' route, the one path with a parameter; its label in metrics.
+pub const IDENTITY_ROUTE: &str = "/identities/{clientReference}";
+
+/// Every path the API serves but [`IDENTITY_ROUTE`]; used to label metrics.
 pub const ROUTES: &[&str] = &[
     "/kyc-sessions",
     "/kyc-sessions/current",
@@ -108,7 +112,9 @@ pub struct SharedState {
 
 /// The whole API with its middleware.
 pub fn router(state: AppState) -> Router {
-    let kyc = kyc::router().route_layer(from_fn_with_state(state.clone(), auth::admit));
+    let kyc = kyc::router()
+        .merge(identities::router())
+        .route_layer(from_fn_with_state(state.clone(), auth::admit));
     Router::new()
         .merge(kyc)
         .merge(health::router())

@@ -12,6 +12,7 @@ use utoipa::{Modify, OpenApi};
 use super::AppState;
 use super::error::Problem;
 use super::health::HealthStatus;
+use super::identities::{EventBody, IdentityBody};
 use super::kyc::{CreateSessionBody, SessionBody, flow_body_schemas};
 use crate::config::FlowKind;
 
@@ -25,13 +26,27 @@ use crate::config::FlowKind;
     paths(
         super::kyc::create_session,
         super::kyc::delete_current,
+        super::identities::get_identity,
+        super::identities::delete_identity,
         super::health::livez,
         super::health::readyz,
         openapi_json
     ),
-    components(schemas(CreateSessionBody, SessionBody, FlowKind, Problem, HealthStatus)),
+    components(schemas(
+        CreateSessionBody,
+        SessionBody,
+        FlowKind,
+        Problem,
+        HealthStatus,
+        IdentityBody,
+        EventBody
+    )),
     modifiers(&SecuritySchemes),
-    tags((name = "kyc", description = "KYC sessions"), (name = "health", description = "Probes"))
+    tags(
+        (name = "kyc", description = "KYC sessions"),
+        (name = "identities", description = "Managed finAPI identities"),
+        (name = "health", description = "Probes")
+    )
 )]
 struct ApiDoc;
 

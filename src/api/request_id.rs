@@ -22,13 +22,29 @@ pub const HEADER: HeaderName = HeaderName::from_static("x-request-id");
 /// Longest request id taken from a caller (finAPI's limit).
 pub const MAX_LEN: usize = 255;
 
+/// The ids of the request a task serves.
+struct Current {
+    id: Arc<str>,
+    /// The W3C trace id (32 lowercase hex digits), while spans are exported.
+    trace_id: Option<Box<str>>,
+}
+
 tokio::task_local! {
-    static CURRENT: Arc<str>;
+    static CURRENT: Current;
 }
 
 /// The request id of the request this task serves, if any.
 pub fn current() -> Option<String> {
-    CURRENT.try_with(|id| id.to_string()).ok()
+    CURRENT.try_with(|c| c.id.to_string()).ok()
+}
+
+/// The trace id of the request this task serves, while spans are exported: the caller's when
+/// it sent a `traceparent` (W3C Trace Context), a new one otherwise.
+pub fn current_trace_id() -> Option<String> {
+    CURRENT
+        .try_with(|c| c.trace_id.as_deref().map(str::to_owned))
+        .ok()
+        .flatten()
 }
 
 /// The id of the current request, as an extension for handlers.
@@ -95,24 +111,47 @@ pub async fn middleware(mut request: Request, next: Next) -> Response {
         }
     };
     request.extensions_mut().insert(RequestId(id.clone()));
+    let route = route_label(request.uri().path());
+    // An identity's path holds the caller's raw client reference, which no log may hold: the
+    // route's template stands in, for any path below it (a trailing slash, an extra segment).
+    let path = if request.uri().path().starts_with("/identities/") {
+        super::IDENTITY_ROUTE
+    } else {
+        request.uri().path()
+    };
     let span = tracing::info_span!(
         "request",
         request_id = %id,
         method = %request.method(),
-        path = %request.uri().path(),
+        path = %path,
         caller = tracing::field::Empty,
         flow = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
+        otel.kind = "server",
     );
-    let route = route_label(request.uri().path());
+    // The caller's trace continues here (W3C Trace Context); the ids go into the log lines.
     let method = method_label(request.method());
+    let trace = crate::telemetry::otel::continue_trace(&span, request.headers(), method, route);
+    if let Some((trace_id, span_id)) = &trace {
+        span.record("trace_id", trace_id.as_str());
+        span.record("span_id", span_id.as_str());
+    }
     let started = Instant::now();
     let in_flight = InFlight::enter();
+    let current = Current {
+        id,
+        trace_id: trace.as_ref().map(|(trace_id, _)| trace_id.as_str().into()),
+    };
     let mut response = CURRENT
-        .scope(id, next.run(request))
+        .scope(current, next.run(request))
         .instrument(span.clone())
         .await;
     drop(in_flight);
     let elapsed = started.elapsed();
+    if trace.is_some() {
+        crate::telemetry::otel::end_server_span(&span, response.status().as_u16());
+    }
     span.in_scope(|| {
         tracing::info!(
             status = response.status().as_u16(),
@@ -149,6 +188,12 @@ pub async fn middleware(mut request: Request, next: Next) -> Response {
 /// The route of a path, for metric labels: the API's paths have no parameters, so a known path
 /// is its own route; anything else is `unmatched` (the label set stays bounded).
 fn route_label(path: &str) -> &'static str {
+    if path
+        .strip_prefix("/identities/")
+        .is_some_and(|rest| !rest.is_empty() && !rest.contains('/'))
+    {
+        return super::IDENTITY_ROUTE;
+    }
     super::ROUTES
         .iter()
         .find(|route| **route == path)

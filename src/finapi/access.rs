@@ -25,6 +25,8 @@ pub struct AccessClient {
     /// `client_id=…&client_secret=…`, form-encoded once: the tail of every token request.
     credentials_form: Arc<SecretString>,
     breaker: Arc<CircuitBreaker>,
+    /// Whether calls carry `traceparent` (`tracing.propagate_to_finapi`).
+    propagate_trace: bool,
 }
 
 impl AccessClient {
@@ -49,7 +51,15 @@ impl AccessClient {
             credentials,
             credentials_form: Arc::new(form.into()),
             breaker,
+            propagate_trace: false,
         })
+    }
+
+    /// Makes the calls carry the W3C `traceparent` of their span while spans are exported
+    /// (`tracing.propagate_to_finapi`; off by default: trace ids would reach a third party).
+    pub fn propagating_trace(mut self, on: bool) -> Self {
+        self.propagate_trace = on;
+        self
     }
 
     /// The circuit breaker guarding this service.
@@ -114,7 +124,15 @@ impl AccessClient {
             Some(end_user) => end_user.apply(request),
             None => request,
         };
-        let body = send(&self.breaker, step, request, request_id, StatusCode::OK).await?;
+        let body = send(
+            &self.breaker,
+            self.propagate_trace,
+            step,
+            request,
+            request_id,
+            StatusCode::OK,
+        )
+        .await?;
         decode::<TokenBody>(step, &body)?.into_token(step)
     }
 
@@ -143,6 +161,7 @@ impl AccessClient {
         let request = end_user.apply(request);
         let body = send(
             &self.breaker,
+            self.propagate_trace,
             Step::CreateUser,
             request,
             request_id,
@@ -150,19 +169,34 @@ impl AccessClient {
         )
         .await?;
         // The answer repeats the password in plain text; only the id is read from it.
-        let id = decode::<CreatedUser>(Step::CreateUser, &body)?.id;
-        // The id goes back to the caller and into logs: only finAPI's id alphabet passes.
-        let valid = (1..=36).contains(&id.len())
-            && id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.+@".contains(&b));
-        if !valid {
-            return Err(UpstreamError::Protocol {
-                step: Step::CreateUser,
-                detail: "a user id outside finAPI's rules",
-            });
-        }
-        Ok(id)
+        checked_user_id(
+            Step::CreateUser,
+            decode::<CreatedUser>(Step::CreateUser, &body)?.id,
+        )
+    }
+
+    /// `GET /api/v2/users`: the id of the user the token belongs to.
+    pub async fn current_user_id(
+        &self,
+        user_token: &SecretString,
+        request_id: &str,
+    ) -> Result<String, UpstreamError> {
+        let request = self
+            .http
+            .get(self.users_url.clone())
+            .header(HOST, self.host.clone())
+            .bearer_auth(user_token.expose_secret());
+        let step = Step::GetUser;
+        let body = send(
+            &self.breaker,
+            self.propagate_trace,
+            step,
+            request,
+            request_id,
+            StatusCode::OK,
+        )
+        .await?;
+        checked_user_id(step, decode::<CreatedUser>(step, &body)?.id)
     }
 
     /// `DELETE /api/v2/users`: deletes the user the token belongs to.
@@ -180,6 +214,7 @@ impl AccessClient {
         );
         send(
             &self.breaker,
+            self.propagate_trace,
             Step::DeleteUser,
             request,
             request_id,
@@ -187,6 +222,23 @@ impl AccessClient {
         )
         .await?;
         Ok(())
+    }
+}
+
+/// A user id finAPI's rules allow (1 to 36 characters of `A-Z a-z 0-9 - _ . + @`): it goes back
+/// to the caller, into logs and into the ledger.
+fn checked_user_id(step: Step, id: String) -> Result<String, UpstreamError> {
+    let valid = (1..=36).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.+@".contains(&b));
+    if valid {
+        Ok(id)
+    } else {
+        Err(UpstreamError::Protocol {
+            step,
+            detail: "a user id outside finAPI's rules",
+        })
     }
 }
 

@@ -13,6 +13,7 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use crate::resilience::CircuitBreaker;
+use tracing::Instrument;
 
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
 use reqwest::{RequestBuilder, Response, StatusCode};
@@ -157,6 +158,8 @@ pub enum Step {
     UserToken,
     /// `DELETE /api/v2/users`.
     DeleteUser,
+    /// `GET /api/v2/users`.
+    GetUser,
     /// `POST /api/v1/processes`.
     CreateProcess,
     /// `GET /api/v1/processes/{processToken}`.
@@ -167,8 +170,38 @@ impl Step {
     /// The finAPI service the call goes to: `access` or `process_controller`.
     pub fn service(self) -> &'static str {
         match self {
-            Self::ClientToken | Self::CreateUser | Self::UserToken | Self::DeleteUser => "access",
+            Self::ClientToken
+            | Self::CreateUser
+            | Self::UserToken
+            | Self::DeleteUser
+            | Self::GetUser => "access",
             Self::CreateProcess | Self::ExchangeProcessToken => "process_controller",
+        }
+    }
+
+    /// The name of the call's span (`finapi.` and the step), stable for dashboards.
+    pub fn span_name(self) -> &'static str {
+        match self {
+            Self::ClientToken => "finapi.client_token",
+            Self::CreateUser => "finapi.create_user",
+            Self::UserToken => "finapi.user_token",
+            Self::DeleteUser => "finapi.delete_user",
+            Self::GetUser => "finapi.get_user",
+            Self::CreateProcess => "finapi.create_process",
+            Self::ExchangeProcessToken => "finapi.exchange_process_token",
+        }
+    }
+
+    /// The call's HTTP method and path template (finAPI reference); the template stands in
+    /// for the path, which holds a process token in the exchange.
+    pub fn route(self) -> (&'static str, &'static str) {
+        match self {
+            Self::ClientToken | Self::UserToken => ("POST", "/api/v2/oauth/token"),
+            Self::CreateUser => ("POST", "/api/v2/users"),
+            Self::DeleteUser => ("DELETE", "/api/v2/users"),
+            Self::GetUser => ("GET", "/api/v2/users"),
+            Self::CreateProcess => ("POST", "/api/v1/processes"),
+            Self::ExchangeProcessToken => ("GET", "/api/v1/processes/{processToken}"),
         }
     }
 
@@ -179,6 +212,7 @@ impl Step {
             Self::CreateUser => "create_user",
             Self::UserToken => "user_token",
             Self::DeleteUser => "delete_user",
+            Self::GetUser => "get_user",
             Self::CreateProcess => "create_process",
             Self::ExchangeProcessToken => "exchange_process_token",
         }
@@ -321,6 +355,23 @@ impl UpstreamError {
         }
     }
 
+    /// A short stable name of what happened: `timeout`, `connect_error`, `transport_error`,
+    /// `body_too_large`, the status (`503`), `circuit_open`, `protocol_error`,
+    /// `request_error` or `decode_error`. A retried call's span names the one before with it.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Self::Timeout { .. } => "timeout",
+            Self::Connect { .. } => "connect_error",
+            Self::Transport { .. } => "transport_error",
+            Self::TooLarge { .. } => "body_too_large",
+            Self::Status { status, .. } => status_label(status.as_u16()),
+            Self::CircuitOpen { .. } => "circuit_open",
+            Self::Protocol { .. } => "protocol_error",
+            Self::Request { .. } => "request_error",
+            Self::Decode { .. } => "decode_error",
+        }
+    }
+
     /// Whether the answer, if any, never arrived: a timeout or a broken connection.
     pub fn answer_lost(&self) -> bool {
         matches!(self, Self::Timeout { .. } | Self::Transport { .. })
@@ -348,6 +399,55 @@ impl UpstreamError {
             Self::Transport { step, source }
         }
     }
+}
+
+tokio::task_local! {
+    /// The attempt a call is (1 for the first) and the outcome of the one before, for its span.
+    static ATTEMPT: (u32, &'static str);
+}
+
+/// Runs `call` as attempt number `attempt` of its step, `retry_reason` being the outcome of
+/// the attempt before (see [`UpstreamError::outcome`]); the call's span says both.
+pub async fn as_attempt<F: Future>(attempt: u32, retry_reason: &'static str, call: F) -> F::Output {
+    ATTEMPT.scope((attempt, retry_reason), call).await
+}
+
+/// The span of one finAPI call: step, service, attempt, method, path template and host, in
+/// OpenTelemetry's HTTP client conventions. Never the URL (a process token travels in one),
+/// a header or a body.
+fn call_span(step: Step, url: &reqwest::Url) -> tracing::Span {
+    if !crate::telemetry::otel::enabled() {
+        return tracing::Span::none();
+    }
+    let (attempt, retry_reason) = ATTEMPT.try_with(|a| *a).unwrap_or((1, ""));
+    let (method, path) = step.route();
+    let span = tracing::info_span!(
+        target: crate::telemetry::otel::TARGET,
+        "finapi",
+        otel.name = step.span_name(),
+        otel.kind = "client",
+        finapi.step = step.as_str(),
+        finapi.service = step.service(),
+        finapi.attempt = attempt,
+        finapi.retry_reason = tracing::field::Empty,
+        http.request.method = method,
+        url.template = path,
+        server.address = url.host_str().unwrap_or(""),
+        server.port = url.port_or_known_default().unwrap_or(0),
+        http.response.status_code = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    );
+    if !retry_reason.is_empty() {
+        span.record("finapi.retry_reason", retry_reason);
+    }
+    span
+}
+
+/// Marks a call's span as failed with `outcome` (OpenTelemetry's `error.type`).
+fn fail_span(span: &tracing::Span, outcome: &'static str) {
+    span.record("error.type", outcome);
+    span.record("otel.status_code", "ERROR");
 }
 
 /// The environment variables reqwest reads proxies from.
@@ -423,24 +523,35 @@ fn endpoint(base: &str, path: &str) -> Result<reqwest::Url, InvalidBaseUrl> {
 /// neither a finAPI call in the metrics nor a breaker failure.
 async fn send(
     breaker: &CircuitBreaker,
+    propagate_trace: bool,
     step: Step,
     request: RequestBuilder,
     request_id: &str,
     expected: StatusCode,
 ) -> Result<Vec<u8>, UpstreamError> {
     let (http, request) = request.header(REQUEST_ID, request_id).build_split();
-    let request = request.map_err(|err| UpstreamError::Request {
+    let mut request = request.map_err(|err| UpstreamError::Request {
         step,
         source: err.without_url(),
     })?;
-    let permit = breaker
-        .acquire()
-        .map_err(|open| UpstreamError::CircuitOpen {
-            step,
-            service: breaker.service(),
-            retry_after: open.retry_after,
-        })?;
-    let result = call(&http, step, request, expected).await;
+    let span = call_span(step, request.url());
+    if propagate_trace && !span.is_none() {
+        crate::telemetry::otel::inject(&span, request.headers_mut());
+    }
+    let permit = match breaker.acquire() {
+        Ok(permit) => permit,
+        Err(open) => {
+            fail_span(&span, "circuit_open");
+            return Err(UpstreamError::CircuitOpen {
+                step,
+                service: breaker.service(),
+                retry_after: open.retry_after,
+            });
+        }
+    };
+    let result = call(&http, step, request, expected, &span)
+        .instrument(span.clone())
+        .await;
     permit.record(
         result
             .as_ref()
@@ -457,6 +568,7 @@ async fn call(
     step: Step,
     request: reqwest::Request,
     expected: StatusCode,
+    span: &tracing::Span,
 ) -> Result<Vec<u8>, UpstreamError> {
     let started = Instant::now();
     let (status, finapi_request_id, result) = match http.execute(request).await {
@@ -486,6 +598,14 @@ async fn call(
         _ => status.map_or("transport_error", |s| status_label(s.as_u16())),
     };
     record_call(step, outcome, elapsed);
+    if !span.is_none() {
+        if let Some(status) = status {
+            span.record("http.response.status_code", status.as_u16());
+        }
+        if result.is_err() {
+            fail_span(span, outcome);
+        }
+    }
     let elapsed_ms = elapsed.as_secs_f64() * 1e3;
     tracing::debug!(
         step = step.as_str(),
@@ -624,29 +744,33 @@ impl ErrorBody {
     }
 }
 
-/// finAPI's token answer (`POST /api/v2/oauth/token`, AccessToken schema).
+/// finAPI's token answer (`POST /api/v2/oauth/token`, AccessToken schema): `access_token`,
+/// `token_type` and `expires_in` are required; an answer without one is no finAPI answer.
 #[derive(Deserialize)]
 struct TokenBody {
     access_token: SecretString,
-    #[serde(default)]
-    token_type: Option<String>,
-    #[serde(default)]
-    expires_in: Option<u64>,
+    token_type: String,
+    expires_in: u64,
 }
 
 impl TokenBody {
-    /// The token, checked against finAPI's contract; an `expires_in` above
-    /// [`MAX_EXPIRES_IN_SECS`] is read as that.
+    /// The token, checked against finAPI's contract (`token_type` is `bearer`, compared without
+    /// case); an `expires_in` above [`MAX_EXPIRES_IN_SECS`] is read as that.
     fn into_token(self, step: Step) -> Result<AccessToken, UpstreamError> {
+        if !self.token_type.eq_ignore_ascii_case("bearer") {
+            return Err(UpstreamError::Protocol {
+                step,
+                detail: "a token_type other than bearer",
+            });
+        }
+        let secs = self.expires_in;
+        if secs > MAX_EXPIRES_IN_SECS {
+            tracing::debug!(expires_in = secs, "finAPI's expires_in read as one year");
+        }
         Ok(AccessToken {
             token: checked_token(step, self.access_token)?,
-            token_type: self.token_type.unwrap_or_else(|| "bearer".to_owned()),
-            expires_in: self.expires_in.map(|secs| {
-                if secs > MAX_EXPIRES_IN_SECS {
-                    tracing::debug!(expires_in = secs, "finAPI's expires_in read as one year");
-                }
-                secs.min(MAX_EXPIRES_IN_SECS)
-            }),
+            token_type: "bearer".to_owned(),
+            expires_in: Some(secs.min(MAX_EXPIRES_IN_SECS)),
         })
     }
 }
@@ -660,17 +784,16 @@ mod tests {
         let token = |expires_in| {
             TokenBody {
                 access_token: SecretString::from("t"),
-                token_type: None,
+                token_type: "bearer".to_owned(),
                 expires_in,
             }
             .into_token(Step::ClientToken)
             .unwrap()
             .expires_in
         };
-        assert_eq!(token(Some(u64::MAX)), Some(MAX_EXPIRES_IN_SECS));
-        assert_eq!(token(Some(3600)), Some(3600));
-        assert_eq!(token(Some(0)), Some(0));
-        assert_eq!(token(None), None);
+        assert_eq!(token(u64::MAX), Some(MAX_EXPIRES_IN_SECS));
+        assert_eq!(token(3600), Some(3600));
+        assert_eq!(token(0), Some(0));
         let mut headers = HeaderMap::new();
         headers.insert(RETRY_AFTER, HeaderValue::from(u64::MAX));
         assert_eq!(

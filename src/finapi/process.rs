@@ -22,6 +22,8 @@ pub struct ProcessControllerClient {
     host: HeaderValue,
     credentials: Arc<ClientCredentials>,
     breaker: Arc<CircuitBreaker>,
+    /// Whether calls carry `traceparent` (`tracing.propagate_to_finapi`).
+    propagate_trace: bool,
 }
 
 impl ProcessControllerClient {
@@ -40,7 +42,15 @@ impl ProcessControllerClient {
             processes_url,
             credentials,
             breaker,
+            propagate_trace: false,
         })
+    }
+
+    /// Makes the calls carry the W3C `traceparent` of their span while spans are exported
+    /// (`tracing.propagate_to_finapi`; off by default: trace ids would reach a third party).
+    pub fn propagating_trace(mut self, on: bool) -> Self {
+        self.propagate_trace = on;
+        self
     }
 
     /// The circuit breaker guarding this service.
@@ -72,6 +82,7 @@ impl ProcessControllerClient {
         );
         let body = send(
             &self.breaker,
+            self.propagate_trace,
             step,
             request,
             request_id,
@@ -116,6 +127,7 @@ impl ProcessControllerClient {
             .append_pair("invalidate", if invalidate { "true" } else { "false" });
         let body = send(
             &self.breaker,
+            self.propagate_trace,
             step,
             end_user.apply(self.http.get(url).header(HOST, self.host.clone())),
             request_id,

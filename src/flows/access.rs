@@ -1,93 +1,17 @@
-//! Use case 2: GiroIdent together with other finAPI products, through a new Access user.
+//! Use case 2: GiroIdent together with other finAPI products: the finAPI calls of an Access
+//! user (`identities` records and reuses the users these calls make).
 
 use std::sync::Arc;
 
 use secrecy::SecretString;
 
-use crate::config::FlowKind;
-use crate::finapi::{AccessToken, NewUser, Step};
+use crate::finapi::{AccessToken, NewUser, Step, as_attempt};
 use crate::resilience::Deadline;
 use crate::token_cache::ClientToken;
 
-use super::retry::ResilienceStats;
-use super::{Email, FlowError, Flows, KycSession, Phone, RequestContext, is_unauthorized};
-
-/// Length of generated passwords: 32 symbols of `A-Z a-z 0-9`, about 190 bits.
-const PASSWORD_LEN: usize = 32;
-
-/// A created user whose token is being asked for. When the flow is dropped before the answer
-/// (the client went away, or the request's time ran out), nobody will see this user: it is
-/// counted and logged as orphaned then, as it is when the password grant fails.
-struct Unclaimed<'a> {
-    stats: &'a ResilienceStats,
-    user_id: &'a str,
-}
-
-impl Unclaimed<'_> {
-    /// The grant answered (with a token or an error): the flow goes on and accounts for it.
-    fn settle(self) {
-        std::mem::forget(self);
-    }
-}
-
-impl Drop for Unclaimed<'_> {
-    fn drop(&mut self) {
-        self.stats.user_orphaned();
-        tracing::warn!(
-            user_id = self.user_id,
-            "finAPI user created, but the request ended before its token was had: orphaned, \
-             delete it"
-        );
-    }
-}
+use super::{FlowError, Flows, RequestContext, is_unauthorized};
 
 impl Flows {
-    /// Creates a user with the cached client token and returns that user's token. A user that
-    /// was created but whose token cannot be had is logged and counted as orphaned; the caller
-    /// gets a clean error, never a half result.
-    pub(super) async fn access(
-        &self,
-        email: Option<Email>,
-        phone: Option<Phone>,
-        ctx: &RequestContext,
-        deadline: &Deadline,
-    ) -> Result<KycSession, FlowError> {
-        let user = NewUser {
-            id: generate_user_id(),
-            password: generate_password()?,
-            email: email.map(Email::into_string),
-            phone: phone.map(Phone::into_string),
-        };
-        let user_id = self.create_user(&user, ctx, deadline).await?;
-        let unclaimed = Unclaimed {
-            stats: &self.stats,
-            user_id: &user_id,
-        };
-        let result = self
-            .user_token(&user_id, &user.password, ctx, deadline)
-            .await;
-        unclaimed.settle();
-        let token = match result {
-            Ok(token) => token,
-            Err(err) => {
-                // Counted here; logged once, with the user id and the cause, where the error
-                // becomes the answer.
-                self.stats.user_orphaned();
-                return Err(FlowError::OrphanedUser {
-                    user_id,
-                    source: Box::new(err),
-                });
-            }
-        };
-        Ok(KycSession {
-            access_token: token.token,
-            token_type: token.token_type,
-            expires_in: token.expires_in,
-            flow: FlowKind::Access,
-            user_id: Some(user_id),
-        })
-    }
-
     /// The client token, waited for at most until the deadline.
     async fn client_token(
         &self,
@@ -111,7 +35,7 @@ impl Flows {
     /// the password grant then proves the user is ours. A 401 means finAPI no longer accepts
     /// the client token: the call is made once more with the next one. A 401 creates no user,
     /// so that retry cannot duplicate one.
-    async fn create_user(
+    pub(super) async fn create_user(
         &self,
         user: &NewUser,
         ctx: &RequestContext,
@@ -122,14 +46,13 @@ impl Flows {
         let mut token_replaced = false;
         let mut maybe_created = false;
         let mut failed = 0;
+        let mut reason = "";
         loop {
+            let call = self
+                .access
+                .create_user(&token.token, user, &ctx.request_id, &ctx.end_user);
             let created = self
-                .attempt(
-                    step,
-                    deadline,
-                    self.access
-                        .create_user(&token.token, user, &ctx.request_id, &ctx.end_user),
-                )
+                .attempt(step, deadline, as_attempt(failed + 1, reason, call))
                 .await?;
             let err = match created {
                 Ok(id) => return Ok(id),
@@ -156,6 +79,7 @@ impl Flows {
                 return Ok(user.id.clone());
             }
             failed += 1;
+            reason = err.outcome();
             maybe_created |= err.may_have_been_handled();
             if !self.back_off(step, failed, &err, deadline).await {
                 if maybe_created {
@@ -172,7 +96,7 @@ impl Flows {
 
     /// `grant_type=password`, retried on transient failures: a token call changes nothing at
     /// finAPI and answers the same token while it is valid.
-    async fn user_token(
+    pub(super) async fn user_token(
         &self,
         user_id: &str,
         password: &SecretString,
@@ -193,13 +117,8 @@ impl Flows {
 }
 
 /// A fresh user id: `gib-` and a random UUID's 32 hex digits (36 characters, finAPI's limit).
-fn generate_user_id() -> String {
+pub(super) fn generate_user_id() -> String {
     format!("gib-{}", uuid::Uuid::new_v4().simple())
-}
-
-/// A strong random password from the OS random source (no fallback: without it, no user).
-fn generate_password() -> Result<SecretString, FlowError> {
-    crate::random::alphanumeric(PASSWORD_LEN).map_err(|_| FlowError::NoRandomness)
 }
 
 #[cfg(test)]

@@ -2,7 +2,9 @@
 //! of HTTP on the broker's side.
 
 mod access;
+pub mod identities;
 pub mod input;
+pub mod reaper;
 mod retry;
 mod standalone;
 
@@ -28,6 +30,9 @@ pub use retry::{ResilienceSnapshot, ResilienceStats};
 pub struct RequestContext {
     /// The request id, passed to finAPI as `X-Request-Id`.
     pub request_id: std::sync::Arc<str>,
+    /// The caller's configured name (`anonymous` without authentication), recorded with the
+    /// identities it makes.
+    pub caller: std::sync::Arc<str>,
     /// The end user's metadata, passed to the finAPI calls made on the end user's behalf.
     pub end_user: EndUserMetadata,
 }
@@ -45,6 +50,8 @@ pub struct KycSession {
     pub flow: FlowKind,
     /// The finAPI user id (access flow only).
     pub user_id: Option<String>,
+    /// The managed identity behind the token (access flow only).
+    pub identity: Option<identities::SessionIdentity>,
 }
 
 /// A flow request, validated.
@@ -57,6 +64,9 @@ pub enum SessionRequest {
     },
     /// Access flow.
     Access {
+        /// The caller's reference for its end customer: with one, the customer's identity is
+        /// reused while it lives.
+        client_reference: Option<ClientReference>,
         /// Optional e-mail of the new user.
         email: Option<Email>,
         /// Optional phone of the new user.
@@ -115,6 +125,15 @@ pub enum FlowError {
     /// The OS random source failed, so no password could be made.
     #[error("the OS random source failed")]
     NoRandomness,
+    /// The identity ledger failed: no finAPI user is created without its record.
+    #[error("the identity ledger failed")]
+    Store(#[source] Arc<crate::identities::StoreError>),
+    /// The password key an identity was made with is no longer configured.
+    #[error("password key {key_id} is not configured: identities made with it cannot log in")]
+    PasswordKeyMissing {
+        /// The key's id, as the ledger records it.
+        key_id: String,
+    },
 }
 
 impl From<UpstreamError> for FlowError {
@@ -143,7 +162,45 @@ impl FlowError {
             | Self::UserLocked(e)
             | Self::Upstream(e) => Some(e),
             Self::OrphanedUser { source, .. } => source.upstream(),
-            Self::BudgetExhausted(_) | Self::TokenFetchAborted | Self::NoRandomness => None,
+            Self::BudgetExhausted(_)
+            | Self::TokenFetchAborted
+            | Self::NoRandomness
+            | Self::Store(_)
+            | Self::PasswordKeyMissing { .. } => None,
+        }
+    }
+
+    /// A short stable code for the ledger's `last_error` and metric labels, never a message
+    /// from finAPI: `LOCKED`, `UPSTREAM_UNAVAILABLE`, `UPSTREAM_TIMEOUT`, `UPSTREAM_ERROR`,
+    /// `UPSTREAM_REJECTED`, `CLIENT_CREDENTIALS_REJECTED`, `STORE_UNAVAILABLE`,
+    /// `PASSWORD_KEY_MISSING` or `INTERNAL`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::UserLocked(_) => "LOCKED",
+            Self::ClientCredentialsRejected(_) => "CLIENT_CREDENTIALS_REJECTED",
+            Self::BudgetExhausted(_) => "UPSTREAM_TIMEOUT",
+            Self::Store(_) => "STORE_UNAVAILABLE",
+            Self::PasswordKeyMissing { .. } => "PASSWORD_KEY_MISSING",
+            Self::TokenFetchAborted | Self::NoRandomness => "INTERNAL",
+            Self::OrphanedUser { source, .. } => source.code(),
+            Self::ClientTokenRejected(e)
+            | Self::UserTokenRejected(e)
+            | Self::NotAUserToken(e)
+            | Self::Upstream(e) => match &**e {
+                UpstreamError::Connect { .. } | UpstreamError::CircuitOpen { .. } => {
+                    "UPSTREAM_UNAVAILABLE"
+                }
+                UpstreamError::Timeout { .. } => "UPSTREAM_TIMEOUT",
+                UpstreamError::Status { status, .. } => match status.as_u16() {
+                    423 => "LOCKED",
+                    429 | 503 => "UPSTREAM_UNAVAILABLE",
+                    504 => "UPSTREAM_TIMEOUT",
+                    400..=499 => "UPSTREAM_REJECTED",
+                    _ => "UPSTREAM_ERROR",
+                },
+                UpstreamError::Request { .. } => "INTERNAL",
+                _ => "UPSTREAM_ERROR",
+            },
         }
     }
 }
@@ -169,11 +226,17 @@ pub struct Flows {
     policy: RetryPolicy,
     session_budget: Duration,
     stats: ResilienceStats,
+    identities: identities::IdentitySettings,
 }
 
 impl Flows {
-    /// Builds the upstream clients and the token cache from validated settings.
-    pub fn new(settings: &Settings, http: reqwest::Client) -> Result<Self, InvalidBaseUrl> {
+    /// Builds the upstream clients and the token cache from validated settings; managed
+    /// identities are recorded in `identities`' ledger.
+    pub fn new(
+        settings: &Settings,
+        http: reqwest::Client,
+        identities: identities::IdentitySettings,
+    ) -> Result<Self, InvalidBaseUrl> {
         let f = &settings.finapi;
         let credentials = Arc::new(ClientCredentials {
             client_id: f.client_id.clone(),
@@ -195,13 +258,15 @@ impl Flows {
             &f.access_url,
             credentials.clone(),
             breaker("access"),
-        )?;
+        )?
+        .propagating_trace(settings.tracing.propagate_to_finapi);
         let processes = ProcessControllerClient::new(
             http,
             &f.process_controller_url,
             credentials,
             breaker("process_controller"),
-        )?;
+        )?
+        .propagating_trace(settings.tracing.propagate_to_finapi);
         let policy = RetryPolicy::new(r, Duration::from_millis(f.request_timeout_ms));
         let session_budget = Duration::from_millis(r.session_budget_ms);
         let tokens = ClientTokenCache::new(
@@ -219,6 +284,7 @@ impl Flows {
             policy,
             session_budget,
             stats: ResilienceStats::default(),
+            identities,
         })
     }
 
@@ -256,31 +322,49 @@ impl Flows {
             SessionRequest::Standalone { client_reference } => {
                 self.standalone(&client_reference, ctx, &deadline).await
             }
-            SessionRequest::Access { email, phone } => {
-                self.access(email, phone, ctx, &deadline).await
+            SessionRequest::Access {
+                client_reference,
+                email,
+                phone,
+            } => {
+                self.access(client_reference.as_ref(), email, phone, ctx, &deadline)
+                    .await
             }
         }
     }
 
-    /// Deletes the finAPI user the given user token belongs to.
+    /// Deletes the finAPI user the given user token belongs to, and closes its ledger record
+    /// if the broker made it. The user's id is learnt first (`GET /api/v2/users`), since the
+    /// deletion answers with no body.
     pub async fn delete_user(
         &self,
         user_token: &SecretString,
         ctx: &RequestContext,
     ) -> Result<(), FlowError> {
+        let user_id = self
+            .access
+            .current_user_id(user_token, &ctx.request_id)
+            .await
+            .map_err(user_call_error)?;
         self.access
             .delete_user(user_token, &ctx.request_id, &ctx.end_user)
             .await
-            .map_err(|err| {
-                let status = err.status().map(|s| s.as_u16());
-                let err = Arc::new(err);
-                match status {
-                    Some(401) => FlowError::UserTokenRejected(err),
-                    Some(403) => FlowError::NotAUserToken(err),
-                    Some(423) => FlowError::UserLocked(err),
-                    _ => FlowError::Upstream(err),
-                }
-            })
+            .map_err(user_call_error)?;
+        self.close_deleted_user(&user_id, ctx).await;
+        Ok(())
+    }
+}
+
+/// A call made with a user token failed: `401` the token is refused, `403` it is no user
+/// token, `423` the user is locked.
+fn user_call_error(err: UpstreamError) -> FlowError {
+    let status = err.status().map(|s| s.as_u16());
+    let err = Arc::new(err);
+    match status {
+        Some(401) => FlowError::UserTokenRejected(err),
+        Some(403) => FlowError::NotAUserToken(err),
+        Some(423) => FlowError::UserLocked(err),
+        _ => FlowError::Upstream(err),
     }
 }
 

@@ -162,8 +162,10 @@ impl Flows {
         Fut: Future<Output = Result<T, UpstreamError>>,
     {
         let mut failed = 0;
+        let mut reason = "";
         loop {
-            let err = match self.attempt(step, deadline, call()).await? {
+            let attempt = crate::finapi::as_attempt(failed + 1, reason, call());
+            let err = match self.attempt(step, deadline, attempt).await? {
                 Ok(value) => return Ok(value),
                 Err(err) => err,
             };
@@ -172,6 +174,7 @@ impl Flows {
                 return Err(classify_credentials_call(err));
             }
             before_retry(&err);
+            reason = err.outcome();
         }
     }
 }

@@ -26,22 +26,25 @@ impl Flows {
         let step = Step::ExchangeProcessToken;
         let mut processes = 0;
         let mut lost = 0;
+        let mut reason = "";
         loop {
             let process_token = self.create_process(client_reference, ctx, deadline).await?;
             processes += 1;
             // Never retried: with invalidate=true the process token is spent by the first
             // exchange, so a second try could only fail, and with invalidate=false it would
             // count against the limit of ten. Whatever went wrong, this token is abandoned.
+            // Each exchange after a restart counts as the step's next attempt.
+            let call = self.processes.exchange_process_token(
+                &process_token,
+                self.invalidate_process_token,
+                &ctx.request_id,
+                &ctx.end_user,
+            );
             let exchanged = self
                 .attempt(
                     step,
                     deadline,
-                    self.processes.exchange_process_token(
-                        &process_token,
-                        self.invalidate_process_token,
-                        &ctx.request_id,
-                        &ctx.end_user,
-                    ),
+                    crate::finapi::as_attempt(processes, reason, call),
                 )
                 .await?;
             let err = match exchanged {
@@ -52,6 +55,7 @@ impl Flows {
                         expires_in: None,
                         flow: FlowKind::Standalone,
                         user_id: None,
+                        identity: None,
                     });
                 }
                 Err(err) => err,
@@ -69,6 +73,7 @@ impl Flows {
             if !self.back_off(step, processes, &err, deadline).await {
                 return Err(err.into());
             }
+            reason = err.outcome();
             self.stats.process_restarted();
             self.stats.process_possibly_abandoned();
         }

@@ -104,12 +104,20 @@ impl Endpoint {
     }
 }
 
-/// The middleware around every route, admin ones included.
+/// The middleware around every route, admin ones included. A request runs to its end in a task
+/// of its own, as on a real server: a client that goes away (or dies) does not stop finAPI from
+/// carrying out what it received.
 pub(crate) async fn around(
     State(state): State<SimState>,
     request: Request,
     next: Next,
 ) -> Response {
+    tokio::spawn(handle(state, request, next))
+        .await
+        .unwrap_or_else(|_| ApiError::unexpected("the request's task failed").render("", ""))
+}
+
+async fn handle(state: SimState, request: Request, next: Next) -> Response {
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     let endpoint = Endpoint::classify(&method, &path);

@@ -12,7 +12,7 @@
 //! | `POST /__sim/revoke-tokens` | invalidates every access and refresh token, `204` |
 //! | `GET /__sim/stats` | [`Stats`] as JSON |
 //! | `DELETE /__sim/stats` | resets the stats, `204` |
-//! | `GET /__sim/psu` | [`PsuHeaders`]: the `PSU-*` headers of the last 64 calls per endpoint |
+//! | `GET /__sim/psu` | [`PsuHeaders`]: the `PSU-*` headers (and `traceparent`) of the last 64 calls per endpoint |
 //! | `DELETE /__sim/psu` | forgets them, `204` |
 //!
 //! Where the reference is silent, the simulator

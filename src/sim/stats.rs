@@ -80,6 +80,10 @@ pub struct PsuRecord {
     pub device_os: Option<String>,
     /// `PSU-User-Agent`.
     pub user_agent: Option<String>,
+    /// `traceparent` (W3C Trace Context), which finAPI ignores; recorded so that tests see
+    /// whether a trace id left the broker. Left out of the JSON when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 impl PsuRecord {
@@ -102,6 +106,7 @@ impl PsuRecord {
             ip_address: value("psu-ip-address"),
             device_os: value("psu-device-os"),
             user_agent: value("psu-user-agent"),
+            traceparent: value("traceparent"),
         }
     }
 }

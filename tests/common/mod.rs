@@ -2,13 +2,16 @@
 //! 127.0.0.1 port 0, talking over real sockets.
 #![allow(dead_code)] // each test binary uses a different part of this module
 
+pub mod pg;
+
 use std::time::Duration;
 
 use giroident_broker::config::Settings;
-use giroident_broker::demo::settings_for_simulator;
+use giroident_broker::demo::{Ledger, settings_for_simulator};
 use giroident_broker::flows::{Flows, ResilienceSnapshot};
 use giroident_broker::sim::{self, SimConfig, SimHandle};
 use giroident_broker::startup::Application;
+use secrecy::SecretString;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -27,11 +30,38 @@ pub struct TestEnv {
 /// The API key of the test caller `demo` (both flows).
 pub const TEST_API_KEY: &str = "test-api-key-0123456789";
 
-/// Settings for a broker in front of `sim`, with the demo client and the test caller.
+/// The identity password key of test brokers (at least 32 bytes).
+pub const TEST_PASSWORD_KEY: &str = "test-password-key-0123456789-abcdefghijklmnop";
+
+/// A ledger in a fresh SQLite file, with the test password key.
+pub fn sqlite_ledger() -> Ledger {
+    let path = std::env::temp_dir().join(format!(
+        "giroident-broker-test-{}.db",
+        uuid::Uuid::new_v4().simple()
+    ));
+    ledger_at(&format!("sqlite://{}", path.display()))
+}
+
+/// A ledger at `database_url`, with the test password key.
+pub fn ledger_at(database_url: &str) -> Ledger {
+    Ledger {
+        database_url: SecretString::from(database_url.to_owned()),
+        password_key: SecretString::from(TEST_PASSWORD_KEY),
+    }
+}
+
+/// Settings for a broker in front of `sim`, with the demo client, the test caller and a fresh
+/// SQLite ledger.
 pub fn settings_for(sim: &SimHandle) -> Settings {
-    let key = secrecy::SecretString::from(TEST_API_KEY);
+    settings_with_ledger(sim, &sqlite_ledger())
+}
+
+/// Settings for a broker in front of `sim`, with the demo client, the test caller and `ledger`.
+pub fn settings_with_ledger(sim: &SimHandle, ledger: &Ledger) -> Settings {
+    let key = SecretString::from(TEST_API_KEY);
     let any_port = "127.0.0.1:0".parse().unwrap();
-    let mut settings = settings_for_simulator(any_port, any_port, &sim.base_url(), &key).unwrap();
+    let mut settings =
+        settings_for_simulator(any_port, any_port, &sim.base_url(), &key, ledger).unwrap();
     // Tests fire bursts of hundreds of requests; rate limits are tested on their own.
     settings.limits.caller_rate_per_sec = 1_000_000;
     settings.limits.caller_burst = 1_000_000;
@@ -173,6 +203,17 @@ impl TestEnv {
     }
 
     /// Stops the broker (after its drain period) and the simulator.
+    /// Stops the broker and hands back its simulator, for a restarted broker.
+    pub async fn stop_broker_keep_sim(mut self) -> SimHandle {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.await.expect("broker task");
+        }
+        self.sim
+    }
+
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -283,4 +324,55 @@ impl std::io::Write for CapturedLogs {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
+}
+
+/// The broker binary with `serve`, a clean environment, JSON logs and `ledger`'s variables;
+/// tests add the rest of their configuration as `GIROIDENT_BROKER_*` variables.
+pub fn broker_command(ledger: &Ledger) -> std::process::Command {
+    use secrecy::ExposeSecret;
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_giroident-broker"));
+    command.arg("serve").env_clear().envs([
+        (
+            "GIROIDENT_BROKER_IDENTITIES__DATABASE_URL",
+            ledger.database_url.expose_secret(),
+        ),
+        (
+            "GIROIDENT_BROKER_IDENTITIES__PASSWORD_KEY",
+            ledger.password_key.expose_secret(),
+        ),
+        ("GIROIDENT_BROKER_LOG__FORMAT", "json"),
+    ]);
+    command
+}
+
+/// Starts `command` (a [`broker_command`] listening on port 0) and returns the child and the
+/// base URL from its "broker listening" log line; its later log lines go to `lines`, if given.
+pub fn spawn_broker_binary(
+    mut command: std::process::Command,
+    lines: Option<std::sync::mpsc::Sender<String>>,
+) -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    let mut child = command
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the broker binary starts");
+    let stderr = child.stderr.take().expect("stderr");
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Ok(log) = serde_json::from_str::<Value>(&line)
+                && log["message"] == "broker listening"
+            {
+                let _ = addr_tx.send(log["addr"].as_str().unwrap_or("").to_owned());
+            }
+            if let Some(lines) = &lines {
+                let _ = lines.send(line);
+            }
+        }
+    });
+    let addr = addr_rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the broker logs its address");
+    (child, format!("http://{addr}"))
 }

@@ -1,0 +1,1059 @@
+//! The identity ledger: one durable record per finAPI user the broker creates, plus an
+//! append-only event log, in SQLite (embedded, the default) or PostgreSQL (shared by replicas).
+//!
+//! The store knows no HTTP and no finAPI wire type. It never holds a token, a password, an
+//! e-mail, a phone number or a caller's raw reference: the caller's reference arrives as a keyed
+//! digest. Both backends run the same SQL (sqlx binds `$N` positionally on SQLite too), except
+//! where PostgreSQL needs row locks to share work between replicas ([`IdentityStore::claim_due`]).
+//! Migrations are versioned per backend in `migrations/sqlite/` and `migrations/postgres/` and
+//! applied by [`IdentityStore::connect`].
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use sqlx::migrate::{MigrateError, Migrator};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use uuid::Uuid;
+
+/// Unix time in milliseconds (UTC); the store's only time type.
+pub type Millis = i64;
+
+/// How long a request waits for a pooled connection before the store counts as unavailable:
+/// short, so that a dead database answers `503` quickly instead of holding requests.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long SQLite waits for another writer's lock (another connection or process on the
+/// same file) before it reports the database busy.
+const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often [`IdentityStore::insert_intent`] retries when the live record it collided with
+/// left the live states before it could be read (a deletion racing the insert).
+const INSERT_ATTEMPTS: usize = 5;
+
+static SQLITE_MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
+static POSTGRES_MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
+
+/// The life cycle of a managed finAPI user.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum IdentityState {
+    /// Written before `POST /api/v2/users`; the finAPI user may or may not exist.
+    Intent,
+    /// The finAPI user exists and may be reused for the caller's reference.
+    Active,
+    /// Deletion requested or due; the reaper deletes the finAPI user.
+    Deleting,
+    /// The finAPI user is gone (or was never created).
+    Deleted,
+}
+
+impl IdentityState {
+    /// Every state, in life-cycle order.
+    pub const ALL: [IdentityState; 4] = [
+        IdentityState::Intent,
+        IdentityState::Active,
+        IdentityState::Deleting,
+        IdentityState::Deleted,
+    ];
+
+    /// The stored form: `intent`, `active`, `deleting` or `deleted`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IdentityState::Intent => "intent",
+            IdentityState::Active => "active",
+            IdentityState::Deleting => "deleting",
+            IdentityState::Deleted => "deleted",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        IdentityState::ALL
+            .into_iter()
+            .find(|state| state.as_str() == s)
+    }
+}
+
+/// One managed finAPI user, as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdentityRecord {
+    /// The broker's identity id.
+    pub id: Uuid,
+    /// The finAPI user id, generated before `POST /api/v2/users` (finAPI treats it
+    /// case-insensitively).
+    pub finapi_user_id: String,
+    /// The caller (API key name) the identity belongs to.
+    pub caller: String,
+    /// Hex keyed digest (HMAC) of the caller's `clientReference`, never the raw reference;
+    /// `None` when the caller sent none (such an identity is never reused).
+    pub reference_digest: Option<String>,
+    /// Id of the password key the finAPI user's password derives from.
+    pub key_id: String,
+    /// The finAPI client (config name) that created the user.
+    pub finapi_client: String,
+    /// Where the identity is in its life cycle.
+    pub state: IdentityState,
+    /// When the intent was written.
+    pub created_at: Millis,
+    /// When a session last used the identity (`None` while an intent).
+    pub last_session_at: Option<Millis>,
+    /// When the identity is due for deletion.
+    pub delete_after: Millis,
+    /// When the finAPI user was found deleted.
+    pub deleted_at: Option<Millis>,
+    /// Failed deletion attempts so far.
+    pub deletion_attempts: u32,
+    /// Short error code of the last failed attempt (the broker's code, never a finAPI message).
+    pub last_error: Option<String>,
+    /// When the reaper may next work on the identity.
+    pub next_attempt_at: Millis,
+}
+
+/// An intent, written before `POST /api/v2/users` (state [`IdentityState::Intent`]).
+#[derive(Clone, Copy, Debug)]
+pub struct NewIdentity<'a> {
+    /// The broker's identity id.
+    pub id: Uuid,
+    /// The finAPI user id about to be created.
+    pub finapi_user_id: &'a str,
+    /// The caller the identity belongs to.
+    pub caller: &'a str,
+    /// Hex keyed digest of the caller's reference (never the raw reference), if any.
+    pub reference_digest: Option<&'a str>,
+    /// Id of the password key the user's password derives from.
+    pub key_id: &'a str,
+    /// The finAPI client name.
+    pub finapi_client: &'a str,
+    /// The current time; becomes `created_at` and `next_attempt_at`.
+    pub now: Millis,
+    /// When the identity becomes due for deletion.
+    pub delete_after: Millis,
+}
+
+/// What [`IdentityStore::insert_intent`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+// Returned once per insert and matched at once: boxing the record would buy nothing.
+#[allow(clippy::large_enum_variant)]
+pub enum Inserted {
+    /// The intent was written.
+    New,
+    /// Nothing was written: this live (intent or active) record already holds the caller's
+    /// reference.
+    Existing(IdentityRecord),
+}
+
+/// What happened to an identity, appended to its event log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// The finAPI user was created.
+    Created,
+    /// A session reused the identity.
+    Reused,
+    /// The finAPI user was deleted.
+    Deleted,
+    /// A deletion attempt failed.
+    DeletionFailed,
+    /// An intent turned out never to have become a finAPI user.
+    NeverCreated,
+}
+
+impl EventKind {
+    const ALL: [EventKind; 5] = [
+        EventKind::Created,
+        EventKind::Reused,
+        EventKind::Deleted,
+        EventKind::DeletionFailed,
+        EventKind::NeverCreated,
+    ];
+
+    /// The stored form: `created`, `reused`, `deleted`, `deletion_failed` or `never_created`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Created => "created",
+            EventKind::Reused => "reused",
+            EventKind::Deleted => "deleted",
+            EventKind::DeletionFailed => "deletion_failed",
+            EventKind::NeverCreated => "never_created",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        EventKind::ALL.into_iter().find(|kind| kind.as_str() == s)
+    }
+}
+
+/// One entry of an identity's event log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdentityEvent {
+    /// What happened.
+    pub kind: EventKind,
+    /// The caller on whose behalf it happened (the reaper's own work names the owner caller).
+    pub caller: String,
+    /// The request id (`X-Request-Id`) of the request that caused it; `None` for the reaper.
+    pub request_id: Option<String>,
+    /// When it happened.
+    pub at: Millis,
+    /// A short code or note (e.g. the error code of a failed deletion); never a finAPI message.
+    pub detail: Option<String>,
+}
+
+/// Why a store operation failed. No variant's text contains a password from the database URL.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached or used right now (connection refused or lost, pool
+    /// timeout after 2 s, I/O error, SQLite file busy, unreadable or not a database). The HTTP
+    /// layer answers `503 STORE_UNAVAILABLE`.
+    #[error("identity store unavailable")]
+    Unavailable(#[source] sqlx::Error),
+    /// The database holds migration `version`, which this binary does not know: it was
+    /// migrated by a newer broker. The broker refuses to start rather than misread it.
+    #[error(
+        "identity store schema is newer than this binary: the database has migration {version}, \
+         the newest this binary knows is {known}; run a broker at least as new as the one that \
+         migrated it",
+        known = latest_known_version()
+    )]
+    SchemaTooNew {
+        /// The newest migration version found in the database.
+        version: i64,
+    },
+    /// Applying the migrations failed (a changed, failed or missing migration).
+    #[error("identity store migration failed")]
+    Migrate(#[source] MigrateError),
+    /// Any other database error (an unexpected constraint, a value that does not decode): a bug
+    /// or a hand-edited database, `500` to a caller.
+    #[error("identity store error")]
+    Other(#[source] sqlx::Error),
+    /// `identities.database_url` is not usable; the message says why and never repeats the
+    /// URL's password.
+    #[error("invalid identities.database_url: {0}")]
+    InvalidUrl(String),
+}
+
+fn latest_known_version() -> i64 {
+    // Both backends carry the same migration versions.
+    SQLITE_MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0)
+}
+
+/// Sorts a database error into "the database is not usable right now" and everything else.
+fn classify(backend: Backend, error: sqlx::Error) -> StoreError {
+    let unavailable = match &error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => {
+            let code = db.code();
+            let code = code.as_deref().unwrap_or("");
+            match backend {
+                // SQLSTATE classes (PostgreSQL appendix A): 08 connection exception, 53
+                // insufficient resources, 57P01-57P03 server shutting down or starting, 58
+                // system error (I/O).
+                Backend::Postgres => {
+                    code.starts_with("08")
+                        || code.starts_with("53")
+                        || code.starts_with("57P")
+                        || code.starts_with("58")
+                }
+                // Primary result codes (sqlite.org/rescode.html) of a file that cannot be used
+                // now: PERM 3, BUSY 5, LOCKED 6, NOMEM 7, READONLY 8, IOERR 10, CORRUPT 11,
+                // FULL 13, CANTOPEN 14, NOTADB 26. sqlx reports the extended code.
+                Backend::Sqlite => code
+                    .parse::<i32>()
+                    .map(|c| matches!(c & 0xff, 3 | 5 | 6 | 7 | 8 | 10 | 11 | 13 | 14 | 26))
+                    .unwrap_or(false),
+            }
+        }
+        _ => false,
+    };
+    if unavailable {
+        StoreError::Unavailable(error)
+    } else {
+        StoreError::Other(error)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+#[derive(Clone)]
+enum Pool {
+    /// SQLite takes one writer at a time: writes go through a pool of one connection, so that
+    /// they queue in the broker instead of meeting a held lock and sleeping in SQLite's busy
+    /// handler; reads (never blocked under WAL) use the other connections.
+    Sqlite {
+        read: SqlitePool,
+        write: SqlitePool,
+    },
+    Postgres(PgPool),
+}
+
+/// The identity ledger. Cheap to clone (a connection pool inside); every clone shares the pool.
+#[derive(Clone)]
+pub struct IdentityStore {
+    pool: Pool,
+}
+
+impl fmt::Debug for IdentityStore {
+    // Only the backend: nothing derived from the connect options (which hold the password).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdentityStore")
+            .field("backend", &self.backend())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Runs `$body` with `$pool` bound to whichever pool the store has; the SQL is shared, the
+/// driver types differ per arm. Errors are classified for the store's backend.
+macro_rules! with_pool {
+    ($store:expr, |$pool:ident| $body:expr) => {
+        match &$store.pool {
+            Pool::Sqlite { read: $pool, .. } => ($body).map_err(|e| classify(Backend::Sqlite, e)),
+            Pool::Postgres($pool) => ($body).map_err(|e| classify(Backend::Postgres, e)),
+        }
+    };
+}
+
+/// Like `with_pool!`, for statements that write: SQLite's writer connection.
+macro_rules! with_writer {
+    ($store:expr, |$pool:ident| $body:expr) => {
+        match &$store.pool {
+            Pool::Sqlite { write: $pool, .. } => ($body).map_err(|e| classify(Backend::Sqlite, e)),
+            Pool::Postgres($pool) => ($body).map_err(|e| classify(Backend::Postgres, e)),
+        }
+    };
+}
+
+/// The record as stored; converted to [`IdentityRecord`] by [`RawRecord::into_record`].
+#[derive(sqlx::FromRow)]
+struct RawRecord {
+    id: String,
+    finapi_user_id: String,
+    caller: String,
+    reference_digest: Option<String>,
+    key_id: String,
+    finapi_client: String,
+    state: String,
+    created_at: i64,
+    last_session_at: Option<i64>,
+    delete_after: i64,
+    deleted_at: Option<i64>,
+    deletion_attempts: i64,
+    last_error: Option<String>,
+    next_attempt_at: i64,
+}
+
+const RECORD_COLUMNS: &str = "id, finapi_user_id, caller, reference_digest, key_id, finapi_client, \
+     state, created_at, last_session_at, delete_after, deleted_at, deletion_attempts, last_error, \
+     next_attempt_at";
+
+fn decode_error(column: &str, value: &str) -> StoreError {
+    StoreError::Other(sqlx::Error::ColumnDecode {
+        index: column.to_owned(),
+        source: format!("unexpected value {value:?}").into(),
+    })
+}
+
+impl RawRecord {
+    fn into_record(self) -> Result<IdentityRecord, StoreError> {
+        let id = Uuid::parse_str(&self.id).map_err(|_| decode_error("id", &self.id))?;
+        let state =
+            IdentityState::parse(&self.state).ok_or_else(|| decode_error("state", &self.state))?;
+        Ok(IdentityRecord {
+            id,
+            finapi_user_id: self.finapi_user_id,
+            caller: self.caller,
+            reference_digest: self.reference_digest,
+            key_id: self.key_id,
+            finapi_client: self.finapi_client,
+            state,
+            created_at: self.created_at,
+            last_session_at: self.last_session_at,
+            delete_after: self.delete_after,
+            deleted_at: self.deleted_at,
+            deletion_attempts: u32::try_from(self.deletion_attempts.max(0)).unwrap_or(u32::MAX),
+            last_error: self.last_error,
+            next_attempt_at: self.next_attempt_at,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct RawEvent {
+    kind: String,
+    caller: String,
+    request_id: Option<String>,
+    at: i64,
+    detail: Option<String>,
+}
+
+fn records(raw: Vec<RawRecord>) -> Result<Vec<IdentityRecord>, StoreError> {
+    raw.into_iter().map(RawRecord::into_record).collect()
+}
+
+fn record(raw: Option<RawRecord>) -> Result<Option<IdentityRecord>, StoreError> {
+    raw.map(RawRecord::into_record).transpose()
+}
+
+/// The reason sqlx gives for refusing `url`, without its password and without sqlx's
+/// repeated "error with configuration" prefixes.
+fn invalid_url(error: &sqlx::Error, url: &str) -> StoreError {
+    let reason = error.to_string().replace("error with configuration: ", "");
+    StoreError::InvalidUrl(scrub(reason, url))
+}
+
+/// Removes the URL's passwords (user info and a libpq `password=` parameter), raw and
+/// percent-decoded, from a message about the URL.
+fn scrub(mut message: String, url: &str) -> String {
+    for password in url_passwords(url) {
+        for form in [password.to_owned(), percent_decode(password)] {
+            if !form.is_empty() {
+                message = message.replace(&form, "***");
+            }
+        }
+    }
+    message
+}
+
+/// The passwords in `scheme://user:password@host/…?password=…`.
+fn url_passwords(url: &str) -> Vec<&str> {
+    let mut found = Vec::new();
+    let rest = url.find("://").map_or(url, |i| &url[i + 3..]);
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    if let Some(at) = authority.rfind('@')
+        && let Some((_, password)) = authority[..at].split_once(':')
+    {
+        found.push(password);
+    }
+    if let Some(query) = url.split_once('?').map(|(_, q)| q) {
+        let query = query.split('#').next().unwrap_or("");
+        for pair in query.split('&') {
+            if let Some(("password", value)) = pair.split_once('=') {
+                found.push(value);
+            }
+        }
+    }
+    found
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let decoded = (bytes[i] == b'%')
+            .then(|| s.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match decoded {
+            Some(byte) => {
+                out.push(byte);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+impl IdentityStore {
+    /// Connects to `url`, checks that the schema is not newer than this binary, and applies
+    /// the migrations this binary carries (idempotent; PostgreSQL replicas starting together
+    /// serialise on sqlx's advisory lock).
+    ///
+    /// `url` is `sqlite://PATH` or `sqlite:PATH` (the file is created if missing; WAL journal,
+    /// 5 s busy timeout, foreign keys on; in-memory databases are refused because the ledger
+    /// must outlive the process), or `postgres://…` / `postgresql://…` (libpq URL syntax, TLS
+    /// via `sslmode`; PostgreSQL 12 or newer). `max_connections` bounds the pool (at least 1). A connection is opened
+    /// at once, so a database that cannot be reached fails here.
+    ///
+    /// Errors: [`StoreError::InvalidUrl`] for an unknown scheme, an in-memory SQLite database or
+    /// an unparsable URL; [`StoreError::Unavailable`] when the database cannot be reached or
+    /// opened; [`StoreError::SchemaTooNew`]; [`StoreError::Migrate`].
+    pub async fn connect(url: &SecretString, max_connections: u32) -> Result<Self, StoreError> {
+        let raw = url.expose_secret().trim();
+        let max_connections = max_connections.max(1);
+        let store = if raw.starts_with("sqlite:") {
+            Self::connect_sqlite(raw, max_connections).await?
+        } else if raw.starts_with("postgres://") || raw.starts_with("postgresql://") {
+            Self::connect_postgres(raw, max_connections).await?
+        } else {
+            return Err(StoreError::InvalidUrl(
+                "expected sqlite://PATH, postgres://… or postgresql://…".to_owned(),
+            ));
+        };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn connect_sqlite(raw: &str, max_connections: u32) -> Result<Self, StoreError> {
+        let path = raw.trim_start_matches("sqlite:").trim_start_matches("//");
+        if path.is_empty() || path.starts_with(":memory:") || raw.contains("mode=memory") {
+            return Err(StoreError::InvalidUrl(
+                "an SQLite ledger needs a file (sqlite://PATH); in-memory databases are lost at exit"
+                    .to_owned(),
+            ));
+        }
+        let options = SqliteConnectOptions::from_str(raw)
+            .map_err(|e| invalid_url(&e, raw))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(SQLITE_BUSY_TIMEOUT)
+            .foreign_keys(true);
+        // The writer first: it creates the file and sets WAL before readers open it.
+        let write = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(options.clone())
+            .await
+            .map_err(|e| classify(Backend::Sqlite, e))?;
+        let read = SqlitePoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(options)
+            .await
+            .map_err(|e| classify(Backend::Sqlite, e))?;
+        Ok(Self {
+            pool: Pool::Sqlite { read, write },
+        })
+    }
+
+    async fn connect_postgres(raw: &str, max_connections: u32) -> Result<Self, StoreError> {
+        let options = PgConnectOptions::from_str(raw).map_err(|e| invalid_url(&e, raw))?;
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(options)
+            .await
+            .map_err(|e| classify(Backend::Postgres, e))?;
+        Ok(Self {
+            pool: Pool::Postgres(pool),
+        })
+    }
+
+    /// Refuses a schema newer than this binary, then applies the pending migrations.
+    async fn migrate(&self) -> Result<(), StoreError> {
+        if let Some(version) = self.newest_applied_migration().await?
+            && version > latest_known_version()
+        {
+            return Err(StoreError::SchemaTooNew { version });
+        }
+        let result = match &self.pool {
+            Pool::Sqlite { write, .. } => SQLITE_MIGRATOR.run(write).await,
+            Pool::Postgres(pool) => POSTGRES_MIGRATOR.run(pool).await,
+        };
+        result.map_err(|e| match e {
+            // Another replica may have migrated further between the check and the run.
+            MigrateError::VersionMissing(version) if version > latest_known_version() => {
+                StoreError::SchemaTooNew { version }
+            }
+            MigrateError::Execute(e) => match classify(self.backend_kind(), e) {
+                unavailable @ StoreError::Unavailable(_) => unavailable,
+                StoreError::Other(e) => StoreError::Migrate(MigrateError::Execute(e)),
+                other => other,
+            },
+            e => StoreError::Migrate(e),
+        })
+    }
+
+    /// The newest version in sqlx's `_sqlx_migrations` table, `None` on a fresh database.
+    async fn newest_applied_migration(&self) -> Result<Option<i64>, StoreError> {
+        const SQLITE_HAS_TABLE: &str =
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'";
+        const PG_HAS_TABLE: &str = "SELECT COUNT(*) FROM pg_tables WHERE schemaname = current_schema() AND tablename = '_sqlx_migrations'";
+        const NEWEST: &str = "SELECT MAX(version) FROM _sqlx_migrations";
+        let has_table: i64 = with_pool!(self, |pool| {
+            let sql = match self.backend_kind() {
+                Backend::Sqlite => SQLITE_HAS_TABLE,
+                Backend::Postgres => PG_HAS_TABLE,
+            };
+            sqlx::query_scalar(sql).fetch_one(pool).await
+        })?;
+        if has_table == 0 {
+            return Ok(None);
+        }
+        with_pool!(self, |pool| sqlx::query_scalar(NEWEST)
+            .fetch_one(pool)
+            .await)
+    }
+
+    fn backend_kind(&self) -> Backend {
+        match self.pool {
+            Pool::Sqlite { .. } => Backend::Sqlite,
+            Pool::Postgres(_) => Backend::Postgres,
+        }
+    }
+
+    /// `"sqlite"` or `"postgres"` (for logs and metrics labels).
+    pub fn backend(&self) -> &'static str {
+        match self.backend_kind() {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        }
+    }
+
+    /// Closes every connection, waiting for those in use. SQLite writes its write-ahead log
+    /// back into the database file when the last connection closes, so a stopped broker
+    /// leaves one self-contained file.
+    pub async fn close(&self) {
+        match &self.pool {
+            Pool::Sqlite { read, write } => {
+                read.close().await;
+                write.close().await;
+            }
+            Pool::Postgres(pool) => pool.close().await,
+        }
+    }
+
+    /// Readiness: one round trip to the database. Errors: [`StoreError::Unavailable`].
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let _: i32 = with_pool!(self, |pool| sqlx::query_scalar("SELECT 1")
+            .fetch_one(pool)
+            .await)?;
+        Ok(())
+    }
+
+    /// Writes an intent (state `intent`, `next_attempt_at = now`), before the finAPI user is
+    /// created. With a `reference_digest` there is at most one live (intent or active) record
+    /// per (caller, digest), enforced by a partial unique index: of any number of concurrent
+    /// inserts exactly one gets [`Inserted::New`], the others [`Inserted::Existing`] with the
+    /// live record. Without a digest the intent is always new. Appends no event.
+    ///
+    /// Errors: [`StoreError::Other`] when `id` or `finapi_user_id` (case-insensitively) is
+    /// already taken; [`StoreError::Unavailable`].
+    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.insert_intent", skip_all, fields(otel.kind = "client", db.operation.name = "insert_intent"))]
+    pub async fn insert_intent(&self, new: &NewIdentity<'_>) -> Result<Inserted, StoreError> {
+        const SQL: &str = "INSERT INTO identities (id, finapi_user_id, caller, reference_digest, \
+             key_id, finapi_client, state, created_at, delete_after, next_attempt_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, 'intent', $7, $8, $7) \
+             ON CONFLICT (caller, reference_digest) \
+             WHERE reference_digest IS NOT NULL AND state IN ('intent', 'active') DO NOTHING";
+        let id = new.id.to_string();
+        for _ in 0..INSERT_ATTEMPTS {
+            let inserted = with_writer!(self, |pool| sqlx::query(SQL)
+                .bind(&id)
+                .bind(new.finapi_user_id)
+                .bind(new.caller)
+                .bind(new.reference_digest)
+                .bind(new.key_id)
+                .bind(new.finapi_client)
+                .bind(new.now)
+                .bind(new.delete_after)
+                .execute(pool)
+                .await
+                .map(|done| done.rows_affected()))?;
+            if inserted == 1 {
+                return Ok(Inserted::New);
+            }
+            // Only the live-reference index can swallow an insert, so there is a digest.
+            let Some(digest) = new.reference_digest else {
+                break;
+            };
+            if let Some(live) = self.find_live(new.caller, digest).await? {
+                return Ok(Inserted::Existing(live));
+            }
+        }
+        // The live record kept leaving the live states between our insert and our read.
+        Err(StoreError::Other(sqlx::Error::RowNotFound))
+    }
+
+    /// The reusable (intent or active) record for the caller's reference, if any.
+    /// Errors: [`StoreError::Unavailable`], [`StoreError::Other`].
+    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.find_live", skip_all, fields(otel.kind = "client", db.operation.name = "find_live"))]
+    pub async fn find_live(
+        &self,
+        caller: &str,
+        reference_digest: &str,
+    ) -> Result<Option<IdentityRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {RECORD_COLUMNS} FROM identities WHERE caller = $1 AND reference_digest = $2 \
+             AND state IN ('intent', 'active')"
+        );
+        let raw = with_pool!(self, |pool| sqlx::query_as::<_, RawRecord>(&sql)
+            .bind(caller)
+            .bind(reference_digest)
+            .fetch_optional(pool)
+            .await)?;
+        record(raw)
+    }
+
+    /// The newest record (by `created_at`) of any state for the caller's reference, if any.
+    /// Errors: [`StoreError::Unavailable`], [`StoreError::Other`].
+    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.find_latest", skip_all, fields(otel.kind = "client", db.operation.name = "find_latest"))]
+    pub async fn find_latest(
+        &self,
+        caller: &str,
+        reference_digest: &str,
+    ) -> Result<Option<IdentityRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {RECORD_COLUMNS} FROM identities WHERE caller = $1 AND reference_digest = $2 \
+             ORDER BY created_at DESC, id DESC LIMIT 1"
+        );
+        let raw = with_pool!(self, |pool| sqlx::query_as::<_, RawRecord>(&sql)
+            .bind(caller)
+            .bind(reference_digest)
+            .fetch_optional(pool)
+            .await)?;
+        record(raw)
+    }
+
+    /// The record of a finAPI user id, compared case-insensitively (finAPI user ids are).
+    /// Errors: [`StoreError::Unavailable`], [`StoreError::Other`].
+    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.find_by_finapi_user", skip_all, fields(otel.kind = "client", db.operation.name = "find_by_finapi_user"))]
+    pub async fn find_by_finapi_user(
+        &self,
+        finapi_user_id: &str,
+    ) -> Result<Option<IdentityRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {RECORD_COLUMNS} FROM identities WHERE lower(finapi_user_id) = lower($1)"
+        );
+        let raw = with_pool!(self, |pool| sqlx::query_as::<_, RawRecord>(&sql)
+            .bind(finapi_user_id)
+            .fetch_optional(pool)
+            .await)?;
+        record(raw)
+    }
+
+    /// The record with the broker's identity id `id`, if any.
+    /// Errors: [`StoreError::Unavailable`], [`StoreError::Other`].
+    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.get", skip_all, fields(otel.kind = "client", db.operation.name = "get"))]
+    pub async fn get(&self, id: Uuid) -> Result<Option<IdentityRecord>, StoreError> {
+        let sql = format!("SELECT {RECORD_COLUMNS} FROM identities WHERE id = $1");
+        let id = id.to_string();
+        let raw = with_pool!(self, |pool| sqlx::query_as::<_, RawRecord>(&sql)
+            .bind(&id)
+            .fetch_optional(pool)
+            .await)?;
+        record(raw)
+    }
+
+    /// Runs a state change: `sql` with `$1` the identity id and `$2…` the `times`.
+    /// Runs an update of one record; returns how many rows it changed (0 or 1).
+    async fn update(&self, sql: &str, id: Uuid, times: &[Millis]) -> Result<u64, StoreError> {
+        let id = id.to_string();
+        with_writer!(self, |pool| {
+            let mut query = sqlx::query(sql).bind(&id);
+            for time in times {
+                query = query.bind(*time);
+            }
+            query.execute(pool).await.map(|done| done.rows_affected())
+        })
+    }
+
+    /// `intent` → `active`: the finAPI user exists. Sets `last_session_at = now` and
+    /// `delete_after`. Returns `false`, changing nothing, when the record is no longer an intent
+    /// (a caller's deletion or the reaper came first). Errors: [`StoreError::Unavailable`],
+    /// [`StoreError::Other`].
+    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.activate", skip_all, fields(otel.kind = "client", db.operation.name = "activate"))]
+    pub async fn activate(
+        &self,
+        id: Uuid,
+        now: Millis,
+        delete_after: Millis,
+    ) -> Result<bool, StoreError> {
+        self.update(
+            "UPDATE identities SET state = 'active', last_session_at = $2, delete_after = $3 \
+             WHERE id = $1 AND state = 'intent'",
+            id,
+            &[now, delete_after],
+        )
+        .await
+        .map(|changed| changed == 1)
+    }
+
+    /// A reused session: `last_session_at = now` and the new `delete_after`, only while the
+    /// record is active; returns `false`, changing nothing, when it no longer is (its deletion
+    /// began). Errors: [`StoreError::Unavailable`], [`StoreError::Other`].
+    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.touch", skip_all, fields(otel.kind = "client", db.operation.name = "touch"))]
+    pub async fn touch(
+        &self,
+        id: Uuid,
+        now: Millis,
+        delete_after: Millis,
+    ) -> Result<bool, StoreError> {
+        self.update(
+            "UPDATE identities SET last_session_at = $2, delete_after = $3 \
+             WHERE id = $1 AND state = 'active'",
+            id,
+            &[now, delete_after],
+        )
+        .await
+        .map(|changed| changed == 1)
+    }
+
+    /// `intent`/`active` → `deleting` (a caller asked, or deletion is due), with
+    /// `next_attempt_at = now` so that the reaper picks it up at once. Idempotent: a record
+    /// already deleting (its backoff is kept) or deleted is left alone; a lease is kept (the
+    /// reaper holding it goes on). Errors: [`StoreError::Unavailable`], [`StoreError::Other`].
+    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.mark_deleting", skip_all, fields(otel.kind = "client", db.operation.name = "mark_deleting"))]
+    pub async fn mark_deleting(&self, id: Uuid, now: Millis) -> Result<(), StoreError> {
+        self.update(
+            "UPDATE identities SET state = 'deleting', next_attempt_at = $2 \
+             WHERE id = $1 AND state IN ('intent', 'active')",
+            id,
+            &[now],
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Any state → `deleted`, `deleted_at = now`, lease released. A record already deleted
+    /// keeps its first `deleted_at`. Errors: [`StoreError::Unavailable`], [`StoreError::Other`].
+    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.mark_deleted", skip_all, fields(otel.kind = "client", db.operation.name = "mark_deleted"))]
+    pub async fn mark_deleted(&self, id: Uuid, now: Millis) -> Result<(), StoreError> {
+        self.update(
+            "UPDATE identities SET state = 'deleted', deleted_at = COALESCE(deleted_at, $2), \
+             lease_owner = NULL, lease_until = NULL WHERE id = $1",
+            id,
+            &[now],
+        )
+        .await
+        .map(drop)
+    }
+
+    /// A failed deletion attempt: `deletion_attempts += 1`, `last_error = code` (a short broker
+    /// error code), `next_attempt_at`, lease released; the state is unchanged.
+    /// Errors: [`StoreError::Unavailable`], [`StoreError::Other`].
+    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.record_failure", skip_all, fields(otel.kind = "client", db.operation.name = "record_failure"))]
+    pub async fn record_failure(
+        &self,
+        id: Uuid,
+        code: &str,
+        next_attempt_at: Millis,
+    ) -> Result<(), StoreError> {
+        let id = id.to_string();
+        with_writer!(self, |pool| sqlx::query(
+            "UPDATE identities SET deletion_attempts = deletion_attempts + 1, last_error = $2, \
+             next_attempt_at = $3, lease_owner = NULL, lease_until = NULL WHERE id = $1"
+        )
+        .bind(&id)
+        .bind(code)
+        .bind(next_attempt_at)
+        .execute(pool)
+        .await
+        .map(|done| done.rows_affected()))?;
+        Ok(())
+    }
+
+    /// Claims up to `limit` due records for `lease` milliseconds on behalf of `owner` (a
+    /// replica id) and returns them. Due means:
+    /// - `active` with `delete_after <= now`,
+    /// - `deleting` with `next_attempt_at <= now`,
+    /// - `intent` with `created_at <= now - orphan_min_age` and `next_attempt_at <= now` (an
+    ///   orphan: the request that wrote it never finished),
+    ///
+    /// and with no lease, or an expired one (`lease_until <= now`). Claimed records get
+    /// `lease_owner = owner`, `lease_until = now + lease`; the most overdue go first. No record
+    /// is claimed by two owners while a lease runs, across any number of store handles or
+    /// replicas: PostgreSQL locks candidate rows with `FOR UPDATE SKIP LOCKED` inside one
+    /// `UPDATE … RETURNING`, SQLite runs the same `UPDATE` as one write transaction (writers on
+    /// one file are serialised). A dead owner's lease simply expires.
+    ///
+    /// Errors: [`StoreError::Unavailable`], [`StoreError::Other`].
+    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.claim_due", skip_all, fields(otel.kind = "client", db.operation.name = "claim_due"))]
+    pub async fn claim_due(
+        &self,
+        now: Millis,
+        orphan_min_age: Millis,
+        owner: &str,
+        lease: Millis,
+        limit: u32,
+    ) -> Result<Vec<IdentityRecord>, StoreError> {
+        const DUE: &str = "((state = 'active' AND delete_after <= $3) \
+             OR (state = 'deleting' AND next_attempt_at <= $3) \
+             OR (state = 'intent' AND created_at <= $4 AND next_attempt_at <= $3)) \
+             AND (lease_until IS NULL OR lease_until <= $3)";
+        // Most overdue first: each record by the time it became due.
+        const ORDER: &str = "ORDER BY CASE WHEN state = 'active' THEN delete_after \
+             WHEN state = 'deleting' THEN next_attempt_at \
+             WHEN next_attempt_at > created_at + $6 THEN next_attempt_at \
+             ELSE created_at + $6 END, id";
+        let sql = match self.backend_kind() {
+            Backend::Postgres => format!(
+                "WITH due AS MATERIALIZED (SELECT id FROM identities WHERE {DUE} {ORDER} \
+                 LIMIT $5 FOR UPDATE SKIP LOCKED) \
+                 UPDATE identities SET lease_owner = $1, lease_until = $2 \
+                 FROM due WHERE identities.id = due.id RETURNING {}",
+                RECORD_COLUMNS
+                    .split(", ")
+                    .map(|c| format!("identities.{c}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Backend::Sqlite => format!(
+                "UPDATE identities SET lease_owner = $1, lease_until = $2 \
+                 WHERE id IN (SELECT id FROM identities WHERE {DUE} {ORDER} LIMIT $5) \
+                 RETURNING {RECORD_COLUMNS}"
+            ),
+        };
+        let orphan_before = now.saturating_sub(orphan_min_age);
+        let lease_until = now.saturating_add(lease);
+        let raw = with_writer!(self, |pool| sqlx::query_as::<_, RawRecord>(&sql)
+            .bind(owner)
+            .bind(lease_until)
+            .bind(now)
+            .bind(orphan_before)
+            .bind(i64::from(limit))
+            .bind(orphan_min_age)
+            .fetch_all(pool)
+            .await)?;
+        records(raw)
+    }
+
+    /// Releases `owner`'s lease on the record without any other change (e.g. at shutdown); a
+    /// lease held by another owner is left alone.
+    /// Errors: [`StoreError::Unavailable`], [`StoreError::Other`].
+    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.release", skip_all, fields(otel.kind = "client", db.operation.name = "release"))]
+    pub async fn release(&self, id: Uuid, owner: &str) -> Result<(), StoreError> {
+        let id = id.to_string();
+        with_writer!(self, |pool| sqlx::query(
+            "UPDATE identities SET lease_owner = NULL, lease_until = NULL \
+             WHERE id = $1 AND lease_owner = $2"
+        )
+        .bind(&id)
+        .bind(owner)
+        .execute(pool)
+        .await
+        .map(|done| done.rows_affected()))?;
+        Ok(())
+    }
+
+    /// Appends an event to the identity's log. `detail` is a short code or note, never a
+    /// finAPI message or anything secret.
+    /// Errors: [`StoreError::Other`] when no identity `identity_id` exists (foreign key);
+    /// [`StoreError::Unavailable`].
+    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.append_event", skip_all, fields(otel.kind = "client", db.operation.name = "append_event"))]
+    pub async fn append_event(
+        &self,
+        identity_id: Uuid,
+        kind: EventKind,
+        caller: &str,
+        request_id: Option<&str>,
+        at: Millis,
+        detail: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let identity_id = identity_id.to_string();
+        with_writer!(self, |pool| sqlx::query(
+            "INSERT INTO identity_events (identity_id, kind, caller, request_id, at, detail) \
+             VALUES ($1, $2, $3, $4, $5, $6)"
+        )
+        .bind(&identity_id)
+        .bind(kind.as_str())
+        .bind(caller)
+        .bind(request_id)
+        .bind(at)
+        .bind(detail)
+        .execute(pool)
+        .await
+        .map(|done| done.rows_affected()))?;
+        Ok(())
+    }
+
+    /// The identity's newest `limit` events, newest first (by time, then by order of
+    /// appending). Errors: [`StoreError::Unavailable`], [`StoreError::Other`].
+    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.recent_events", skip_all, fields(otel.kind = "client", db.operation.name = "recent_events"))]
+    pub async fn recent_events(
+        &self,
+        identity_id: Uuid,
+        limit: u32,
+    ) -> Result<Vec<IdentityEvent>, StoreError> {
+        let identity_id = identity_id.to_string();
+        let raw = with_pool!(self, |pool| sqlx::query_as::<_, RawEvent>(
+            "SELECT kind, caller, request_id, at, detail FROM identity_events \
+             WHERE identity_id = $1 ORDER BY at DESC, id DESC LIMIT $2"
+        )
+        .bind(&identity_id)
+        .bind(i64::from(limit))
+        .fetch_all(pool)
+        .await)?;
+        raw.into_iter()
+            .map(|e| {
+                Ok(IdentityEvent {
+                    kind: EventKind::parse(&e.kind).ok_or_else(|| decode_error("kind", &e.kind))?,
+                    caller: e.caller,
+                    request_id: e.request_id,
+                    at: e.at,
+                    detail: e.detail,
+                })
+            })
+            .collect()
+    }
+
+    /// The number of records in each state, for metrics: all four states, in life-cycle order,
+    /// zero included. Errors: [`StoreError::Unavailable`], [`StoreError::Other`].
+    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.counts_by_state", skip_all, fields(otel.kind = "client", db.operation.name = "counts_by_state"))]
+    pub async fn counts_by_state(&self) -> Result<Vec<(IdentityState, u64)>, StoreError> {
+        let rows: Vec<(String, i64)> = with_pool!(self, |pool| sqlx::query_as(
+            "SELECT state, COUNT(*) FROM identities GROUP BY state"
+        )
+        .fetch_all(pool)
+        .await)?;
+        let mut counts: Vec<(IdentityState, u64)> =
+            IdentityState::ALL.into_iter().map(|s| (s, 0)).collect();
+        for (state, count) in rows {
+            let state =
+                IdentityState::parse(&state).ok_or_else(|| decode_error("state", &state))?;
+            if let Some(slot) = counts.iter_mut().find(|(s, _)| *s == state) {
+                slot.1 = u64::try_from(count).unwrap_or(0);
+            }
+        }
+        Ok(counts)
+    }
+
+    /// For metrics: the earliest `delete_after` at or before `now` of a record not yet deleted
+    /// (active or deleting; failed attempts do not make it look younger); `None` when no
+    /// deletion is overdue.
+    /// Errors: [`StoreError::Unavailable`], [`StoreError::Other`].
+    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.oldest_overdue", skip_all, fields(otel.kind = "client", db.operation.name = "oldest_overdue"))]
+    pub async fn oldest_overdue(&self, now: Millis) -> Result<Option<Millis>, StoreError> {
+        with_pool!(self, |pool| {
+            sqlx::query_scalar(
+                "SELECT MIN(delete_after) FROM identities \
+             WHERE state IN ('active', 'deleting') AND delete_after <= $1",
+            )
+            .bind(now)
+            .fetch_one(pool)
+            .await
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_password_of_a_url_is_found_and_scrubbed_raw_and_decoded() {
+        let url = "postgres://user:p%40ss@db.example:5432/ledger?sslmode=require";
+        assert_eq!(url_passwords(url), ["p%40ss"]);
+        let scrubbed = scrub("bad p%40ss and p@ss".to_owned(), url);
+        assert_eq!(scrubbed, "bad *** and ***");
+        assert!(url_passwords("postgres://user@host/db").is_empty());
+        assert_eq!(
+            url_passwords("postgres://host/db?sslmode=require&password=hunter2"),
+            ["hunter2"]
+        );
+    }
+
+    #[test]
+    fn states_and_kinds_round_trip_their_stored_form() {
+        for state in IdentityState::ALL {
+            assert_eq!(IdentityState::parse(state.as_str()), Some(state));
+        }
+        for kind in EventKind::ALL {
+            assert_eq!(EventKind::parse(kind.as_str()), Some(kind));
+        }
+    }
+}

@@ -1,0 +1,594 @@
+//! Managed finAPI identities end to end: the real broker, the real simulator and a real ledger
+//! (a SQLite file; PostgreSQL where replicas matter, in `tests/identities_postgres.rs`).
+
+mod common;
+
+use std::time::Duration;
+
+use common::{CREATE_USER, PASSWORD_TOKEN, TestEnv};
+use giroident_broker::config::{CallerSettings, FlowKind, Settings};
+use giroident_broker::demo::Ledger;
+use giroident_broker::identities::{IdentityState, IdentityStore};
+use giroident_broker::sim::{self, FaultRule, SimConfig};
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::{Value, json};
+
+const DELETE_USER: &str = "DELETE /api/v2/users";
+const OTHER_KEY: &str = "other-caller-key-0123456789";
+const STANDALONE_ONLY_KEY: &str = "standalone-only-key-0123456789";
+
+/// Short timeouts, a reaper every second, and two more callers: `other` (both flows) and
+/// `standalone-only`.
+pub fn quick(s: &mut Settings) {
+    s.server.request_timeout_secs = 2;
+    s.finapi.request_timeout_ms = 1_000;
+    s.resilience.session_budget_ms = 2_000;
+    s.resilience.base_backoff_ms = 10;
+    s.resilience.max_backoff_ms = 50;
+    s.identities.reaper_interval_secs = 1;
+    s.identities.orphan_min_age_secs = 3;
+    s.auth.callers.push(CallerSettings::from_key(
+        "other",
+        OTHER_KEY.as_bytes(),
+        &[FlowKind::Standalone, FlowKind::Access],
+    ));
+    s.auth.callers.push(CallerSettings::from_key(
+        "standalone-only",
+        STANDALONE_ONLY_KEY.as_bytes(),
+        &[FlowKind::Standalone],
+    ));
+}
+
+async fn env_with(ledger: &Ledger, tweak: impl FnOnce(&mut Settings)) -> TestEnv {
+    let sim = sim::start(SimConfig::default()).await.expect("simulator");
+    env_on(sim, ledger, tweak).await
+}
+
+async fn env_on(
+    sim: sim::SimHandle,
+    ledger: &Ledger,
+    tweak: impl FnOnce(&mut Settings),
+) -> TestEnv {
+    let mut settings = common::settings_with_ledger(&sim, ledger);
+    quick(&mut settings);
+    tweak(&mut settings);
+    TestEnv::with_settings(sim, &settings).await
+}
+
+async fn store(ledger: &Ledger) -> IdentityStore {
+    IdentityStore::connect(&ledger.database_url, 2)
+        .await
+        .expect("ledger opens")
+}
+
+fn access(reference: &str) -> Value {
+    json!({"flow": "access", "clientReference": reference})
+}
+
+async fn get_identity(env: &TestEnv, http: &reqwest::Client, reference: &str) -> reqwest::Response {
+    http.get(format!("{}/identities/{reference}", env.broker_url))
+        .send()
+        .await
+        .expect("answer")
+}
+
+async fn delete_identity(
+    env: &TestEnv,
+    http: &reqwest::Client,
+    reference: &str,
+) -> reqwest::Response {
+    http.delete(format!("{}/identities/{reference}", env.broker_url))
+        .send()
+        .await
+        .expect("answer")
+}
+
+#[tokio::test]
+async fn a_session_without_reference_gets_a_recorded_identity_of_its_own() {
+    let ledger = common::sqlite_ledger();
+    let env = env_with(&ledger, |_| {}).await;
+    let first = common::expect_created(env.start_session(json!({"flow": "access"})).await).await;
+    let second = common::expect_created(env.start_session(json!({"flow": "access"})).await).await;
+    assert_eq!(first["identity"], "created");
+    assert_eq!(second["identity"], "created");
+    assert_ne!(first["userId"], second["userId"]);
+    assert!(
+        first["deleteAfter"]
+            .as_str()
+            .is_some_and(|d| d.ends_with('Z'))
+    );
+    let store = store(&ledger).await;
+    for session in [&first, &second] {
+        let record = store
+            .find_by_finapi_user(session["userId"].as_str().unwrap())
+            .await
+            .unwrap()
+            .expect("recorded");
+        assert_eq!(record.state, IdentityState::Active);
+        assert_eq!(record.caller, "demo");
+        assert!(record.reference_digest.is_none());
+    }
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_reference_keeps_one_identity_and_later_sessions_reuse_it() {
+    let ledger = common::sqlite_ledger();
+    let env = env_with(&ledger, |_| {}).await;
+    let first = common::expect_created(env.start_session(access("customer-1")).await).await;
+    let second = common::expect_created(env.start_session(access("customer-1")).await).await;
+    assert_eq!(first["identity"], "created");
+    assert_eq!(second["identity"], "reused");
+    assert_eq!(first["userId"], second["userId"]);
+    // finAPI hands out the same token while it is valid.
+    assert_eq!(first["accessToken"], second["accessToken"]);
+    assert_eq!(env.all_calls(CREATE_USER), 1);
+    assert_eq!(env.all_calls(PASSWORD_TOKEN), 2);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn fifty_concurrent_first_sessions_for_one_reference_create_one_user() {
+    let ledger = common::sqlite_ledger();
+    let env = env_with(&ledger, |_| {}).await;
+    let sessions = (0..50).map(|_| env.start_session(access("customer-50")));
+    let answers = futures_util::future::join_all(sessions).await;
+    let mut users = std::collections::HashSet::new();
+    for answer in answers {
+        let body = common::expect_created(answer).await;
+        users.insert(body["userId"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(users.len(), 1);
+    assert_eq!(env.all_calls(CREATE_USER), 1);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn an_identity_is_reused_across_broker_restarts() {
+    let ledger = common::sqlite_ledger();
+    let sim = sim::start(SimConfig::default()).await.expect("simulator");
+    let sim_url = sim.base_url();
+    let env = env_on(sim, &ledger, |_| {}).await;
+    let first = common::expect_created(env.start_session(access("customer-r")).await).await;
+    let sim = env.stop_broker_keep_sim().await;
+    assert_eq!(sim.base_url(), sim_url);
+    let env = env_on(sim, &ledger, |_| {}).await;
+    let second = common::expect_created(env.start_session(access("customer-r")).await).await;
+    assert_eq!(second["identity"], "reused");
+    assert_eq!(first["userId"], second["userId"]);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn identities_made_with_a_rotated_key_are_still_reused_and_deleted() {
+    let ledger = common::sqlite_ledger();
+    let old_key_file = std::env::temp_dir().join(format!(
+        "giroident-broker-old-key-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::write(&old_key_file, ledger.password_key.expose_secret()).unwrap();
+    let sim = sim::start(SimConfig::default()).await.expect("simulator");
+    let env = env_on(sim, &ledger, |_| {}).await;
+    let first = common::expect_created(env.start_session(access("customer-k")).await).await;
+    let sim = env.stop_broker_keep_sim().await;
+    let rotated = Ledger {
+        database_url: ledger.database_url.clone(),
+        password_key: SecretString::from("a-brand-new-password-key-0123456789-xyz".to_owned()),
+    };
+    let env = env_on(sim, &rotated, |s| {
+        s.identities.previous_password_keys = vec![SecretString::from(
+            std::fs::read_to_string(&old_key_file).unwrap(),
+        )];
+    })
+    .await;
+    let second = common::expect_created(env.start_session(access("customer-k")).await).await;
+    assert_eq!(second["identity"], "reused");
+    assert_eq!(first["userId"], second["userId"]);
+    // New identities use the new key; the old one still logs in for deletion.
+    let fresh = common::expect_created(env.start_session(access("customer-n")).await).await;
+    assert_eq!(fresh["identity"], "created");
+    let deleted = delete_identity(&env, &env.http, "customer-k").await;
+    assert_eq!(deleted.status(), 204);
+    assert_eq!(env.calls(DELETE_USER, "200"), 1);
+    let _ = std::fs::remove_file(old_key_file);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn the_identity_endpoints_show_and_delete_only_the_callers_own() {
+    let ledger = common::sqlite_ledger();
+    let env = env_with(&ledger, |_| {}).await;
+    let created = common::expect_created(env.start_session(access("customer-7")).await).await;
+    common::expect_created(env.start_session(access("customer-7")).await).await;
+
+    let shown = get_identity(&env, &env.http, "customer-7").await;
+    assert_eq!(shown.status(), 200);
+    let record: Value = shown.json().await.unwrap();
+    assert_eq!(record["state"], "active");
+    assert_eq!(record["userId"], created["userId"]);
+    let kinds: Vec<&str> = record["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["reused", "created"]);
+
+    let other = common::client_with_key(OTHER_KEY);
+    common::expect_problem(
+        get_identity(&env, &other, "customer-7").await,
+        404,
+        "IDENTITY_NOT_FOUND",
+    )
+    .await;
+    common::expect_problem(
+        delete_identity(&env, &other, "customer-7").await,
+        404,
+        "IDENTITY_NOT_FOUND",
+    )
+    .await;
+    let standalone_only = common::client_with_key(STANDALONE_ONLY_KEY);
+    common::expect_problem(
+        delete_identity(&env, &standalone_only, "customer-7").await,
+        403,
+        "FLOW_NOT_ALLOWED",
+    )
+    .await;
+    common::expect_problem(
+        get_identity(&env, &env.http, "no%20such").await,
+        422,
+        "INVALID_FIELD",
+    )
+    .await;
+    common::expect_problem(
+        get_identity(&env, &env.http, "customer-8").await,
+        404,
+        "IDENTITY_NOT_FOUND",
+    )
+    .await;
+
+    let deleted = delete_identity(&env, &env.http, "customer-7").await;
+    assert_eq!(deleted.status(), 204);
+    assert_eq!(env.calls(DELETE_USER, "200"), 1);
+    let record: Value = get_identity(&env, &env.http, "customer-7")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(record["state"], "deleted");
+    assert!(record["deletedAt"].is_string());
+    common::expect_problem(
+        delete_identity(&env, &env.http, "customer-7").await,
+        404,
+        "IDENTITY_NOT_FOUND",
+    )
+    .await;
+    // The token of the deleted user no longer works at finAPI.
+    let token = created["accessToken"].as_str().unwrap();
+    assert_eq!(env.sim_user(token).await.status(), 401);
+    // A new session for the reference makes a new identity.
+    let again = common::expect_created(env.start_session(access("customer-7")).await).await;
+    assert_eq!(again["identity"], "created");
+    assert_ne!(again["userId"], created["userId"]);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_locked_user_is_scheduled_for_deletion_and_the_reaper_deletes_it_later() {
+    let ledger = common::sqlite_ledger();
+    let env = env_with(&ledger, |_| {}).await;
+    common::expect_created(env.start_session(access("customer-l")).await).await;
+    env.sim.add_fault(FaultRule {
+        endpoint: DELETE_USER.into(),
+        status: Some(423),
+        count: Some(1),
+        ..FaultRule::default()
+    });
+    let scheduled = delete_identity(&env, &env.http, "customer-l").await;
+    assert_eq!(scheduled.status(), 202);
+    let record: Value = scheduled.json().await.unwrap();
+    assert_eq!(record["state"], "deleting");
+    assert_eq!(record["deletionAttempts"], 1);
+    assert_eq!(record["lastError"], "LOCKED");
+    // The reaper tries again (reaper interval 1 s, first backoff one interval).
+    let deleted = common::eventually(Duration::from_secs(10), || {
+        env.calls(DELETE_USER, "200") == 1
+    })
+    .await;
+    assert!(
+        deleted,
+        "the reaper did not delete the user: {:?}",
+        env.sim.stats()
+    );
+    let record: Value = get_identity(&env, &env.http, "customer-l")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(record["state"], "deleted");
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn identities_are_deleted_by_the_reaper_after_their_retention() {
+    let ledger = common::sqlite_ledger();
+    let env = env_with(&ledger, |s| s.identities.retention_secs = 1).await;
+    let session = common::expect_created(env.start_session(access("customer-t")).await).await;
+    let deleted = common::eventually(Duration::from_secs(10), || {
+        env.calls(DELETE_USER, "200") == 1
+    })
+    .await;
+    assert!(deleted, "not deleted: {:?}", env.sim.stats());
+    let store = store(&ledger).await;
+    let record = store
+        .find_by_finapi_user(session["userId"].as_str().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(record.state, IdentityState::Deleted);
+    // The recorder is shared by every test of this binary: at least this deletion is in it.
+    let metrics = env.metrics_text().await;
+    let deleted = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("broker_identity_deletions_total{outcome=\"deleted\"} "))
+        .and_then(|v| v.parse::<f64>().ok());
+    assert!(deleted.is_some_and(|n| n >= 1.0), "{metrics}");
+    for gauge in [
+        "broker_identities{state=\"deleted\"}",
+        "broker_identity_oldest_overdue_seconds",
+        "broker_identity_store_up 1",
+    ] {
+        assert!(metrics.contains(gauge), "{gauge} missing: {metrics}");
+    }
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_user_whose_token_could_not_be_had_is_deleted_by_the_reaper() {
+    let ledger = common::sqlite_ledger();
+    let env = env_with(&ledger, |_| {}).await;
+    env.sim.add_fault(FaultRule {
+        endpoint: PASSWORD_TOKEN.into(),
+        status: Some(500),
+        count: Some(8),
+        ..FaultRule::default()
+    });
+    let failed = env.start_session(access("customer-o")).await;
+    common::expect_problem(failed, 502, "UPSTREAM_ERROR").await;
+    assert_eq!(env.calls(CREATE_USER, "201"), 1);
+    env.sim.clear_faults();
+    // The failed identity no longer blocks the reference.
+    let next = common::expect_created(env.start_session(access("customer-o")).await).await;
+    assert_eq!(next["identity"], "created");
+    // Once no lost call can still create it (orphan_min_age 3 s), the reaper deletes it.
+    let deleted = common::eventually(Duration::from_secs(15), || {
+        env.calls(DELETE_USER, "200") == 1
+    })
+    .await;
+    assert!(deleted, "orphan not deleted: {:?}", env.sim.stats());
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn deleting_through_the_user_token_closes_the_record() {
+    let ledger = common::sqlite_ledger();
+    let env = env_with(&ledger, |_| {}).await;
+    let session = common::expect_created(env.start_session(access("customer-d")).await).await;
+    let deleted = env
+        .delete_current(session["accessToken"].as_str().unwrap())
+        .await;
+    assert_eq!(deleted.status(), 204);
+    let record: Value = get_identity(&env, &env.http, "customer-d")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(record["state"], "deleted");
+    assert_eq!(record["events"][0]["kind"], "deleted");
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn the_ledger_holds_no_credential_and_no_personal_data() {
+    let ledger = common::sqlite_ledger();
+    let env = env_with(&ledger, |_| {}).await;
+    let body = json!({"flow": "access", "clientReference": "customer-secret-ref",
+        "email": "jane.secret@example.com", "phone": "+49 89 1234567"});
+    let session = common::expect_created(env.start_session(body).await).await;
+    let token = session["accessToken"].as_str().unwrap().to_owned();
+    let user_id = session["userId"].as_str().unwrap().to_owned();
+    let key = giroident_broker::identities::keys::PasswordKey::new(SecretString::from(
+        common::TEST_PASSWORD_KEY,
+    ))
+    .unwrap();
+    let password = key.password(&user_id).expose_secret().to_owned();
+    env.stop().await;
+    let path = ledger
+        .database_url
+        .expose_secret()
+        .strip_prefix("sqlite://")
+        .unwrap()
+        .to_owned();
+    let mut bytes = Vec::new();
+    for file in [path.clone(), format!("{path}-wal")] {
+        if let Ok(content) = std::fs::read(&file) {
+            bytes.extend(content);
+        }
+    }
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(text.contains(&user_id), "the ledger should know the user");
+    for secret in [
+        token.as_str(),
+        password.as_str(),
+        common::TEST_PASSWORD_KEY,
+        "customer-secret-ref",
+        "jane.secret@example.com",
+        "1234567",
+        common::TEST_API_KEY,
+    ] {
+        assert!(!text.contains(secret), "the ledger holds {secret:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_callers_own_retention_overrides_the_default() {
+    let ledger = common::sqlite_ledger();
+    let env = env_with(&ledger, |s| {
+        s.identities.retention_secs = 86_400;
+        let other = s
+            .auth
+            .callers
+            .iter_mut()
+            .find(|c| c.name == "other")
+            .unwrap();
+        other.retention_secs = Some(1);
+    })
+    .await;
+    let kept = common::expect_created(env.start_session(access("customer-kept")).await).await;
+    let other = common::client_with_key(OTHER_KEY);
+    let short = other
+        .post(format!("{}/kyc-sessions", env.broker_url))
+        .json(&access("customer-short"))
+        .send()
+        .await
+        .unwrap();
+    common::expect_created(short).await;
+    let deleted = common::eventually(Duration::from_secs(10), || {
+        env.calls(DELETE_USER, "200") == 1
+    })
+    .await;
+    assert!(
+        deleted,
+        "the short-lived identity was not deleted: {:?}",
+        env.sim.stats()
+    );
+    let record: Value = get_identity(&env, &env.http, "customer-kept")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(record["state"], "active");
+    assert_eq!(record["userId"], kept["userId"]);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn an_identity_finapi_never_created_is_closed_without_a_deletion() {
+    let ledger = common::sqlite_ledger();
+    let env = env_with(&ledger, |_| {}).await;
+    env.sim.add_fault(FaultRule {
+        endpoint: CREATE_USER.into(),
+        status: Some(400),
+        count: Some(1),
+        ..FaultRule::default()
+    });
+    let refused = env.start_session(access("customer-never")).await;
+    common::expect_problem(refused, 502, "UPSTREAM_REJECTED").await;
+    // After orphan_min_age (3 s) the reaper logs in, and finAPI knows no such user, twice in a
+    // row: closed.
+    let closed = common::eventually(Duration::from_secs(15), || {
+        env.calls(PASSWORD_TOKEN, "400") == 2
+    })
+    .await;
+    assert!(closed, "the reaper did not look: {:?}", env.sim.stats());
+    let record = loop {
+        let record: Value = get_identity(&env, &env.http, "customer-never")
+            .await
+            .json()
+            .await
+            .unwrap();
+        if record["state"] == "deleted" {
+            break record;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(record["events"][0]["kind"], "never_created");
+    assert_eq!(env.all_calls(DELETE_USER), 0);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_session_whose_identity_is_deleted_meanwhile_gets_a_new_one() {
+    let ledger = common::sqlite_ledger();
+    let env = env_with(&ledger, |_| {}).await;
+    let first = common::expect_created(env.start_session(access("customer-race")).await).await;
+    // The reuse's token answer takes a while; the caller deletes the identity meanwhile.
+    env.sim.add_fault(FaultRule {
+        endpoint: PASSWORD_TOKEN.into(),
+        stall_after_bytes: Some(10),
+        stall_ms: Some(600),
+        count: Some(1),
+        ..FaultRule::default()
+    });
+    let session = tokio::spawn({
+        let (http, url) = (env.http.clone(), env.broker_url.clone());
+        async move {
+            http.post(format!("{url}/kyc-sessions"))
+                .json(&access("customer-race"))
+                .send()
+                .await
+                .unwrap()
+        }
+    });
+    let arrived = common::eventually(Duration::from_secs(5), || {
+        env.sim
+            .stats()
+            .get(PASSWORD_TOKEN)
+            .is_some_and(|s| s.get("200") == Some(&1))
+    })
+    .await;
+    assert!(arrived);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        delete_identity(&env, &env.http, "customer-race")
+            .await
+            .status(),
+        204
+    );
+    let second = common::expect_created(session.await.unwrap()).await;
+    // Not the deleted identity's dead token: a new identity that lives.
+    assert_eq!(second["identity"], "created", "{second}");
+    assert_ne!(second["userId"], first["userId"]);
+    let token = second["accessToken"].as_str().unwrap();
+    assert_eq!(env.sim_user(token).await.status(), 200);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn one_stray_400_to_the_login_does_not_close_a_live_identity() {
+    let ledger = common::sqlite_ledger();
+    let env = env_with(&ledger, |_| {}).await;
+    let session = common::expect_created(env.start_session(access("customer-400")).await).await;
+    env.sim.add_fault(FaultRule {
+        endpoint: PASSWORD_TOKEN.into(),
+        status: Some(400),
+        count: Some(1),
+        ..FaultRule::default()
+    });
+    assert_eq!(
+        delete_identity(&env, &env.http, "customer-400")
+            .await
+            .status(),
+        204
+    );
+    // The second login worked, and the user really is deleted.
+    assert_eq!(env.calls(DELETE_USER, "200"), 1);
+    let token = session["accessToken"].as_str().unwrap();
+    assert_eq!(env.sim_user(token).await.status(), 401);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_reference_that_does_not_decode_is_an_invalid_field() {
+    let ledger = common::sqlite_ledger();
+    let env = env_with(&ledger, |_| {}).await;
+    for path in ["%FF", "a%20b"] {
+        common::expect_problem(
+            get_identity(&env, &env.http, path).await,
+            422,
+            "INVALID_FIELD",
+        )
+        .await;
+    }
+    env.stop().await;
+}

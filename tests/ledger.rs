@@ -1,0 +1,793 @@
+//! The identity ledger (issue 12) against both backends: every scenario runs on an SQLite file
+//! and on a real PostgreSQL server the tests start themselves (`common::pg`).
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::pg::{self, SharedDb, TempDir};
+use giroident_broker::identities::{
+    EventKind, IdentityEvent, IdentityState, IdentityStore, Inserted, Millis, NewIdentity,
+    StoreError,
+};
+use secrecy::SecretString;
+use uuid::Uuid;
+
+/// A fresh database of one backend, alive as long as this value.
+struct Db {
+    url: String,
+    _keep: Keep,
+}
+
+/// What keeps the database alive: its directory, or its share of the PostgreSQL server.
+enum Keep {
+    File { _dir: TempDir },
+    Postgres { _db: SharedDb },
+}
+
+impl Db {
+    async fn sqlite() -> Self {
+        let dir = TempDir::new("giroident-ledger");
+        let url = format!("sqlite://{}", dir.path().join("ledger.db").display());
+        Self {
+            url,
+            _keep: Keep::File { _dir: dir },
+        }
+    }
+
+    async fn postgres() -> Self {
+        let db = pg::database().await;
+        Self {
+            url: db.url(),
+            _keep: Keep::Postgres { _db: db },
+        }
+    }
+
+    fn is_postgres(&self) -> bool {
+        matches!(self._keep, Keep::Postgres { .. })
+    }
+
+    async fn connect(&self) -> Result<IdentityStore, StoreError> {
+        IdentityStore::connect(&SecretString::from(self.url.clone()), 8).await
+    }
+
+    async fn store(&self) -> IdentityStore {
+        self.connect()
+            .await
+            .expect("the ledger connects and migrates")
+    }
+
+    /// Runs `sql` with `binds` (i64, then a byte string) straight on the database, bypassing
+    /// the store.
+    async fn exec(&self, sql: &str, number: i64, bytes: Vec<u8>) {
+        if self.is_postgres() {
+            let pool = sqlx::PgPool::connect(&self.url).await.expect("raw connect");
+            sqlx::query(sql)
+                .bind(number)
+                .bind(bytes)
+                .execute(&pool)
+                .await
+                .expect("raw statement runs");
+            pool.close().await;
+        } else {
+            let pool = sqlx::SqlitePool::connect(&self.url)
+                .await
+                .expect("raw connect");
+            sqlx::query(sql)
+                .bind(number)
+                .bind(bytes)
+                .execute(&pool)
+                .await
+                .expect("raw statement runs");
+            pool.close().await;
+        }
+    }
+}
+
+/// Runs each named scenario `async fn NAME(db: Db)` once on SQLite and once on PostgreSQL, as
+/// the tests `NAME::sqlite` and `NAME::postgres`.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sqlite() {
+                super::$name(super::Db::sqlite().await).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn postgres() {
+                super::$name(super::Db::postgres().await).await;
+            }
+        }
+    )*};
+}
+
+on_both_backends!(
+    migrations_apply_to_a_fresh_database_and_again_to_a_migrated_one,
+    a_schema_newer_than_the_binary_is_refused,
+    concurrent_intents_for_one_reference_yield_exactly_one_new_record,
+    references_are_per_caller_and_intents_without_one_are_always_new,
+    an_identity_moves_through_its_states_with_its_times,
+    finapi_user_ids_are_found_case_insensitively,
+    events_are_read_newest_first_up_to_the_limit,
+    claim_due_takes_due_records_once_per_lease,
+    concurrent_claimers_never_share_a_record_while_its_lease_runs,
+    counts_and_the_oldest_overdue_record_feed_the_metrics,
+);
+
+const T0: Millis = 1_800_000_000_000;
+const HOUR: Millis = 3_600_000;
+
+fn new_identity<'a>(
+    id: Uuid,
+    user: &'a str,
+    caller: &'a str,
+    digest: Option<&'a str>,
+    now: Millis,
+) -> NewIdentity<'a> {
+    NewIdentity {
+        id,
+        finapi_user_id: user,
+        caller,
+        reference_digest: digest,
+        key_id: "k1",
+        finapi_client: "default",
+        now,
+        delete_after: now + 24 * HOUR,
+    }
+}
+
+/// Writes an intent for a fresh id and finAPI user; returns its id.
+async fn intent(store: &IdentityStore, caller: &str, digest: Option<&str>, now: Millis) -> Uuid {
+    let id = Uuid::new_v4();
+    let user = format!("user-{}", id.simple());
+    let inserted = store
+        .insert_intent(&new_identity(id, &user, caller, digest, now))
+        .await
+        .expect("intent is written");
+    assert_eq!(inserted, Inserted::New);
+    id
+}
+
+async fn get(store: &IdentityStore, id: Uuid) -> giroident_broker::identities::IdentityRecord {
+    store
+        .get(id)
+        .await
+        .expect("get")
+        .expect("the record exists")
+}
+
+async fn migrations_apply_to_a_fresh_database_and_again_to_a_migrated_one(db: Db) {
+    let store = db.store().await;
+    let id = intent(&store, "demo", Some("d1"), T0).await;
+    drop(store);
+
+    let again = db.store().await;
+    again.ping().await.expect("ping");
+    assert_eq!(
+        get(&again, id).await.caller,
+        "demo",
+        "data survives a second start"
+    );
+    let expected = if db.is_postgres() {
+        "postgres"
+    } else {
+        "sqlite"
+    };
+    assert_eq!(again.backend(), expected);
+}
+
+async fn a_schema_newer_than_the_binary_is_refused(db: Db) {
+    db.store().await;
+    db.exec(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES ($1, 'from a newer broker', TRUE, $2, 0)",
+        99_990_101,
+        vec![0u8; 48],
+    )
+    .await;
+
+    let err = db.connect().await.expect_err("a newer schema is refused");
+    assert!(
+        matches!(
+            err,
+            StoreError::SchemaTooNew {
+                version: 99_990_101
+            }
+        ),
+        "{err:?}"
+    );
+    let message = err.to_string();
+    assert!(
+        message.contains("newer than this binary") && message.contains("99990101"),
+        "{message}"
+    );
+}
+
+async fn concurrent_intents_for_one_reference_yield_exactly_one_new_record(db: Db) {
+    let store = db.store().await;
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let id = Uuid::new_v4();
+                let user = format!("user-{}", id.simple());
+                let inserted = store
+                    .insert_intent(&new_identity(id, &user, "demo", Some("digest-1"), T0))
+                    .await
+                    .expect("insert_intent");
+                (id, inserted)
+            })
+        })
+        .collect();
+    let mut new = Vec::new();
+    let mut existing = HashSet::new();
+    for task in tasks {
+        match task.await.expect("task") {
+            (id, Inserted::New) => new.push(id),
+            (_, Inserted::Existing(record)) => {
+                assert_eq!(record.state, IdentityState::Intent);
+                existing.insert(record.id);
+            }
+        }
+    }
+    assert_eq!(new.len(), 1, "exactly one intent is written");
+    assert!(
+        existing.iter().all(|id| *id == new[0]),
+        "the others see the one written"
+    );
+    let live = store
+        .find_live("demo", "digest-1")
+        .await
+        .expect("find_live");
+    assert_eq!(live.map(|r| r.id), Some(new[0]));
+    let counts = store.counts_by_state().await.expect("counts");
+    assert_eq!(counts[0], (IdentityState::Intent, 1));
+}
+
+async fn references_are_per_caller_and_intents_without_one_are_always_new(db: Db) {
+    let store = db.store().await;
+    let a = intent(&store, "caller-a", Some("same"), T0).await;
+    let b = intent(&store, "caller-b", Some("same"), T0).await;
+    assert_ne!(a, b);
+    intent(&store, "caller-a", None, T0).await;
+    intent(&store, "caller-a", None, T0).await;
+
+    // An id or a finAPI user id already taken is an error, not a silent reuse.
+    let record = get(&store, a).await;
+    let taken = store
+        .insert_intent(&new_identity(
+            Uuid::new_v4(),
+            &record.finapi_user_id.to_uppercase(),
+            "caller-c",
+            None,
+            T0,
+        ))
+        .await;
+    assert!(matches!(taken, Err(StoreError::Other(_))), "{taken:?}");
+}
+
+async fn an_identity_moves_through_its_states_with_its_times(db: Db) {
+    let store = db.store().await;
+    let id = Uuid::new_v4();
+    let inserted = store
+        .insert_intent(&NewIdentity {
+            id,
+            finapi_user_id: "Broker-User-1",
+            caller: "demo",
+            reference_digest: Some("ref-1"),
+            key_id: "key-7",
+            finapi_client: "default",
+            now: T0,
+            delete_after: T0 + HOUR,
+        })
+        .await
+        .expect("insert");
+    assert_eq!(inserted, Inserted::New);
+    let r = get(&store, id).await;
+    assert_eq!(r.finapi_user_id, "Broker-User-1");
+    assert_eq!(r.reference_digest.as_deref(), Some("ref-1"));
+    assert_eq!(r.key_id, "key-7");
+    assert_eq!(r.finapi_client, "default");
+    assert_eq!(r.state, IdentityState::Intent);
+    assert_eq!(
+        (r.created_at, r.delete_after, r.next_attempt_at),
+        (T0, T0 + HOUR, T0)
+    );
+    assert_eq!((r.last_session_at, r.deleted_at), (None, None));
+    assert_eq!((r.deletion_attempts, r.last_error.as_deref()), (0, None));
+
+    // A touch before activation changes nothing: only active identities are reused.
+    store.touch(id, T0 + 1, T0 + 5 * HOUR).await.expect("touch");
+    assert_eq!(get(&store, id).await, r);
+
+    store
+        .activate(id, T0 + 10, T0 + 2 * HOUR)
+        .await
+        .expect("activate");
+    let r = get(&store, id).await;
+    assert_eq!(r.state, IdentityState::Active);
+    assert_eq!(
+        (r.last_session_at, r.delete_after),
+        (Some(T0 + 10), T0 + 2 * HOUR)
+    );
+
+    store
+        .touch(id, T0 + 20, T0 + 3 * HOUR)
+        .await
+        .expect("touch");
+    let r = get(&store, id).await;
+    assert_eq!(
+        (r.last_session_at, r.delete_after),
+        (Some(T0 + 20), T0 + 3 * HOUR)
+    );
+
+    store
+        .mark_deleting(id, T0 + 30)
+        .await
+        .expect("mark_deleting");
+    let r = get(&store, id).await;
+    assert_eq!(
+        (r.state, r.next_attempt_at),
+        (IdentityState::Deleting, T0 + 30)
+    );
+    assert_eq!(
+        store.find_live("demo", "ref-1").await.expect("find_live"),
+        None,
+        "a deleting identity is not reused"
+    );
+
+    store
+        .record_failure(id, "FINAPI_UNAVAILABLE", T0 + 90)
+        .await
+        .expect("record_failure");
+    // Idempotent: a repeated request keeps the backoff.
+    store
+        .mark_deleting(id, T0 + 40)
+        .await
+        .expect("mark_deleting");
+    let r = get(&store, id).await;
+    assert_eq!(r.state, IdentityState::Deleting);
+    assert_eq!((r.deletion_attempts, r.next_attempt_at), (1, T0 + 90));
+    assert_eq!(r.last_error.as_deref(), Some("FINAPI_UNAVAILABLE"));
+
+    store
+        .mark_deleted(id, T0 + 100)
+        .await
+        .expect("mark_deleted");
+    store
+        .mark_deleted(id, T0 + 200)
+        .await
+        .expect("mark_deleted again");
+    let r = get(&store, id).await;
+    assert_eq!(
+        (r.state, r.deleted_at),
+        (IdentityState::Deleted, Some(T0 + 100))
+    );
+    store
+        .activate(id, T0 + 300, T0 + 400)
+        .await
+        .expect("activate");
+    assert_eq!(get(&store, id).await.state, IdentityState::Deleted);
+
+    // The reference is free again: a new identity, and the newest one is the latest.
+    let next = intent(&store, "demo", Some("ref-1"), T0 + 1000).await;
+    assert_ne!(next, id);
+    let latest = store
+        .find_latest("demo", "ref-1")
+        .await
+        .expect("find_latest");
+    assert_eq!(latest.map(|r| r.id), Some(next));
+    store
+        .mark_deleted(next, T0 + 1001)
+        .await
+        .expect("mark_deleted");
+    let latest = store
+        .find_latest("demo", "ref-1")
+        .await
+        .expect("find_latest");
+    assert_eq!(
+        latest.map(|r| (r.id, r.state)),
+        Some((next, IdentityState::Deleted))
+    );
+    assert_eq!(
+        store.find_latest("other", "ref-1").await.expect("find"),
+        None
+    );
+    assert_eq!(store.get(Uuid::new_v4()).await.expect("get"), None);
+}
+
+async fn finapi_user_ids_are_found_case_insensitively(db: Db) {
+    let store = db.store().await;
+    let id = Uuid::new_v4();
+    store
+        .insert_intent(&new_identity(id, "Giro-User-ABC", "demo", None, T0))
+        .await
+        .expect("insert");
+    for spelling in ["Giro-User-ABC", "giro-user-abc", "GIRO-USER-ABC"] {
+        let found = store.find_by_finapi_user(spelling).await.expect("find");
+        assert_eq!(found.map(|r| r.id), Some(id), "{spelling}");
+    }
+    let none = store
+        .find_by_finapi_user("giro-user-abd")
+        .await
+        .expect("find");
+    assert_eq!(none, None);
+}
+
+async fn events_are_read_newest_first_up_to_the_limit(db: Db) {
+    let store = db.store().await;
+    let id = intent(&store, "demo", Some("r"), T0).await;
+    let other = intent(&store, "demo", Some("s"), T0).await;
+    let log = [
+        (EventKind::Created, Some("req-1"), T0, None),
+        (EventKind::Reused, Some("req-2"), T0 + 5, None),
+        (
+            EventKind::DeletionFailed,
+            None,
+            T0 + 9,
+            Some("FINAPI_TIMEOUT"),
+        ),
+        // Same time as the one before: the order of appending decides.
+        (EventKind::Deleted, None, T0 + 9, None),
+    ];
+    for (kind, request_id, at, detail) in log {
+        store
+            .append_event(id, kind, "demo", request_id, at, detail)
+            .await
+            .expect("append");
+    }
+    store
+        .append_event(other, EventKind::NeverCreated, "demo", None, T0 + 100, None)
+        .await
+        .expect("append");
+
+    let events = store.recent_events(id, 3).await.expect("events");
+    let expected = |kind, request_id: Option<&str>, at, detail: Option<&str>| IdentityEvent {
+        kind,
+        caller: "demo".to_owned(),
+        request_id: request_id.map(str::to_owned),
+        at,
+        detail: detail.map(str::to_owned),
+    };
+    assert_eq!(
+        events,
+        [
+            expected(EventKind::Deleted, None, T0 + 9, None),
+            expected(
+                EventKind::DeletionFailed,
+                None,
+                T0 + 9,
+                Some("FINAPI_TIMEOUT")
+            ),
+            expected(EventKind::Reused, Some("req-2"), T0 + 5, None),
+        ]
+    );
+    assert_eq!(store.recent_events(id, 10).await.expect("events").len(), 4);
+    let unknown = store
+        .append_event(Uuid::new_v4(), EventKind::Created, "demo", None, T0, None)
+        .await;
+    assert!(matches!(unknown, Err(StoreError::Other(_))), "{unknown:?}");
+}
+
+async fn claim_due_takes_due_records_once_per_lease(db: Db) {
+    let store = db.store().await;
+    let now = T0 + 10 * HOUR;
+    let orphan_age = 15 * 60_000;
+    let lease = 60_000;
+
+    let active_due = intent(&store, "c", None, T0).await;
+    store.activate(active_due, T0, now).await.expect("activate");
+    let active_later = intent(&store, "c", None, T0).await;
+    store
+        .activate(active_later, T0, now + 1)
+        .await
+        .expect("activate");
+    let deleting_due = intent(&store, "c", None, T0).await;
+    store
+        .mark_deleting(deleting_due, T0 + HOUR)
+        .await
+        .expect("deleting");
+    let deleting_backoff = intent(&store, "c", None, T0).await;
+    store
+        .mark_deleting(deleting_backoff, T0)
+        .await
+        .expect("deleting");
+    store
+        .record_failure(deleting_backoff, "E", now + 1)
+        .await
+        .expect("failure");
+    let orphan = intent(&store, "c", None, now - orphan_age).await;
+    let young_intent = intent(&store, "c", None, now - orphan_age + 1).await;
+    let deleted = intent(&store, "c", None, T0).await;
+    store.mark_deleted(deleted, T0).await.expect("deleted");
+
+    let ids = |records: Vec<giroident_broker::identities::IdentityRecord>| -> HashSet<Uuid> {
+        records.into_iter().map(|r| r.id).collect()
+    };
+    let claimed = store
+        .claim_due(now, orphan_age, "replica-a", lease, 10)
+        .await
+        .expect("claim");
+    assert_eq!(
+        ids(claimed),
+        HashSet::from([active_due, deleting_due, orphan]),
+        "only due records: not {active_later}, {deleting_backoff}, {young_intent}, {deleted}"
+    );
+
+    // Leased: nobody else gets them until the lease ends.
+    let again = store
+        .claim_due(now, orphan_age, "replica-b", lease, 10)
+        .await;
+    assert!(again.expect("claim").is_empty());
+    let before_expiry = store
+        .claim_due(now + lease - 1, orphan_age, "replica-b", lease, 10)
+        .await
+        .expect("claim");
+    assert_eq!(
+        ids(before_expiry),
+        HashSet::from([active_later, deleting_backoff, young_intent]),
+        "records that became due since are claimable"
+    );
+    let expired = store
+        .claim_due(now + lease, orphan_age, "replica-b", lease, 10)
+        .await
+        .expect("claim");
+    assert_eq!(
+        ids(expired),
+        HashSet::from([active_due, deleting_due, orphan])
+    );
+
+    // Releasing (by the owner only) and recording a failure free a record at once.
+    store
+        .release(active_due, "replica-a")
+        .await
+        .expect("release");
+    store
+        .release(deleting_due, "replica-b")
+        .await
+        .expect("release");
+    store
+        .record_failure(orphan, "E", now + lease)
+        .await
+        .expect("failure");
+    let freed = store
+        .claim_due(now + lease, orphan_age, "replica-c", lease, 10)
+        .await
+        .expect("claim");
+    assert_eq!(ids(freed), HashSet::from([deleting_due, orphan]));
+    let r = get(&store, orphan).await;
+    assert_eq!(
+        (r.deletion_attempts, r.last_error.as_deref()),
+        (1, Some("E"))
+    );
+
+    // The limit holds, most overdue first; a deleted record is never claimed.
+    store
+        .mark_deleted(deleting_due, now)
+        .await
+        .expect("deleted");
+    let later = now + 10 * lease;
+    let first = store
+        .claim_due(later, orphan_age, "replica-d", lease, 1)
+        .await
+        .expect("claim");
+    assert_eq!(ids(first), HashSet::from([active_due]));
+    let rest = store
+        .claim_due(later, orphan_age, "replica-d", lease, 100)
+        .await
+        .expect("claim");
+    assert_eq!(
+        ids(rest),
+        HashSet::from([active_later, deleting_backoff, young_intent, orphan])
+    );
+}
+
+async fn concurrent_claimers_never_share_a_record_while_its_lease_runs(db: Db) {
+    const RECORDS: usize = 60;
+    let setup = db.store().await;
+    for _ in 0..RECORDS {
+        let id = intent(&setup, "c", None, T0).await;
+        setup.mark_deleting(id, T0).await.expect("deleting");
+    }
+    // Two handles, as two replicas would have: separate pools on one database.
+    let replicas = [db.store().await, db.store().await];
+    let now = T0 + HOUR;
+    let lease = 60_000;
+
+    for round_start in [now, now + lease] {
+        let claimers: Vec<_> = replicas
+            .iter()
+            .enumerate()
+            .map(|(n, store)| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let owner = format!("replica-{n}");
+                    let mut mine = Vec::new();
+                    loop {
+                        // The clock stands still: every lease runs for the whole round.
+                        let claimed = store
+                            .claim_due(round_start, 0, &owner, lease, 3)
+                            .await
+                            .expect("claim");
+                        // More claims than records means some record came twice: stop, the
+                        // check below names it.
+                        if claimed.is_empty() || mine.len() > RECORDS {
+                            return mine;
+                        }
+                        mine.extend(claimed.into_iter().map(|r| r.id));
+                    }
+                })
+            })
+            .collect();
+        let mut seen = HashSet::new();
+        for claimer in claimers {
+            for id in claimer.await.expect("claimer") {
+                assert!(seen.insert(id), "{id} claimed twice while its lease ran");
+            }
+        }
+        assert_eq!(
+            seen.len(),
+            RECORDS,
+            "every due record is claimed in each lease period"
+        );
+    }
+}
+
+async fn counts_and_the_oldest_overdue_record_feed_the_metrics(db: Db) {
+    let store = db.store().await;
+    assert_eq!(store.oldest_overdue(T0).await.expect("overdue"), None);
+    let now = T0 + 10 * HOUR;
+
+    let _intent = intent(&store, "c", None, T0).await;
+    let active_due = intent(&store, "c", None, T0).await;
+    store
+        .activate(active_due, T0, now - 5)
+        .await
+        .expect("activate");
+    let active_not_due = intent(&store, "c", None, T0).await;
+    store
+        .activate(active_not_due, T0, now + 5)
+        .await
+        .expect("activate");
+    let deleted = intent(&store, "c", None, T0).await;
+    store.mark_deleted(deleted, T0).await.expect("deleted");
+
+    assert_eq!(
+        store.oldest_overdue(now).await.expect("overdue"),
+        Some(now - 5)
+    );
+    // A deletion that keeps failing stays as overdue as it was: its delete_after counts, not
+    // its next attempt.
+    let deleting = intent(&store, "c", None, T0 - 30 * HOUR).await;
+    store
+        .mark_deleting(deleting, now + HOUR)
+        .await
+        .expect("deleting");
+    store
+        .record_failure(deleting, "LOCKED", now + 2 * HOUR)
+        .await
+        .expect("failure");
+    assert_eq!(
+        store.oldest_overdue(now).await.expect("overdue"),
+        Some(T0 - 6 * HOUR)
+    );
+
+    assert_eq!(
+        store.counts_by_state().await.expect("counts"),
+        [
+            (IdentityState::Intent, 1),
+            (IdentityState::Active, 2),
+            (IdentityState::Deleting, 1),
+            (IdentityState::Deleted, 1),
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_postgresql_server_makes_the_store_unavailable_not_hung() {
+    let mut server = pg::start().await;
+    let store = IdentityStore::connect(&SecretString::from(server.url()), 4)
+        .await
+        .expect("connects");
+    let id = intent(&store, "demo", None, T0).await;
+    server.stop();
+
+    for _ in 0..2 {
+        let answer = tokio::time::timeout(Duration::from_secs(20), store.get(id))
+            .await
+            .expect("the store answers instead of hanging");
+        assert!(
+            matches!(answer, Err(StoreError::Unavailable(_))),
+            "{answer:?}"
+        );
+    }
+    let connect = tokio::time::timeout(
+        Duration::from_secs(20),
+        IdentityStore::connect(&SecretString::from(server.url()), 4),
+    )
+    .await
+    .expect("connect answers instead of hanging");
+    assert!(
+        matches!(connect, Err(StoreError::Unavailable(_))),
+        "{connect:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_file_that_is_not_an_sqlite_database_is_unavailable() {
+    let dir = TempDir::new("giroident-ledger");
+    let path = dir.path().join("ledger.db");
+    std::fs::write(&path, vec![0x5a; 8192]).expect("write");
+    let url = format!("sqlite://{}", path.display());
+    let answer = IdentityStore::connect(&SecretString::from(url), 2).await;
+    assert!(
+        matches!(answer, Err(StoreError::Unavailable(_))),
+        "{answer:?}"
+    );
+}
+
+#[tokio::test]
+async fn database_urls_are_checked_and_never_echo_a_password() {
+    const PASSWORD: &str = "s3cr3t-Pa55";
+    let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let cases = [
+        format!("postgres://user:{PASSWORD}@127.0.0.1:notaport/ledger"),
+        format!("postgres://user:{PASSWORD}@127.0.0.1:{closed_port}/ledger?sslmode=bogus"),
+        format!("postgresql://user@127.0.0.1:{closed_port}/ledger?password={PASSWORD}&sslmode=x"),
+        // A password pasted into the wrong parameter: sqlx's message quotes the value.
+        format!("postgres://user:{PASSWORD}@127.0.0.1/ledger?sslmode={PASSWORD}"),
+        format!("mysql://user:{PASSWORD}@127.0.0.1/ledger"),
+        format!("postgres://user:{PASSWORD}@127.0.0.1:{closed_port}/ledger"),
+        "sqlite::memory:".to_owned(),
+        "sqlite://file.db?mode=memory".to_owned(),
+    ];
+    for url in cases {
+        let err = IdentityStore::connect(&SecretString::from(url.clone()), 1)
+            .await
+            .expect_err("refused");
+        let shown = format!("{err} / {err:?} / {:?}", std::error::Error::source(&err));
+        assert!(!shown.contains(PASSWORD), "{url}: {shown}");
+        if url.contains(&format!(":{closed_port}/ledger")) && !url.contains("sslmode") {
+            assert!(matches!(err, StoreError::Unavailable(_)), "{url}: {err:?}");
+        } else {
+            assert!(matches!(err, StoreError::InvalidUrl(_)), "{url}: {err:?}");
+        }
+    }
+
+    // A connected store does not show its URL either (the pool's options hold the password).
+    let db = pg::database().await;
+    let with_password = db
+        .url()
+        .replace("postgres@", &format!("postgres:{PASSWORD}@"));
+    let store = IdentityStore::connect(&SecretString::from(with_password), 1)
+        .await
+        .expect("trust authentication ignores the password");
+    assert!(!format!("{store:?}").contains(PASSWORD));
+}
+
+#[test]
+fn without_postgresql_binaries_the_tests_name_the_debian_package() {
+    let empty = TempDir::new("giroident-ledger");
+    let missing = pg::find_server_binaries(empty.path(), Some(empty.path().into()))
+        .expect_err("no binaries in an empty directory");
+    assert!(
+        missing.contains("apt-get install postgresql") && missing.contains("`postgresql`"),
+        "{missing}"
+    );
+
+    // The newest Debian version wins over PATH.
+    for version in ["9", "15", "16"] {
+        let bin = empty.path().join(version).join("bin");
+        std::fs::create_dir_all(&bin).expect("mkdir");
+        for program in ["initdb", "pg_ctl"] {
+            std::fs::write(bin.join(program), "").expect("write");
+        }
+    }
+    let found = pg::find_server_binaries(empty.path(), None).expect("found");
+    assert_eq!(found, empty.path().join("16").join("bin"));
+}
