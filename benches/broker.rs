@@ -449,7 +449,9 @@ struct Setup {
     /// `BENCH_BROKER_BIN`, if given, with the ledger it knows: the ledger section's baseline.
     baseline: Option<BrokerSpec>,
     /// The PostgreSQL server, started on first use; the error says why it could not start.
-    pg: OnceCell<Result<pg::Server, String>>,
+    pg: OnceCell<Result<pg::PgServer, String>>,
+    /// Databases made on the PostgreSQL server so far.
+    databases: std::cell::Cell<u32>,
 }
 
 impl Setup {
@@ -469,14 +471,22 @@ impl Setup {
             tested,
             baseline,
             pg: OnceCell::new(),
+            databases: std::cell::Cell::new(0),
         }
     }
 
-    fn pg(&self) -> Result<&pg::Server, &str> {
+    fn pg(&self) -> Result<&pg::PgServer, &str> {
         self.pg
             .get_or_init(|| {
                 eprintln!("starting PostgreSQL…");
-                pg::Server::start()
+                // The harness panics with the reason (the missing Debian package, the log).
+                std::panic::catch_unwind(|| pg::PgServer::start_blocking(true)).map_err(|panic| {
+                    panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                        .unwrap_or_else(|| "PostgreSQL did not start".to_owned())
+                })
             })
             .as_ref()
             .map_err(String::as_str)
@@ -493,222 +503,21 @@ impl Setup {
             }
             Ledger::Postgres => {
                 let server = self.pg().unwrap_or_else(|e| panic!("{e}"));
-                (Some(server.database()), None)
+                let n = self.databases.get();
+                self.databases.set(n + 1);
+                (Some(server.create_database(&format!("bench_{n}"))), None)
             }
         }
     }
 }
 
-/// A throwaway PostgreSQL server for the ledger: a compact copy of `tests/common/pg.rs`
-/// (initdb and `pg_ctl` from the machine's server binaries, trust authentication, 127.0.0.1
-/// and a free port, run as the `postgres` user when root). Unlike the tests' server, this one
-/// keeps PostgreSQL's durable defaults (`fsync`, `synchronous_commit` and `full_page_writes`
-/// on), so that the figures are those of a ledger that survives a crash.
-mod pg {
-    use std::cell::Cell;
-    use std::path::{Path, PathBuf};
-    use std::process::{Command, Output};
-
-    use super::TempDir;
-
-    pub struct Server {
-        bin: PathBuf,
-        dir: TempDir,
-        port: u16,
-        as_postgres: bool,
-        databases: Cell<u32>,
-        running: bool,
-    }
-
-    impl Server {
-        /// initdb, then `pg_ctl start -w`; the error names the missing package or holds the log.
-        pub fn start() -> Result<Self, String> {
-            let bin = server_binaries().ok_or(
-                "PostgreSQL server binaries not found: install the Debian package `postgresql`",
-            )?;
-            let dir = TempDir::new("pg");
-            let as_postgres = running_as_root();
-            if as_postgres {
-                let owner = Command::new("chown")
-                    .args(["-R", "postgres:postgres"])
-                    .arg(dir.path())
-                    .output()
-                    .map_err(|e| format!("chown: {e}"))?;
-                if !owner.status.success() {
-                    return Err(format!(
-                        "cannot hand {} to the `postgres` user: {}",
-                        dir.path().display(),
-                        String::from_utf8_lossy(&owner.stderr)
-                    ));
-                }
-            }
-            let mut server = Self {
-                bin,
-                dir,
-                port: 0,
-                as_postgres,
-                databases: Cell::new(0),
-                running: false,
-            };
-            let data = server.data();
-            // `--no-sync` only skips flushing initdb's own files; the server runs durably.
-            let init = server.run(
-                "initdb",
-                &[
-                    "-D",
-                    &data,
-                    "-U",
-                    "postgres",
-                    "-A",
-                    "trust",
-                    "-E",
-                    "UTF8",
-                    "--locale=C",
-                    "--no-sync",
-                ],
-            );
-            if !init.status.success() {
-                return Err(format!(
-                    "initdb failed: {}",
-                    String::from_utf8_lossy(&init.stderr)
-                ));
-            }
-            let log = server.dir.path().join("server.log");
-            let log = log.to_string_lossy().into_owned();
-            // A free port can be taken by someone else before the server binds it: try a few.
-            for _ in 0..5 {
-                server.port = super::free_addr().port();
-                let options = format!(
-                    "-c listen_addresses=127.0.0.1 -p {} -k {} -c max_connections=200",
-                    server.port,
-                    server.dir.path().display()
-                );
-                let started = server.run(
-                    "pg_ctl",
-                    &[
-                        "-D", &data, "start", "-w", "-t", "60", "-l", &log, "-o", &options,
-                    ],
-                );
-                if started.status.success() {
-                    server.running = true;
-                    return Ok(server);
-                }
-            }
-            Err(format!(
-                "PostgreSQL did not start: {}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            ))
-        }
-
-        /// The major version, from the binaries' directory (`/usr/lib/postgresql/NN/bin`).
-        pub fn version(&self) -> String {
-            self.bin
-                .parent()
-                .and_then(Path::file_name)
-                .map_or_else(String::new, |v| v.to_string_lossy().into_owned())
-        }
-
-        /// A URL to a new, empty database (`postgres://postgres@127.0.0.1:PORT/bench_N`).
-        pub fn database(&self) -> String {
-            let n = self.databases.get();
-            self.databases.set(n + 1);
-            let port = self.port.to_string();
-            let socket = self.dir.path().to_string_lossy().into_owned();
-            let sql = format!("CREATE DATABASE bench_{n}");
-            let out = self.run(
-                "psql",
-                &[
-                    "-h",
-                    &socket,
-                    "-p",
-                    &port,
-                    "-U",
-                    "postgres",
-                    "-d",
-                    "postgres",
-                    "-v",
-                    "ON_ERROR_STOP=1",
-                    "-qc",
-                    &sql,
-                ],
-            );
-            assert!(
-                out.status.success(),
-                "{sql} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            format!("postgres://postgres@127.0.0.1:{}/bench_{n}", self.port)
-        }
-
-        fn data(&self) -> String {
-            self.dir.path().join("data").to_string_lossy().into_owned()
-        }
-
-        fn run(&self, program: &str, args: &[&str]) -> Output {
-            let mut path = self.bin.join(program);
-            if !path.exists() {
-                path = PathBuf::from(program);
-            }
-            let mut command = if self.as_postgres {
-                let mut c = Command::new("runuser");
-                c.args(["-u", "postgres", "--"]).arg(&path);
-                c
-            } else {
-                Command::new(&path)
-            };
-            command
-                .args(args)
-                .current_dir(self.dir.path())
-                .env_remove("PGDATA")
-                .env_remove("PGHOST")
-                .env_remove("PGPORT")
-                .env_remove("PGUSER")
-                .env_remove("PGDATABASE")
-                .output()
-                .unwrap_or_else(|e| panic!("cannot run {}: {e}", path.display()))
-        }
-    }
-
-    impl Drop for Server {
-        fn drop(&mut self) {
-            if self.running {
-                let data = self.data();
-                let _ = self.run("pg_ctl", &["-D", &data, "stop", "-m", "immediate", "-w"]);
-            }
-        }
-    }
-
-    /// The newest `/usr/lib/postgresql/*/bin` holding `initdb` and `pg_ctl` (Debian's layout),
-    /// else a directory on PATH that holds them.
-    fn server_binaries() -> Option<PathBuf> {
-        let has_server = |dir: &Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();
-        let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|entry| {
-                let version = entry.file_name().to_str()?.parse::<u32>().ok()?;
-                let bin = entry.path().join("bin");
-                has_server(&bin).then_some((version, bin))
-            })
-            .collect();
-        versions.sort();
-        versions.pop().map(|(_, bin)| bin).or_else(|| {
-            std::env::split_paths(&std::env::var_os("PATH")?).find(|dir| has_server(dir))
-        })
-    }
-
-    /// Whether the effective uid (from `/proc/self/status`) is 0: PostgreSQL refuses root.
-    fn running_as_root() -> bool {
-        std::fs::read_to_string("/proc/self/status")
-            .ok()
-            .and_then(|status| {
-                let uids = status.lines().find(|l| l.starts_with("Uid:"))?.to_owned();
-                uids.split_whitespace().nth(2).map(|euid| euid == "0")
-            })
-            .unwrap_or(false)
-    }
-}
+/// The tests' throwaway PostgreSQL server (initdb and `pg_ctl` from the machine's server
+/// binaries, trust authentication, 127.0.0.1 and a free port, run as the `postgres` user when
+/// root), started here with PostgreSQL's durable defaults (`fsync`, `synchronous_commit`,
+/// `full_page_writes` on), so that the figures are those of a ledger that survives a crash.
+#[allow(dead_code)] // the tests' async helpers are not used here
+#[path = "../tests/common/pg.rs"]
+mod pg;
 
 // ---------------------------------------------------------------------------------------------
 // Load

@@ -54,7 +54,7 @@ pub struct PgServer {
 /// Starts a fresh server (initdb, then `pg_ctl -w start`). Panics when the binaries are
 /// missing (naming the Debian package) or the server does not start (with its log).
 pub async fn start() -> PgServer {
-    tokio::task::spawn_blocking(PgServer::start_blocking)
+    tokio::task::spawn_blocking(|| PgServer::start_blocking(false))
         .await
         .expect("the PostgreSQL start-up task does not panic")
 }
@@ -72,7 +72,7 @@ pub async fn database() -> SharedDb {
         match shared.upgrade() {
             Some(server) => server,
             None => {
-                let server = Arc::new(PgServer::start_blocking());
+                let server = Arc::new(PgServer::start_blocking(false));
                 *shared = Arc::downgrade(&server);
                 server
             }
@@ -111,6 +111,20 @@ impl PgServer {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
     }
 
+    /// A new, empty database `name` on this server; its URL.
+    pub fn create_database(&self, name: &str) -> String {
+        self.psql(&format!("CREATE DATABASE {name}"));
+        self.url_for(name)
+    }
+
+    /// The server's major version, from its binaries' directory (`/usr/lib/postgresql/NN/bin`).
+    pub fn version(&self) -> String {
+        self.bin
+            .parent()
+            .and_then(Path::file_name)
+            .map_or_else(String::new, |v| v.to_string_lossy().into_owned())
+    }
+
     /// Stops the server at once (`pg_ctl stop -m immediate`); its files go on drop.
     pub fn stop(&mut self) {
         if self.running {
@@ -119,7 +133,10 @@ impl PgServer {
         }
     }
 
-    fn start_blocking() -> PgServer {
+    /// Starts a fresh server, blocking. `durable` keeps PostgreSQL's defaults (`fsync`,
+    /// `synchronous_commit`, `full_page_writes` on: the benchmark's figures are those of a
+    /// ledger that survives a crash); the tests turn them off for speed.
+    pub fn start_blocking(durable: bool) -> PgServer {
         let bin = server_binaries();
         let as_postgres = running_as_root();
         static REAP: std::sync::Once = std::sync::Once::new();
@@ -171,9 +188,13 @@ impl PgServer {
         let mut last_log = String::new();
         for _ in 0..5 {
             server.port = free_port();
+            let fast = if durable {
+                ""
+            } else {
+                " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+            };
             let options = format!(
-                "-c listen_addresses=127.0.0.1 -p {} -k {} -c fsync=off \
-                 -c synchronous_commit=off -c full_page_writes=off -c max_connections=300",
+                "-c listen_addresses=127.0.0.1 -p {} -k {}{fast} -c max_connections=300",
                 server.port,
                 server.dir.path().display()
             );
