@@ -149,29 +149,6 @@ impl TracingSettings {
         Ok(pairs)
     }
 
-    /// The built-in defaults with the standard OpenTelemetry variables of `env` over them: what
-    /// `demo` exports with (its other settings are its own).
-    pub fn from_otel_env(env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let defaults: Table = DEFAULT_TOML
-            .parse()
-            .map_err(|e| ConfigError::single("(built-in defaults)", format!("{e}")))?;
-        let mut settings: Self = defaults
-            .get("tracing")
-            .cloned()
-            .ok_or_else(|| ConfigError::single("tracing", "missing from the defaults"))?
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::single("tracing", e.to_string()))?;
-        let mut problems = Vec::new();
-        settings.resolve(env, &mut |key: &str, msg| {
-            problems.push((key.to_owned(), msg))
-        });
-        if problems.is_empty() {
-            Ok(settings)
-        } else {
-            Err(ConfigError { problems })
-        }
-    }
-
     /// Overlays the standard OpenTelemetry variables (an empty one counts as unset, as the
     /// specification says) and checks every value.
     fn resolve(
@@ -1606,25 +1583,6 @@ mod tests {
         vars.push(("OTEL_SDK_DISABLED".into(), "true".into()));
         let s = Settings::load_with_env(None, vars).unwrap();
         assert_eq!(s.tracing.traces_url(), None);
-    }
-
-    #[test]
-    fn the_demo_traces_where_the_standard_variables_say() {
-        let none = TracingSettings::from_otel_env(&|_| None).unwrap();
-        assert_eq!(none.traces_url(), None);
-        let vars = env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")]);
-        let lookup = |name: &str| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
-        let set = TracingSettings::from_otel_env(&lookup).unwrap();
-        assert_eq!(
-            set.traces_url().as_deref(),
-            Some("http://127.0.0.1:4318/v1/traces")
-        );
-        let bad = |name: &str| (name == "OTEL_TRACES_SAMPLER").then(|| "never".to_owned());
-        assert!(
-            TracingSettings::from_otel_env(&bad)
-                .unwrap_err()
-                .mentions("tracing.sampler")
-        );
     }
 
     #[test]

@@ -3,11 +3,11 @@
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::config::{ConfigError, Settings, sha256, to_hex};
+use crate::config::{ConfigError, LogFormat, Settings, TracingSettings, sha256, to_hex};
 use crate::sim::{self, DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, SimConfig};
 use crate::startup::{Application, StartupError};
 
@@ -101,6 +101,8 @@ pub fn preset(
         ("finapi.allow_insecure_http", "true".to_owned()),
         ("finapi.client_id", DEMO_CLIENT_ID.to_owned()),
         ("finapi.client_secret", DEMO_CLIENT_SECRET.to_owned()),
+        // Readable on a terminal; `log.format` in the file or the environment wins.
+        ("log.format", "pretty".to_owned()),
         (
             "identities.database_url",
             ledger.database_url.expose_secret().to_owned(),
@@ -128,6 +130,36 @@ pub fn settings_for_simulator(
         None,
         std::iter::empty(),
     )
+}
+
+/// The demo's logging and tracing settings: its [`preset`] with the `--config` file and `env`
+/// over it, as [`run`] will load them, read before anything starts so that the logs follow
+/// them from the first line. Errors: the configuration's problems, every one with its key.
+pub fn telemetry_settings(
+    config: Option<&Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(LogFormat, String, TracingSettings), ConfigError> {
+    // Stand-ins for what only exists once the demo runs; they are validated, never used.
+    let ledger = Ledger {
+        database_url: SecretString::from("sqlite:///nonexistent/demo.db"),
+        password_key: SecretString::from("a-stand-in-key-of-at-least-32-bytes-long"),
+    };
+    let api_key = SecretString::from("stand-in-api-key");
+    let admin = SocketAddr::new(DEFAULT_LISTEN.ip(), 0);
+    let preset = preset(
+        DEFAULT_LISTEN,
+        admin,
+        "http://127.0.0.1:9",
+        &api_key,
+        &ledger,
+    );
+    let settings = Settings::load_layered(preset, config, env)?;
+    let format = settings.log_format().unwrap_or(LogFormat::Pretty);
+    Ok((
+        format,
+        settings.log.filter.clone(),
+        settings.tracing.clone(),
+    ))
 }
 
 /// A random API key for the demo (32 characters of `A-Z a-z 0-9`).
@@ -270,4 +302,41 @@ fn instructions(
     );
     let _ = write!(text, "\nPress Ctrl-C to stop.");
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn the_demos_logs_and_traces_follow_its_configuration() {
+        let (format, filter, tracing) = telemetry_settings(None, vars(&[])).unwrap();
+        assert_eq!((format, filter.as_str()), (LogFormat::Pretty, "info"));
+        assert_eq!(tracing.traces_url(), None);
+
+        let (format, filter, tracing) = telemetry_settings(
+            None,
+            vars(&[
+                ("GIROIDENT_BROKER_LOG__FORMAT", "json"),
+                ("GIROIDENT_BROKER_LOG__FILTER", "debug"),
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!((format, filter.as_str()), (LogFormat::Json, "debug"));
+        assert_eq!(
+            tracing.traces_url().as_deref(),
+            Some("http://127.0.0.1:4318/v1/traces")
+        );
+
+        let err = telemetry_settings(None, vars(&[("OTEL_TRACES_SAMPLER", "never")])).unwrap_err();
+        assert!(err.mentions("tracing.sampler"), "{err}");
+    }
 }

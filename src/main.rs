@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use giroident_broker::config::{FlowKind, LogFormat, Settings, TracingSettings, read_secret_file};
+use giroident_broker::config::{FlowKind, LogFormat, Settings, read_secret_file};
 use giroident_broker::startup::{Application, shutdown_signal};
 use giroident_broker::telemetry::{self, cause_chain};
 use giroident_broker::{demo, healthcheck, sim};
@@ -125,15 +125,17 @@ async fn run(tool: Tool, config: Option<PathBuf>) -> ExitCode {
             sim_listen,
             api_key,
         } => {
-            // The demo's spans go where the standard OTEL_* variables say.
-            let tracing = match TracingSettings::from_otel_env(&|name| std::env::var(name).ok()) {
-                Ok(tracing) => tracing,
-                Err(err) => {
-                    eprintln!("{err}");
-                    return ExitCode::from(2);
-                }
-            };
-            let _logs = match telemetry::init(LogFormat::Pretty, "info", Some(&tracing)) {
+            // The demo's settings (its preset, the --config file, the environment) decide its
+            // logs and traces from the first line on.
+            let (format, filter, tracing) =
+                match demo::telemetry_settings(config.as_deref(), std::env::vars()) {
+                    Ok(settings) => settings,
+                    Err(err) => {
+                        eprintln!("{err}");
+                        return ExitCode::from(2);
+                    }
+                };
+            let _logs = match telemetry::init(format, &filter, Some(&tracing)) {
                 Ok(telemetry) => telemetry,
                 Err(err) => {
                     eprintln!("cannot start tracing: {}", cause_chain(&err));

@@ -136,3 +136,39 @@ fn demo_reports_a_bad_configuration_with_its_key_and_exits_2() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("limits.caller_burst"), "{stderr}");
 }
+
+#[test]
+fn demo_logs_as_its_configuration_says() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_giroident-broker"))
+        .args(["demo", "--listen", "127.0.0.1:0", "--api-key", API_KEY])
+        .env_clear()
+        .env("GIROIDENT_BROKER_LOG__FORMAT", "json")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the binary runs");
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let (line_tx, line_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let listening = loop {
+        let Ok(line) = line_rx.recv_timeout(std::time::Duration::from_secs(30)) else {
+            break None;
+        };
+        if line.contains("broker listening") {
+            break Some(line);
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = listening.expect("the demo logged that it listens");
+    let log: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|_| panic!("not a JSON log line: {line}"));
+    assert_eq!(log["level"], "INFO", "{line}");
+}
