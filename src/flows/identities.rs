@@ -603,15 +603,17 @@ impl Flows {
         ctx: &RequestContext,
         detail: Option<&str>,
     ) -> Result<(), FlowError> {
+        // The event first: whoever reads the record as deleted finds why.
+        self.event(record.id, kind, ctx, detail).await;
         self.ids()
             .store
             .mark_deleted(record.id, now_millis())
             .await?;
-        self.event(record.id, kind, ctx, detail).await;
         Ok(())
     }
 
-    /// Appends an event; a failure is logged, since the state change it reports is recorded.
+    /// Appends an event; a failure is logged, since the state change it reports is recorded
+    /// (or, for a closing record, is about to be).
     async fn event(&self, id: Uuid, kind: EventKind, ctx: &RequestContext, detail: Option<&str>) {
         let result = self
             .ids()
