@@ -10,7 +10,7 @@
 //! Options (after `--`): `--quick`, `--seconds S` (per measured run), `--sessions N` (cap per
 //! run), `--rounds N` (direct/broker pairs per point; the median pair is shown),
 //! `--mem-sessions N` (sessions between the two memory readings), `--herd N`,
-//! `--only NAME` (a section: ready, sweep, ledger, herd, refresh, memory), `--flow
+//! `--only NAME` (a section: ready, sweep, ledger, tracing, herd, refresh, memory), `--flow
 //! access|standalone` and `--concurrency N` (sweep and ledger points). Environment:
 //! `BENCH_BROKER_WORKER_THREADS` (the broker's `server.worker_threads`), `BENCH_BROKER_PRELOAD`
 //! (an `LD_PRELOAD` for the broker), `BENCH_LEDGER` (`sqlite`, the default: a fresh file per
@@ -323,12 +323,23 @@ fn spawn_sim(client_token_ttl_secs: u64) -> Proc {
 }
 
 fn spawn_broker(sim: &Proc, spec: &BrokerSpec, setup: &Setup) -> Proc {
+    spawn_broker_with(sim, spec, setup, &[])
+}
+
+/// [`spawn_broker`] with extra environment (the tracing section's `OTEL_*` variables).
+fn spawn_broker_with(
+    sim: &Proc,
+    spec: &BrokerSpec,
+    setup: &Setup,
+    extra: &[(&str, String)],
+) -> Proc {
     let addr = free_addr();
     let (url, files) = setup.ledger_db(spec.ledger);
     let mut command = Command::new(&spec.bin);
     command
         .env_clear()
         .envs(broker_env(addr, &sim.url(), url.as_deref()))
+        .envs(extra.iter().map(|(k, v)| (*k, v.as_str())))
         .arg("serve");
     let mut proc = spawn_ready(&mut command, addr, "/readyz");
     proc._ledger_files = files;
@@ -1430,6 +1441,192 @@ async fn ledger_section(
     verdicts
 }
 
+/// A local OTLP/HTTP receiver on 127.0.0.1 for the tracing section: answers 200 to
+/// `POST /v1/traces` after reading the body, and counts requests and body bytes. It runs on a
+/// thread and runtime of its own, so that it does not share the load generator's.
+struct OtlpSink {
+    addr: SocketAddr,
+    requests: Arc<AtomicU64>,
+    bytes: Arc<AtomicU64>,
+}
+
+impl OtlpSink {
+    fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the OTLP receiver");
+        listener.set_nonblocking(true).expect("non-blocking");
+        let addr = listener.local_addr().expect("local addr");
+        let requests = Arc::new(AtomicU64::new(0));
+        let bytes = Arc::new(AtomicU64::new(0));
+        let (r, b) = (requests.clone(), bytes.clone());
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("receiver runtime");
+            runtime.block_on(async move {
+                let app = axum::Router::new()
+                    .route(
+                        "/v1/traces",
+                        axum::routing::post(move |body: axum::body::Bytes| {
+                            r.fetch_add(1, Ordering::Relaxed);
+                            b.fetch_add(body.len() as u64, Ordering::Relaxed);
+                            std::future::ready(axum::http::StatusCode::OK)
+                        }),
+                    )
+                    // A batch of spans may be larger than axum's default limit of 2 MiB.
+                    .layer(axum::extract::DefaultBodyLimit::disable());
+                let listener =
+                    tokio::net::TcpListener::from_std(listener).expect("receiver listener");
+                let _ = axum::serve(listener, app).await;
+            });
+        });
+        Self {
+            addr,
+            requests,
+            bytes,
+        }
+    }
+}
+
+/// The access flow at concurrency 16 (or `--concurrency`) through two brokers of this build
+/// side by side on one simulator: tracing off (no `OTEL_*` variable, so no layer is installed)
+/// and on (`OTEL_EXPORTER_OTLP_ENDPOINT` at a local receiver, `OTEL_TRACES_SAMPLER=always_on`),
+/// in interleaved rounds. Returns the verdict line.
+async fn tracing_section(
+    opts: &Opts,
+    headers: &HeaderMap,
+    setup: &Setup,
+    report: &mut String,
+) -> String {
+    let concurrency = opts.concurrency.unwrap_or(16);
+    let sink = OtlpSink::start();
+    let sim = spawn_sim(3600);
+    let on_env = [
+        (
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            format!("http://{}", sink.addr),
+        ),
+        ("OTEL_TRACES_SAMPLER", "always_on".to_owned()),
+    ];
+    let labels = ["tracing off", "tracing on, 100 % sampled"];
+    let brokers = [
+        spawn_broker(&sim, &setup.tested, setup),
+        spawn_broker_with(&sim, &setup.tested, setup, &on_env),
+    ];
+    let targets: Vec<Arc<Target>> = brokers
+        .iter()
+        .map(|broker| {
+            Arc::new(Target {
+                http: http_client(),
+                broker: broker.url(),
+                sim: sim.url(),
+                headers: headers.clone(),
+                client_token: None,
+            })
+        })
+        .collect();
+    for (i, broker) in brokers.iter().enumerate() {
+        let warmup = Duration::from_millis(500);
+        run_load(
+            &targets[i],
+            (broker, &sim),
+            Flow::Access,
+            Via::Broker,
+            concurrency,
+            2000,
+            warmup,
+        )
+        .await;
+    }
+    let exported_before = (
+        sink.requests.load(Ordering::Relaxed),
+        sink.bytes.load(Ordering::Relaxed),
+    );
+    let max_time = Duration::from_secs_f64(opts.seconds);
+    let mut runs: [Vec<RunResult>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..opts.rounds.max(1) {
+        // Alternate which broker goes first, so that a drift in the machine's load favours
+        // neither.
+        for k in 0..2 {
+            let i = (k + round) % 2;
+            let run = run_load(
+                &targets[i],
+                (&brokers[i], &sim),
+                Flow::Access,
+                Via::Broker,
+                concurrency,
+                opts.sessions,
+                max_time,
+            )
+            .await;
+            runs[i].push(run);
+        }
+    }
+    // The exporter lingers 200 ms for a batch: wait for the last one before reading the sink.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let exports = sink.requests.load(Ordering::Relaxed) - exported_before.0;
+    let export_bytes = sink.bytes.load(Ordering::Relaxed) - exported_before.1;
+    let rates = |i: usize| runs[i].iter().map(RunResult::rate).collect::<Vec<_>>();
+    let ratios: Vec<f64> = runs[1]
+        .iter()
+        .zip(&runs[0])
+        .map(|(on, off)| on.rate() / off.rate())
+        .collect();
+    let cpu_ratios: Vec<f64> = runs[1]
+        .iter()
+        .zip(&runs[0])
+        .map(|(on, off)| on.cpu_per_session()[1] / off.cpu_per_session()[1])
+        .collect();
+    let _ = writeln!(
+        report,
+        "\n### Tracing (issue 14)\n\nThe access flow at concurrency {concurrency} through two \
+         brokers of this build ({}) side by side on one simulator: tracing off (no `OTEL_*` \
+         variable: no layer installed) and on (`OTEL_EXPORTER_OTLP_ENDPOINT` at a receiver on \
+         127.0.0.1 run by the bench, `OTEL_TRACES_SAMPLER=always_on`). 0.5 s warm-up each, then \
+         {} round(s) of one {} s run per broker, back to back, alternating which goes first. \
+         Figures are medians over rounds; the ratios are taken per round, then the median (range \
+         in brackets). Latency in ms. The receiver got {exports} export request(s), {:.1} MiB, \
+         during the rounds.\n\n\
+         | broker | sess/s | p50 | p99 | broker CPU µs/session | sessions | errors |\n\
+         |---|---:|---:|---:|---:|---:|---:|",
+        setup.tested.ledger.name(),
+        opts.rounds.max(1),
+        opts.seconds,
+        export_bytes as f64 / (1024.0 * 1024.0)
+    );
+    for (i, label) in labels.iter().enumerate() {
+        let per_round = |f: &dyn Fn(&RunResult) -> f64| runs[i].iter().map(f).collect();
+        let _ = writeln!(
+            report,
+            "| {label} | {:.0} | {:.2} | {:.2} | {:.0} | {} | {} |",
+            median(rates(i)),
+            median(per_round(&|r| r.latencies().p50)),
+            median(per_round(&|r| r.latencies().p99)),
+            median(per_round(&|r| r.cpu_per_session()[1])),
+            runs[i].iter().map(|r| r.samples.len()).sum::<usize>(),
+            runs[i].iter().map(|r| r.errors).sum::<usize>(),
+        );
+    }
+    let range = |v: &[f64]| {
+        let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = v.iter().copied().fold(0.0, f64::max);
+        format!("{min:.2}–{max:.2}")
+    };
+    let (ratio, cpu_ratio) = (median(ratios.clone()), median(cpu_ratios.clone()));
+    let _ = writeln!(
+        report,
+        "\nOn ÷ off: throughput **{ratio:.2}** ({}), broker CPU per session **{cpu_ratio:.2}** \
+         ({}).",
+        range(&ratios),
+        range(&cpu_ratios)
+    );
+    format!(
+        "tracing: on at 100 % sampling, c={concurrency}: {ratio:.2} × the throughput and \
+         {cpu_ratio:.2} × the broker CPU per session of tracing off (no wall-clock target; the \
+         instruction target is measured with scripts/callgrind-session.sh)"
+    )
+}
+
 async fn herd_section(
     opts: &Opts,
     headers: &HeaderMap,
@@ -1705,6 +1902,10 @@ fn main() {
         if opts.runs("ledger") {
             eprintln!("identity ledger…");
             verdicts.extend(ledger_section(&opts, &headers, &setup, &mut report).await);
+        }
+        if opts.runs("tracing") {
+            eprintln!("tracing off and on…");
+            verdicts.push(tracing_section(&opts, &headers, &setup, &mut report).await);
         }
         if opts.runs("herd") {
             eprintln!("cold herd…");
