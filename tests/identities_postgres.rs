@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::{CREATE_USER, TestEnv, pg};
@@ -144,5 +143,4 @@ async fn a_broker_whose_ledger_cannot_be_reached_does_not_start() {
         Err(err) => giroident_broker::telemetry::cause_chain(&err),
     };
     assert!(err.contains("identity ledger"), "{err}");
-    let _ = Arc::new(());
 }

@@ -54,7 +54,8 @@ pub fn now_millis() -> Millis {
     })
 }
 
-fn millis(d: Duration) -> Millis {
+/// A duration in the ledger's unit, saturating.
+pub(super) fn millis(d: Duration) -> Millis {
     Millis::try_from(d.as_millis()).unwrap_or(Millis::MAX)
 }
 

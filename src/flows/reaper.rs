@@ -11,7 +11,7 @@ use tokio::sync::watch;
 
 use crate::identities::{IdentityState, StoreError};
 
-use super::identities::now_millis;
+use super::identities::{millis, now_millis};
 use super::{Flows, RequestContext};
 
 /// Identities claimed at once.
@@ -118,8 +118,4 @@ async fn publish(flows: &Flows) -> Result<(), StoreError> {
         .map_or(0.0, |since| (now - since).max(0) as f64 / 1e3);
     crate::telemetry::metrics::publish_identities(&by_state, overdue);
     Ok(())
-}
-
-fn millis(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
