@@ -278,6 +278,18 @@ async fn sighup_adds_and_removes_callers_and_names_what_needs_a_restart() {
         "INVALID_API_KEY",
     )
     .await;
+    // finAPI's secret rotated by the operator, the file rewritten, then the signal.
+    assert!(sim.change_client_secret(DEMO_CLIENT_ID, "rotated-by-the-operator"));
+    dir.write("client-secret", "rotated-by-the-operator\n");
+    let reloaded = broker.hang_up().await;
+    assert_eq!(
+        reloaded["secrets_changed"], "finapi.client_secret",
+        "{reloaded}"
+    );
+    let rotated = "second-caller-rotated-key-89";
+    expect_created(broker.session(rotated, access()).await).await;
+    let standalone = json!({"flow": "standalone", "clientReference": "after-sighup"});
+    expect_created(broker.session(rotated, standalone).await).await;
 
     assert!(broker.still_running());
     assert_eq!(broker.child.id(), pid);
@@ -285,11 +297,18 @@ async fn sighup_adds_and_removes_callers_and_names_what_needs_a_restart() {
     assert!(
         metrics
             .lines()
-            .any(|l| l.starts_with("broker_config_reloads_total{outcome=\"ok\"} 2")),
+            .any(|l| l.starts_with("broker_config_reloads_total{outcome=\"ok\"} 3")),
         "{metrics}"
     );
     let logs = serde_json::to_string(&broker.seen).unwrap();
-    for secret in [FIRST_KEY, SECOND_KEY, "second-caller-rotated-key-89", KEY_A] {
+    for secret in [
+        FIRST_KEY,
+        SECOND_KEY,
+        "second-caller-rotated-key-89",
+        KEY_A,
+        DEMO_CLIENT_SECRET,
+        "rotated-by-the-operator",
+    ] {
         assert!(!logs.contains(secret), "a secret was logged");
     }
 }
