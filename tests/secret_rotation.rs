@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -26,16 +26,16 @@ fn secret_file(secret: &str) -> PathBuf {
 
 /// Replaces the file's content in one step (a rename), as Kubernetes swaps a mounted Secret,
 /// so that no reader sees it half written.
-fn rewrite(path: &PathBuf, secret: &str) {
+fn rewrite(path: &Path, secret: &str) {
     let next = path.with_extension("next");
     std::fs::write(&next, format!("{secret}\n")).expect("secret file written");
     std::fs::rename(&next, path).expect("secret file replaced");
 }
 
 /// A broker whose client secret comes from `file`.
-async fn broker_reading(file: &PathBuf) -> TestEnv {
+async fn broker_reading(file: &Path) -> TestEnv {
     TestEnv::with(SimConfig::default(), |s| {
-        s.finapi.client_secret_file = Some(file.clone());
+        s.finapi.client_secret_file = Some(file.to_path_buf());
     })
     .await
 }
@@ -103,55 +103,70 @@ async fn concurrent_refusals_read_the_secret_file_once() {
     let _ = std::fs::remove_file(file);
 }
 
+/// Loops of sessions, both flows, until `stop`; each returns (started, status) of its sessions.
+fn session_loops(
+    env: &Arc<TestEnv>,
+    stop: &Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<Vec<(Instant, u16)>>> {
+    (0..4)
+        .map(|n| {
+            let (env, stop) = (env.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut results = Vec::new();
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let body = if (n + i) % 2 == 0 {
+                        json!({"flow": "access"})
+                    } else {
+                        json!({"flow": "standalone", "clientReference": format!("loop-{n}-{i}")})
+                    };
+                    let started = Instant::now();
+                    let status = env.start_session(body).await.status().as_u16();
+                    results.push((started, status));
+                    i += 1;
+                }
+                results
+            })
+        })
+        .collect()
+}
+
+/// Sessions finished so far, by the calls that end them.
+fn sessions_so_far(env: &TestEnv) -> u64 {
+    env.all_calls(CREATE_USER) + env.all_calls(EXCHANGE)
+}
+
+/// Calls finAPI refused for the client credentials so far.
+fn refusals(env: &TestEnv) -> u64 {
+    env.calls(CLIENT_TOKEN, "401")
+        + env.calls(PASSWORD_TOKEN, "401")
+        + env.calls(CREATE_PROCESS, "401")
+}
+
+/// Lets `count` more sessions finish.
+async fn more_sessions(env: &TestEnv, count: u64) {
+    let target = sessions_so_far(env) + count;
+    assert!(eventually(Duration::from_secs(20), || sessions_so_far(env) >= target).await);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_running_through_a_rotation_all_succeed_once_the_new_file_is_in_place() {
     let file = secret_file(DEMO_CLIENT_SECRET);
     let env = Arc::new(broker_reading(&file).await);
     let stop = Arc::new(AtomicBool::new(false));
-    // (started, succeeded) of every session, in the order each loop ran them.
-    let mut loops = Vec::new();
-    for n in 0..4 {
-        let (env, stop) = (env.clone(), stop.clone());
-        loops.push(tokio::spawn(async move {
-            let mut results = Vec::new();
-            let mut i = 0;
-            while !stop.load(Ordering::Relaxed) {
-                let body = if (n + i) % 2 == 0 {
-                    json!({"flow": "access"})
-                } else {
-                    json!({"flow": "standalone", "clientReference": format!("loop-{n}-{i}")})
-                };
-                let started = Instant::now();
-                let status = env.start_session(body).await.status().as_u16();
-                results.push((started, status));
-                i += 1;
-            }
-            results
-        }));
-    }
-    let sessions_so_far = |env: &TestEnv| env.all_calls(CREATE_USER) + env.all_calls(EXCHANGE);
-    assert!(eventually(Duration::from_secs(10), || sessions_so_far(&env) >= 20).await);
+    let loops = session_loops(&env, &stop);
+    more_sessions(&env, 20).await;
     assert!(
         env.sim
             .change_client_secret(DEMO_CLIENT_ID, "rotated-secret-3")
     );
     // finAPI refuses the old secret for a while, as it does until the operator updates the
     // secret; then the new file arrives.
-    let refused_before = env.calls(CLIENT_TOKEN, "401") + env.calls(CREATE_PROCESS, "401");
-    assert!(
-        eventually(Duration::from_secs(10), || {
-            env.calls(CLIENT_TOKEN, "401") + env.calls(CREATE_PROCESS, "401") > refused_before
-        })
-        .await
-    );
+    let refused_before = refusals(&env);
+    assert!(eventually(Duration::from_secs(10), || refusals(&env) > refused_before).await);
     rewrite(&file, "rotated-secret-3");
     let written = Instant::now();
-    let after = sessions_so_far(&env);
-    assert!(
-        eventually(Duration::from_secs(20), || sessions_so_far(&env)
-            >= after + 40)
-        .await
-    );
+    more_sessions(&env, 40).await;
     stop.store(true, Ordering::Relaxed);
     let mut after_file = 0;
     for handle in loops {
@@ -163,10 +178,37 @@ async fn sessions_running_through_a_rotation_all_succeed_once_the_new_file_is_in
         }
     }
     assert!(
-        after_file >= 40,
+        after_file >= 20,
         "only {after_file} sessions after the file"
     );
     // The same broker served throughout: it read the file again, no restart did.
+    assert!(rereads(&env) >= 1);
+    let _ = std::fs::remove_file(file);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_file_rewritten_before_the_rotation_no_session_fails() {
+    let file = secret_file(DEMO_CLIENT_SECRET);
+    let env = Arc::new(broker_reading(&file).await);
+    let stop = Arc::new(AtomicBool::new(false));
+    let loops = session_loops(&env, &stop);
+    more_sessions(&env, 20).await;
+    // The broker keeps the secret finAPI still takes...
+    rewrite(&file, "rotated-secret-4");
+    more_sessions(&env, 20).await;
+    assert_eq!(rereads(&env), 0);
+    // ...until finAPI refuses it.
+    assert!(
+        env.sim
+            .change_client_secret(DEMO_CLIENT_ID, "rotated-secret-4")
+    );
+    more_sessions(&env, 40).await;
+    stop.store(true, Ordering::Relaxed);
+    for handle in loops {
+        for (_, status) in handle.await.unwrap() {
+            assert_eq!(status, 201, "a session failed");
+        }
+    }
     assert!(rereads(&env) >= 1);
     let _ = std::fs::remove_file(file);
 }
