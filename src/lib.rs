@@ -10,6 +10,7 @@ pub mod flows;
 pub mod healthcheck;
 pub mod identities;
 pub mod random;
+pub mod reload;
 pub mod resilience;
 pub mod sim;
 pub mod startup;

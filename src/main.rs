@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use giroident_broker::config::{FlowKind, LogFormat, Settings, read_secret_file};
-use giroident_broker::startup::{Application, shutdown_signal};
+use giroident_broker::startup::{Application, reload_on_sighup, shutdown_signal};
 use giroident_broker::telemetry::{self, cause_chain};
 use giroident_broker::{demo, healthcheck, sim};
 use secrecy::{ExposeSecret, SecretString};
@@ -243,7 +243,7 @@ fn serve(config: Option<PathBuf>) -> ExitCode {
             .build(),
     };
     match runtime {
-        Ok(runtime) => runtime.block_on(serve_on(&settings)),
+        Ok(runtime) => runtime.block_on(serve_on(&settings, config)),
         Err(err) => {
             tracing::error!(error = %cause_chain(&err), "cannot start the async runtime");
             ExitCode::FAILURE
@@ -251,7 +251,7 @@ fn serve(config: Option<PathBuf>) -> ExitCode {
     }
 }
 
-async fn serve_on(settings: &Settings) -> ExitCode {
+async fn serve_on(settings: &Settings, config: Option<PathBuf>) -> ExitCode {
     let app = match Application::build(settings).await {
         Ok(app) => app,
         Err(err) => {
@@ -259,7 +259,17 @@ async fn serve_on(settings: &Settings) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // A reload reads the same file and environment as the start did.
+    let reloads = match reload_on_sighup(app.reloader(), move || Settings::load(config.as_deref()))
+    {
+        Ok(task) => task,
+        Err(err) => {
+            tracing::error!(error = %cause_chain(&err), "cannot handle SIGHUP");
+            return ExitCode::FAILURE;
+        }
+    };
     app.run_until_stopped(shutdown_signal()).await;
+    reloads.abort();
     ExitCode::SUCCESS
 }
 

@@ -1,6 +1,7 @@
 //! Building and running the broker: config in, a bound listener out, served until a shutdown
 //! signal, then drained.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,12 +15,13 @@ use tokio::sync::{Semaphore, watch};
 
 use crate::api::auth::Callers;
 use crate::api::{self, AppState, Readiness, SharedState};
-use crate::config::Settings;
+use crate::config::{ConfigError, Settings};
 use crate::finapi::{self, InvalidBaseUrl};
 use crate::flows::Flows;
 use crate::flows::identities::IdentitySettings;
 use crate::identities::IdentityStore;
-use crate::identities::keys::{PasswordKey, PasswordKeys};
+use crate::identities::keys::{PasswordKey, PasswordKeys, SharedPasswordKeys};
+use crate::reload::Reloader;
 
 /// Why the broker could not start.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +60,7 @@ pub struct Application {
     drain: Duration,
     header_read_timeout: Duration,
     flows: Arc<Flows>,
+    reloader: Arc<Reloader>,
 }
 
 impl Application {
@@ -71,7 +74,7 @@ impl Application {
         let identities = identity_settings(settings).await?;
         let flows = Arc::new(Flows::new(settings, http, identities)?);
         let readiness = Readiness::new();
-        let callers = Callers::from_settings(settings);
+        let callers = Arc::new(Callers::from_settings(settings));
         if callers.disabled() {
             tracing::warn!(
                 "authentication is disabled (auth.disabled = true): anyone who reaches the broker can start KYC sessions"
@@ -84,7 +87,7 @@ impl Application {
             default_flow: settings.default_flow(),
             request_timeout: Duration::from_secs(settings.server.request_timeout_secs),
             readiness: readiness.clone(),
-            callers: Arc::new(callers),
+            callers: callers.clone(),
             in_flight: Arc::new(Semaphore::new(
                 usize::try_from(limits.max_in_flight).unwrap_or(Semaphore::MAX_PERMITS),
             )),
@@ -107,6 +110,7 @@ impl Application {
             readiness,
             drain: settings.drain(),
             header_read_timeout: read_timeout,
+            reloader: Arc::new(Reloader::new(settings.clone(), callers, flows.clone())),
             flows,
         })
     }
@@ -124,6 +128,11 @@ impl Application {
     /// The flows this broker runs (their resilience counters, for tests).
     pub fn flows(&self) -> Arc<Flows> {
         self.flows.clone()
+    }
+
+    /// What applies reloaded settings to this broker (see [`reload_on_sighup`]).
+    pub fn reloader(&self) -> Arc<Reloader> {
+        self.reloader.clone()
     }
 
     /// The bound port.
@@ -171,41 +180,50 @@ async fn identity_settings(settings: &Settings) -> Result<IdentitySettings, Star
     let store = IdentityStore::connect(&i.database_url, i.database_max_connections)
         .await
         .map_err(StartupError::Store)?;
-    let key = |secret: &secrecy::SecretString| {
-        PasswordKey::new(secret.clone()).map_err(|_| {
-            StartupError::Config(crate::config::ConfigError::single(
-                "identities.password_key",
-                "must be at least 32 bytes",
-            ))
-        })
+    let keys = password_keys(settings)?;
+    Ok(IdentitySettings {
+        store,
+        keys: SharedPasswordKeys::new(keys),
+        retention: Duration::from_secs(i.retention_secs),
+        retention_by_caller: std::sync::RwLock::new(retention_by_caller(settings)),
+        orphan_min_age: Duration::from_secs(i.orphan_min_age_secs),
+        reaper_interval: Duration::from_secs(i.reaper_interval_secs),
+    })
+}
+
+/// The password keys of validated settings: `identities.password_key(_file)` the newest, then
+/// `identities.previous_password_key_files`.
+pub(crate) fn password_keys(settings: &Settings) -> Result<PasswordKeys, ConfigError> {
+    let i = &settings.identities;
+    let key = |name: &str, secret: &secrecy::SecretString| {
+        PasswordKey::new(secret.clone())
+            .map_err(|_| ConfigError::single(name, "must be at least 32 bytes"))
     };
     let newest = match &i.password_key {
-        Some(secret) => key(secret)?,
+        Some(secret) => key("identities.password_key", secret)?,
         None => {
-            return Err(StartupError::Config(crate::config::ConfigError::single(
+            return Err(ConfigError::single(
                 "identities.password_key",
                 "must be set",
-            )));
+            ));
         }
     };
     let older = i
         .previous_password_keys
         .iter()
-        .map(key)
+        .map(|secret| key("identities.previous_password_key_files", secret))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(IdentitySettings {
-        store,
-        keys: PasswordKeys::new(newest, older),
-        retention: Duration::from_secs(i.retention_secs),
-        retention_by_caller: settings
-            .auth
-            .callers
-            .iter()
-            .filter_map(|c| Some((c.name.clone(), Duration::from_secs(c.retention_secs?))))
-            .collect(),
-        orphan_min_age: Duration::from_secs(i.orphan_min_age_secs),
-        reaper_interval: Duration::from_secs(i.reaper_interval_secs),
-    })
+    Ok(PasswordKeys::new(newest, older))
+}
+
+/// The callers' own identity retentions (`auth.callers[].retention_secs`), by caller name.
+pub(crate) fn retention_by_caller(settings: &Settings) -> HashMap<String, Duration> {
+    settings
+        .auth
+        .callers
+        .iter()
+        .filter_map(|c| Some((c.name.clone(), Duration::from_secs(c.retention_secs?))))
+        .collect()
 }
 
 async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartupError> {
@@ -258,6 +276,42 @@ async fn serve(
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// Reloads the secrets and callers on every `SIGHUP`: `load` runs the loader the broker started
+/// with again (same file, same environment) and the result goes to `reloader`. The handler is
+/// in place when this returns, so a `SIGHUP` from then on never ends the process (its default
+/// action); the returned task runs until aborted.
+#[cfg(unix)]
+pub fn reload_on_sighup(
+    reloader: Arc<Reloader>,
+    load: impl Fn() -> Result<Settings, ConfigError> + Send + Sync + 'static,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangups = signal(SignalKind::hangup())?;
+    let load = Arc::new(load);
+    Ok(tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            tracing::info!("SIGHUP received: reloading secrets and callers");
+            // The loader reads files: off the async threads.
+            let loaded = tokio::task::spawn_blocking({
+                let load = load.clone();
+                move || load()
+            })
+            .await
+            .unwrap_or_else(|_| Err(ConfigError::single("(reload)", "the loader failed")));
+            let _ = reloader.reload(loaded).await;
+        }
+    }))
+}
+
+/// Without Unix signals there is nothing to reload on: a restart applies a new configuration.
+#[cfg(not(unix))]
+pub fn reload_on_sighup(
+    _reloader: Arc<Reloader>,
+    _load: impl Fn() -> Result<Settings, ConfigError> + Send + Sync + 'static,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    Ok(tokio::spawn(async {}))
 }
 
 /// Completes on SIGTERM or Ctrl-C.

@@ -177,6 +177,11 @@ pub mod metrics {
     pub const IDENTITY_OLDEST_OVERDUE: &str = "broker_identity_oldest_overdue_seconds";
     /// Gauge: 1 while the identity ledger answers, 0 while it does not.
     pub const IDENTITY_STORE_UP: &str = "broker_identity_store_up";
+    /// Counter: reloads of the secrets and callers (`SIGHUP`), by `outcome` (`ok`, `rejected`).
+    pub const CONFIG_RELOADS: &str = "broker_config_reloads_total";
+    /// Counter: a finAPI client's secret file read again after finAPI refused the secret, by
+    /// `finapi_client` and `outcome` (`changed`, `unchanged`, `failed`).
+    pub const SECRET_REREADS: &str = "broker_finapi_secret_rereads_total";
     /// Counter: finished spans not exported, by `reason` (`queue_full`, `export_failed`).
     pub const TRACE_SPANS_DROPPED: &str = "broker_trace_spans_dropped_total";
 
@@ -364,6 +369,14 @@ pub mod metrics {
         describe_counter!(
             TRACE_SPANS_DROPPED,
             "Finished spans not exported: queue full or export failed"
+        );
+        describe_counter!(
+            CONFIG_RELOADS,
+            "Reloads of secrets and callers (SIGHUP) by outcome"
+        );
+        describe_counter!(
+            SECRET_REREADS,
+            "Client secret files read again after finAPI refused the secret"
         );
         describe_counter!(
             CIRCUIT_REJECTED,

@@ -913,6 +913,64 @@ async fn revoked_tokens_are_rejected() {
 }
 
 #[tokio::test]
+async fn a_changed_client_secret_revokes_the_client_tokens_but_not_the_user_tokens() {
+    let sim = sim().await;
+    let login = sim.user_login("ida", "secret-1").await;
+    let client = sim.client_access_token().await;
+    let change = |client_id: &str, body: Value| {
+        sim.http
+            .post(sim.url(&format!("/__sim/clients/{client_id}/secret")))
+            .json(&body)
+            .send()
+    };
+    let changed = change(DEMO_CLIENT_ID, json!({"clientSecret": "rotated-secret"}))
+        .await
+        .unwrap();
+    assert_eq!(changed.status(), StatusCode::NO_CONTENT);
+    // finAPI reference, "Client secret rotation": client tokens revoked, user tokens valid.
+    assert_oauth_error(sim.create_user(&client, json!({})).await, "invalid_token").await;
+    assert_eq!(
+        sim.users(reqwest::Method::GET, &access_token(&login))
+            .await
+            .status(),
+        StatusCode::OK
+    );
+    // The old secret is refused by both services, the new one accepted.
+    assert_oauth_error(
+        sim.token(&[("grant_type", "client_credentials")]).await,
+        "invalid_client",
+    )
+    .await;
+    assert_oauth_error(
+        sim.create_processes_raw(json!({
+            "clientId": DEMO_CLIENT_ID, "clientSecret": DEMO_CLIENT_SECRET,
+            "clientReferences": [{"clientReference": "r-1"}], "processId": "GIROIDENT",
+        }))
+        .await,
+        "invalid_client",
+    )
+    .await;
+    let fresh = sim
+        .token_raw(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", DEMO_CLIENT_ID),
+            ("client_secret", "rotated-secret"),
+        ])
+        .await;
+    assert_eq!(fresh.status(), StatusCode::OK);
+    assert_ne!(access_token(&body(fresh).await), client);
+
+    let unknown = change("nobody", json!({"clientSecret": "x"}))
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
+    let empty = change(DEMO_CLIENT_ID, json!({"clientSecret": ""}))
+        .await
+        .unwrap();
+    assert_eq!(empty.status(), StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
 async fn admin_fault_api_validates_lists_and_clears() {
     let sim = sim().await;
     let add = |rule: Value| sim.http.post(sim.url("/__sim/faults")).json(&rule).send();

@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 use crate::resilience::CircuitBreaker;
 
 use super::{
-    AccessToken, ClientCredentials, EndUserMetadata, InvalidBaseUrl, NewUser, Step, TokenBody,
-    UpstreamError, decode, endpoint, host_header, send,
+    AccessToken, ClientCredentials, EndUserMetadata, InvalidBaseUrl, NewUser, SecretVersion, Step,
+    TokenBody, UpstreamError, decode, endpoint, host_header, send,
 };
 
 /// Client of finAPI Access. Cheap to clone: the HTTP connection pool is shared.
@@ -22,8 +22,6 @@ pub struct AccessClient {
     users_url: reqwest::Url,
     host: HeaderValue,
     credentials: Arc<ClientCredentials>,
-    /// `client_id=…&client_secret=…`, form-encoded once: the tail of every token request.
-    credentials_form: Arc<SecretString>,
     breaker: Arc<CircuitBreaker>,
     /// Whether calls carry `traceparent` (`tracing.propagate_to_finapi`).
     propagate_trace: bool,
@@ -38,10 +36,6 @@ impl AccessClient {
         credentials: Arc<ClientCredentials>,
         breaker: Arc<CircuitBreaker>,
     ) -> Result<Self, InvalidBaseUrl> {
-        let form = form_urlencoded::Serializer::new(String::new())
-            .append_pair("client_id", &credentials.client_id)
-            .append_pair("client_secret", credentials.client_secret.expose_secret())
-            .finish();
         let token_url = endpoint(base_url, "/api/v2/oauth/token")?;
         Ok(Self {
             http,
@@ -49,7 +43,6 @@ impl AccessClient {
             token_url,
             users_url: endpoint(base_url, "/api/v2/users")?,
             credentials,
-            credentials_form: Arc::new(form.into()),
             breaker,
             propagate_trace: false,
         })
@@ -108,12 +101,24 @@ impl AccessClient {
         request_id: &str,
         end_user: Option<&EndUserMetadata>,
     ) -> Result<AccessToken, UpstreamError> {
-        let tail = self.credentials_form.expose_secret();
-        let mut form = form_urlencoded::Serializer::new(String::with_capacity(128 + tail.len()))
+        self.credentials
+            .with_secret(|secret| self.token_call(step, params, secret, request_id, end_user))
+            .await
+    }
+
+    async fn token_call(
+        &self,
+        step: Step,
+        params: &[(&str, &str)],
+        secret: Arc<SecretVersion>,
+        request_id: &str,
+        end_user: Option<&EndUserMetadata>,
+    ) -> Result<AccessToken, UpstreamError> {
+        let form = form_urlencoded::Serializer::new(String::with_capacity(256))
             .extend_pairs(params)
+            .append_pair("client_id", &self.credentials.client_id)
+            .append_pair("client_secret", secret.secret().expose_secret())
             .finish();
-        form.push('&');
-        form.push_str(tail);
         let request = self
             .http
             .post(self.token_url.clone())

@@ -7,6 +7,7 @@
 
 mod access;
 mod process;
+mod secret;
 
 use std::fmt;
 use std::net::Ipv4Addr;
@@ -25,6 +26,7 @@ use crate::telemetry::metrics::status_label;
 
 pub use access::AccessClient;
 pub use process::ProcessControllerClient;
+pub use secret::{ClientSecret, SecretVersion};
 
 /// Longest `expires_in` the broker believes, in seconds (one year). finAPI documents no
 /// maximum; a larger value is read as this one, for the cache's schedule and in the caller's
@@ -118,8 +120,35 @@ impl fmt::Debug for EndUserMetadata {
 pub struct ClientCredentials {
     /// The client id (not a secret).
     pub client_id: String,
-    /// The client secret.
-    pub client_secret: SecretString,
+    /// The client secret, replaceable while the broker runs.
+    pub client_secret: std::sync::Arc<ClientSecret>,
+}
+
+impl ClientCredentials {
+    /// Makes `call`, which authenticates with the client secret it is given (a token grant,
+    /// `POST /api/v1/processes`). When finAPI answers `401 invalid_client`, the secret is
+    /// re-read from its file once (concurrent refusals share the read; see
+    /// [`ClientSecret::newer_after_refusal`]) and, if it changed, the call is made once more
+    /// with the new secret; otherwise the refusal stands.
+    async fn with_secret<T, F, Fut>(&self, mut call: F) -> Result<T, UpstreamError>
+    where
+        F: FnMut(std::sync::Arc<SecretVersion>) -> Fut,
+        Fut: Future<Output = Result<T, UpstreamError>>,
+    {
+        let used = self.client_secret.current();
+        let sent_at = Instant::now();
+        let err = match call(used.clone()).await {
+            Ok(value) => return Ok(value),
+            Err(err) => err,
+        };
+        if !err.is_invalid_client() {
+            return Err(err);
+        }
+        match self.client_secret.newer_after_refusal(&used, sent_at).await {
+            Some(newer) => call(newer).await,
+            None => Err(err),
+        }
+    }
 }
 
 /// An OAuth access token as finAPI hands it out.
@@ -327,6 +356,13 @@ impl UpstreamError {
             Self::Status { code, .. } => code.as_deref(),
             _ => None,
         }
+    }
+
+    /// Whether finAPI refused the client credentials: `401` with the OAuth error
+    /// `invalid_client` (finAPI reference, `POST /api/v2/oauth/token` errors and "Client
+    /// secret rotation").
+    pub fn is_invalid_client(&self) -> bool {
+        self.status() == Some(StatusCode::UNAUTHORIZED) && self.code() == Some("invalid_client")
     }
 
     /// Trouble that may pass: connect errors, timeouts, broken connections, `429`, `500`,

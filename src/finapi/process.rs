@@ -68,27 +68,32 @@ impl ProcessControllerClient {
         end_user: &EndUserMetadata,
     ) -> Result<SecretString, UpstreamError> {
         let step = Step::CreateProcess;
-        let body = CreateProcessBody {
-            client_id: &self.credentials.client_id,
-            client_secret: self.credentials.client_secret.expose_secret(),
-            client_references: [ClientReferenceBody { client_reference }],
-            process_id,
-        };
-        let request = end_user.apply(
-            self.http
-                .post(self.processes_url.clone())
-                .header(HOST, self.host.clone())
-                .json(&body),
-        );
-        let body = send(
-            &self.breaker,
-            self.propagate_trace,
-            step,
-            request,
-            request_id,
-            StatusCode::CREATED,
-        )
-        .await?;
+        let body = self
+            .credentials
+            .with_secret(|secret| async move {
+                let body = CreateProcessBody {
+                    client_id: &self.credentials.client_id,
+                    client_secret: secret.secret().expose_secret(),
+                    client_references: [ClientReferenceBody { client_reference }],
+                    process_id,
+                };
+                let request = end_user.apply(
+                    self.http
+                        .post(self.processes_url.clone())
+                        .header(HOST, self.host.clone())
+                        .json(&body),
+                );
+                send(
+                    &self.breaker,
+                    self.propagate_trace,
+                    step,
+                    request,
+                    request_id,
+                    StatusCode::CREATED,
+                )
+                .await
+            })
+            .await?;
         let created: CreatedProcesses = decode(step, &body)?;
         let process_token = created
             .processes

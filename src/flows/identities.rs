@@ -21,7 +21,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use uuid::Uuid;
 
 use crate::finapi::{AccessToken, NewUser, Step};
-use crate::identities::keys::{PasswordKey, PasswordKeys};
+use crate::identities::keys::{PasswordKey, SharedPasswordKeys};
 use crate::identities::{
     EventKind, IdentityRecord, IdentityState, IdentityStore, Inserted, Millis, NewIdentity,
     StoreError,
@@ -107,12 +107,12 @@ pub enum Deletion {
 pub struct IdentitySettings {
     /// The ledger.
     pub store: IdentityStore,
-    /// The password keys, the newest first.
-    pub keys: PasswordKeys,
+    /// The password keys, the newest first; a reload replaces them.
+    pub keys: SharedPasswordKeys,
     /// Time from an identity's last session to its deletion, unless its caller says otherwise.
     pub retention: Duration,
-    /// Retention per caller name, where configured.
-    pub retention_by_caller: HashMap<String, Duration>,
+    /// Retention per caller name, where configured; a reload of the callers replaces it.
+    pub retention_by_caller: std::sync::RwLock<HashMap<String, Duration>>,
     /// Age from which an intent nobody completed is resolved by the reaper.
     pub orphan_min_age: Duration,
     /// The reaper's period.
@@ -123,6 +123,8 @@ impl IdentitySettings {
     /// The retention of `caller`'s identities.
     pub fn retention_for(&self, caller: &str) -> Duration {
         self.retention_by_caller
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
             .get(caller)
             .copied()
             .unwrap_or(self.retention)
@@ -148,6 +150,31 @@ enum Creation {
 impl Flows {
     fn ids(&self) -> &IdentitySettings {
         &self.identities
+    }
+
+    /// The password keys in use now, the newest first.
+    pub fn password_keys(&self) -> Arc<crate::identities::keys::PasswordKeys> {
+        self.ids().keys.current()
+    }
+
+    /// Uses `keys` from now on (a reload); the caller has checked that no live identity needs
+    /// a key left out ([`Flows::password_keys_in_use`]).
+    pub fn replace_password_keys(&self, keys: crate::identities::keys::PasswordKeys) {
+        self.ids().keys.replace(keys);
+    }
+
+    /// The ids of the password keys live identities were made with, and how many each.
+    pub async fn password_keys_in_use(&self) -> Result<Vec<(String, u64)>, FlowError> {
+        Ok(self.ids().store.key_ids_in_use().await?)
+    }
+
+    /// Uses the callers' own retentions `by_caller` from now on (a reload of the callers).
+    pub fn replace_retention_by_caller(&self, by_caller: HashMap<String, Duration>) {
+        *self
+            .ids()
+            .retention_by_caller
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = by_caller;
     }
 
     /// The access flow: a token for the caller's identity for `reference` (reused while it
@@ -226,7 +253,7 @@ impl Flows {
         caller: &str,
         reference: &ClientReference,
     ) -> Result<Option<IdentityRecord>, FlowError> {
-        for key in self.ids().keys.all() {
+        for key in self.ids().keys.current().all() {
             let digest = key.reference_digest(caller, reference.as_str());
             if let Some(record) = self.ids().store.find_live(caller, &digest).await? {
                 return Ok(Some(record));
@@ -242,7 +269,7 @@ impl Flows {
         reference: &ClientReference,
     ) -> Result<Option<IdentityView>, FlowError> {
         let mut newest: Option<IdentityRecord> = None;
-        for key in self.ids().keys.all() {
+        for key in self.ids().keys.current().all() {
             let digest = key.reference_digest(caller, reference.as_str());
             if let Some(record) = self.ids().store.find_latest(caller, &digest).await?
                 && newest
@@ -275,7 +302,8 @@ impl Flows {
         deadline: &Deadline,
     ) -> Result<Creation, FlowError> {
         let ids = self.ids();
-        let key = ids.keys.newest();
+        let keys = ids.keys.current();
+        let key = keys.newest();
         let user_id = generate_user_id();
         let id = Uuid::new_v4();
         let digest = reference.map(|r| key.reference_digest(&ctx.caller, r.as_str()));
@@ -633,10 +661,12 @@ impl Flows {
         }
     }
 
-    fn key_of(&self, record: &IdentityRecord) -> Result<&PasswordKey, FlowError> {
+    fn key_of(&self, record: &IdentityRecord) -> Result<Arc<PasswordKey>, FlowError> {
         self.ids()
             .keys
+            .current()
             .by_id(&record.key_id)
+            .cloned()
             .ok_or_else(|| FlowError::PasswordKeyMissing {
                 key_id: record.key_id.clone(),
             })

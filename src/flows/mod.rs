@@ -15,7 +15,8 @@ use secrecy::SecretString;
 
 use crate::config::{FlowKind, Settings};
 use crate::finapi::{
-    AccessClient, ClientCredentials, InvalidBaseUrl, ProcessControllerClient, Step, UpstreamError,
+    AccessClient, ClientCredentials, ClientSecret, InvalidBaseUrl, ProcessControllerClient, Step,
+    UpstreamError,
 };
 
 pub use crate::finapi::EndUserMetadata;
@@ -216,8 +217,12 @@ fn classify_credentials_call(err: impl Into<Arc<UpstreamError>>) -> FlowError {
     }
 }
 
+/// The name of the finAPI client the single-client settings (`finapi.client_id`, …) configure.
+pub const DEFAULT_CLIENT: &str = "default";
+
 /// Runs the GiroIdent flows. Built once at start-up; shared by all requests.
 pub struct Flows {
+    client_secret: Arc<ClientSecret>,
     access: AccessClient,
     processes: ProcessControllerClient,
     tokens: ClientTokenCache,
@@ -238,12 +243,16 @@ impl Flows {
         identities: identities::IdentitySettings,
     ) -> Result<Self, InvalidBaseUrl> {
         let f = &settings.finapi;
-        let credentials = Arc::new(ClientCredentials {
-            client_id: f.client_id.clone(),
-            client_secret: f
-                .client_secret
+        let client_secret = Arc::new(ClientSecret::new(
+            DEFAULT_CLIENT,
+            f.client_secret
                 .clone()
                 .unwrap_or_else(|| SecretString::from(String::new())),
+            f.client_secret_file.clone(),
+        ));
+        let credentials = Arc::new(ClientCredentials {
+            client_id: f.client_id.clone(),
+            client_secret: client_secret.clone(),
         });
         let r = &settings.resilience;
         let breaker = |service| {
@@ -276,6 +285,7 @@ impl Flows {
             session_budget,
         );
         Ok(Self {
+            client_secret,
             access,
             processes,
             tokens,
@@ -286,6 +296,11 @@ impl Flows {
             stats: ResilienceStats::default(),
             identities,
         })
+    }
+
+    /// The secret of finAPI client `name`, if the broker has that client (`default` today).
+    pub fn client_secret(&self, name: &str) -> Option<&Arc<ClientSecret>> {
+        (name == self.client_secret.name()).then_some(&self.client_secret)
     }
 
     /// The resilience counters so far.

@@ -7,6 +7,8 @@
 //! reference is looked up under every configured key, so rotation does not split one end
 //! customer into two identities.
 
+use std::sync::{Arc, RwLock};
+
 use hmac::{Hmac, KeyInit, Mac};
 use secrecy::{ExposeSecret, SecretString};
 use sha2::Sha256;
@@ -97,30 +99,62 @@ fn mac(key: &SecretString, parts: &[&[u8]]) -> [u8; 32] {
 /// The configured password keys: the newest first, then older ones still needed.
 #[derive(Debug)]
 pub struct PasswordKeys {
-    keys: Vec<PasswordKey>,
+    keys: Vec<Arc<PasswordKey>>,
 }
 
 impl PasswordKeys {
     /// The newest key, then older ones.
     pub fn new(newest: PasswordKey, older: Vec<PasswordKey>) -> Self {
-        let mut keys = vec![newest];
-        keys.extend(older);
+        let keys = std::iter::once(newest).chain(older).map(Arc::new).collect();
         Self { keys }
     }
 
     /// The key new identities use.
-    pub fn newest(&self) -> &PasswordKey {
+    pub fn newest(&self) -> &Arc<PasswordKey> {
         &self.keys[0]
     }
 
     /// The key with id `id`, if it is still configured.
-    pub fn by_id(&self, id: &str) -> Option<&PasswordKey> {
+    pub fn by_id(&self, id: &str) -> Option<&Arc<PasswordKey>> {
         self.keys.iter().find(|key| key.id == id)
     }
 
     /// Every configured key, the newest first.
-    pub fn all(&self) -> &[PasswordKey] {
+    pub fn all(&self) -> &[Arc<PasswordKey>] {
         &self.keys
+    }
+
+    /// The keys' ids, the newest first.
+    pub fn ids(&self) -> Vec<String> {
+        self.keys.iter().map(|key| key.id.clone()).collect()
+    }
+}
+
+/// The password keys in use, replaceable by a reload (`SIGHUP`) while requests run; a request
+/// keeps the keys it started with.
+#[derive(Debug)]
+pub struct SharedPasswordKeys(RwLock<Arc<PasswordKeys>>);
+
+impl SharedPasswordKeys {
+    /// `keys`, to be shared.
+    pub fn new(keys: PasswordKeys) -> Self {
+        Self(RwLock::new(Arc::new(keys)))
+    }
+
+    /// The keys now.
+    pub fn current(&self) -> Arc<PasswordKeys> {
+        self.0
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Uses `keys` from now on.
+    pub fn replace(&self, keys: PasswordKeys) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(keys);
     }
 }
 

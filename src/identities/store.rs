@@ -1012,6 +1012,22 @@ impl IdentityStore {
         Ok(counts)
     }
 
+    /// The password key ids that records not yet deleted were made with, and how many each:
+    /// those keys must stay configured (a reload that drops one is refused).
+    /// Errors: [`StoreError::Unavailable`], [`StoreError::Other`].
+    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.key_ids_in_use", skip_all, fields(otel.kind = "client", db.operation.name = "key_ids_in_use"))]
+    pub async fn key_ids_in_use(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let rows: Vec<(String, i64)> = with_pool!(self, |pool| sqlx::query_as(
+            "SELECT key_id, COUNT(*) FROM identities WHERE state <> 'deleted' GROUP BY key_id"
+        )
+        .fetch_all(pool)
+        .await)?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, count)| (id, u64::try_from(count).unwrap_or(0)))
+            .collect())
+    }
+
     /// For metrics: the earliest `delete_after` at or before `now` of a record not yet deleted
     /// (active or deleting; failed attempts do not make it look younger); `None` when no
     /// deletion is overdue.

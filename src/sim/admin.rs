@@ -1,7 +1,7 @@
 //! The simulator's own control API under `/__sim/`; not counted in stats, never faulted.
 
-use axum::extract::State;
 use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -18,6 +18,10 @@ pub(crate) fn router() -> Router<SimState> {
             get(list_faults).post(add_fault).delete(clear_faults),
         )
         .route("/__sim/revoke-tokens", post(revoke_tokens))
+        .route(
+            "/__sim/clients/{client_id}/secret",
+            post(change_client_secret),
+        )
         .route("/__sim/stats", get(stats).delete(reset_stats))
         .route("/__sim/psu", get(psu).delete(reset_psu))
 }
@@ -48,6 +52,29 @@ async fn clear_faults(State(state): State<SimState>) -> StatusCode {
 async fn revoke_tokens(State(state): State<SimState>) -> StatusCode {
     state.revoke_all_tokens();
     StatusCode::NO_CONTENT
+}
+
+/// The body of `POST /__sim/clients/{clientId}/secret`.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct NewClientSecret {
+    client_secret: String,
+}
+
+async fn change_client_secret(
+    State(state): State<SimState>,
+    Path(client_id): Path<String>,
+    body: Result<Json<NewClientSecret>, JsonRejection>,
+) -> Result<StatusCode, ApiError> {
+    let Json(body) = body.map_err(|rejection| ApiError::bad_request(&rejection.body_text()))?;
+    if body.client_secret.is_empty() {
+        return Err(ApiError::bad_request("clientSecret must not be empty"));
+    }
+    if state.change_client_secret(&client_id, &body.client_secret) {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::unknown_entity("No such client"))
+    }
 }
 
 async fn stats(State(state): State<SimState>) -> Json<Stats> {

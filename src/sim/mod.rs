@@ -10,6 +10,7 @@
 //! | `POST /__sim/faults` | adds one rule (JSON), `201`; `400` for an invalid rule |
 //! | `DELETE /__sim/faults` | removes all rules, `204` |
 //! | `POST /__sim/revoke-tokens` | invalidates every access and refresh token, `204` |
+//! | `POST /__sim/clients/{clientId}/secret` | body `{"clientSecret":"…"}`: changes the client's secret and revokes its client tokens, as finAPI's `changeClientCredentials` does (user tokens stay valid), `204`; `404` for an unknown client, `400` for an empty secret |
 //! | `GET /__sim/stats` | [`Stats`] as JSON |
 //! | `DELETE /__sim/stats` | resets the stats, `204` |
 //! | `GET /__sim/psu` | [`PsuHeaders`]: the `PSU-*` headers (and `traceparent`) of the last 64 calls per endpoint |
@@ -229,6 +230,12 @@ impl SimHandle {
     /// Invalidates every issued access and refresh token, as if finAPI had revoked them.
     pub fn revoke_all_tokens(&self) {
         self.state.revoke_all_tokens();
+    }
+
+    /// Changes a client's secret and revokes its client tokens, as
+    /// `POST /__sim/clients/{clientId}/secret` does; `false` for an unknown client.
+    pub fn change_client_secret(&self, client_id: &str, secret: &str) -> bool {
+        self.state.change_client_secret(client_id, secret)
     }
 
     /// Stops accepting connections and waits for open requests to finish.

@@ -5,7 +5,7 @@ use std::borrow::Borrow;
 use std::collections::VecDeque;
 use std::collections::hash_map::{Entry as MapEntry, HashMap};
 use std::hash::Hash;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use super::faults::{FaultRule, Faults};
@@ -250,7 +250,8 @@ pub struct SimState {
 }
 
 struct Inner {
-    clients: HashMap<String, String>,
+    /// Client id to secret; a secret changes through [`SimState::change_client_secret`].
+    clients: RwLock<HashMap<String, String>>,
     client_token_ttl: Duration,
     user_token_ttl: Duration,
     process_token_ttl: Duration,
@@ -271,11 +272,13 @@ impl SimState {
         let capacity = config.max_entries;
         Self {
             inner: Arc::new(Inner {
-                clients: config
-                    .clients
-                    .iter()
-                    .map(|SimClient { id, secret }| (id.clone(), secret.clone()))
-                    .collect(),
+                clients: RwLock::new(
+                    config
+                        .clients
+                        .iter()
+                        .map(|SimClient { id, secret }| (id.clone(), secret.clone()))
+                        .collect(),
+                ),
                 client_token_ttl: config.client_token_ttl,
                 user_token_ttl: config.user_token_ttl,
                 process_token_ttl: config.process_token_ttl,
@@ -344,6 +347,44 @@ impl SimState {
         tables.access_tokens.clear();
         tables.sessions.clear();
         tables.refresh_tokens.clear();
+    }
+
+    /// Changes the secret of client `client_id` and revokes every access token it got with
+    /// the client-credentials grant, as finAPI's `changeClientCredentials` does (finAPI
+    /// reference, "Client secret rotation": user tokens stay valid). From then on the old
+    /// secret gets `401 invalid_client`. Returns `false` for an unknown client.
+    pub fn change_client_secret(&self, client_id: &str, secret: &str) -> bool {
+        {
+            let mut clients = self
+                .inner
+                .clients
+                .write()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            match clients.get_mut(client_id) {
+                Some(known) => *known = secret.to_owned(),
+                None => return false,
+            }
+        }
+        let subject = Subject::Client(client_id.to_owned());
+        let mut tables = self.tables();
+        let revoked: Vec<String> = tables
+            .access_tokens
+            .live(Instant::now())
+            .filter(|(_, s)| **s == subject)
+            .map(|(token, _)| token.clone())
+            .collect();
+        for token in revoked {
+            tables.access_tokens.remove(&token);
+        }
+        tables.sessions.remove(&subject);
+        true
+    }
+
+    fn clients(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, String>> {
+        self.inner
+            .clients
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Every live process: its token, how often it was exchanged, and whether an exchange
@@ -425,11 +466,7 @@ impl SimState {
     ) -> Result<String, ApiError> {
         match (client_id, client_secret) {
             (Some(id), Some(secret))
-                if self
-                    .inner
-                    .clients
-                    .get(id)
-                    .is_some_and(|known| known == secret) =>
+                if self.clients().get(id).is_some_and(|known| known == secret) =>
             {
                 Ok(id.to_owned())
             }
@@ -719,7 +756,7 @@ impl SimState {
     }
 
     fn forget_tokens(&self, tables: &mut Tables, user_key: &str, user: &User) {
-        for client_id in self.inner.clients.keys() {
+        for client_id in self.clients().keys() {
             let session = Subject::User {
                 client_id: client_id.clone(),
                 user_key: user_key.to_owned(),
