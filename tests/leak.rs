@@ -51,10 +51,7 @@ async fn no_secret_reaches_logs_or_responses() {
     let logs = CapturedLogs::install(LogFormat::Json, "trace");
 
     let sim_config = SimConfig {
-        clients: vec![SimClient {
-            id: sim::DEMO_CLIENT_ID.into(),
-            secret: CLIENT_SECRET.into(),
-        }],
+        clients: vec![SimClient::new(sim::DEMO_CLIENT_ID, CLIENT_SECRET)],
         ..SimConfig::default()
     };
     let env = TestEnv::with(sim_config, |s| {

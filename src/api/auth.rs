@@ -26,6 +26,7 @@ pub struct Caller {
     /// The configured name.
     pub name: Arc<str>,
     flows: Vec<FlowKind>,
+    finapi_clients: Vec<Arc<str>>,
     bucket: Mutex<Bucket>,
     rate_per_sec: f64,
     burst: f64,
@@ -42,6 +43,7 @@ impl Caller {
         Self {
             name: name.into(),
             flows,
+            finapi_clients: vec![crate::config::DEFAULT_CLIENT.into()],
             bucket: Mutex::new(Bucket {
                 tokens: burst as f64,
                 updated: Instant::now(),
@@ -49,6 +51,18 @@ impl Caller {
             rate_per_sec: rate_per_sec as f64,
             burst: burst as f64,
         }
+    }
+
+    /// The same caller, allowed the finAPI clients `names` (its default first).
+    fn with_finapi_clients(mut self, names: Vec<String>) -> Self {
+        self.finapi_clients = names.into_iter().map(Arc::from).collect();
+        self
+    }
+
+    /// The finAPI clients this caller may use, its default first (`auth.callers[].
+    /// finapi_clients`).
+    pub fn finapi_clients(&self) -> &[Arc<str>] {
+        &self.finapi_clients
     }
 
     /// Whether this caller may start `flow`.
@@ -90,12 +104,15 @@ impl Callers {
     pub fn from_settings(settings: &Settings) -> Self {
         let limits = &settings.limits;
         let anonymous = settings.auth.disabled.then(|| {
-            Arc::new(Caller::new(
-                "anonymous",
-                vec![FlowKind::Standalone, FlowKind::Access],
-                limits.caller_rate_per_sec,
-                limits.caller_burst,
-            ))
+            Arc::new(
+                Caller::new(
+                    "anonymous",
+                    vec![FlowKind::Standalone, FlowKind::Access],
+                    limits.caller_rate_per_sec,
+                    limits.caller_burst,
+                )
+                .with_finapi_clients(settings.finapi.client_names()),
+            )
         });
         let by_digest = settings
             .auth
@@ -107,7 +124,8 @@ impl Callers {
                     c.flow_kinds(),
                     c.rate_per_sec.unwrap_or(limits.caller_rate_per_sec),
                     c.burst.unwrap_or(limits.caller_burst),
-                );
+                )
+                .with_finapi_clients(c.finapi_client_names());
                 Some((c.key_digest()?, Arc::new(caller)))
             })
             .collect();

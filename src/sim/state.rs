@@ -8,10 +8,10 @@ use std::hash::Hash;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use super::SimConfig;
 use super::faults::{FaultRule, Faults};
 use super::stats::{Counters, PsuHeaders, PsuLog, Stats};
 use super::wire::{ApiError, UserOut};
-use super::{SimClient, SimConfig};
 
 /// finAPI deletes the hidden user of a process one day after an exchange with `invalidate=true`
 /// and 30 days after the process otherwise.
@@ -249,8 +249,15 @@ pub struct SimState {
     inner: Arc<Inner>,
 }
 
+/// A known client: its secret and token lifetimes.
+struct KnownClient {
+    secret: String,
+    client_token_ttl: Duration,
+    user_token_ttl: Duration,
+}
+
 struct Inner {
-    clients: HashMap<String, String>,
+    clients: HashMap<String, KnownClient>,
     client_token_ttl: Duration,
     user_token_ttl: Duration,
     process_token_ttl: Duration,
@@ -274,7 +281,14 @@ impl SimState {
                 clients: config
                     .clients
                     .iter()
-                    .map(|SimClient { id, secret }| (id.clone(), secret.clone()))
+                    .map(|c| {
+                        let known = KnownClient {
+                            secret: c.secret.clone(),
+                            client_token_ttl: c.client_token_ttl.unwrap_or(config.client_token_ttl),
+                            user_token_ttl: c.user_token_ttl.unwrap_or(config.user_token_ttl),
+                        };
+                        (c.id.clone(), known)
+                    })
                     .collect(),
                 client_token_ttl: config.client_token_ttl,
                 user_token_ttl: config.user_token_ttl,
@@ -429,7 +443,7 @@ impl SimState {
                     .inner
                     .clients
                     .get(id)
-                    .is_some_and(|known| known == secret) =>
+                    .is_some_and(|known| known.secret == secret) =>
             {
                 Ok(id.to_owned())
             }
@@ -647,9 +661,14 @@ impl SimState {
         if let Some((token, expires_at)) = tables.sessions.get(&subject, now) {
             return Ok((token.clone(), expires_at));
         }
+        let client = match &subject {
+            Subject::Client(id) | Subject::User { client_id: id, .. } => self.inner.clients.get(id),
+        };
         let ttl = match subject {
-            Subject::Client(_) => self.inner.client_token_ttl,
-            Subject::User { .. } => self.inner.user_token_ttl,
+            Subject::Client(_) => {
+                client.map_or(self.inner.client_token_ttl, |c| c.client_token_ttl)
+            }
+            Subject::User { .. } => client.map_or(self.inner.user_token_ttl, |c| c.user_token_ttl),
         };
         let expires_at = deadline(now, ttl);
         if !tables.access_tokens.has_room(1, now) || !tables.sessions.has_room(1, now) {
