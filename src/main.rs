@@ -308,3 +308,31 @@ fn parse_fault(json: &str) -> Result<sim::FaultRule, String> {
     rule.validate()?;
     Ok(rule)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_extra_simulator_client_has_its_secret_and_lifetimes() {
+        let path = std::env::temp_dir().join(format!("gib-sim-{}", std::process::id()));
+        std::fs::write(&path, "extra-secret\n").unwrap();
+        let spec = format!("live={},60,120", path.display());
+        let client = parse_extra_client(&spec).expect("valid");
+        assert_eq!(client.id, "live");
+        assert_eq!(client.secret, "extra-secret");
+        assert_eq!(client.client_token_ttl, Some(Duration::from_secs(60)));
+        assert_eq!(client.user_token_ttl, Some(Duration::from_secs(120)));
+        let plain = parse_extra_client(&format!("b={}", path.display())).expect("valid");
+        assert_eq!(plain.client_token_ttl, None);
+        for bad in [
+            "=x".to_owned(),
+            format!("c={},soon", path.display()),
+            "d=/nonexistent".into(),
+        ] {
+            let err = parse_extra_client(&bad).unwrap_err();
+            assert!(!err.contains("extra-secret"), "{err}");
+        }
+        std::fs::remove_file(path).unwrap();
+    }
+}

@@ -296,6 +296,11 @@ async fn no_secret_reaches_logs_or_responses() {
         "too few log lines captured: the test would prove nothing"
     );
     assert!(logs.contains("\"level\":\"TRACE\"") || logs.contains("\"level\":\"DEBUG\""));
+    // Log lines name the finAPI client they concern (never its secret, checked below).
+    assert!(
+        logs.contains(r#""finapi_client":"sandbox""#),
+        "no log line names the client"
+    );
     assert!(secrets.user_tokens.len() >= 2 && secrets.never.len() >= 8);
     for (what, secret) in &secrets.never {
         assert!(!logs.contains(secret.as_str()), "a {what} is in the logs");
