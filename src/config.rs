@@ -1,6 +1,7 @@
-//! Layered configuration: the built-in `config/default.toml`, then an optional file given with
-//! `--config`, then environment variables `GIROIDENT_BROKER_<SECTION>__<KEY>`. Loaded and
-//! validated once, before any port is bound; every problem is reported at once with its key.
+//! Layered configuration, merged by figment: the built-in `config/default.toml`, then an
+//! optional file given with `--config`, then environment variables
+//! `GIROIDENT_BROKER_<SECTION>__<KEY>` (`__` separates the levels). Loaded and validated once,
+//! before any port is bound; every problem is reported at once with its key.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -731,8 +732,12 @@ impl Settings {
     /// each value read as its key's type like an environment variable's; the demo puts its own
     /// settings there, so that a `--config` file and the environment still apply over them.
     ///
-    /// `finapi.client_secret` and `finapi.client_secret_file` are one setting in two forms: a
-    /// file or environment that sets either replaces both of the preset's.
+    /// `client_secret` and `client_secret_file` (of `finapi` and of each `finapi.clients.NAME`)
+    /// are one setting in two forms: a file or environment that sets either replaces both of
+    /// the preset's.
+    ///
+    /// figment merges the layers; values are checked once, on the merged result, by
+    /// `extract_all`, which reports every wrong key and type at once and never a value.
     pub fn load_layered(
         preset: impl IntoIterator<Item = (String, String)>,
         file: Option<&Path>,

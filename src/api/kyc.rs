@@ -165,12 +165,10 @@ impl ToSchema for CreateSessionBody {
 /// `flows.default_flow` is `default_flow`. They accept exactly what
 /// [`CreateSessionBody::validate`] accepts (`tests/contract.rs` sends the broker bodies generated
 /// from them, both ways).
-///
-/// With `finapi_clients`, `finapiClient` is limited to those names (the served document, which
-/// reflects the broker's configuration); without, to the names a configuration may hold.
+/// `finapiClient` is limited to the names in `finapi_clients` (the broker's configured clients).
 pub(super) fn flow_body_schemas(
     default_flow: FlowKind,
-    finapi_clients: Option<&[std::sync::Arc<str>]>,
+    finapi_clients: &[std::sync::Arc<str>],
 ) -> [(&'static str, serde_json::Value); 2] {
     // The default flow's branch also takes a missing or null `flow`.
     let flow = |kind: FlowKind| {
@@ -195,11 +193,9 @@ pub(super) fn flow_body_schemas(
         "maxLength": FINAPI_CLIENT_MAX,
         "pattern": FINAPI_CLIENT_PATTERN,
     });
-    if let Some(names) = finapi_clients {
-        let mut values: Vec<serde_json::Value> = names.iter().map(|n| json!(&**n)).collect();
-        values.push(serde_json::Value::Null);
-        finapi_client["enum"] = serde_json::Value::Array(values);
-    }
+    let mut names: Vec<serde_json::Value> = finapi_clients.iter().map(|n| json!(&**n)).collect();
+    names.push(serde_json::Value::Null);
+    finapi_client["enum"] = serde_json::Value::Array(names);
     let standalone = json!({
         "type": "object",
         "title": "standalone",

@@ -90,16 +90,10 @@ pub fn document(default_flow: FlowKind) -> &'static str {
 
 /// The checked-in document is a single-client broker's: `finapiClient` is `default` or absent.
 fn build(default_flow: FlowKind) -> Result<String, serde_json::Error> {
-    build_with(
-        default_flow,
-        Some(&[Arc::from(crate::config::DEFAULT_CLIENT)]),
-    )
+    build_with(default_flow, &[Arc::from(crate::config::DEFAULT_CLIENT)])
 }
 
-fn build_with(
-    default_flow: FlowKind,
-    clients: Option<&[Arc<str>]>,
-) -> Result<String, serde_json::Error> {
+fn build_with(default_flow: FlowKind, clients: &[Arc<str>]) -> Result<String, serde_json::Error> {
     let mut doc = ApiDoc::openapi();
     let components = doc.components.get_or_insert_with(Default::default);
     for (name, schema) in flow_body_schemas(default_flow, clients) {
@@ -139,7 +133,7 @@ fn served_document(default_flow: FlowKind, clients: Vec<Arc<str>>) -> String {
     let doc = served
         .entry((default_flow, clients))
         .or_insert_with_key(|(flow, clients)| {
-            build_with(*flow, Some(clients))
+            build_with(*flow, clients)
                 .unwrap_or_else(|_| "{}".to_owned())
                 .into()
         });
@@ -156,9 +150,21 @@ mod tests {
         for default_flow in [FlowKind::Standalone, FlowKind::Access] {
             let doc: serde_json::Value =
                 serde_json::from_str(document(default_flow)).expect("JSON");
-            for (name, schema) in flow_body_schemas(default_flow, None) {
+            let clients = [Arc::from(crate::config::DEFAULT_CLIENT)];
+            for (name, schema) in flow_body_schemas(default_flow, &clients) {
                 assert_eq!(doc["components"]["schemas"][name], schema, "{name}");
             }
+        }
+        // A served document's clients survive too.
+        let clients: Vec<Arc<str>> = vec!["live".into(), "sandbox".into()];
+        let doc: serde_json::Value =
+            serde_json::from_str(&served_document(FlowKind::Access, clients.clone())).unwrap();
+        for (name, schema) in flow_body_schemas(FlowKind::Access, &clients) {
+            assert_eq!(doc["components"]["schemas"][name], schema, "{name}");
+            assert_eq!(
+                schema["properties"]["finapiClient"]["enum"],
+                serde_json::json!(["live", "sandbox", null])
+            );
         }
     }
 }
