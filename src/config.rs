@@ -1358,10 +1358,21 @@ fn replace(dict: &mut Dict, path: &[String], value: Option<Value>) {
         return;
     };
     let mut node = dict;
-    for part in parents {
+    let mut parts = parents.iter();
+    while let Some(part) = parts.next() {
         node = match node.get_mut(part) {
             Some(Value::Dict(_, d)) => d,
-            // A bad item of an array: the whole array goes back to its default.
+            // A table in an array (`auth.callers[0]`): go on in that item.
+            Some(Value::Array(_, items)) => {
+                let item = parts
+                    .next()
+                    .and_then(|i| i.parse::<usize>().ok())
+                    .and_then(|i| items.get_mut(i));
+                match item {
+                    Some(Value::Dict(_, d)) => d,
+                    _ => return,
+                }
+            }
             _ => return,
         };
     }
@@ -1459,16 +1470,13 @@ fn extract_all(
             _ => ("invalid value".to_owned(), find(defaults, &path).cloned()),
         };
         let key = key_name(&path);
-        if path.is_empty() || !seen.insert(key.clone()) {
-            // No way forward: report what is known.
-            problems.push((
-                if key.is_empty() {
-                    "(config)".into()
-                } else {
-                    key
-                },
-                message,
-            ));
+        if path.is_empty() {
+            problems.push(("(config)".into(), message));
+            return None;
+        }
+        if !seen.insert(key.clone()) {
+            // Putting a value back did not help (a key inside an array of tables, which has
+            // no default): what was found so far is reported.
             return None;
         }
         problems.push((key.clone(), format!("{message}{}", source(&key))));
@@ -2367,6 +2375,16 @@ flows = ["standalone"]
         let s = Settings::load_with_env(Some(&path), vars).expect("valid");
         assert_eq!(s.finapi.client_names(), ["live"]);
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn wrong_types_inside_a_caller_table_are_named_with_its_index() {
+        let err = with_callers(&format!(
+            r#"[{{name = "a", key_sha256 = "{WEB_KEY_SHA256}", flows = "access", burst = true}}]"#
+        ))
+        .unwrap_err();
+        assert!(err.mentions("auth.callers[0].burst"), "{err}");
+        assert!(err.mentions("auth.callers[0].flows"), "{err}");
     }
 
     #[test]
