@@ -1466,7 +1466,8 @@ fn extract_all(
                 format!("must be {expected}"),
                 find(defaults, &path).cloned(),
             ),
-            Kind::Message(msg) => (msg.clone(), find(defaults, &path).cloned()),
+            // A free-form message may quote the value, which may be a secret.
+            Kind::Message(_) => ("invalid value".to_owned(), find(defaults, &path).cloned()),
             _ => ("invalid value".to_owned(), find(defaults, &path).cloned()),
         };
         let key = key_name(&path);
