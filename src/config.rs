@@ -1,12 +1,18 @@
-//! Layered configuration: the built-in `config/default.toml`, then an optional file given with
-//! `--config`, then environment variables `GIROIDENT_BROKER_<SECTION>__<KEY>`. Loaded and
-//! validated once, before any port is bound; every problem is reported at once with its key.
+//! Layered configuration, merged by figment: the built-in `config/default.toml`, then an
+//! optional file given with `--config`, then environment variables
+//! `GIROIDENT_BROKER_<SECTION>__<KEY>` (`__` separates the levels). Loaded and validated once,
+//! before any port is bound; every problem is reported at once with its key.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use figment::error::Kind;
+use figment::providers::{Format, Serialized, Toml};
+use figment::value::{Dict, Value};
+use figment::{Figment, Profile, Provider};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
@@ -371,6 +377,10 @@ pub struct CallerSettings {
     /// `identities.retention_secs`.
     #[serde(default)]
     pub retention_secs: Option<u64>,
+    /// The finAPI clients this caller may use, its default first; absent: `["default"]`
+    /// (which must then exist).
+    #[serde(default)]
+    pub finapi_clients: Option<Vec<String>>,
     /// SHA-256 of the key, resolved from whichever source is configured.
     #[serde(skip)]
     key_digest: Option<[u8; 32]>,
@@ -381,6 +391,7 @@ impl fmt::Debug for CallerSettings {
         f.debug_struct("CallerSettings")
             .field("name", &self.name)
             .field("flows", &self.flows)
+            .field("finapi_clients", &self.finapi_clients)
             .field("key", &"[REDACTED]")
             .finish()
     }
@@ -399,6 +410,7 @@ impl CallerSettings {
             rate_per_sec: None,
             burst: None,
             retention_secs: None,
+            finapi_clients: None,
             key_digest: Some(digest),
         }
     }
@@ -406,6 +418,13 @@ impl CallerSettings {
     /// SHA-256 of the caller's API key (set once the settings are validated).
     pub fn key_digest(&self) -> Option<[u8; 32]> {
         self.key_digest
+    }
+
+    /// The finAPI clients this caller may use, its default first.
+    pub fn finapi_client_names(&self) -> Vec<String> {
+        self.finapi_clients
+            .clone()
+            .unwrap_or_else(|| vec![DEFAULT_CLIENT.to_owned()])
     }
 
     /// The flows this caller may start (validated names only).
@@ -457,6 +476,106 @@ pub struct FinapiSettings {
     pub connect_timeout_ms: u64,
     /// Milliseconds to wait for one finAPI call to answer completely.
     pub request_timeout_ms: u64,
+    /// Named finAPI clients, as `[finapi.clients.NAME]` tables (finAPI issues one app client
+    /// per product and environment). The single-client keys above, when set, are the client
+    /// named `default`.
+    #[serde(default)]
+    pub clients: BTreeMap<String, FinapiClientSettings>,
+}
+
+/// One named finAPI client: `[finapi.clients.NAME]`. NAME is 1 to 64 characters of
+/// `A-Z a-z 0-9 - _ .` (as caller names); to set its secret through the environment
+/// (`GIROIDENT_BROKER_FINAPI__CLIENTS__NAME__CLIENT_SECRET`, read in lower case), NAME must be
+/// lower case without `.`.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FinapiClientSettings {
+    /// The finAPI client id.
+    pub client_id: String,
+    /// The client secret: only through the environment
+    /// (`GIROIDENT_BROKER_FINAPI__CLIENTS__NAME__CLIENT_SECRET`), or use `client_secret_file`.
+    #[serde(default)]
+    pub client_secret: Option<SecretString>,
+    /// A file holding the client secret; one trailing newline is ignored.
+    #[serde(default)]
+    pub client_secret_file: Option<PathBuf>,
+    /// Base URL of this client's finAPI Access.
+    pub access_url: String,
+    /// Base URL of this client's finAPI Process Controller.
+    pub process_controller_url: String,
+    /// `processId` sent to the Process Controller; `flows.process_id` when absent.
+    #[serde(default)]
+    pub process_id: Option<String>,
+    /// A PEM bundle of certificate authorities trusted for this client's hosts, besides the
+    /// system's roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl fmt::Debug for FinapiClientSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FinapiClientSettings")
+            .field("client_id", &self.client_id)
+            .field("client_secret", &"[REDACTED]")
+            .field("access_url", &self.access_url)
+            .field("process_controller_url", &self.process_controller_url)
+            .field("process_id", &self.process_id)
+            .field("ca_file", &self.ca_file)
+            .finish()
+    }
+}
+
+/// The name of the client the single-client keys (`finapi.client_id`, …) configure.
+pub const DEFAULT_CLIENT: &str = "default";
+
+/// One finAPI client, resolved from its table or from the single-client keys: what the
+/// broker's upstream clients are built from.
+#[derive(Debug, Clone)]
+pub struct FinapiClientConfig {
+    /// The client's name (`default` for the single-client keys).
+    pub name: String,
+    /// The finAPI client id.
+    pub client_id: String,
+    /// The finAPI client secret.
+    pub client_secret: SecretString,
+    /// The file the secret was read from, if any: re-read on `SIGHUP` and after finAPI
+    /// refuses the secret (`invalid_client`).
+    pub client_secret_file: Option<PathBuf>,
+    /// Base URL of finAPI Access.
+    pub access_url: String,
+    /// Base URL of the Process Controller.
+    pub process_controller_url: String,
+    /// `processId` sent to the Process Controller.
+    pub process_id: String,
+    /// Extra trusted certificate authorities (PEM), if any.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl FinapiSettings {
+    /// Whether the single-client keys configure the client `default`: when they are set, or
+    /// when no `[finapi.clients.NAME]` table exists (they are then required).
+    pub fn has_single_client(&self) -> bool {
+        self.clients.is_empty()
+            || !self.client_id.is_empty()
+            || self.client_secret.is_some()
+            || self.client_secret_file.is_some()
+    }
+
+    /// The names of the configured clients, `default` first when it exists.
+    pub fn client_names(&self) -> Vec<String> {
+        let single = self.has_single_client();
+        let mut names = Vec::new();
+        if single {
+            names.push(DEFAULT_CLIENT.to_owned());
+        }
+        names.extend(
+            self.clients
+                .keys()
+                .filter(|n| !(single && n.as_str() == DEFAULT_CLIENT))
+                .cloned(),
+        );
+        names
+    }
 }
 
 /// Choices of the GiroIdent flows.
@@ -549,7 +668,7 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 /// Which flow a KYC session runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum FlowKind {
     /// Process Controller: process token exchanged for a user token.
@@ -616,24 +735,29 @@ impl Settings {
     /// each value read as its key's type like an environment variable's; the demo puts its own
     /// settings there, so that a `--config` file and the environment still apply over them.
     ///
-    /// `finapi.client_secret` and `finapi.client_secret_file` are one setting in two forms: a
-    /// file or environment that sets either replaces both of the preset's.
+    /// `client_secret` and `client_secret_file` (of `finapi` and of each `finapi.clients.NAME`)
+    /// are one setting in two forms: a file or environment that sets either replaces both of
+    /// the preset's.
+    ///
+    /// figment merges the layers; values are checked once, on the merged result, by
+    /// `extract_all`, which reports every wrong key and type at once and never a value.
     pub fn load_layered(
         preset: impl IntoIterator<Item = (String, String)>,
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
         let mut problems = Vec::new();
-        let defaults: Table = DEFAULT_TOML
-            .parse()
-            .map_err(|e| ConfigError::single("(built-in defaults)", format!("{e}")))?;
-        let mut merged = defaults.clone();
-        for (key, value) in preset {
-            overlay_value(&defaults, &mut merged, &key, "preset", value, &mut problems);
-        }
-        // The user's layers are gathered apart first, so that they can replace a preset
-        // secret in the other form (see above).
-        let mut user = Table::new();
+        let mut sources = Vec::new();
+        let defaults = default_dict()?;
+        let mut preset = text_layer(
+            &defaults,
+            preset
+                .into_iter()
+                .map(|(key, value)| (key, "preset".to_owned(), value)),
+            &mut sources,
+            &mut problems,
+        );
+        let mut file_table = Table::new();
         if let Some(path) = file {
             let text = std::fs::read_to_string(path).map_err(|e| {
                 ConfigError::single(
@@ -643,7 +767,7 @@ impl Settings {
             })?;
             // toml's own message quotes the offending line, which may hold a secret: name only
             // the place and the kind of mistake.
-            let table: Table = text.parse().map_err(|e: toml::de::Error| {
+            file_table = text.parse().map_err(|e: toml::de::Error| {
                 let line = e
                     .span()
                     .map_or(0, |span| text[..span.start].matches('\n').count() + 1);
@@ -652,42 +776,47 @@ impl Settings {
                     format!("{} line {line}: {}", path.display(), e.message()),
                 )
             })?;
-            overlay_file(&defaults, &mut user, table, "", &mut problems);
+            refuse_file_secrets(&mut file_table, "", &mut problems);
         }
         let env: Vec<(String, String)> = env.into_iter().collect();
-        for (name, value) in &env {
-            if let Some(rest) = name.strip_prefix(ENV_PREFIX) {
-                let key = rest.to_ascii_lowercase().replace("__", ".");
-                overlay_value(
-                    &defaults,
-                    &mut user,
-                    &key,
-                    name,
-                    value.clone(),
-                    &mut problems,
-                );
-            }
-        }
-        if !problems.is_empty() {
-            return Err(ConfigError { problems });
-        }
-        if let Some(toml::Value::Table(finapi)) = user.get("finapi")
-            && OPTIONAL_KEYS
-                .iter()
-                .any(|key| finapi.contains_key(key.trim_start_matches("finapi.")))
-            && let Some(toml::Value::Table(preset_finapi)) = merged.get_mut("finapi")
-        {
-            for key in OPTIONAL_KEYS {
-                preset_finapi.remove(key.trim_start_matches("finapi."));
-            }
-        }
-        merge(&mut merged, user);
-        let mut settings: Settings = toml::Value::Table(merged)
-            .try_into()
+        let mut env_table = text_layer(
+            &defaults,
+            env.iter().filter_map(|(name, value)| {
+                let key = name
+                    .strip_prefix(ENV_PREFIX)?
+                    .to_ascii_lowercase()
+                    .replace("__", ".");
+                Some((key, name.clone(), value.clone()))
+            }),
+            &mut sources,
+            &mut problems,
+        );
+        drop_replaced_preset_secrets(&mut preset, &mut [&mut file_table, &mut env_table]);
+        // Later sources win; keys are checked once, on the merged value.
+        let data = Figment::from(Toml::string(DEFAULT_TOML))
+            .merge(Serialized::defaults(preset))
+            .merge(Serialized::defaults(file_table))
+            .merge(Serialized::defaults(env_table))
+            .data()
+            .map(|mut profiles| profiles.remove(&Profile::Default).unwrap_or_default())
             .map_err(|e| ConfigError::single("(config)", e.to_string()))?;
+        let Some(mut settings) = extract_all(data, &defaults, &sources, &mut problems) else {
+            return Err(ConfigError { problems });
+        };
         let lookup = |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
-        settings.resolve_and_validate(&lookup)?;
-        Ok(settings)
+        if let Err(found) = settings.resolve_and_validate(&lookup) {
+            // A value that failed to load was replaced by its default: only new keys count.
+            for (key, problem) in found.problems {
+                if !problems.iter().any(|(k, _)| *k == key) {
+                    problems.push((key, problem));
+                }
+            }
+        }
+        if problems.is_empty() {
+            Ok(settings)
+        } else {
+            Err(ConfigError { problems })
+        }
     }
 
     /// Loads the built-in defaults only (the starting point of the demo and of tests).
@@ -728,43 +857,7 @@ impl Settings {
             problem("server.request_timeout_secs", "must be at least 1".into());
         }
 
-        let f = &self.finapi;
-        for (key, url) in [
-            ("finapi.access_url", &f.access_url),
-            ("finapi.process_controller_url", &f.process_controller_url),
-        ] {
-            if let Err(msg) = check_base_url(url, f.allow_insecure_http) {
-                problem(key, msg);
-            }
-        }
-        if f.client_id.trim().is_empty() {
-            problem("finapi.client_id", "must be set".into());
-        } else if f.client_id.chars().any(|c| c.is_control()) {
-            problem(
-                "finapi.client_id",
-                "must not contain control characters".into(),
-            );
-        }
-        match (&f.client_secret, &f.client_secret_file) {
-            (Some(_), Some(_)) => problem(
-                "finapi.client_secret",
-                "set either finapi.client_secret or finapi.client_secret_file, not both".into(),
-            ),
-            (None, None) => problem(
-                "finapi.client_secret",
-                format!(
-                    "must be set: {ENV_PREFIX}FINAPI__CLIENT_SECRET or finapi.client_secret_file"
-                ),
-            ),
-            (None, Some(path)) => match read_secret_file(path) {
-                Ok(secret) => self.finapi.client_secret = Some(secret),
-                Err(msg) => problem("finapi.client_secret_file", msg),
-            },
-            (Some(secret), None) if secret.expose_secret().is_empty() => {
-                problem("finapi.client_secret", "must not be empty".into())
-            }
-            (Some(_), None) => {}
-        }
+        self.resolve_finapi_clients(&mut problem);
         let f = &self.finapi;
         if f.connect_timeout_ms == 0 {
             problem("finapi.connect_timeout_ms", "must be at least 1".into());
@@ -782,15 +875,8 @@ impl Settings {
                 ),
             );
         }
-        let pid = &self.flows.process_id;
-        if pid.is_empty()
-            || pid.len() > 64
-            || !pid.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-        {
-            problem(
-                "flows.process_id",
-                "must be 1 to 64 characters of A-Z, a-z, 0-9 and _ (e.g. GIROIDENT)".into(),
-            );
+        if let Err(msg) = check_process_id(&self.flows.process_id) {
+            problem("flows.process_id", msg);
         }
 
         let l = &self.limits;
@@ -832,6 +918,139 @@ impl Settings {
         } else {
             Err(ConfigError { problems })
         }
+    }
+
+    /// Reads the finAPI clients' secrets and checks every client and the callers' choice of
+    /// clients.
+    fn resolve_finapi_clients(&mut self, problem: &mut impl FnMut(&str, String)) {
+        let allow_http = self.finapi.allow_insecure_http;
+        for (key, url) in [
+            ("finapi.access_url", &self.finapi.access_url),
+            (
+                "finapi.process_controller_url",
+                &self.finapi.process_controller_url,
+            ),
+        ] {
+            if let Err(msg) = check_base_url(url, allow_http) {
+                problem(key, msg);
+            }
+        }
+        let single = self.finapi.has_single_client();
+        if single {
+            let f = &mut self.finapi;
+            check_client_id("finapi.client_id", &f.client_id, problem);
+            resolve_client_secret(
+                "finapi",
+                &mut f.client_secret,
+                &f.client_secret_file,
+                problem,
+            );
+        }
+        for (name, client) in &mut self.finapi.clients {
+            let prefix = format!("finapi.clients.{name}");
+            if !valid_name(name) {
+                problem(
+                    &prefix,
+                    "the name must be 1 to 64 characters of A-Z a-z 0-9 - _ .".into(),
+                );
+            }
+            if single && name == DEFAULT_CLIENT {
+                problem(
+                    &prefix,
+                    "the single-client keys (finapi.client_id, …) already configure the client \
+                     \"default\": use one form"
+                        .into(),
+                );
+            }
+            check_client_id(&format!("{prefix}.client_id"), &client.client_id, problem);
+            resolve_client_secret(
+                &prefix,
+                &mut client.client_secret,
+                &client.client_secret_file,
+                problem,
+            );
+            for (field, url) in [
+                ("access_url", &client.access_url),
+                ("process_controller_url", &client.process_controller_url),
+            ] {
+                if let Err(msg) = check_base_url(url, allow_http) {
+                    problem(&format!("{prefix}.{field}"), msg);
+                }
+            }
+            if let Some(pid) = &client.process_id
+                && let Err(msg) = check_process_id(pid)
+            {
+                problem(&format!("{prefix}.process_id"), msg);
+            }
+            if let Some(path) = &client.ca_file
+                && let Err(e) = std::fs::metadata(path)
+            {
+                problem(
+                    &format!("{prefix}.ca_file"),
+                    format!("cannot read {}: {}", path.display(), e.kind()),
+                );
+            }
+        }
+        let names = self.finapi.client_names();
+        for (i, caller) in self.auth.callers.iter().enumerate() {
+            let key = format!("auth.callers[{i}].finapi_clients");
+            match &caller.finapi_clients {
+                Some(list) if list.is_empty() => {
+                    problem(&key, "must name at least one finAPI client".into())
+                }
+                Some(list) => {
+                    for name in list {
+                        if !names.contains(name) {
+                            problem(&key, format!("{name:?} is not a configured finAPI client"));
+                        }
+                    }
+                }
+                None if !names.iter().any(|n| n == DEFAULT_CLIENT) => problem(
+                    &key,
+                    "must be set: there is no finAPI client named \"default\"".into(),
+                ),
+                None => {}
+            }
+        }
+    }
+
+    /// The configured finAPI clients (secrets read), `default` first when it exists. Valid
+    /// only for validated settings.
+    pub fn finapi_clients(&self) -> Vec<FinapiClientConfig> {
+        let f = &self.finapi;
+        let empty = || SecretString::from(String::new());
+        let mut clients = Vec::new();
+        if f.has_single_client() {
+            clients.push(FinapiClientConfig {
+                name: DEFAULT_CLIENT.to_owned(),
+                client_id: f.client_id.clone(),
+                client_secret: f.client_secret.clone().unwrap_or_else(empty),
+                client_secret_file: f.client_secret_file.clone(),
+                access_url: f.access_url.clone(),
+                process_controller_url: f.process_controller_url.clone(),
+                process_id: self.flows.process_id.clone(),
+                ca_file: None,
+            });
+        }
+        for (name, c) in &f.clients {
+            if clients.iter().any(|known| known.name == *name) {
+                continue;
+            }
+            clients.push(FinapiClientConfig {
+                name: name.clone(),
+                client_id: c.client_id.clone(),
+                client_secret: c.client_secret.clone().unwrap_or_else(empty),
+                client_secret_file: c.client_secret_file.clone(),
+                access_url: c.access_url.clone(),
+                process_controller_url: c.process_controller_url.clone(),
+                process_id: c
+                    .process_id
+                    .clone()
+                    .unwrap_or_else(|| self.flows.process_id.clone()),
+                ca_file: c.ca_file.clone(),
+            });
+        }
+        clients
     }
 
     /// Reads the password keys and checks the ledger settings.
@@ -964,13 +1183,7 @@ impl Settings {
         let mut digests = std::collections::HashSet::new();
         for (i, caller) in self.auth.callers.iter_mut().enumerate() {
             let key = |field: &str| format!("auth.callers[{i}].{field}");
-            let name_ok = !caller.name.is_empty()
-                && caller.name.len() <= 64
-                && caller
-                    .name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-            if !name_ok {
+            if !valid_name(&caller.name) {
                 problems.push((
                     key("name"),
                     "must be 1 to 64 characters of A-Z a-z 0-9 - _ .".into(),
@@ -1108,42 +1321,217 @@ impl Settings {
 
 type Table = toml::Table;
 
-/// Keys that have no default and therefore do not appear in `config/default.toml`.
-const OPTIONAL_KEYS: &[&str] = &[
-    "finapi.client_secret",
-    "finapi.client_secret_file",
-    "identities.password_key",
-    "identities.password_key_file",
-    "identities.database_url_file",
-];
 /// Longest identity retention, in seconds (ten years): far beyond any GiroIdent check, and
 /// within every date the ledger and the API can write.
 pub const MAX_RETENTION_SECS: u64 = 10 * 365 * 86_400;
-/// Keys whose value is a secret: only the environment may set them, never a file.
-const ENV_ONLY_KEYS: &[&str] = &["finapi.client_secret", "identities.password_key"];
 
-/// The type a key must have: that of its built-in default (optional keys are strings). `None`
-/// for unknown keys.
-fn expected_kind<'a>(defaults: &'a Table, key: &str) -> Option<Option<&'a toml::Value>> {
-    if OPTIONAL_KEYS.contains(&key) {
-        return Some(None);
-    }
-    let mut parts = key.split('.');
-    let mut value = defaults.get(parts.next()?)?;
-    for part in parts {
-        value = value.as_table()?.get(part)?;
-    }
-    Some(Some(value))
+/// Whether `key` holds a secret that only the environment may set, never a file:
+/// `finapi.client_secret`, `finapi.clients.NAME.client_secret` and `identities.password_key`.
+fn is_env_only(key: &str) -> bool {
+    matches!(key, "finapi.client_secret" | "identities.password_key")
+        || key
+            .strip_prefix("finapi.clients.")
+            .and_then(|rest| rest.rsplit_once('.'))
+            .is_some_and(|(name, field)| !name.contains('.') && field == "client_secret")
 }
 
-fn same_kind(a: &toml::Value, b: &toml::Value) -> bool {
-    std::mem::discriminant(a) == std::mem::discriminant(b)
+/// The built-in defaults as figment data.
+fn default_dict() -> Result<Dict, ConfigError> {
+    Figment::from(Toml::string(DEFAULT_TOML))
+        .data()
+        .map(|mut profiles| profiles.remove(&Profile::Default).unwrap_or_default())
+        .map_err(|e| ConfigError::single("(built-in defaults)", e.to_string()))
 }
 
-fn insert(merged: &mut Table, key: &str, value: toml::Value) {
+/// The value at a dotted key path (array items by their index).
+fn find<'a>(dict: &'a Dict, path: &[String]) -> Option<&'a Value> {
+    let (first, rest) = path.split_first()?;
+    let mut value = dict.get(first)?;
+    for part in rest {
+        value = match value {
+            Value::Dict(_, d) => d.get(part)?,
+            Value::Array(_, items) => items.get(part.parse::<usize>().ok()?)?,
+            _ => return None,
+        };
+    }
+    Some(value)
+}
+
+/// Replaces the value at `path` with `value`, or removes it when `value` is `None`.
+fn replace(dict: &mut Dict, path: &[String], value: Option<Value>) {
+    let Some((last, parents)) = path.split_last() else {
+        return;
+    };
+    let mut node = dict;
+    let mut parts = parents.iter();
+    while let Some(part) = parts.next() {
+        node = match node.get_mut(part) {
+            Some(Value::Dict(_, d)) => d,
+            // A table in an array (`auth.callers[0]`): go on in that item.
+            Some(Value::Array(_, items)) => {
+                let item = parts
+                    .next()
+                    .and_then(|i| i.parse::<usize>().ok())
+                    .and_then(|i| items.get_mut(i));
+                match item {
+                    Some(Value::Dict(_, d)) => d,
+                    _ => return,
+                }
+            }
+            _ => return,
+        };
+    }
+    match value {
+        Some(value) => {
+            node.insert(last.clone(), value);
+        }
+        None => {
+            node.remove(last);
+        }
+    }
+}
+
+/// A figment key path as the configuration reference writes it: `auth.callers[0].name`.
+fn key_name(path: &[String]) -> String {
+    let mut key = String::new();
+    for part in path {
+        if part.parse::<usize>().is_ok() {
+            key.push_str(&format!("[{part}]"));
+        } else {
+            if !key.is_empty() {
+                key.push('.');
+            }
+            key.push_str(part);
+        }
+    }
+    key
+}
+
+/// What kind of value was found, never the value itself (it may be a secret).
+fn kind_of(actual: &figment::error::Actual) -> &'static str {
+    use figment::error::Actual;
+    match actual {
+        Actual::Bool(_) => "a boolean",
+        Actual::Unsigned(_) | Actual::Signed(_) | Actual::Float(_) => "a number",
+        Actual::Char(_) | Actual::Str(_) | Actual::Bytes(_) => "a string",
+        Actual::Seq => "an array",
+        Actual::Map => "a table",
+        _ => "another kind of value",
+    }
+}
+
+/// Turns each figment layer into one value of the [`Settings`] type. figment, like serde,
+/// stops at the first problem; to report every one at once, each problem is recorded with its
+/// key, the offending value goes back to its default (or is dropped), and extraction runs
+/// again. `sources` names the environment variable (or preset) behind a key, for the message.
+fn extract_all(
+    mut data: Dict,
+    defaults: &Dict,
+    sources: &[(String, String)],
+    problems: &mut Vec<(String, String)>,
+) -> Option<Settings> {
+    let source = |key: &str| {
+        sources
+            .iter()
+            .find(|(k, _)| {
+                key == k || key.starts_with(&format!("{k}.")) || key.starts_with(&format!("{k}["))
+            })
+            .map(|(_, name)| format!(" (from {name})"))
+            .unwrap_or_default()
+    };
+    let mut seen = std::collections::HashSet::new();
+    loop {
+        let error = match Figment::from(Serialized::defaults(&data)).extract_lossy::<Settings>() {
+            Ok(settings) => return Some(settings),
+            Err(error) => error,
+        };
+        let mut path = error.path.clone();
+        let (message, fallback) = match &error.kind {
+            Kind::UnknownField(field, _) => {
+                if path.last() != Some(field) {
+                    path.push(field.clone());
+                }
+                ("unknown key".to_owned(), None)
+            }
+            Kind::MissingField(field) => {
+                if path.last().map(String::as_str) != Some(field) {
+                    path.push(field.to_string());
+                }
+                ("must be set".to_owned(), Some(Value::from(String::new())))
+            }
+            Kind::InvalidType(actual, expected) => (
+                format!("must be {expected}, not {}", kind_of(actual)),
+                find(defaults, &path).cloned(),
+            ),
+            Kind::InvalidValue(_, expected) => (
+                format!("must be {expected}"),
+                find(defaults, &path).cloned(),
+            ),
+            Kind::InvalidLength(_, expected) => (
+                format!("must be {expected}"),
+                find(defaults, &path).cloned(),
+            ),
+            // A free-form message may quote the value, which may be a secret.
+            Kind::Message(_) => ("invalid value".to_owned(), find(defaults, &path).cloned()),
+            _ => ("invalid value".to_owned(), find(defaults, &path).cloned()),
+        };
+        let key = key_name(&path);
+        if path.is_empty() {
+            problems.push(("(config)".into(), message));
+            return None;
+        }
+        if !seen.insert(key.clone()) {
+            // Putting a value back did not help (a key inside an array of tables, which has
+            // no default): what was found so far is reported.
+            return None;
+        }
+        problems.push((key.clone(), format!("{message}{}", source(&key))));
+        replace(&mut data, &path, fallback);
+    }
+}
+
+/// One layer given as `(key, text)` pairs, environment-style: the text of a key whose default
+/// is an array is read as a TOML value, any other text stays a string (figment's lossy
+/// extraction reads numbers and booleans out of it where the key wants one). Keys naming a
+/// whole section are refused.
+fn text_layer(
+    defaults: &Dict,
+    pairs: impl IntoIterator<Item = (String, String, String)>,
+    sources: &mut Vec<(String, String)>,
+    problems: &mut Vec<(String, String)>,
+) -> Table {
+    let mut table = Table::new();
+    for (key, source, raw) in pairs {
+        let path: Vec<String> = key.split('.').map(str::to_owned).collect();
+        let value = match find(defaults, &path) {
+            Some(Value::Dict(..)) => {
+                problems.push((key, format!("unknown key (from {source})")));
+                continue;
+            }
+            Some(Value::Array(..)) => match format!("x = {raw}")
+                .parse::<Table>()
+                .ok()
+                .and_then(|mut t| t.remove("x"))
+                .filter(toml::Value::is_array)
+            {
+                Some(value) => value,
+                None => {
+                    problems.push((key, format!("must be a TOML array (from {source})")));
+                    continue;
+                }
+            },
+            _ => toml::Value::String(raw),
+        };
+        insert(&mut table, &key, value);
+        sources.push((key, source));
+    }
+    table
+}
+
+fn insert(table: &mut Table, key: &str, value: toml::Value) {
     let mut parts: Vec<&str> = key.split('.').collect();
     let last = parts.pop().unwrap_or_default();
-    let mut table = merged;
+    let mut table = table;
     for part in parts {
         let entry = table
             .entry(part)
@@ -1156,97 +1544,125 @@ fn insert(merged: &mut Table, key: &str, value: toml::Value) {
     table.insert(last.to_owned(), value);
 }
 
-/// Copies the values of a `--config` file over the defaults, checking each key and type.
-fn overlay_file(
-    defaults: &Table,
-    merged: &mut Table,
-    table: Table,
-    prefix: &str,
-    problems: &mut Vec<(String, String)>,
-) {
-    for (name, value) in table {
+/// Removes the secrets a file must not hold (see [`is_env_only`]), each one a problem.
+fn refuse_file_secrets(table: &mut Table, prefix: &str, problems: &mut Vec<(String, String)>) {
+    let keys: Vec<String> = table.keys().cloned().collect();
+    for name in keys {
         let key = if prefix.is_empty() {
-            name
+            name.clone()
         } else {
             format!("{prefix}.{name}")
         };
-        match (expected_kind(defaults, &key), value) {
-            (None, _) => problems.push((key, "unknown key".to_owned())),
-            (Some(Some(toml::Value::Table(_))), toml::Value::Table(t)) => {
-                overlay_file(defaults, merged, t, &key, problems)
-            }
-            (Some(Some(default)), value) if !same_kind(default, &value) => problems.push((
-                key,
-                format!("must be {}, not {}", default.type_str(), value.type_str()),
-            )),
-            (Some(None), _) if ENV_ONLY_KEYS.contains(&key.as_str()) => {
-                let env = format!(
-                    "{ENV_PREFIX}{}",
-                    key.to_ascii_uppercase().replace('.', "__")
-                );
-                problems.push((
-                    key.clone(),
-                    format!("not in a file: set {env} or {key}_file"),
-                ))
-            }
-            (Some(None), value) if !value.is_str() => {
-                problems.push((key, format!("must be string, not {}", value.type_str())))
-            }
-            (Some(_), value) => insert(merged, &key, value),
+        if is_env_only(&key) {
+            table.remove(&name);
+            let env = format!(
+                "{ENV_PREFIX}{}",
+                key.to_ascii_uppercase().replace('.', "__")
+            );
+            problems.push((
+                key.clone(),
+                format!("not in a file: set {env} or {key}_file"),
+            ));
+        } else if let Some(toml::Value::Table(inner)) = table.get_mut(&name) {
+            refuse_file_secrets(inner, &key, problems);
         }
     }
 }
 
-/// Applies one value given as text (an environment variable `source`, or a preset), parsed
-/// as the type of its default.
-fn overlay_value(
-    defaults: &Table,
-    merged: &mut Table,
-    key: &str,
-    source: &str,
-    raw: String,
-    problems: &mut Vec<(String, String)>,
+/// The secret settings that come in two forms (the value, or a file holding it), as the
+/// table paths that hold them: `finapi` and each `finapi.clients.NAME`.
+fn secret_holders(table: &Table) -> Vec<Vec<String>> {
+    let mut holders = vec![vec!["finapi".to_owned()]];
+    if let Some(clients) = table
+        .get("finapi")
+        .and_then(|f| f.get("clients"))
+        .and_then(toml::Value::as_table)
+    {
+        for name in clients.keys() {
+            holders.push(vec!["finapi".into(), "clients".into(), name.clone()]);
+        }
+    }
+    holders
+}
+
+fn table_at<'a>(table: &'a mut Table, path: &[String]) -> Option<&'a mut Table> {
+    let mut node = table;
+    for part in path {
+        node = node.get_mut(part)?.as_table_mut()?;
+    }
+    Some(node)
+}
+
+/// A secret the user sets in either form replaces both forms of the preset's.
+fn drop_replaced_preset_secrets(preset: &mut Table, user: &mut [&mut Table]) {
+    for layer in user.iter_mut() {
+        for holder in secret_holders(layer) {
+            let user_sets = table_at(layer, &holder).is_some_and(|t| {
+                t.contains_key("client_secret") || t.contains_key("client_secret_file")
+            });
+            if user_sets && let Some(p) = table_at(preset, &holder) {
+                p.remove("client_secret");
+                p.remove("client_secret_file");
+            }
+        }
+    }
+}
+
+/// A caller's or finAPI client's name: 1 to 64 characters of `A-Z a-z 0-9 - _ .`, safe in
+/// logs and metric labels.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+fn check_client_id(key: &str, id: &str, problem: &mut impl FnMut(&str, String)) {
+    if id.trim().is_empty() {
+        problem(key, "must be set".into());
+    } else if id.chars().any(|c| c.is_control()) {
+        problem(key, "must not contain control characters".into());
+    }
+}
+
+/// Checks a client secret given in one of its two forms under `prefix` and reads its file.
+fn resolve_client_secret(
+    prefix: &str,
+    secret: &mut Option<SecretString>,
+    file: &Option<PathBuf>,
+    problem: &mut impl FnMut(&str, String),
 ) {
-    let key = key.to_owned();
-    let parsed = match expected_kind(defaults, &key) {
-        None | Some(Some(toml::Value::Table(_))) => {
-            problems.push((key, format!("unknown key (from {source})")));
-            return;
+    let key = format!("{prefix}.client_secret");
+    match (&*secret, file) {
+        (Some(_), Some(_)) => problem(&key, format!("set either {key} or {key}_file, not both")),
+        (None, None) => {
+            let env = format!(
+                "{ENV_PREFIX}{}",
+                key.to_ascii_uppercase().replace('.', "__")
+            );
+            problem(&key, format!("must be set: {env} or {key}_file"))
         }
-        Some(None) | Some(Some(toml::Value::String(_))) => Ok(toml::Value::String(raw)),
-        Some(Some(toml::Value::Integer(_))) => raw
-            .trim()
-            .parse::<i64>()
-            .map(toml::Value::Integer)
-            .map_err(|_| "must be an integer"),
-        Some(Some(toml::Value::Boolean(_))) => match raw.trim() {
-            "true" => Ok(toml::Value::Boolean(true)),
-            "false" => Ok(toml::Value::Boolean(false)),
-            _ => Err("must be true or false"),
+        (None, Some(path)) => match read_secret_file(path) {
+            Ok(value) => *secret = Some(value),
+            Err(msg) => problem(&format!("{key}_file"), msg),
         },
-        Some(Some(other)) => format!("x = {raw}")
-            .parse::<Table>()
-            .ok()
-            .and_then(|mut t| t.remove("x"))
-            .filter(|v| same_kind(v, other))
-            .ok_or("must be a TOML value of the default's type"),
-    };
-    match parsed {
-        Ok(value) => insert(merged, &key, value),
-        Err(msg) => problems.push((key, format!("{msg} (from {source})"))),
+        (Some(value), None) if value.expose_secret().is_empty() => {
+            problem(&key, "must not be empty".into())
+        }
+        (Some(_), None) => {}
     }
 }
 
-/// Copies `upper` over `lower`, table by table; any other value replaces the one below.
-fn merge(lower: &mut Table, upper: Table) {
-    for (name, value) in upper {
-        match (lower.get_mut(&name), value) {
-            (Some(toml::Value::Table(below)), toml::Value::Table(above)) => merge(below, above),
-            (_, value) => {
-                lower.insert(name, value);
-            }
-        }
+/// GiroIdent's `processId`: 1 to 64 characters of `A-Z a-z 0-9 _`.
+fn check_process_id(pid: &str) -> Result<(), String> {
+    if pid.is_empty()
+        || pid.len() > 64
+        || !pid.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    {
+        return Err("must be 1 to 64 characters of A-Z, a-z, 0-9 and _ (e.g. GIROIDENT)".into());
     }
+    Ok(())
 }
 
 fn check_base_url(url: &str, allow_http: bool) -> Result<(), String> {
@@ -1791,6 +2207,190 @@ mod tests {
             Settings::load_layered(env(&[("limits.burst", "1")]), None, valid_env()).unwrap_err();
         assert!(err.mentions("limits.burst"), "{err}");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn write_config(text: &str) -> (PathBuf, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("gib-cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("broker.toml");
+        std::fs::write(&path, text).unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn named_clients_sit_beside_the_single_client_keys_as_default() {
+        let (dir, path) = write_config(&format!(
+            r#"
+[finapi.clients.live]
+client_id = "live-id"
+access_url = "https://live.example"
+process_controller_url = "https://pc.live.example"
+process_id = "USER_ONLY"
+
+[finapi.clients.sandbox]
+client_id = "sandbox-id"
+client_secret_file = "{secret}"
+access_url = "https://sandbox.example"
+process_controller_url = "https://pc.sandbox.example"
+
+[[auth.callers]]
+name = "shop"
+key_sha256 = "{WEB_KEY_SHA256}"
+flows = ["standalone"]
+finapi_clients = ["live", "default"]
+"#,
+            secret = std::env::temp_dir().join("gib-none").display()
+        ));
+        std::fs::write(
+            std::env::temp_dir().join("gib-none"),
+            "sandbox-secret-from-file\n",
+        )
+        .unwrap();
+        let mut vars = valid_env();
+        vars.retain(|(k, _)| k != "GIROIDENT_BROKER_AUTH__CALLERS");
+        vars.push((
+            "GIROIDENT_BROKER_FINAPI__CLIENTS__LIVE__CLIENT_SECRET".into(),
+            "live-secret-from-env".into(),
+        ));
+        let s = Settings::load_with_env(Some(&path), vars).expect("valid");
+        let clients = s.finapi_clients();
+        let names: Vec<&str> = clients.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["default", "live", "sandbox"]);
+        assert_eq!(clients[0].client_id, "client");
+        assert_eq!(clients[0].process_id, "GIROIDENT");
+        assert_eq!(
+            clients[1].client_secret.expose_secret(),
+            "live-secret-from-env"
+        );
+        assert_eq!(clients[1].process_id, "USER_ONLY");
+        assert_eq!(
+            clients[2].client_secret.expose_secret(),
+            "sandbox-secret-from-file"
+        );
+        assert_eq!(
+            clients[2].process_id, "GIROIDENT",
+            "flows.process_id by default"
+        );
+        assert_eq!(s.auth.callers[0].finapi_client_names(), ["live", "default"]);
+        let shown = format!("{s:?}");
+        assert!(!shown.contains("secret-from"), "{shown}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn every_client_problem_is_reported_with_its_key_path_and_no_secret() {
+        let (dir, path) = write_config(&format!(
+            r#"
+[finapi.clients.live]
+client_secret = "file-secret-9"
+access_url = "ftp://live.example"
+process_controller_url = "https://pc.live.example"
+colour = "blue"
+
+[finapi.clients."bad name"]
+client_id = "x"
+access_url = "https://a.example"
+process_controller_url = "https://b.example"
+
+[finapi.clients.default]
+client_id = "y"
+access_url = "https://a.example"
+process_controller_url = "https://b.example"
+process_id = "NOT OK"
+
+[server]
+drain_secs = "soon"
+worker_threads = true
+
+[[auth.callers]]
+name = "shop"
+key_sha256 = "{WEB_KEY_SHA256}"
+flows = ["standalone"]
+finapi_clients = ["live", "nowhere"]
+"#
+        ));
+        let mut vars = valid_env();
+        vars.retain(|(k, _)| k != "GIROIDENT_BROKER_AUTH__CALLERS");
+        vars.push((
+            "GIROIDENT_BROKER_LIMITS__MAX_IN_FLIGHT".into(),
+            "many".into(),
+        ));
+        let err = Settings::load_with_env(Some(&path), vars).unwrap_err();
+        for key in [
+            "finapi.clients.live.client_secret",
+            "finapi.clients.live.client_id",
+            "finapi.clients.live.access_url",
+            "finapi.clients.live.colour",
+            "finapi.clients.bad name",
+            "finapi.clients.default",
+            "finapi.clients.default.process_id",
+            "server.drain_secs",
+            "server.worker_threads",
+            "limits.max_in_flight",
+            "auth.callers[0].finapi_clients",
+        ] {
+            assert!(err.mentions(key), "{key} missing from: {err}");
+        }
+        let text = err.to_string();
+        assert!(
+            text.contains("GIROIDENT_BROKER_LIMITS__MAX_IN_FLIGHT"),
+            "{text}"
+        );
+        assert!(text.contains("\"nowhere\""), "{text}");
+        assert!(!text.contains("file-secret-9"), "{text}");
+        assert!(!text.contains("soon") && !text.contains("many"), "{text}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn without_a_default_client_every_caller_names_its_clients() {
+        let (dir, path) = write_config(&format!(
+            r#"
+[finapi.clients.live]
+client_id = "live-id"
+access_url = "https://live.example"
+process_controller_url = "https://pc.live.example"
+
+[[auth.callers]]
+name = "shop"
+key_sha256 = "{WEB_KEY_SHA256}"
+flows = ["standalone"]
+"#
+        ));
+        let vars = env(&[
+            ("GIROIDENT_BROKER_FINAPI__CLIENTS__LIVE__CLIENT_SECRET", "s"),
+            (
+                "GIROIDENT_BROKER_IDENTITIES__PASSWORD_KEY",
+                "a-password-key-of-at-least-32-bytes-0123",
+            ),
+        ]);
+        let err = Settings::load_with_env(Some(&path), vars.clone()).unwrap_err();
+        assert_eq!(
+            err.problems
+                .iter()
+                .map(|(k, _)| k.as_str())
+                .collect::<Vec<_>>(),
+            ["auth.callers[0].finapi_clients"],
+            "{err}"
+        );
+        std::fs::write(
+            &path,
+            std::fs::read_to_string(&path).unwrap() + "finapi_clients = [\"live\"]\n",
+        )
+        .unwrap();
+        let s = Settings::load_with_env(Some(&path), vars).expect("valid");
+        assert_eq!(s.finapi.client_names(), ["live"]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn wrong_types_inside_a_caller_table_are_named_with_its_index() {
+        let err = with_callers(&format!(
+            r#"[{{name = "a", key_sha256 = "{WEB_KEY_SHA256}", flows = "access", burst = true}}]"#
+        ))
+        .unwrap_err();
+        assert!(err.mentions("auth.callers[0].burst"), "{err}");
+        assert!(err.mentions("auth.callers[0].flows"), "{err}");
     }
 
     #[test]

@@ -71,6 +71,10 @@ enum Tool {
         /// Lifetime of user tokens in seconds (0: never expire).
         #[arg(long, default_value_t = 3600)]
         user_token_ttl_secs: u64,
+        /// A further finAPI client, as `ID=SECRET_FILE[,CLIENT_TOKEN_TTL_SECS[,USER_TOKEN_TTL_SECS]]`
+        /// (the lifetimes default to the options above); may be repeated.
+        #[arg(long = "extra-client", value_name = "SPEC", value_parser = parse_extra_client)]
+        extra_clients: Vec<sim::SimClient>,
         /// A fault rule active from the start, as JSON (the body of `POST /__sim/faults`);
         /// may be repeated.
         #[arg(long = "fault", value_name = "JSON", value_parser = parse_fault)]
@@ -176,6 +180,7 @@ async fn run(tool: Tool, config: Option<PathBuf>) -> ExitCode {
             client_secret_file,
             client_token_ttl_secs,
             user_token_ttl_secs,
+            extra_clients,
             faults,
         } => {
             let _logs = telemetry::init(LogFormat::Auto, "info", None);
@@ -186,12 +191,11 @@ async fn run(tool: Tool, config: Option<PathBuf>) -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            let mut clients = vec![sim::SimClient::new(&client_id, &secret)];
+            clients.extend(extra_clients);
             let config = sim::SimConfig {
                 listen,
-                clients: vec![sim::SimClient {
-                    id: client_id,
-                    secret,
-                }],
+                clients,
                 client_token_ttl: Duration::from_secs(client_token_ttl_secs),
                 user_token_ttl: Duration::from_secs(user_token_ttl_secs),
                 faults,
@@ -282,8 +286,63 @@ fn sim_secret(file: Option<PathBuf>) -> Result<String, String> {
         .unwrap_or_else(|_| sim::DEMO_CLIENT_SECRET.to_owned()))
 }
 
+/// `ID=SECRET_FILE[,CLIENT_TOKEN_TTL_SECS[,USER_TOKEN_TTL_SECS]]`; the secret file is read at
+/// once (one trailing newline ignored), and only its path is named in an error.
+fn parse_extra_client(spec: &str) -> Result<sim::SimClient, String> {
+    let (id, rest) = spec
+        .split_once('=')
+        .filter(|(id, _)| !id.is_empty())
+        .ok_or("expected ID=SECRET_FILE[,CLIENT_TOKEN_TTL_SECS[,USER_TOKEN_TTL_SECS]]")?;
+    let mut parts = rest.split(',');
+    let path = PathBuf::from(parts.next().unwrap_or_default());
+    let secret = read_secret_file(&path)?;
+    let mut client = sim::SimClient::new(id, secret.expose_secret());
+    let mut ttl = |name: &str| -> Result<Option<Duration>, String> {
+        parts
+            .next()
+            .map(|secs| {
+                secs.trim()
+                    .parse()
+                    .map(Duration::from_secs)
+                    .map_err(|_| format!("{name} must be whole seconds"))
+            })
+            .transpose()
+    };
+    client.client_token_ttl = ttl("CLIENT_TOKEN_TTL_SECS")?;
+    client.user_token_ttl = ttl("USER_TOKEN_TTL_SECS")?;
+    Ok(client)
+}
+
 fn parse_fault(json: &str) -> Result<sim::FaultRule, String> {
     let rule: sim::FaultRule = serde_json::from_str(json).map_err(|e| e.to_string())?;
     rule.validate()?;
     Ok(rule)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_extra_simulator_client_has_its_secret_and_lifetimes() {
+        let path = std::env::temp_dir().join(format!("gib-sim-{}", std::process::id()));
+        std::fs::write(&path, "extra-secret\n").unwrap();
+        let spec = format!("live={},60,120", path.display());
+        let client = parse_extra_client(&spec).expect("valid");
+        assert_eq!(client.id, "live");
+        assert_eq!(client.secret, "extra-secret");
+        assert_eq!(client.client_token_ttl, Some(Duration::from_secs(60)));
+        assert_eq!(client.user_token_ttl, Some(Duration::from_secs(120)));
+        let plain = parse_extra_client(&format!("b={}", path.display())).expect("valid");
+        assert_eq!(plain.client_token_ttl, None);
+        for bad in [
+            "=x".to_owned(),
+            format!("c={},soon", path.display()),
+            "d=/nonexistent".into(),
+        ] {
+            let err = parse_extra_client(&bad).unwrap_err();
+            assert!(!err.contains("extra-secret"), "{err}");
+        }
+        std::fs::remove_file(path).unwrap();
+    }
 }

@@ -11,8 +11,9 @@
 use std::sync::Arc;
 
 use crate::api::auth::Callers;
+use crate::config::DEFAULT_CLIENT;
 use crate::config::{ConfigError, Settings};
-use crate::flows::{DEFAULT_CLIENT, Flows};
+use crate::flows::Flows;
 use crate::startup::{password_keys, retention_by_caller};
 use crate::telemetry::metrics::CONFIG_RELOADS;
 
@@ -26,6 +27,7 @@ pub struct Reloaded {
     /// Callers whose flows or rate limits changed.
     pub callers_updated: Vec<String>,
     /// The secrets whose value changed, by setting: `finapi.client_secret` (client `default`),
+    /// `finapi.clients.NAME.client_secret`,
     /// `auth.callers.NAME.key`, `identities.password_key`,
     /// `identities.previous_password_keys`.
     pub secrets_changed: Vec<String>,
@@ -102,6 +104,7 @@ impl Reloader {
 
     /// Checks what cannot be checked by the loader alone, then swaps the reloadable parts in.
     async fn apply(&self, mut settings: Settings) -> Result<Reloaded, ConfigError> {
+        self.check_clients_running(&settings)?;
         let keys = password_keys(&settings)?;
         let running_keys = self.flows.password_keys();
         let dropped: Vec<String> = running_keys
@@ -131,12 +134,16 @@ impl Reloader {
             .map(|name| format!("auth.callers.{name}.key"))
             .collect();
 
-        if let (Some(secret), Some(client)) = (
-            settings.finapi.client_secret.clone(),
-            self.flows.client_secret(DEFAULT_CLIENT),
-        ) && client.replace(secret, settings.finapi.client_secret_file.clone())
-        {
-            done.secrets_changed.push("finapi.client_secret".to_owned());
+        for client in settings.finapi_clients() {
+            if let Some(running) = self.flows.client_secret(&client.name)
+                && running.replace(client.client_secret, client.client_secret_file)
+            {
+                done.secrets_changed.push(if client.name == DEFAULT_CLIENT {
+                    "finapi.client_secret".to_owned()
+                } else {
+                    format!("finapi.clients.{}.client_secret", client.name)
+                });
+            }
         }
 
         let (old_ids, new_ids) = (running_keys.ids(), keys.ids());
@@ -150,6 +157,38 @@ impl Reloader {
         }
         self.flows.replace_password_keys(keys);
         Ok(done)
+    }
+
+    /// Refuses a reload whose callers name a finAPI client the running broker lacks: the
+    /// clients' upstreams are built at start, so a client added since needs a restart.
+    fn check_clients_running(&self, settings: &Settings) -> Result<(), ConfigError> {
+        let running: Vec<&str> = self.flows.finapi_clients().map(|name| &**name).collect();
+        let problems: Vec<(String, String)> = settings
+            .auth
+            .callers
+            .iter()
+            .enumerate()
+            .flat_map(|(index, caller)| {
+                caller
+                    .finapi_client_names()
+                    .into_iter()
+                    .filter(|name| !running.contains(&name.as_str()))
+                    .map(move |name| {
+                        (
+                            format!("auth.callers[{index}].finapi_clients"),
+                            format!(
+                                "finAPI client {name} is not running: a client added to \
+                                 finapi.clients takes effect only after a restart"
+                            ),
+                        )
+                    })
+            })
+            .collect();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError { problems })
+        }
     }
 
     /// Refuses a reload that drops a password key live identities were made with: their
@@ -205,6 +244,34 @@ pub fn restart_needed(running: &Settings, loaded: &Settings) -> Vec<String> {
     compare!(limits: max_body_bytes, read_timeout_secs, max_in_flight);
     compare!(finapi: access_url, process_controller_url, client_id, allow_insecure_http,
         connect_timeout_ms, request_timeout_ms);
+    // A named client's hosts, id, processId and authority are built into its upstream at start.
+    let (old_clients, new_clients) = (running.finapi_clients(), loaded.finapi_clients());
+    for new in &new_clients {
+        let old = old_clients.iter().find(|old| old.name == new.name);
+        let same = old.is_some_and(|old| {
+            (
+                &old.client_id,
+                &old.access_url,
+                &old.process_controller_url,
+                &old.process_id,
+                &old.ca_file,
+            ) == (
+                &new.client_id,
+                &new.access_url,
+                &new.process_controller_url,
+                &new.process_id,
+                &new.ca_file,
+            )
+        });
+        if !same && new.name != DEFAULT_CLIENT {
+            keys.push(format!("finapi.clients.{}", new.name));
+        }
+    }
+    for old in &old_clients {
+        if old.name != DEFAULT_CLIENT && !new_clients.iter().any(|new| new.name == old.name) {
+            keys.push(format!("finapi.clients.{}", old.name));
+        }
+    }
     compare!(flows: default_flow, process_id, invalidate_process_token);
     compare!(token_cache: refresh_ahead_secs);
     compare!(log: format, filter);

@@ -138,6 +138,7 @@ fn unit_random() -> f64 {
 #[derive(Debug)]
 pub struct CircuitBreaker {
     service: &'static str,
+    client: std::sync::Arc<str>,
     threshold: u32,
     cooldown: Duration,
     state: Mutex<BreakerState>,
@@ -173,6 +174,7 @@ impl CircuitBreaker {
     pub fn new(service: &'static str, threshold: u32, cooldown: Duration) -> Self {
         Self {
             service,
+            client: crate::config::DEFAULT_CLIENT.into(),
             threshold: threshold.max(1),
             cooldown,
             state: Mutex::new(BreakerState::Closed { failures: 0 }),
@@ -184,6 +186,19 @@ impl CircuitBreaker {
     /// The service this breaker guards, for logs.
     pub fn service(&self) -> &'static str {
         self.service
+    }
+
+    /// The same breaker for the finAPI client named `client` (each client has its own pair,
+    /// so that a failing client never opens another's circuit).
+    pub fn for_client(mut self, client: &str) -> Self {
+        self.client = client.into();
+        self
+    }
+
+    /// The finAPI client (configured name) whose calls this breaker guards, for logs and
+    /// metric labels.
+    pub fn client(&self) -> &std::sync::Arc<str> {
+        &self.client
     }
 
     /// Leave to call, or how long to wait.

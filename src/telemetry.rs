@@ -217,19 +217,16 @@ pub mod metrics {
         ] {
             ::metrics::counter!(name).absolute(value);
         }
-        for (service, opened, rejected) in [
-            ("access", s.access_breaker_opened, s.access_breaker_rejected),
-            (
-                "process_controller",
-                s.process_controller_breaker_opened,
-                s.process_controller_breaker_rejected,
-            ),
-        ] {
-            ::metrics::counter!(CIRCUIT_OPENED, "service" => service).absolute(opened);
-            ::metrics::counter!(CIRCUIT_REJECTED, "service" => service).absolute(rejected);
+        for (client, service, opened, rejected) in flows.circuit_counts() {
+            let client = client.to_string();
+            ::metrics::counter!(CIRCUIT_OPENED, "service" => service, "finapi_client" => client.clone())
+                .absolute(opened);
+            ::metrics::counter!(CIRCUIT_REJECTED, "service" => service, "finapi_client" => client)
+                .absolute(rejected);
         }
-        for (service, open) in flows.circuits_open() {
-            ::metrics::gauge!(CIRCUIT_OPEN, "service" => service).set(if open { 1.0 } else { 0.0 });
+        for (client, service, open) in flows.circuits_open() {
+            ::metrics::gauge!(CIRCUIT_OPEN, "service" => service, "finapi_client" => client.to_string())
+                .set(if open { 1.0 } else { 0.0 });
         }
     }
 

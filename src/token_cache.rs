@@ -413,16 +413,25 @@ impl ClientTokenCache {
             let Some(delay) = self.policy.delay_after(failed, &err, &deadline) else {
                 return Err(err);
             };
-            tracing::debug!(error = %err, delay_ms = delay.as_millis() as u64,
-                "retrying the client-token call");
+            tracing::debug!(finapi_client = self.client(), error = %err,
+                delay_ms = delay.as_millis() as u64, "retrying the client-token call");
             reason = err.outcome();
             tokio::time::sleep(delay).await;
         }
     }
 
+    /// The finAPI client (configured name) this cache serves, for its log lines.
+    fn client(&self) -> &str {
+        self.access.breaker().client()
+    }
+
     fn entry(&self, answer: AccessToken, received: Instant) -> Arc<ClientToken> {
         let (ends_at, refresh_at) = schedule(answer.expires_in, received, self.refresh_ahead);
-        tracing::debug!(expires_in = answer.expires_in, "fetched client token");
+        tracing::debug!(
+            finapi_client = self.client(),
+            expires_in = answer.expires_in,
+            "fetched client token"
+        );
         Arc::new(ClientToken {
             token: answer.token,
             ends_at,
@@ -460,7 +469,10 @@ impl ClientTokenCache {
             hold.next_call(wake);
             tokio::time::sleep_until(wake).await;
             if give_up.is_some_and(|at| Instant::now() >= at) {
-                tracing::warn!("background client-token refresh gave up; requests will fetch");
+                tracing::warn!(
+                    finapi_client = self.client(),
+                    "background client-token refresh gave up; requests will fetch"
+                );
                 return;
             }
             if let Some(entry) = self.cache.get(self.access.client_id()).await
@@ -481,7 +493,10 @@ impl ClientTokenCache {
                         .insert(self.access.client_id().to_owned(), fresh)
                         .await;
                     self.stats.refreshed_tokens.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!("client token refreshed in the background");
+                    tracing::debug!(
+                        finapi_client = self.client(),
+                        "client token refreshed in the background"
+                    );
                     return;
                 }
                 Ok(same) => {
@@ -508,7 +523,8 @@ impl ClientTokenCache {
                         .retry_after()
                         .unwrap_or_default()
                         .max(self.policy.backoff(failed));
-                    tracing::debug!(error = %err, wait_ms = wait.as_millis() as u64,
+                    tracing::debug!(finapi_client = self.client(), error = %err,
+                        wait_ms = wait.as_millis() as u64,
                         "background client-token refresh failed; keeping the current token");
                     next_call = later(Instant::now(), wait);
                 }

@@ -64,3 +64,65 @@ fn a_missing_config_file_is_reported() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--config"));
 }
+
+#[test]
+fn check_config_names_each_finapi_client_problem_by_its_table_and_keeps_secrets_out() {
+    let dir = std::env::temp_dir().join(format!("gib-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("clients.toml");
+    std::fs::write(
+        &path,
+        r#"
+[finapi.clients.live]
+client_id = "live-id"
+access_url = "http://live.example"
+process_controller_url = "https://pc.live.example"
+
+[finapi.clients.sandbox]
+client_id = "sandbox-id"
+access_url = "https://sandbox.example"
+process_controller_url = "https://pc.sandbox.example"
+"#,
+    )
+    .unwrap();
+    let config = path.to_str().unwrap();
+    let mut env = VALID.to_vec();
+    env.push((
+        "GIROIDENT_BROKER_FINAPI__CLIENTS__LIVE__CLIENT_SECRET",
+        "cli-live-secret",
+    ));
+    let out = broker(&["check-config", "--config", config], &env);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for key in [
+        "finapi.clients.live.access_url",
+        "finapi.clients.sandbox.client_secret",
+    ] {
+        assert!(stderr.contains(key), "{key} missing from {stderr}");
+    }
+    assert!(
+        !stderr.contains("finapi.clients.live.client_secret"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("cli-live-secret") && !stderr.contains("cli-test-secret"));
+
+    // Both clients complete, beside the single-client keys (the client `default`).
+    env.push((
+        "GIROIDENT_BROKER_FINAPI__CLIENTS__SANDBOX__CLIENT_SECRET",
+        "cli-sandbox-secret",
+    ));
+    std::fs::write(
+        &path,
+        std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("http://live", "https://live"),
+    )
+    .unwrap();
+    let out = broker(&["check-config", "--config", config], &env);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -33,6 +33,7 @@ async fn access_flow_returns_a_user_token_and_the_user_id() {
         .await;
     let session = expect_created(response).await;
     assert_eq!(session["flow"], "access");
+    assert_eq!(session["finapiClient"], "default");
     assert_eq!(session["tokenType"], "bearer");
     assert!(session["expiresIn"].as_u64().unwrap() > 3000, "{session}");
     let token = session["accessToken"].as_str().unwrap();
@@ -48,6 +49,7 @@ async fn access_flow_returns_a_user_token_and_the_user_id() {
             "accessToken",
             "deleteAfter",
             "expiresIn",
+            "finapiClient",
             "flow",
             "identity",
             "tokenType",
@@ -248,10 +250,7 @@ async fn a_second_401_on_a_fresh_client_token_is_an_error() {
 #[tokio::test]
 async fn wrong_client_credentials_are_a_bad_gateway_without_the_secret() {
     let sim = SimConfig {
-        clients: vec![SimClient {
-            id: "demo-client".into(),
-            secret: "another-secret".into(),
-        }],
+        clients: vec![SimClient::new("demo-client", "another-secret")],
         ..SimConfig::default()
     };
     let env = TestEnv::with(sim, |_| {}).await;

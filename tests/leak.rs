@@ -45,20 +45,41 @@ impl Secrets {
 
 const CLIENT_SECRET: &str = "leak-test-client-secret-7f3a9c";
 const OTHER_KEY: &str = "leak-test-other-caller-key-51b2";
+/// The secret of a second finAPI client, `sandbox`.
+const SANDBOX_SECRET: &str = "leak-test-sandbox-secret-e47b10";
+
+/// Adds the finAPI client `sandbox` (at the same simulator) with `secret`, and lets the test
+/// caller use it after `default`.
+fn add_sandbox(s: &mut giroident_broker::config::Settings, secret: &str) {
+    s.finapi.clients.insert(
+        "sandbox".into(),
+        giroident_broker::config::FinapiClientSettings {
+            client_id: "sandbox-client".into(),
+            client_secret: Some(secret.into()),
+            client_secret_file: None,
+            access_url: s.finapi.access_url.clone(),
+            process_controller_url: s.finapi.process_controller_url.clone(),
+            process_id: None,
+            ca_file: None,
+        },
+    );
+    s.auth.callers[0].finapi_clients = Some(vec!["default".into(), "sandbox".into()]);
+}
 
 #[tokio::test]
 async fn no_secret_reaches_logs_or_responses() {
     let logs = CapturedLogs::install(LogFormat::Json, "trace");
 
     let sim_config = SimConfig {
-        clients: vec![SimClient {
-            id: sim::DEMO_CLIENT_ID.into(),
-            secret: CLIENT_SECRET.into(),
-        }],
+        clients: vec![
+            SimClient::new(sim::DEMO_CLIENT_ID, CLIENT_SECRET),
+            SimClient::new("sandbox-client", SANDBOX_SECRET),
+        ],
         ..SimConfig::default()
     };
     let env = TestEnv::with(sim_config, |s| {
         s.finapi.client_secret = Some(CLIENT_SECRET.into());
+        add_sandbox(s, SANDBOX_SECRET);
         s.auth.callers.push(CallerSettings::from_key(
             "other",
             OTHER_KEY.as_bytes(),
@@ -105,7 +126,28 @@ async fn no_secret_reaches_logs_or_responses() {
             )
             .await;
     }
+    // The same through the second client.
+    for body in [
+        json!({"flow": "standalone", "clientReference": "c-5", "finapiClient": "sandbox"}),
+        json!({"flow": "access", "clientReference": reference, "finapiClient": "sandbox"}),
+        json!({"flow": "access", "clientReference": reference, "finapiClient": "sandbox"}),
+        json!({"flow": "access", "finapiClient": "nowhere"}),
+    ] {
+        answers.record(env.start_session(body).await).await;
+    }
     secrets.gather(&env);
+    answers
+        .record(
+            env.http
+                .delete(format!(
+                    "{}/identities/{reference}?finapiClient=sandbox",
+                    env.broker_url
+                ))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
     let identity_url = format!("{}/identities/{reference}", env.broker_url);
     for url in [
         identity_url.clone(),
@@ -215,13 +257,17 @@ async fn no_secret_reaches_logs_or_responses() {
 
     // A broker whose client secret finAPI refuses: that secret must not leak either.
     let wrong_secret = "leak-test-wrong-secret-0d41";
+    let wrong_sandbox_secret = "leak-test-wrong-sandbox-secret-77a3";
     let env = TestEnv::with(SimConfig::default(), |s| {
         s.finapi.client_secret = Some(wrong_secret.into());
+        add_sandbox(s, wrong_sandbox_secret);
     })
     .await;
     for body in [
         json!({"flow": "access"}),
         json!({"flow": "standalone", "clientReference": "c-4"}),
+        json!({"flow": "access", "finapiClient": "sandbox"}),
+        json!({"flow": "standalone", "clientReference": "c-6", "finapiClient": "sandbox"}),
     ] {
         let (status, _) = answers.record(env.start_session(body).await).await;
         assert_eq!(status, 502);
@@ -230,6 +276,10 @@ async fn no_secret_reaches_logs_or_responses() {
 
     secrets.never.push(("client secret", CLIENT_SECRET.into()));
     secrets.never.push(("client secret", wrong_secret.into()));
+    secrets.never.push(("client secret", SANDBOX_SECRET.into()));
+    secrets
+        .never
+        .push(("client secret", wrong_sandbox_secret.into()));
     secrets.never.push(("API key", TEST_API_KEY.into()));
     secrets.never.push(("API key", OTHER_KEY.into()));
     secrets
@@ -246,6 +296,11 @@ async fn no_secret_reaches_logs_or_responses() {
         "too few log lines captured: the test would prove nothing"
     );
     assert!(logs.contains("\"level\":\"TRACE\"") || logs.contains("\"level\":\"DEBUG\""));
+    // Log lines name the finAPI client they concern (never its secret, checked below).
+    assert!(
+        logs.contains(r#""finapi_client":"sandbox""#),
+        "no log line names the client"
+    );
     assert!(secrets.user_tokens.len() >= 2 && secrets.never.len() >= 8);
     for (what, secret) in &secrets.never {
         assert!(!logs.contains(secret.as_str()), "a {what} is in the logs");

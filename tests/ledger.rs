@@ -238,7 +238,7 @@ async fn concurrent_intents_for_one_reference_yield_exactly_one_new_record(db: D
         "the others see the one written"
     );
     let live = store
-        .find_live("demo", "digest-1")
+        .find_live("demo", "default", "digest-1")
         .await
         .expect("find_live");
     assert_eq!(live.map(|r| r.id), Some(new[0]));
@@ -333,7 +333,10 @@ async fn an_identity_moves_through_its_states_with_its_times(db: Db) {
         (IdentityState::Deleting, T0 + 30)
     );
     assert_eq!(
-        store.find_live("demo", "ref-1").await.expect("find_live"),
+        store
+            .find_live("demo", "default", "ref-1")
+            .await
+            .expect("find_live"),
         None,
         "a deleting identity is not reused"
     );
@@ -375,7 +378,7 @@ async fn an_identity_moves_through_its_states_with_its_times(db: Db) {
     let next = intent(&store, "demo", Some("ref-1"), T0 + 1000).await;
     assert_ne!(next, id);
     let latest = store
-        .find_latest("demo", "ref-1")
+        .find_latest("demo", "default", "ref-1")
         .await
         .expect("find_latest");
     assert_eq!(latest.map(|r| r.id), Some(next));
@@ -384,7 +387,7 @@ async fn an_identity_moves_through_its_states_with_its_times(db: Db) {
         .await
         .expect("mark_deleted");
     let latest = store
-        .find_latest("demo", "ref-1")
+        .find_latest("demo", "default", "ref-1")
         .await
         .expect("find_latest");
     assert_eq!(
@@ -392,7 +395,10 @@ async fn an_identity_moves_through_its_states_with_its_times(db: Db) {
         Some((next, IdentityState::Deleted))
     );
     assert_eq!(
-        store.find_latest("other", "ref-1").await.expect("find"),
+        store
+            .find_latest("other", "default", "ref-1")
+            .await
+            .expect("find"),
         None
     );
     assert_eq!(store.get(Uuid::new_v4()).await.expect("get"), None);

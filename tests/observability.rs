@@ -203,18 +203,18 @@ async fn metrics_name_routes_callers_steps_and_outcomes() {
     for expected in [
         r#"broker_http_requests_total{route="/kyc-sessions",method="POST",status="201",caller="demo"}"#,
         r#"broker_http_request_duration_seconds_bucket{route="/kyc-sessions",method="POST",status="201",caller="demo",le="#,
-        r#"broker_finapi_calls_total{service="access",step="create_user",outcome="201"}"#,
-        r#"broker_finapi_calls_total{service="access",step="user_token",outcome="200"}"#,
-        r#"broker_finapi_calls_total{service="process_controller",step="create_process",outcome="201"}"#,
-        r#"broker_finapi_calls_total{service="process_controller",step="exchange_process_token",outcome="200"}"#,
-        r#"broker_finapi_call_duration_seconds_bucket{service="access",step="client_token",outcome="200",le="#,
+        r#"broker_finapi_calls_total{service="access",step="create_user",outcome="201",finapi_client="default"}"#,
+        r#"broker_finapi_calls_total{service="access",step="user_token",outcome="200",finapi_client="default"}"#,
+        r#"broker_finapi_calls_total{service="process_controller",step="create_process",outcome="201",finapi_client="default"}"#,
+        r#"broker_finapi_calls_total{service="process_controller",step="exchange_process_token",outcome="200",finapi_client="default"}"#,
+        r#"broker_finapi_call_duration_seconds_bucket{service="access",step="client_token",outcome="200",finapi_client="default",le="#,
         r#"broker_client_token_cache_lookups_total{result="miss"}"#,
         r#"broker_client_token_fetches_total{trigger="request",outcome="ok"}"#,
         r#"broker_kyc_sessions_total{flow="access",outcome="created"}"#,
         r#"broker_kyc_sessions_total{flow="standalone",outcome="created"}"#,
         "broker_http_requests_in_flight",
-        r#"broker_finapi_circuit_open{service="access"} 0"#,
-        r#"broker_finapi_circuit_open{service="process_controller"} 0"#,
+        r#"broker_finapi_circuit_open{service="access",finapi_client="default"} 0"#,
+        r#"broker_finapi_circuit_open{service="process_controller",finapi_client="default"} 0"#,
         "broker_finapi_retries_total",
         "broker_orphaned_users_total",
     ] {
@@ -262,7 +262,7 @@ async fn upstream_failures_are_counted_by_outcome() {
     expect_problem(response, 502, "UPSTREAM_ERROR").await;
     let text = env.metrics_text().await;
     for expected in [
-        r#"broker_finapi_calls_total{service="process_controller",step="create_process",outcome="500"}"#,
+        r#"broker_finapi_calls_total{service="process_controller",step="create_process",outcome="500",finapi_client="default"}"#,
         r#"broker_kyc_sessions_total{flow="standalone",outcome="UPSTREAM_ERROR"}"#,
     ] {
         assert!(text.contains(expected), "{expected} missing from /metrics");

@@ -399,7 +399,11 @@ async fn a_new_password_key_becomes_the_newest_and_one_still_in_use_cannot_be_dr
         .unwrap();
     let key_b = PasswordKey::new(SecretString::from(KEY_B)).unwrap();
     let record = store
-        .find_latest("first", &key_b.reference_digest("first", "customer-2"))
+        .find_latest(
+            "first",
+            "default",
+            &key_b.reference_digest("first", "customer-2"),
+        )
         .await
         .unwrap()
         .expect("customer-2's identity is recorded under key B");

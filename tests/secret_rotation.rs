@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
-use giroident_broker::flows::DEFAULT_CLIENT;
+use giroident_broker::config::DEFAULT_CLIENT;
 use giroident_broker::sim::{DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, SimConfig};
 use serde_json::json;
 

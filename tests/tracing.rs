@@ -547,10 +547,7 @@ async fn no_secret_appears_in_any_exported_byte() {
     let received = &harness().received;
     const CLIENT_SECRET: &str = "trace-leak-client-secret-8e1f";
     let sim_config = SimConfig {
-        clients: vec![SimClient {
-            id: sim::DEMO_CLIENT_ID.into(),
-            secret: CLIENT_SECRET.into(),
-        }],
+        clients: vec![SimClient::new(sim::DEMO_CLIENT_ID, CLIENT_SECRET)],
         ..SimConfig::default()
     };
     let env = TestEnv::with(sim_config, |s| {

@@ -90,7 +90,7 @@ async fn a_client_token_that_cannot_be_a_header_is_refused_not_cached() {
     // Not retried, and no breaker failure (the metrics recorder is shared by this binary's
     // tests, so the broker's own counters speak here).
     assert_eq!(env.resilience().retries, 0);
-    assert!(env.flows.circuits_open().iter().all(|(_, open)| !open));
+    assert!(env.flows.circuits_open().iter().all(|(_, _, open)| !open));
     env.stop().await;
 }
 

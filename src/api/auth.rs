@@ -76,6 +76,7 @@ pub struct Caller {
     /// The configured name.
     pub name: Arc<str>,
     flows: Vec<FlowKind>,
+    finapi_clients: Vec<Arc<str>>,
     limiter: Arc<Limiter>,
 }
 
@@ -84,8 +85,21 @@ impl Caller {
         Self {
             name: name.into(),
             flows,
+            finapi_clients: vec![crate::config::DEFAULT_CLIENT.into()],
             limiter,
         }
+    }
+
+    /// The same caller, allowed the finAPI clients `names` (its default first).
+    fn with_finapi_clients(mut self, names: Vec<String>) -> Self {
+        self.finapi_clients = names.into_iter().map(Arc::from).collect();
+        self
+    }
+
+    /// The finAPI clients this caller may use, its default first (`auth.callers[].
+    /// finapi_clients`).
+    pub fn finapi_clients(&self) -> &[Arc<str>] {
+        &self.finapi_clients
     }
 
     /// Whether this caller may start `flow`.
@@ -121,11 +135,14 @@ impl CallerSet {
         };
         let anonymous = settings.auth.disabled.then(|| {
             let (rate, burst) = (limits.caller_rate_per_sec, limits.caller_burst);
-            Arc::new(Caller::new(
-                "anonymous",
-                vec![FlowKind::Standalone, FlowKind::Access],
-                limiter("anonymous", rate, burst),
-            ))
+            Arc::new(
+                Caller::new(
+                    "anonymous",
+                    vec![FlowKind::Standalone, FlowKind::Access],
+                    limiter("anonymous", rate, burst),
+                )
+                .with_finapi_clients(settings.finapi.client_names()),
+            )
         });
         let by_digest = settings
             .auth
@@ -134,7 +151,8 @@ impl CallerSet {
             .filter_map(|c| {
                 let rate = c.rate_per_sec.unwrap_or(limits.caller_rate_per_sec);
                 let burst = c.burst.unwrap_or(limits.caller_burst);
-                let caller = Caller::new(&c.name, c.flow_kinds(), limiter(&c.name, rate, burst));
+                let caller = Caller::new(&c.name, c.flow_kinds(), limiter(&c.name, rate, burst))
+                    .with_finapi_clients(c.finapi_client_names());
                 Some((c.key_digest()?, Arc::new(caller)))
             })
             .collect();

@@ -51,6 +51,10 @@ pub enum ApiError {
     /// 403 `FLOW_NOT_ALLOWED`: the caller may not start this flow.
     #[error("flow {} not allowed for this caller", .0.as_str())]
     FlowNotAllowed(crate::config::FlowKind),
+    /// 403 `FINAPI_CLIENT_NOT_ALLOWED`: the request names a configured finAPI client that is
+    /// not among the caller's `finapi_clients`.
+    #[error("finAPI client not allowed for this caller")]
+    FinapiClientNotAllowed,
     /// 429 `RATE_LIMITED`: the caller's rate limit is used up; `Retry-After` says for how long.
     #[error("rate limit exceeded")]
     RateLimited { retry_after: Duration },
@@ -176,6 +180,11 @@ impl ApiError {
                 "flow {} is not allowed for this API key",
                 flow.as_str()
             )),
+            Self::FinapiClientNotAllowed => Kind::new(
+                S::FORBIDDEN,
+                "FINAPI_CLIENT_NOT_ALLOWED",
+                "This caller may not use this finAPI client",
+            ),
             Self::RateLimited { retry_after } => Kind {
                 retry_after: Some(*retry_after),
                 ..Kind::new(
@@ -264,7 +273,8 @@ fn flow_kind(err: &FlowError) -> Kind {
         }
         FlowError::TokenFetchAborted
         | FlowError::NoRandomness
-        | FlowError::PasswordKeyMissing { .. } => {
+        | FlowError::PasswordKeyMissing { .. }
+        | FlowError::FinapiClientMissing { .. } => {
             Kind::new(S::INTERNAL_SERVER_ERROR, "INTERNAL", "Internal error")
         }
         FlowError::Store(e) if !matches!(**e, crate::identities::StoreError::Unavailable(_)) => {

@@ -2,8 +2,8 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
-use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, State};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -20,6 +20,7 @@ use crate::identities::Millis;
 use super::AppState;
 use super::auth::{Caller, CallerExt};
 use super::error::{ApiError, Problem};
+use super::kyc::{FinapiClientQuery, finapi_client};
 use super::request_id::RequestId;
 
 pub fn router() -> Router<AppState> {
@@ -122,8 +123,10 @@ impl IdentityBody {
 /// The caller and the reference of an identity request: the caller must be allowed the access
 /// flow, the reference must be valid.
 fn context(
+    state: &AppState,
     caller: &Caller,
     reference: Result<Path<String>, PathRejection>,
+    query: Result<Query<FinapiClientQuery>, QueryRejection>,
     request_id: std::sync::Arc<str>,
     end_user: EndUserMetadata,
 ) -> Result<(ClientReference, RequestContext), ApiError> {
@@ -133,9 +136,12 @@ fn context(
     // A path segment that does not decode (invalid UTF-8) is no valid reference either.
     let reference = reference.map_or_else(|_| String::new(), |Path(r)| r);
     let reference = ClientReference::parse(&reference).map_err(ApiError::InvalidField)?;
+    let query = FinapiClientQuery::read(query)?;
+    let finapi_client = finapi_client(state, caller, query.finapi_client.as_deref())?;
     let ctx = RequestContext {
         request_id,
         caller: caller.name.clone(),
+        finapi_client,
         end_user,
     };
     Ok((reference, ctx))
@@ -150,11 +156,14 @@ fn context(
     path = "/identities/{clientReference}",
     tag = "identities",
     security(("api_key" = [])),
-    params(("clientReference" = String, Path, description = "The caller's reference for its end customer, as sent to POST /kyc-sessions", min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9._:@+-]+$")),
+    params(
+        ("clientReference" = String, Path, description = "The caller's reference for its end customer, as sent to POST /kyc-sessions", min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9._:@+-]+$"),
+        FinapiClientQuery,
+    ),
     responses(
         (status = 200, description = "The identity", body = IdentityBody),
         (status = 401, description = "MISSING_API_KEY, INVALID_API_KEY", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "FLOW_NOT_ALLOWED (the caller may not use the access flow)", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "FLOW_NOT_ALLOWED (the caller may not use the access flow), FINAPI_CLIENT_NOT_ALLOWED", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "IDENTITY_NOT_FOUND", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "INVALID_FIELD", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "RATE_LIMITED, with Retry-After", body = Problem, content_type = "application/problem+json"),
@@ -167,11 +176,19 @@ pub(super) async fn get_identity(
     Extension(RequestId(request_id)): Extension<RequestId>,
     Extension(CallerExt(caller)): Extension<CallerExt>,
     reference: Result<Path<String>, PathRejection>,
+    query: Result<Query<FinapiClientQuery>, QueryRejection>,
 ) -> Result<Json<IdentityBody>, ApiError> {
-    let (reference, ctx) = context(&caller, reference, request_id, EndUserMetadata::default())?;
+    let (reference, ctx) = context(
+        &state,
+        &caller,
+        reference,
+        query,
+        request_id,
+        EndUserMetadata::default(),
+    )?;
     let view = state
         .flows
-        .find_identity(&ctx.caller, &reference)
+        .find_identity(&ctx.caller, &ctx.finapi_client, &reference)
         .await?
         .ok_or(ApiError::IdentityNotFound)?;
     Ok(Json(IdentityBody::from_view(view)))
@@ -192,12 +209,13 @@ pub(super) async fn get_identity(
         ("PSU-IP-Address" = Option<String>, Header, description = "As for POST /kyc-sessions; passed to finAPI's calls for the deletion", format = Ipv4),
         ("PSU-Device-OS" = Option<String>, Header, description = "As for POST /kyc-sessions", min_length = 1, max_length = 128, pattern = "^[ -~]+$"),
         ("PSU-User-Agent" = Option<String>, Header, description = "As for POST /kyc-sessions", min_length = 1, max_length = 512, pattern = "^[ -~]+$"),
+        FinapiClientQuery,
     ),
     responses(
         (status = 204, description = "The finAPI user is deleted (or finAPI no longer knew it)"),
         (status = 202, description = "finAPI cannot delete it now: the deletion is scheduled", body = IdentityBody),
         (status = 401, description = "MISSING_API_KEY, INVALID_API_KEY", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "FLOW_NOT_ALLOWED (the caller may not use the access flow)", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "FLOW_NOT_ALLOWED (the caller may not use the access flow), FINAPI_CLIENT_NOT_ALLOWED", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "IDENTITY_NOT_FOUND (none, or already deleted)", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "INVALID_FIELD, INVALID_HEADER", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "RATE_LIMITED, with Retry-After", body = Problem, content_type = "application/problem+json"),
@@ -211,10 +229,11 @@ pub(super) async fn delete_identity(
     Extension(RequestId(request_id)): Extension<RequestId>,
     Extension(CallerExt(caller)): Extension<CallerExt>,
     reference: Result<Path<String>, PathRejection>,
+    query: Result<Query<FinapiClientQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let end_user = super::kyc::end_user(&headers)?;
-    let (reference, ctx) = context(&caller, reference, request_id, end_user)?;
+    let (reference, ctx) = context(&state, &caller, reference, query, request_id, end_user)?;
     let (deletion, view) = tokio::time::timeout(
         state.request_timeout,
         state.flows.delete_identity_of(&reference, &ctx),

@@ -61,6 +61,73 @@ pub struct CreateSessionBody {
     /// Phone of the new finAPI user. Optional for `access`, refused by `standalone`.
     #[serde(default)]
     pub phone: Option<String>,
+    /// The finAPI client (configured name) to run the flow with; the caller's default (the
+    /// first of its `finapi_clients`) when absent.
+    #[serde(default)]
+    pub finapi_client: Option<String>,
+}
+
+/// Longest finAPI client name (as `finapi.clients.NAME` allows).
+const FINAPI_CLIENT_MAX: usize = 64;
+/// The characters of a finAPI client name (as `finapi.clients.NAME` allows).
+const FINAPI_CLIENT_PATTERN: &str = "^[A-Za-z0-9._-]+$";
+
+/// The finAPI client a request runs with: `requested`, or the caller's default. A name no
+/// client has is `422 INVALID_FIELD` (`finapiClient`); a configured client the caller may not
+/// use is `403 FINAPI_CLIENT_NOT_ALLOWED`.
+pub(super) fn finapi_client(
+    state: &AppState,
+    caller: &Caller,
+    requested: Option<&str>,
+) -> Result<std::sync::Arc<str>, ApiError> {
+    let Some(name) = requested else {
+        // Validated at load: every caller has at least one client.
+        return caller
+            .finapi_clients()
+            .first()
+            .cloned()
+            .ok_or(ApiError::Internal);
+    };
+    if !state.flows.finapi_clients().any(|known| **known == *name) {
+        return Err(ApiError::InvalidField(InvalidInput {
+            field: "finapiClient",
+            rule: "is not a configured finAPI client",
+        }));
+    }
+    caller
+        .finapi_clients()
+        .iter()
+        .find(|allowed| ***allowed == *name)
+        .cloned()
+        .ok_or(ApiError::FinapiClientNotAllowed)
+}
+
+/// The optional query of the calls that act on an existing finAPI user
+/// (`DELETE /kyc-sessions/current`, `/identities/{clientReference}`): the finAPI client the
+/// user was made with.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[into_params(parameter_in = Query)]
+pub(super) struct FinapiClientQuery {
+    /// The finAPI client (configured name) the user was made with; the caller's default when
+    /// absent. 422 INVALID_FIELD when no client has this name, 403 FINAPI_CLIENT_NOT_ALLOWED
+    /// when the caller may not use it.
+    #[param(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9._-]+$")]
+    pub finapi_client: Option<String>,
+}
+
+impl FinapiClientQuery {
+    /// The query, or `422 INVALID_FIELD` for one that is not `finapiClient=NAME`.
+    pub(super) fn read(
+        query: Result<axum::extract::Query<Self>, axum::extract::rejection::QueryRejection>,
+    ) -> Result<Self, ApiError> {
+        query.map(|axum::extract::Query(q)| q).map_err(|_| {
+            ApiError::InvalidField(InvalidInput {
+                field: "finapiClient",
+                rule: "the only query parameter is finapiClient, given once",
+            })
+        })
+    }
 }
 
 /// Name of the standalone branch of [`CreateSessionBody`] in the OpenAPI document.
@@ -98,7 +165,11 @@ impl ToSchema for CreateSessionBody {
 /// `flows.default_flow` is `default_flow`. They accept exactly what
 /// [`CreateSessionBody::validate`] accepts (`tests/contract.rs` sends the broker bodies generated
 /// from them, both ways).
-pub(super) fn flow_body_schemas(default_flow: FlowKind) -> [(&'static str, serde_json::Value); 2] {
+/// `finapiClient` is limited to the names in `finapi_clients` (the broker's configured clients).
+pub(super) fn flow_body_schemas(
+    default_flow: FlowKind,
+    finapi_clients: &[std::sync::Arc<str>],
+) -> [(&'static str, serde_json::Value); 2] {
     // The default flow's branch also takes a missing or null `flow`.
     let flow = |kind: FlowKind| {
         if kind == default_flow {
@@ -115,6 +186,16 @@ pub(super) fn flow_body_schemas(default_flow: FlowKind) -> [(&'static str, serde
         fields
     };
     let refused = json!({"type": "null", "description": "Not used by this flow: absent or null."});
+    let mut finapi_client = json!({
+        "type": ["string", "null"],
+        "description": "The finAPI client (configured name) to run the flow with; the caller's default when absent. 422 INVALID_FIELD when no client has this name, 403 FINAPI_CLIENT_NOT_ALLOWED when the caller may not use it.",
+        "minLength": 1,
+        "maxLength": FINAPI_CLIENT_MAX,
+        "pattern": FINAPI_CLIENT_PATTERN,
+    });
+    let mut names: Vec<serde_json::Value> = finapi_clients.iter().map(|n| json!(&**n)).collect();
+    names.push(serde_json::Value::Null);
+    finapi_client["enum"] = serde_json::Value::Array(names);
     let standalone = json!({
         "type": "object",
         "title": "standalone",
@@ -131,6 +212,7 @@ pub(super) fn flow_body_schemas(default_flow: FlowKind) -> [(&'static str, serde
             },
             "email": refused,
             "phone": refused,
+            "finapiClient": finapi_client,
         },
         "additionalProperties": false,
     });
@@ -160,6 +242,7 @@ pub(super) fn flow_body_schemas(default_flow: FlowKind) -> [(&'static str, serde
                 "maxLength": PHONE_MAX,
                 "pattern": PHONE_PATTERN,
             },
+            "finapiClient": finapi_client,
         },
         "additionalProperties": false,
     });
@@ -225,6 +308,9 @@ pub(super) struct SessionBody<'a> {
     expires_in: Option<u64>,
     /// The flow that ran.
     flow: FlowKind,
+    /// The finAPI client (configured name) the flow ran with.
+    #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9._-]+$")]
+    finapi_client: &'a str,
     /// The finAPI user id (access flow only).
     #[serde(skip_serializing_if = "Option::is_none")]
     user_id: Option<&'a str>,
@@ -260,7 +346,7 @@ pub(super) struct SessionBody<'a> {
         (status = 201, description = "Session started; `Cache-Control: no-store`", body = SessionBody),
         (status = 400, description = "MALFORMED_JSON, INVALID_BODY", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "MISSING_API_KEY, INVALID_API_KEY", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "FLOW_NOT_ALLOWED", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "FLOW_NOT_ALLOWED, FINAPI_CLIENT_NOT_ALLOWED", body = Problem, content_type = "application/problem+json"),
         (status = 408, description = "BODY_TIMEOUT", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "BODY_TOO_LARGE", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "UNSUPPORTED_MEDIA_TYPE", body = Problem, content_type = "application/problem+json"),
@@ -277,20 +363,27 @@ pub(super) async fn create_session(
     Extension(RequestId(request_id)): Extension<RequestId>,
     Extension(CallerExt(caller)): Extension<CallerExt>,
     headers: HeaderMap,
-    ApiJson(body): ApiJson<CreateSessionBody>,
+    ApiJson(mut body): ApiJson<CreateSessionBody>,
 ) -> Result<Response, ApiError> {
     let end_user = end_user(&headers)?;
+    let requested_client = body.finapi_client.take();
     let request = body
         .validate(state.default_flow)
         .map_err(ApiError::InvalidField)?;
     let flow = request.flow();
     tracing::Span::current().record("flow", flow.as_str());
-    let ctx = RequestContext {
-        request_id,
-        caller: caller.name.clone(),
-        end_user,
-    };
-    let result = start_session(&state, &caller, request, ctx).await;
+    let result = async {
+        let finapi_client = finapi_client(&state, &caller, requested_client.as_deref())?;
+        tracing::Span::current().record("finapi_client", &*finapi_client);
+        let ctx = RequestContext {
+            request_id,
+            caller: caller.name.clone(),
+            finapi_client,
+            end_user,
+        };
+        start_session(&state, &caller, request, ctx).await
+    }
+    .await;
     let outcome = match &result {
         Ok(_) => "created",
         Err(err) => err.code(),
@@ -320,17 +413,22 @@ async fn start_session(
     )
     .await
     .map_err(|_| ApiError::Timeout)??;
-    tracing::info!(user_id = session.user_id.as_deref(), "KYC session started");
-    Ok(session_response(&session))
+    tracing::info!(
+        user_id = session.user_id.as_deref(),
+        finapi_client = &*ctx.finapi_client,
+        "KYC session started"
+    );
+    Ok(session_response(&session, &ctx.finapi_client))
 }
 
 /// The only place a user access token leaves the broker.
-fn session_response(session: &KycSession) -> Response {
+fn session_response(session: &KycSession, finapi_client: &str) -> Response {
     let body = SessionBody {
         access_token: session.access_token.expose_secret(),
         token_type: &session.token_type,
         expires_in: session.expires_in,
         flow: session.flow,
+        finapi_client,
         user_id: session.user_id.as_deref(),
         identity: session.identity.as_ref().map(|i| i.used.as_str()),
         delete_after: session
@@ -370,12 +468,13 @@ fn session_response(session: &KycSession) -> Response {
         ("PSU-IP-Address" = Option<String>, Header, description = "As for POST /kyc-sessions; passed to finAPI's DELETE /api/v2/users", format = Ipv4),
         ("PSU-Device-OS" = Option<String>, Header, description = "As for POST /kyc-sessions", min_length = 1, max_length = 128, pattern = "^[ -~]+$"),
         ("PSU-User-Agent" = Option<String>, Header, description = "As for POST /kyc-sessions", min_length = 1, max_length = 512, pattern = "^[ -~]+$"),
+        FinapiClientQuery,
     ),
     responses(
         (status = 204, description = "The user is deleted"),
-        (status = 422, description = "INVALID_HEADER", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "INVALID_HEADER, INVALID_FIELD (finapiClient)", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "MISSING_API_KEY, INVALID_API_KEY, MISSING_USER_TOKEN, USER_TOKEN_REJECTED", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "NOT_A_USER_TOKEN", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "NOT_A_USER_TOKEN, FINAPI_CLIENT_NOT_ALLOWED", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "USER_LOCKED", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "RATE_LIMITED, with Retry-After", body = Problem, content_type = "application/problem+json"),
         (status = 500, description = "INTERNAL", body = Problem, content_type = "application/problem+json"),
@@ -389,13 +488,20 @@ pub(super) async fn delete_current(
     Extension(RequestId(request_id)): Extension<RequestId>,
     Extension(CallerExt(caller)): Extension<CallerExt>,
     headers: HeaderMap,
+    query: Result<
+        axum::extract::Query<FinapiClientQuery>,
+        axum::extract::rejection::QueryRejection,
+    >,
 ) -> Result<StatusCode, ApiError> {
     let result: Result<StatusCode, ApiError> = async {
         let end_user = end_user(&headers)?;
+        let query = FinapiClientQuery::read(query)?;
+        let finapi_client = finapi_client(&state, &caller, query.finapi_client.as_deref())?;
         let token = bearer_token(&headers).ok_or(ApiError::MissingUserToken)?;
         let ctx = RequestContext {
             request_id,
             caller: caller.name.clone(),
+            finapi_client,
             end_user,
         };
         tokio::time::timeout(state.request_timeout, state.flows.delete_user(&token, &ctx))

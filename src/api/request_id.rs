@@ -126,6 +126,7 @@ pub async fn middleware(mut request: Request, next: Next) -> Response {
         path = %path,
         caller = tracing::field::Empty,
         flow = tracing::field::Empty,
+        finapi_client = tracing::field::Empty,
         trace_id = tracing::field::Empty,
         span_id = tracing::field::Empty,
         otel.kind = "server",

@@ -451,7 +451,7 @@ pub async fn as_attempt<F: Future>(attempt: u32, retry_reason: &'static str, cal
 /// The span of one finAPI call: step, service, attempt, method, path template and host, in
 /// OpenTelemetry's HTTP client conventions. Never the URL (a process token travels in one),
 /// a header or a body.
-fn call_span(step: Step, url: &reqwest::Url) -> tracing::Span {
+fn call_span(step: Step, client: &str, url: &reqwest::Url) -> tracing::Span {
     if !crate::telemetry::otel::enabled() {
         return tracing::Span::none();
     }
@@ -464,6 +464,7 @@ fn call_span(step: Step, url: &reqwest::Url) -> tracing::Span {
         otel.kind = "client",
         finapi.step = step.as_str(),
         finapi.service = step.service(),
+        finapi.client = client,
         finapi.attempt = attempt,
         finapi.retry_reason = tracing::field::Empty,
         http.request.method = method,
@@ -570,7 +571,7 @@ async fn send(
         step,
         source: err.without_url(),
     })?;
-    let span = call_span(step, request.url());
+    let span = call_span(step, breaker.client(), request.url());
     if propagate_trace && !span.is_none() {
         crate::telemetry::otel::inject(&span, request.headers_mut());
     }
@@ -585,7 +586,7 @@ async fn send(
             });
         }
     };
-    let result = call(&http, step, request, expected, &span)
+    let result = call(&http, step, breaker.client(), request, expected, &span)
         .instrument(span.clone())
         .await;
     permit.record(
@@ -602,6 +603,7 @@ async fn send(
 async fn call(
     http: &reqwest::Client,
     step: Step,
+    client: &std::sync::Arc<str>,
     request: reqwest::Request,
     expected: StatusCode,
     span: &tracing::Span,
@@ -633,7 +635,7 @@ async fn call(
         Err(UpstreamError::TooLarge { .. }) => "body_too_large",
         _ => status.map_or("transport_error", |s| status_label(s.as_u16())),
     };
-    record_call(step, outcome, elapsed);
+    record_call(step, client, outcome, elapsed);
     if !span.is_none() {
         if let Some(status) = status {
             span.record("http.response.status_code", status.as_u16());
@@ -645,6 +647,7 @@ async fn call(
     let elapsed_ms = elapsed.as_secs_f64() * 1e3;
     tracing::debug!(
         step = step.as_str(),
+        finapi_client = &**client,
         status = status.map(|s| s.as_u16()),
         outcome,
         elapsed_ms,
@@ -696,17 +699,18 @@ async fn read(
     })
 }
 
-fn record_call(step: Step, outcome: &'static str, elapsed: Duration) {
+fn record_call(step: Step, client: &std::sync::Arc<str>, outcome: &'static str, elapsed: Duration) {
     use crate::telemetry::metrics::{FINAPI_CALLS, FINAPI_DURATION, HandleCache};
-    static HANDLES: HandleCache<(Step, &'static str), (metrics::Counter, metrics::Histogram)> =
-        HandleCache::new();
+    type Key = (Step, std::sync::Arc<str>, &'static str);
+    static HANDLES: HandleCache<Key, (metrics::Counter, metrics::Histogram)> = HandleCache::new();
     HANDLES.with(
-        (step, outcome),
-        |&(step, outcome)| {
-            let (service, step) = (step.service(), step.as_str());
+        (step, client.clone(), outcome),
+        |(step, client, outcome)| {
+            let (service, step, outcome) = (step.service(), step.as_str(), *outcome);
+            let client = client.to_string();
             (
-                metrics::counter!(FINAPI_CALLS, "service" => service, "step" => step, "outcome" => outcome),
-                metrics::histogram!(FINAPI_DURATION, "service" => service, "step" => step, "outcome" => outcome),
+                metrics::counter!(FINAPI_CALLS, "service" => service, "step" => step, "outcome" => outcome, "finapi_client" => client.clone()),
+                metrics::histogram!(FINAPI_DURATION, "service" => service, "step" => step, "outcome" => outcome, "finapi_client" => client),
             )
         },
         |(calls, duration)| {

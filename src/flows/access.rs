@@ -22,7 +22,7 @@ impl Flows {
             .attempt(
                 Step::ClientToken,
                 deadline,
-                self.tokens.get(&ctx.request_id),
+                self.upstream(ctx)?.tokens.get(&ctx.request_id),
             )
             .await??)
     }
@@ -42,13 +42,14 @@ impl Flows {
         deadline: &Deadline,
     ) -> Result<String, FlowError> {
         let step = Step::CreateUser;
+        let up = self.upstream(ctx)?;
         let mut token = self.client_token(ctx, deadline).await?;
         let mut token_replaced = false;
         let mut maybe_created = false;
         let mut failed = 0;
         let mut reason = "";
         loop {
-            let call = self
+            let call = up
                 .access
                 .create_user(&token.token, user, &ctx.request_id, &ctx.end_user);
             let created = self
@@ -68,7 +69,7 @@ impl Flows {
                     .attempt(
                         Step::ClientToken,
                         deadline,
-                        self.tokens.replace(&token, &ctx.request_id),
+                        up.tokens.replace(&token, &ctx.request_id),
                     )
                     .await??;
                 continue;
@@ -103,11 +104,12 @@ impl Flows {
         ctx: &RequestContext,
         deadline: &Deadline,
     ) -> Result<AccessToken, FlowError> {
+        let up = self.upstream(ctx)?;
         self.with_retries(
             Step::UserToken,
             deadline,
             || {
-                self.access
+                up.access
                     .user_token(user_id, password, &ctx.request_id, &ctx.end_user)
             },
             |_| {},

@@ -31,9 +31,6 @@ use crate::resilience::Deadline;
 use super::access::generate_user_id;
 use super::{ClientReference, Email, FlowError, Flows, KycSession, Phone, RequestContext};
 
-/// Name of the finAPI client identities are made with (one client until several are
-/// configurable).
-pub const DEFAULT_FINAPI_CLIENT: &str = "default";
 /// How often a session waiting for a concurrent session's identity looks again.
 const INTENT_POLL: Duration = Duration::from_millis(25);
 /// How long a deletion in progress holds its record against the reaper.
@@ -201,7 +198,9 @@ impl Flows {
                     Creation::Taken => continue,
                 }
             };
-            let live = self.live_identity(&ctx.caller, reference).await?;
+            let live = self
+                .live_identity(&ctx.caller, &ctx.finapi_client, reference)
+                .await?;
             let Some(record) = live else {
                 match self
                     .create_identity(Some(reference), email.clone(), phone.clone(), ctx, deadline)
@@ -246,32 +245,45 @@ impl Flows {
         up
     }
 
-    /// The caller's live identity (intent or active) for `reference`, looked up under every
-    /// configured key, so that a key rotation does not split one customer in two.
+    /// The caller's live identity (intent or active) for `reference` at the finAPI client
+    /// `finapi_client`, looked up under every configured key, so that a key rotation does not
+    /// split one customer in two.
     async fn live_identity(
         &self,
         caller: &str,
+        finapi_client: &str,
         reference: &ClientReference,
     ) -> Result<Option<IdentityRecord>, FlowError> {
         for key in self.ids().keys.current().all() {
             let digest = key.reference_digest(caller, reference.as_str());
-            if let Some(record) = self.ids().store.find_live(caller, &digest).await? {
+            if let Some(record) = self
+                .ids()
+                .store
+                .find_live(caller, finapi_client, &digest)
+                .await?
+            {
                 return Ok(Some(record));
             }
         }
         Ok(None)
     }
 
-    /// The caller's newest identity for `reference`, whatever its state.
+    /// The caller's newest identity for `reference` at the finAPI client `finapi_client`,
+    /// whatever its state (one identity per caller, client and reference).
     pub async fn find_identity(
         &self,
         caller: &str,
+        finapi_client: &str,
         reference: &ClientReference,
     ) -> Result<Option<IdentityView>, FlowError> {
         let mut newest: Option<IdentityRecord> = None;
         for key in self.ids().keys.current().all() {
             let digest = key.reference_digest(caller, reference.as_str());
-            if let Some(record) = self.ids().store.find_latest(caller, &digest).await?
+            if let Some(record) = self
+                .ids()
+                .store
+                .find_latest(caller, finapi_client, &digest)
+                .await?
                 && newest
                     .as_ref()
                     .is_none_or(|n| record.created_at > n.created_at)
@@ -316,7 +328,7 @@ impl Flows {
                 caller: &ctx.caller,
                 reference_digest: digest.as_deref(),
                 key_id: key.id(),
-                finapi_client: DEFAULT_FINAPI_CLIENT,
+                finapi_client: &ctx.finapi_client,
                 now: created_at,
                 delete_after: created_at + millis(ids.orphan_min_age),
             })
@@ -447,6 +459,11 @@ impl Flows {
     /// The record is updated with the outcome (deleted, or a failure with its next attempt);
     /// the caller has moved it to `deleting` and holds it against the reaper.
     pub async fn delete_identity(&self, record: &IdentityRecord, ctx: &RequestContext) -> Deletion {
+        // Deleted through the client that made it: the user exists at that client only.
+        let ctx = &RequestContext {
+            finapi_client: record.finapi_client.as_str().into(),
+            ..ctx.clone()
+        };
         let deadline = Deadline::after(self.session_budget);
         let outcome = self.try_delete(record, ctx, &deadline).await;
         let store = &self.ids().store;
@@ -515,8 +532,11 @@ impl Flows {
             .attempt(
                 Step::DeleteUser,
                 deadline,
-                self.access
-                    .delete_user(&token.token, &ctx.request_id, &ctx.end_user),
+                self.upstream(ctx)?.access.delete_user(
+                    &token.token,
+                    &ctx.request_id,
+                    &ctx.end_user,
+                ),
             )
             .await?;
         match result.map_err(super::user_call_error) {
@@ -571,7 +591,10 @@ impl Flows {
         reference: &ClientReference,
         ctx: &RequestContext,
     ) -> Result<Option<(Deletion, IdentityView)>, FlowError> {
-        let Some(view) = self.find_identity(&ctx.caller, reference).await? else {
+        let Some(view) = self
+            .find_identity(&ctx.caller, &ctx.finapi_client, reference)
+            .await?
+        else {
             return Ok(None);
         };
         let record = view.record;

@@ -34,6 +34,9 @@ pub struct RequestContext {
     /// The caller's configured name (`anonymous` without authentication), recorded with the
     /// identities it makes.
     pub caller: std::sync::Arc<str>,
+    /// The finAPI client (configured name) the flow calls finAPI with, recorded with the
+    /// identities it makes.
+    pub finapi_client: std::sync::Arc<str>,
     /// The end user's metadata, passed to the finAPI calls made on the end user's behalf.
     pub end_user: EndUserMetadata,
 }
@@ -129,6 +132,12 @@ pub enum FlowError {
     /// The identity ledger failed: no finAPI user is created without its record.
     #[error("the identity ledger failed")]
     Store(#[source] Arc<crate::identities::StoreError>),
+    /// The finAPI client an identity was made with is no longer configured.
+    #[error("finAPI client {name:?} is not configured")]
+    FinapiClientMissing {
+        /// The client's configured name.
+        name: String,
+    },
     /// The password key an identity was made with is no longer configured.
     #[error("password key {key_id} is not configured: identities made with it cannot log in")]
     PasswordKeyMissing {
@@ -167,6 +176,7 @@ impl FlowError {
             | Self::TokenFetchAborted
             | Self::NoRandomness
             | Self::Store(_)
+            | Self::FinapiClientMissing { .. }
             | Self::PasswordKeyMissing { .. } => None,
         }
     }
@@ -174,7 +184,7 @@ impl FlowError {
     /// A short stable code for the ledger's `last_error` and metric labels, never a message
     /// from finAPI: `LOCKED`, `UPSTREAM_UNAVAILABLE`, `UPSTREAM_TIMEOUT`, `UPSTREAM_ERROR`,
     /// `UPSTREAM_REJECTED`, `CLIENT_CREDENTIALS_REJECTED`, `STORE_UNAVAILABLE`,
-    /// `PASSWORD_KEY_MISSING` or `INTERNAL`.
+    /// `PASSWORD_KEY_MISSING`, `FINAPI_CLIENT_MISSING` or `INTERNAL`.
     pub fn code(&self) -> &'static str {
         match self {
             Self::UserLocked(_) => "LOCKED",
@@ -182,6 +192,7 @@ impl FlowError {
             Self::BudgetExhausted(_) => "UPSTREAM_TIMEOUT",
             Self::Store(_) => "STORE_UNAVAILABLE",
             Self::PasswordKeyMissing { .. } => "PASSWORD_KEY_MISSING",
+            Self::FinapiClientMissing { .. } => "FINAPI_CLIENT_MISSING",
             Self::TokenFetchAborted | Self::NoRandomness => "INTERNAL",
             Self::OrphanedUser { source, .. } => source.code(),
             Self::ClientTokenRejected(e)
@@ -217,16 +228,22 @@ fn classify_credentials_call(err: impl Into<Arc<UpstreamError>>) -> FlowError {
     }
 }
 
-/// The name of the finAPI client the single-client settings (`finapi.client_id`, …) configure.
-pub const DEFAULT_CLIENT: &str = "default";
-
-/// Runs the GiroIdent flows. Built once at start-up; shared by all requests.
-pub struct Flows {
+/// One finAPI client's upstream: its Access and Process Controller clients, each behind its
+/// own circuit breaker, its client-token cache (one entry), its `processId` and its secret.
+/// Nothing is shared between clients, so that a failing client never slows or opens the
+/// circuit of another.
+struct FinapiUpstream {
     client_secret: Arc<ClientSecret>,
     access: AccessClient,
     processes: ProcessControllerClient,
     tokens: ClientTokenCache,
     process_id: String,
+}
+
+/// Runs the GiroIdent flows. Built once at start-up; shared by all requests.
+pub struct Flows {
+    /// By configured name, in configuration order (`default` first when it exists).
+    clients: Vec<(Arc<str>, FinapiUpstream)>,
     invalidate_process_token: bool,
     policy: RetryPolicy,
     session_budget: Duration,
@@ -235,61 +252,70 @@ pub struct Flows {
 }
 
 impl Flows {
-    /// Builds the upstream clients and the token cache from validated settings; managed
-    /// identities are recorded in `identities`' ledger.
+    /// Builds the upstream clients and the token cache of every configured finAPI client from
+    /// validated settings; managed identities are recorded in `identities`' ledger.
     pub fn new(
         settings: &Settings,
         http: reqwest::Client,
         identities: identities::IdentitySettings,
     ) -> Result<Self, InvalidBaseUrl> {
-        let f = &settings.finapi;
-        let client_secret = Arc::new(ClientSecret::new(
-            DEFAULT_CLIENT,
-            f.client_secret
-                .clone()
-                .unwrap_or_else(|| SecretString::from(String::new())),
-            f.client_secret_file.clone(),
-        ));
-        let credentials = Arc::new(ClientCredentials {
-            client_id: f.client_id.clone(),
-            client_secret: client_secret.clone(),
-        });
         let r = &settings.resilience;
-        let breaker = |service| {
-            Arc::new(CircuitBreaker::new(
-                service,
-                r.breaker_failure_threshold,
-                Duration::from_millis(r.breaker_cooldown_ms),
-            ))
-        };
-        let access = AccessClient::new(
-            http.clone(),
-            &f.access_url,
-            credentials.clone(),
-            breaker("access"),
-        )?
-        .propagating_trace(settings.tracing.propagate_to_finapi);
-        let processes = ProcessControllerClient::new(
-            http,
-            &f.process_controller_url,
-            credentials,
-            breaker("process_controller"),
-        )?
-        .propagating_trace(settings.tracing.propagate_to_finapi);
-        let policy = RetryPolicy::new(r, Duration::from_millis(f.request_timeout_ms));
+        let policy = RetryPolicy::new(r, Duration::from_millis(settings.finapi.request_timeout_ms));
         let session_budget = Duration::from_millis(r.session_budget_ms);
-        let tokens = ClientTokenCache::new(
-            access.clone(),
-            Duration::from_secs(settings.token_cache.refresh_ahead_secs),
-            policy.clone(),
-            session_budget,
-        );
+        let mut clients = Vec::new();
+        for client in settings.finapi_clients() {
+            let client_secret = Arc::new(ClientSecret::new(
+                &client.name,
+                client.client_secret,
+                client.client_secret_file,
+            ));
+            let credentials = Arc::new(ClientCredentials {
+                client_id: client.client_id,
+                client_secret: client_secret.clone(),
+            });
+            let breaker = |service| {
+                Arc::new(
+                    CircuitBreaker::new(
+                        service,
+                        r.breaker_failure_threshold,
+                        Duration::from_millis(r.breaker_cooldown_ms),
+                    )
+                    .for_client(&client.name),
+                )
+            };
+            let access = AccessClient::new(
+                http.clone(),
+                &client.access_url,
+                credentials.clone(),
+                breaker("access"),
+            )?
+            .propagating_trace(settings.tracing.propagate_to_finapi);
+            let processes = ProcessControllerClient::new(
+                http.clone(),
+                &client.process_controller_url,
+                credentials,
+                breaker("process_controller"),
+            )?
+            .propagating_trace(settings.tracing.propagate_to_finapi);
+            let tokens = ClientTokenCache::new(
+                access.clone(),
+                Duration::from_secs(settings.token_cache.refresh_ahead_secs),
+                policy.clone(),
+                session_budget,
+            );
+            clients.push((
+                Arc::from(client.name.as_str()),
+                FinapiUpstream {
+                    client_secret,
+                    access,
+                    processes,
+                    tokens,
+                    process_id: client.process_id,
+                },
+            ));
+        }
         Ok(Self {
-            client_secret,
-            access,
-            processes,
-            tokens,
-            process_id: settings.flows.process_id.clone(),
+            clients,
             invalidate_process_token: settings.flows.invalidate_process_token,
             policy,
             session_budget,
@@ -298,32 +324,70 @@ impl Flows {
         })
     }
 
-    /// The secret of finAPI client `name`, if the broker has that client (`default` today).
+    /// The secret of finAPI client `name`, if the broker has that client.
     pub fn client_secret(&self, name: &str) -> Option<&Arc<ClientSecret>> {
-        (name == self.client_secret.name()).then_some(&self.client_secret)
+        self.clients
+            .iter()
+            .find(|(known, _)| **known == *name)
+            .map(|(_, upstream)| &upstream.client_secret)
     }
 
-    /// The resilience counters so far.
+    /// The configured finAPI clients' names, `default` first when it exists.
+    pub fn finapi_clients(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.clients.iter().map(|(name, _)| name)
+    }
+
+    /// The upstream of the request's finAPI client. The API checks the name against the
+    /// configuration; only a ledger record made with a client since removed can miss.
+    fn upstream(&self, ctx: &RequestContext) -> Result<&FinapiUpstream, FlowError> {
+        self.clients
+            .iter()
+            .find(|(name, _)| **name == *ctx.finapi_client)
+            .map(|(_, upstream)| upstream)
+            .ok_or_else(|| FlowError::FinapiClientMissing {
+                name: ctx.finapi_client.to_string(),
+            })
+    }
+
+    /// The resilience counters so far, summed over the finAPI clients.
     pub fn stats(&self) -> ResilienceSnapshot {
-        self.stats.snapshot(
-            self.tokens.stats(),
-            self.access.breaker(),
-            self.processes.breaker(),
-        )
+        self.stats.snapshot(self.clients.iter().map(|(_, up)| {
+            (
+                up.tokens.stats(),
+                up.access.breaker(),
+                up.processes.breaker(),
+            )
+        }))
     }
 
-    /// Whether each upstream service's circuit breaker currently refuses calls.
-    pub fn circuits_open(&self) -> [(&'static str, bool); 2] {
-        [
-            (
-                self.access.breaker().service(),
-                self.access.breaker().is_open(),
-            ),
-            (
-                self.processes.breaker().service(),
-                self.processes.breaker().is_open(),
-            ),
-        ]
+    /// Whether each finAPI client's upstream services' circuit breakers currently refuse
+    /// calls: `(client, service, open)`.
+    pub fn circuits_open(&self) -> Vec<(Arc<str>, &'static str, bool)> {
+        self.clients
+            .iter()
+            .flat_map(|(name, up)| {
+                [up.access.breaker(), up.processes.breaker()]
+                    .map(|b| (name.clone(), b.service(), b.is_open()))
+            })
+            .collect()
+    }
+
+    /// The circuit breakers' counters per finAPI client and service:
+    /// `(client, service, times opened, calls rejected)`.
+    pub fn circuit_counts(&self) -> Vec<(Arc<str>, &'static str, u64, u64)> {
+        self.clients
+            .iter()
+            .flat_map(|(name, up)| {
+                [up.access.breaker(), up.processes.breaker()].map(|b| {
+                    (
+                        name.clone(),
+                        b.service(),
+                        b.times_opened(),
+                        b.calls_rejected(),
+                    )
+                })
+            })
+            .collect()
     }
 
     /// Runs the requested flow.
@@ -356,12 +420,13 @@ impl Flows {
         user_token: &SecretString,
         ctx: &RequestContext,
     ) -> Result<(), FlowError> {
-        let user_id = self
+        let up = self.upstream(ctx)?;
+        let user_id = up
             .access
             .current_user_id(user_token, &ctx.request_id)
             .await
             .map_err(user_call_error)?;
-        self.access
+        up.access
             .delete_user(user_token, &ctx.request_id, &ctx.end_user)
             .await
             .map_err(user_call_error)?;

@@ -62,6 +62,8 @@ pub async fn round(flows: &Flows, replica: &str) -> Result<usize, StoreError> {
         let ctx = RequestContext {
             request_id: Arc::from(REAPER_REQUEST_ID),
             caller: Arc::from("reaper"),
+            // Each deletion goes through its identity's own client (`delete_identity`).
+            finapi_client: Arc::from(crate::config::DEFAULT_CLIENT),
             end_user: crate::finapi::EndUserMetadata::default(),
         };
         let mut worked = 0;

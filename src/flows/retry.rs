@@ -82,29 +82,31 @@ impl ResilienceStats {
         bump(&self.orphaned_users);
     }
 
-    pub(super) fn snapshot(
+    pub(super) fn snapshot<'a>(
         &self,
-        tokens: &TokenCacheStats,
-        access: &CircuitBreaker,
-        processes: &CircuitBreaker,
+        clients: impl Iterator<Item = (&'a TokenCacheStats, &'a CircuitBreaker, &'a CircuitBreaker)>,
     ) -> ResilienceSnapshot {
-        ResilienceSnapshot {
+        let mut s = ResilienceSnapshot {
             retries: read(&self.retries),
             process_restarts: read(&self.process_restarts),
             processes_possibly_abandoned: read(&self.processes_possibly_abandoned),
             users_found_on_retry: read(&self.users_found_on_retry),
             orphaned_users: read(&self.orphaned_users),
             budget_exhausted: read(&self.budget_exhausted),
-            client_token_request_path_fetches: read(&tokens.request_path_fetches),
-            client_token_background_fetches: read(&tokens.background_fetches),
-            client_token_background_failures: read(&tokens.background_failures),
-            client_tokens_refreshed: read(&tokens.refreshed_tokens),
-            client_token_waits_for_refresh: read(&tokens.waits_for_refresh),
-            access_breaker_opened: access.times_opened(),
-            access_breaker_rejected: access.calls_rejected(),
-            process_controller_breaker_opened: processes.times_opened(),
-            process_controller_breaker_rejected: processes.calls_rejected(),
+            ..ResilienceSnapshot::default()
+        };
+        for (tokens, access, processes) in clients {
+            s.client_token_request_path_fetches += read(&tokens.request_path_fetches);
+            s.client_token_background_fetches += read(&tokens.background_fetches);
+            s.client_token_background_failures += read(&tokens.background_failures);
+            s.client_tokens_refreshed += read(&tokens.refreshed_tokens);
+            s.client_token_waits_for_refresh += read(&tokens.waits_for_refresh);
+            s.access_breaker_opened += access.times_opened();
+            s.access_breaker_rejected += access.calls_rejected();
+            s.process_controller_breaker_opened += processes.times_opened();
+            s.process_controller_breaker_rejected += processes.calls_rejected();
         }
+        s
     }
 }
 

@@ -24,6 +24,7 @@ impl Flows {
         deadline: &Deadline,
     ) -> Result<KycSession, FlowError> {
         let step = Step::ExchangeProcessToken;
+        let up = self.upstream(ctx)?;
         let mut processes = 0;
         let mut lost = 0;
         let mut reason = "";
@@ -34,7 +35,7 @@ impl Flows {
             // exchange, so a second try could only fail, and with invalidate=false it would
             // count against the limit of ten. Whatever went wrong, this token is abandoned.
             // Each exchange after a restart counts as the step's next attempt.
-            let call = self.processes.exchange_process_token(
+            let call = up.processes.exchange_process_token(
                 &process_token,
                 self.invalidate_process_token,
                 &ctx.request_id,
@@ -89,13 +90,14 @@ impl Flows {
         ctx: &RequestContext,
         deadline: &Deadline,
     ) -> Result<SecretString, FlowError> {
+        let up = self.upstream(ctx)?;
         self.with_retries(
             Step::CreateProcess,
             deadline,
             || {
-                self.processes.create_process(
+                up.processes.create_process(
                     client_reference.as_str(),
-                    &self.process_id,
+                    &up.process_id,
                     &ctx.request_id,
                     &ctx.end_user,
                 )

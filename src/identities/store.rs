@@ -627,7 +627,7 @@ impl IdentityStore {
 
     /// Writes an intent (state `intent`, `next_attempt_at = now`), before the finAPI user is
     /// created. With a `reference_digest` there is at most one live (intent or active) record
-    /// per (caller, digest), enforced by a partial unique index: of any number of concurrent
+    /// per (caller, finAPI client, digest), enforced by a partial unique index: of any number of concurrent
     /// inserts exactly one gets [`Inserted::New`], the others [`Inserted::Existing`] with the
     /// live record. Without a digest the intent is always new. Appends no event.
     ///
@@ -638,7 +638,7 @@ impl IdentityStore {
         const SQL: &str = "INSERT INTO identities (id, finapi_user_id, caller, reference_digest, \
              key_id, finapi_client, state, created_at, delete_after, next_attempt_at) \
              VALUES ($1, $2, $3, $4, $5, $6, 'intent', $7, $8, $7) \
-             ON CONFLICT (caller, reference_digest) \
+             ON CONFLICT (caller, finapi_client, reference_digest) \
              WHERE reference_digest IS NOT NULL AND state IN ('intent', 'active') DO NOTHING";
         let id = new.id.to_string();
         for _ in 0..INSERT_ATTEMPTS {
@@ -661,7 +661,10 @@ impl IdentityStore {
             let Some(digest) = new.reference_digest else {
                 break;
             };
-            if let Some(live) = self.find_live(new.caller, digest).await? {
+            if let Some(live) = self
+                .find_live(new.caller, new.finapi_client, digest)
+                .await?
+            {
                 return Ok(Inserted::Existing(live));
             }
         }
@@ -669,40 +672,46 @@ impl IdentityStore {
         Err(StoreError::Other(sqlx::Error::RowNotFound))
     }
 
-    /// The reusable (intent or active) record for the caller's reference, if any.
+    /// The reusable (intent or active) record for the caller's reference at a finAPI client,
+    /// if any.
     /// Errors: [`StoreError::Unavailable`], [`StoreError::Other`].
     #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.find_live", skip_all, fields(otel.kind = "client", db.operation.name = "find_live"))]
     pub async fn find_live(
         &self,
         caller: &str,
+        finapi_client: &str,
         reference_digest: &str,
     ) -> Result<Option<IdentityRecord>, StoreError> {
         let sql = format!(
-            "SELECT {RECORD_COLUMNS} FROM identities WHERE caller = $1 AND reference_digest = $2 \
-             AND state IN ('intent', 'active')"
+            "SELECT {RECORD_COLUMNS} FROM identities WHERE caller = $1 AND finapi_client = $2 \
+             AND reference_digest = $3 AND state IN ('intent', 'active')"
         );
         let raw = with_pool!(self, |pool| sqlx::query_as::<_, RawRecord>(&sql)
             .bind(caller)
+            .bind(finapi_client)
             .bind(reference_digest)
             .fetch_optional(pool)
             .await)?;
         record(raw)
     }
 
-    /// The newest record (by `created_at`) of any state for the caller's reference, if any.
+    /// The newest record (by `created_at`) of any state for the caller's reference at a finAPI
+    /// client, if any.
     /// Errors: [`StoreError::Unavailable`], [`StoreError::Other`].
     #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.find_latest", skip_all, fields(otel.kind = "client", db.operation.name = "find_latest"))]
     pub async fn find_latest(
         &self,
         caller: &str,
+        finapi_client: &str,
         reference_digest: &str,
     ) -> Result<Option<IdentityRecord>, StoreError> {
         let sql = format!(
-            "SELECT {RECORD_COLUMNS} FROM identities WHERE caller = $1 AND reference_digest = $2 \
-             ORDER BY created_at DESC, id DESC LIMIT 1"
+            "SELECT {RECORD_COLUMNS} FROM identities WHERE caller = $1 AND finapi_client = $2 \
+             AND reference_digest = $3 ORDER BY created_at DESC, id DESC LIMIT 1"
         );
         let raw = with_pool!(self, |pool| sqlx::query_as::<_, RawRecord>(&sql)
             .bind(caller)
+            .bind(finapi_client)
             .bind(reference_digest)
             .fetch_optional(pool)
             .await)?;

@@ -67,8 +67,10 @@ pub struct SimConfig {
     /// The finAPI clients the simulator knows.
     pub clients: Vec<SimClient>,
     /// Lifetime of client tokens; `Duration::ZERO` means they never expire (`expires_in` 0).
+    /// A client's own lifetime ([`SimClient::client_token_ttl`]) wins.
     pub client_token_ttl: Duration,
     /// Lifetime of user tokens; `Duration::ZERO` means they never expire (`expires_in` 0).
+    /// A client's own lifetime ([`SimClient::user_token_ttl`]) wins.
     pub user_token_ttl: Duration,
     /// How long a process token can be exchanged; `Duration::ZERO` means forever.
     pub process_token_ttl: Duration,
@@ -83,10 +85,7 @@ impl Default for SimConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-            clients: vec![SimClient {
-                id: DEMO_CLIENT_ID.to_owned(),
-                secret: DEMO_CLIENT_SECRET.to_owned(),
-            }],
+            clients: vec![SimClient::new(DEMO_CLIENT_ID, DEMO_CLIENT_SECRET)],
             client_token_ttl: Duration::from_secs(3600),
             user_token_ttl: Duration::from_secs(3600),
             process_token_ttl: Duration::from_secs(7 * 24 * 3600),
@@ -96,13 +95,31 @@ impl Default for SimConfig {
     }
 }
 
-/// A finAPI client known to the simulator.
+/// A finAPI client known to the simulator (finAPI issues one per product and environment,
+/// each with its own secret).
 #[derive(Clone, Debug)]
 pub struct SimClient {
     /// `client_id`.
     pub id: String,
     /// `client_secret`.
     pub secret: String,
+    /// Lifetime of this client's client tokens, instead of [`SimConfig::client_token_ttl`].
+    pub client_token_ttl: Option<Duration>,
+    /// Lifetime of the user tokens issued through this client, instead of
+    /// [`SimConfig::user_token_ttl`].
+    pub user_token_ttl: Option<Duration>,
+}
+
+impl SimClient {
+    /// A client with the simulator's token lifetimes.
+    pub fn new(id: &str, secret: &str) -> Self {
+        Self {
+            id: id.to_owned(),
+            secret: secret.to_owned(),
+            client_token_ttl: None,
+            user_token_ttl: None,
+        }
+    }
 }
 
 /// The simulator's routes, finAPI's and `/__sim/`, for in-process use. Expired entries are

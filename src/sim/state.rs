@@ -8,10 +8,10 @@ use std::hash::Hash;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
+use super::SimConfig;
 use super::faults::{FaultRule, Faults};
 use super::stats::{Counters, PsuHeaders, PsuLog, Stats};
 use super::wire::{ApiError, UserOut};
-use super::{SimClient, SimConfig};
 
 /// finAPI deletes the hidden user of a process one day after an exchange with `invalidate=true`
 /// and 30 days after the process otherwise.
@@ -249,9 +249,17 @@ pub struct SimState {
     inner: Arc<Inner>,
 }
 
+/// A known client: its secret and token lifetimes.
+struct KnownClient {
+    secret: String,
+    client_token_ttl: Duration,
+    user_token_ttl: Duration,
+}
+
 struct Inner {
-    /// Client id to secret; a secret changes through [`SimState::change_client_secret`].
-    clients: RwLock<HashMap<String, String>>,
+    /// Client id to its secret and lifetimes; a secret changes through
+    /// [`SimState::change_client_secret`].
+    clients: RwLock<HashMap<String, KnownClient>>,
     client_token_ttl: Duration,
     user_token_ttl: Duration,
     process_token_ttl: Duration,
@@ -276,7 +284,16 @@ impl SimState {
                     config
                         .clients
                         .iter()
-                        .map(|SimClient { id, secret }| (id.clone(), secret.clone()))
+                        .map(|c| {
+                            let known = KnownClient {
+                                secret: c.secret.clone(),
+                                client_token_ttl: c
+                                    .client_token_ttl
+                                    .unwrap_or(config.client_token_ttl),
+                                user_token_ttl: c.user_token_ttl.unwrap_or(config.user_token_ttl),
+                            };
+                            (c.id.clone(), known)
+                        })
                         .collect(),
                 ),
                 client_token_ttl: config.client_token_ttl,
@@ -361,7 +378,7 @@ impl SimState {
                 .write()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
             match clients.get_mut(client_id) {
-                Some(known) => *known = secret.to_owned(),
+                Some(known) => known.secret = secret.to_owned(),
                 None => return false,
             }
         }
@@ -380,7 +397,7 @@ impl SimState {
         true
     }
 
-    fn clients(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, String>> {
+    fn clients(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, KnownClient>> {
         self.inner
             .clients
             .read()
@@ -466,7 +483,10 @@ impl SimState {
     ) -> Result<String, ApiError> {
         match (client_id, client_secret) {
             (Some(id), Some(secret))
-                if self.clients().get(id).is_some_and(|known| known == secret) =>
+                if self
+                    .clients()
+                    .get(id)
+                    .is_some_and(|known| known.secret == secret) =>
             {
                 Ok(id.to_owned())
             }
@@ -684,9 +704,19 @@ impl SimState {
         if let Some((token, expires_at)) = tables.sessions.get(&subject, now) {
             return Ok((token.clone(), expires_at));
         }
-        let ttl = match subject {
-            Subject::Client(_) => self.inner.client_token_ttl,
-            Subject::User { .. } => self.inner.user_token_ttl,
+        let ttl = {
+            let clients = self.clients();
+            let client = match &subject {
+                Subject::Client(id) | Subject::User { client_id: id, .. } => clients.get(id),
+            };
+            match subject {
+                Subject::Client(_) => {
+                    client.map_or(self.inner.client_token_ttl, |c| c.client_token_ttl)
+                }
+                Subject::User { .. } => {
+                    client.map_or(self.inner.user_token_ttl, |c| c.user_token_ttl)
+                }
+            }
         };
         let expires_at = deadline(now, ttl);
         if !tables.access_tokens.has_room(1, now) || !tables.sessions.has_room(1, now) {

@@ -6,7 +6,7 @@ pub mod pg;
 
 use std::time::Duration;
 
-use giroident_broker::config::Settings;
+use giroident_broker::config::{FinapiClientSettings, Settings};
 use giroident_broker::demo::{Ledger, settings_for_simulator};
 use giroident_broker::flows::{Flows, ResilienceSnapshot};
 use giroident_broker::sim::{self, SimConfig, SimHandle};
@@ -67,6 +67,29 @@ pub fn settings_with_ledger(sim: &SimHandle, ledger: &Ledger) -> Settings {
     settings.limits.caller_burst = 1_000_000;
     settings.limits.max_in_flight = 10_000;
     settings
+}
+
+/// Adds the finAPI client `name` (client id `client_id`, secret `secret`) at `sim` to
+/// validated settings, as a `[finapi.clients.NAME]` table would.
+pub fn add_finapi_client(
+    settings: &mut Settings,
+    name: &str,
+    sim: &SimHandle,
+    client_id: &str,
+    secret: &str,
+) {
+    settings.finapi.clients.insert(
+        name.to_owned(),
+        FinapiClientSettings {
+            client_id: client_id.to_owned(),
+            client_secret: Some(SecretString::from(secret.to_owned())),
+            client_secret_file: None,
+            access_url: sim.base_url(),
+            process_controller_url: sim.base_url(),
+            process_id: None,
+            ca_file: None,
+        },
+    );
 }
 
 impl TestEnv {
