@@ -10,7 +10,9 @@ use std::time::Duration;
 use common::{client_with_key, expect_created, expect_problem, spawn_broker_binary};
 use giroident_broker::identities::IdentityStore;
 use giroident_broker::identities::keys::PasswordKey;
-use giroident_broker::sim::{self, DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, SimConfig, SimHandle};
+use giroident_broker::sim::{
+    self, DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, SimClient, SimConfig, SimHandle,
+};
 use secrecy::SecretString;
 use serde_json::{Value, json};
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -308,6 +310,87 @@ async fn sighup_adds_and_removes_callers_and_names_what_needs_a_restart() {
         KEY_A,
         DEMO_CLIENT_SECRET,
         "rotated-by-the-operator",
+    ] {
+        assert!(!logs.contains(secret), "a secret was logged");
+    }
+}
+
+/// A named client (`[finapi.clients.live]`): `live`'s client table in the config file.
+fn live_client(dir: &Dir, sim: &SimHandle) -> String {
+    format!(
+        "[finapi.clients.live]\nclient_id = \"live-client\"\nclient_secret_file = {:?}\n\
+         access_url = {:?}\nprocess_controller_url = {:?}\n",
+        dir.path("live-secret"),
+        sim.base_url(),
+        sim.base_url(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_takes_a_named_clients_rotated_secret_and_refuses_a_client_added_since_start() {
+    let mut config_sim = SimConfig::default();
+    config_sim
+        .clients
+        .push(SimClient::new("live-client", "live-secret-before"));
+    let sim = sim::start(config_sim).await.expect("simulator");
+    let dir = Dir::new();
+    dir.write("client-secret", &format!("{DEMO_CLIENT_SECRET}\n"));
+    dir.write("live-secret", "live-secret-before\n");
+    dir.write("first.key", FIRST_KEY);
+    dir.write("key-a", KEY_A);
+    let keys = identity_keys(&dir, "key-a", &[]);
+    let both = "finapi_clients = [\"default\", \"live\"]\n";
+    let with_clients = |extra: &str| {
+        format!(
+            "[finapi]\nclient_secret_file = {:?}\n{keys}\n{}{extra}\
+             [[auth.callers]]\nname = \"first\"\nkey_file = {:?}\n\
+             flows = [\"access\", \"standalone\"]\n{both}",
+            dir.path("client-secret"),
+            live_client(&dir, &sim),
+            dir.path("first.key"),
+        )
+    };
+    dir.write("broker.toml", &with_clients(""));
+    let mut broker = tokio::task::block_in_place(|| Broker::start(&dir, &sim));
+    let live = json!({"flow": "access", "finapiClient": "live"});
+    let created = expect_created(broker.session(FIRST_KEY, live.clone()).await).await;
+    assert_eq!(created["finapiClient"], "live", "{created}");
+
+    // `live`'s secret rotated at finAPI and in its file, then the signal: only `live` changed.
+    assert!(sim.change_client_secret("live-client", "live-secret-after"));
+    dir.write("live-secret", "live-secret-after\n");
+    let reloaded = broker.hang_up().await;
+    assert_eq!(
+        reloaded["secrets_changed"], "finapi.clients.live.client_secret",
+        "{reloaded}"
+    );
+    expect_created(broker.session(FIRST_KEY, live.clone()).await).await;
+    expect_created(broker.session(FIRST_KEY, access()).await).await;
+
+    // A client added to the file since the start cannot be given to a caller by a reload.
+    let added = format!(
+        "[finapi.clients.extra]\nclient_id = \"extra-client\"\nclient_secret_file = {:?}\n\
+         access_url = {:?}\nprocess_controller_url = {:?}\n",
+        dir.path("live-secret"),
+        sim.base_url(),
+        sim.base_url(),
+    );
+    let text = with_clients(&added).replace(both, "finapi_clients = [\"default\", \"extra\"]\n");
+    dir.write("broker.toml", &text);
+    let rejected = broker.hang_up().await;
+    assert_eq!(rejected["level"], "ERROR", "{rejected}");
+    let problems = rejected["problems"].as_str().unwrap();
+    assert!(
+        problems.contains("auth.callers[0].finapi_clients") && problems.contains("extra"),
+        "{problems}"
+    );
+    expect_created(broker.session(FIRST_KEY, live).await).await;
+    assert!(broker.still_running());
+    let logs = serde_json::to_string(&broker.seen).unwrap();
+    for secret in [
+        "live-secret-before",
+        "live-secret-after",
+        DEMO_CLIENT_SECRET,
     ] {
         assert!(!logs.contains(secret), "a secret was logged");
     }
