@@ -451,7 +451,12 @@ pub struct FinapiSettings {
     /// newline is ignored.
     #[serde(default)]
     pub client_secret_file: Option<PathBuf>,
-    /// Allow `http://` upstream URLs. Only for the demo and tests against the local simulator.
+    /// A PEM bundle of CA certificates trusted for finAPI's HTTPS in addition to the system's
+    /// roots (a private CA, or the simulator's). Verification itself cannot be turned off.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Allow `http://` upstream URLs. Only for tests against the plain-HTTP simulator; no
+    /// shipped configuration sets it.
     pub allow_insecure_http: bool,
     /// Milliseconds to wait for a TCP (and TLS) connection to finAPI.
     pub connect_timeout_ms: u64,
@@ -672,13 +677,13 @@ impl Settings {
             return Err(ConfigError { problems });
         }
         if let Some(toml::Value::Table(finapi)) = user.get("finapi")
-            && OPTIONAL_KEYS
+            && FINAPI_SECRET_FORMS
                 .iter()
-                .any(|key| finapi.contains_key(key.trim_start_matches("finapi.")))
+                .any(|key| finapi.contains_key(*key))
             && let Some(toml::Value::Table(preset_finapi)) = merged.get_mut("finapi")
         {
-            for key in OPTIONAL_KEYS {
-                preset_finapi.remove(key.trim_start_matches("finapi."));
+            for key in FINAPI_SECRET_FORMS {
+                preset_finapi.remove(key);
             }
         }
         merge(&mut merged, user);
@@ -766,6 +771,11 @@ impl Settings {
             (Some(_), None) => {}
         }
         let f = &self.finapi;
+        if let Some(path) = &f.ca_file
+            && let Err(err) = crate::tls::read_ca_file(path)
+        {
+            problem("finapi.ca_file", err.to_string());
+        }
         if f.connect_timeout_ms == 0 {
             problem("finapi.connect_timeout_ms", "must be at least 1".into());
         }
@@ -1108,10 +1118,15 @@ impl Settings {
 
 type Table = toml::Table;
 
+/// The two forms of the finAPI client secret (keys of `[finapi]`): a layer that sets either
+/// replaces both of the layers below.
+const FINAPI_SECRET_FORMS: [&str; 2] = ["client_secret", "client_secret_file"];
+
 /// Keys that have no default and therefore do not appear in `config/default.toml`.
 const OPTIONAL_KEYS: &[&str] = &[
     "finapi.client_secret",
     "finapi.client_secret_file",
+    "finapi.ca_file",
     "identities.password_key",
     "identities.password_key_file",
     "identities.database_url_file",

@@ -27,6 +27,10 @@ pub enum StartupError {
     /// The HTTP client for finAPI could not be built.
     #[error("cannot build the finAPI HTTP client")]
     HttpClient(#[source] reqwest::Error),
+    /// `finapi.ca_file` could not be read at start (it was readable when the configuration
+    /// was loaded).
+    #[error("cannot use finapi.ca_file")]
+    CaFile(#[source] crate::tls::CaFileError),
     /// A finAPI base URL is unusable.
     #[error(transparent)]
     BaseUrl(#[from] InvalidBaseUrl),
@@ -63,9 +67,14 @@ pub struct Application {
 impl Application {
     /// Builds the upstream clients, the cache and the router, and binds the listener.
     pub async fn build(settings: &Settings) -> Result<Self, StartupError> {
+        let extra_roots = match &settings.finapi.ca_file {
+            Some(path) => crate::tls::read_ca_file(path).map_err(StartupError::CaFile)?,
+            None => Vec::new(),
+        };
         let http = finapi::http_client(
             Duration::from_millis(settings.finapi.connect_timeout_ms),
             Duration::from_millis(settings.finapi.request_timeout_ms),
+            &extra_roots,
         )
         .map_err(StartupError::HttpClient)?;
         let identities = identity_settings(settings).await?;

@@ -172,8 +172,8 @@ impl FlowError {
 
     /// A short stable code for the ledger's `last_error` and metric labels, never a message
     /// from finAPI: `LOCKED`, `UPSTREAM_UNAVAILABLE`, `UPSTREAM_TIMEOUT`, `UPSTREAM_ERROR`,
-    /// `UPSTREAM_REJECTED`, `CLIENT_CREDENTIALS_REJECTED`, `STORE_UNAVAILABLE`,
-    /// `PASSWORD_KEY_MISSING` or `INTERNAL`.
+    /// `UPSTREAM_REJECTED`, `UPSTREAM_CERTIFICATE_REJECTED`, `CLIENT_CREDENTIALS_REJECTED`,
+    /// `STORE_UNAVAILABLE`, `PASSWORD_KEY_MISSING` or `INTERNAL`.
     pub fn code(&self) -> &'static str {
         match self {
             Self::UserLocked(_) => "LOCKED",
@@ -191,6 +191,7 @@ impl FlowError {
                     "UPSTREAM_UNAVAILABLE"
                 }
                 UpstreamError::Timeout { .. } => "UPSTREAM_TIMEOUT",
+                UpstreamError::Certificate { .. } => "UPSTREAM_CERTIFICATE_REJECTED",
                 UpstreamError::Status { status, .. } => match status.as_u16() {
                     423 => "LOCKED",
                     429 | 503 => "UPSTREAM_UNAVAILABLE",
