@@ -424,19 +424,16 @@ impl UpstreamError {
 }
 
 /// The stable name of the certificate problem behind `err`, if a TLS handshake failed on
-/// finAPI's certificate. rustls' error sits inside an `io::Error` of the connector, whose
-/// `source()` skips it, hence the look into each `io::Error`.
+/// finAPI's certificate. rustls' error sits inside `io::Error`s of the connector (nested, as
+/// of reqwest 0.13), whose `source()` skips what they wrap, hence the look into each one.
 fn certificate_problem(err: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
     use rustls::CertificateError as C;
     let mut next = Some(err);
     while let Some(err) = next {
-        let inner = err
-            .downcast_ref::<std::io::Error>()
-            .and_then(|io| io.get_ref())
-            .map(|inner| inner as &(dyn std::error::Error + 'static));
-        for candidate in [Some(err), inner].into_iter().flatten() {
+        let mut candidate = Some(err);
+        while let Some(inner) = candidate {
             if let Some(rustls::Error::InvalidCertificate(problem)) =
-                candidate.downcast_ref::<rustls::Error>()
+                inner.downcast_ref::<rustls::Error>()
             {
                 return Some(match problem {
                     C::UnknownIssuer => "UnknownIssuer",
@@ -450,6 +447,10 @@ fn certificate_problem(err: &(dyn std::error::Error + 'static)) -> Option<&'stat
                     _ => "Other",
                 });
             }
+            candidate = inner
+                .downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .map(|inner| inner as &(dyn std::error::Error + 'static));
         }
         next = err.source();
     }

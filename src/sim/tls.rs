@@ -131,14 +131,17 @@ impl fmt::Debug for SimCa {
 }
 
 impl SimCa {
-    /// A fresh authority named "giroident-broker simulator CA".
+    /// A fresh authority named "giroident-broker simulator CA" and a random suffix: two
+    /// authorities never share a name, so a client that trusts one finds the other unknown.
     pub fn generate() -> Result<Self, SimTlsError> {
         let key = KeyPair::generate().map_err(SimTlsError::Generate)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "giroident-broker simulator CA");
+        let suffix = uuid::Uuid::new_v4().simple().to_string();
+        params.distinguished_name.push(
+            DnType::CommonName,
+            format!("giroident-broker simulator CA {}", &suffix[..12]),
+        );
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let now = SystemTime::now();

@@ -1,0 +1,161 @@
+//! HTTPS to finAPI, verified: the real broker calls the real simulator over TLS on loopback,
+//! trusting the simulator's authority through `finapi.ca_file` on top of the system's roots.
+//! A certificate it must not trust answers `502 UPSTREAM_CERTIFICATE_REJECTED` at once, names
+//! the problem in the log, and is never retried.
+
+mod common;
+
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime};
+
+use common::{CapturedLogs, TestCa, TestEnv, expect_problem};
+use giroident_broker::config::LogFormat;
+use giroident_broker::demo::{Ledger, settings_for_simulator};
+use giroident_broker::sim::{self, SimConfig};
+use secrecy::SecretString;
+use serde_json::json;
+
+/// Every log line of this test binary (the subscriber is global).
+fn logs() -> &'static CapturedLogs {
+    static LOGS: OnceLock<CapturedLogs> = OnceLock::new();
+    LOGS.get_or_init(|| CapturedLogs::install(LogFormat::Json, "info"))
+}
+
+/// Longer than any session may take with the default settings: reaching it means a hang.
+const NO_HANG: Duration = Duration::from_secs(30);
+
+#[tokio::test]
+async fn both_flows_and_the_deletion_work_over_verified_https() {
+    let ca = TestCa::new();
+    let env = TestEnv::with_tls(SimConfig::default(), ca.local_tls(), &ca, |_| {}).await;
+    assert!(env.sim.base_url().starts_with("https://127.0.0.1:"));
+
+    let standalone = env.standalone_session("customer-tls-1").await;
+    assert!(standalone["accessToken"].is_string(), "{standalone}");
+
+    let access = common::expect_created(
+        env.start_session(json!({"flow": "access", "clientReference": "customer-tls-2"}))
+            .await,
+    )
+    .await;
+    let token = access["accessToken"].as_str().expect("a user token");
+    // The token works at the simulator, reached over HTTPS by the test's own client.
+    assert_eq!(env.sim_user(token).await.status(), 200);
+
+    let deleted = env
+        .http
+        .delete(format!("{}/identities/customer-tls-2", env.broker_url))
+        .send()
+        .await
+        .expect("broker answers");
+    assert_eq!(deleted.status(), 204);
+    assert_eq!(env.calls("DELETE /api/v2/users", "200"), 1);
+    assert!(env.sim.tls_connections() >= 1);
+    env.stop().await;
+}
+
+/// The three ways a certificate can be wrong that matter in practice.
+#[tokio::test]
+async fn a_certificate_the_broker_must_not_trust_answers_502_names_its_problem_and_is_not_retried()
+{
+    let logs = logs();
+    let trusted = TestCa::new();
+    let stranger = TestCa::new();
+    let now = SystemTime::now();
+    let day = Duration::from_secs(86_400);
+    let cases = [
+        ("UnknownIssuer", stranger.local_tls()),
+        (
+            "NotValidForName",
+            trusted
+                .ca
+                .issue(&["finapi.example"])
+                .expect("a certificate"),
+        ),
+        (
+            "Expired",
+            trusted
+                .ca
+                .issue_valid(&sim::LOCAL_NAMES, now - 30 * day, now - day)
+                .expect("a certificate"),
+        ),
+    ];
+    for (problem, tls) in cases {
+        let env = TestEnv::with_tls(SimConfig::default(), tls, &trusted, |_| {}).await;
+        let response = tokio::time::timeout(
+            NO_HANG,
+            env.start_session(json!({"flow": "standalone", "clientReference": "c-1"})),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{problem}: the broker hung"));
+        let body = expect_problem(response, 502, "UPSTREAM_CERTIFICATE_REJECTED").await;
+        assert!(
+            !body.to_string().contains(problem),
+            "the caller is told no detail: {body}"
+        );
+        // One connection, one refused handshake: no retry, whatever the retry budget.
+        assert_eq!(env.sim.tls_connections(), 1, "{problem}: retried");
+        assert_eq!(env.resilience().retries, 0, "{problem}");
+        assert!(env.sim.stats().is_empty(), "{problem}: a call got through");
+        let metrics = env.metrics_text().await;
+        assert!(
+            metrics
+                .lines()
+                .any(|line| line.starts_with("broker_finapi_calls_total")
+                    && line.contains("outcome=\"certificate_rejected\"")),
+            "{problem}: {metrics}"
+        );
+        let text = logs.text();
+        assert!(
+            text.lines()
+                .any(|line| line.contains("UPSTREAM_CERTIFICATE_REJECTED")
+                    && line.contains(&format!("refused finAPI's TLS certificate ({problem})"))),
+            "{problem}: no log line names it: {text}"
+        );
+        env.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_ca_file_that_cannot_be_used_is_a_config_error_naming_the_key() {
+    let dir = std::env::temp_dir().join(format!("gib-ca-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir(&dir).unwrap();
+    let no_cert = dir.join("key-only.pem");
+    std::fs::write(&no_cert, "not a certificate\n").unwrap();
+    let garbage = dir.join("garbage.pem");
+    std::fs::write(
+        &garbage,
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let broken = dir.join("broken.pem");
+    std::fs::write(&broken, "-----BEGIN CERTIFICATE-----\nAAAA\n").unwrap();
+    let missing = dir.join("missing.pem");
+
+    let key = SecretString::from("k");
+    let ledger = Ledger {
+        database_url: SecretString::from("sqlite:///nonexistent/test.db"),
+        password_key: SecretString::from(common::TEST_PASSWORD_KEY),
+    };
+    let any_port = "127.0.0.1:0".parse().unwrap();
+    for (path, says) in [
+        (&missing, "cannot read"),
+        (&no_cert, "holds no PEM CERTIFICATE"),
+        (&garbage, "not a usable CA certificate"),
+        (&broken, "not a PEM bundle"),
+    ] {
+        let err = settings_for_simulator(
+            any_port,
+            any_port,
+            "https://127.0.0.1:9",
+            Some(path),
+            &key,
+            &ledger,
+        )
+        .err()
+        .unwrap_or_else(|| panic!("{} was accepted", path.display()));
+        assert!(err.mentions("finapi.ca_file"), "{err}");
+        assert!(err.to_string().contains(says), "{err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
