@@ -84,6 +84,10 @@ enum Tool {
         /// The URL to check.
         #[arg(long, default_value = healthcheck::DEFAULT_URL)]
         url: reqwest::Url,
+        /// A PEM bundle of CA certificates trusted for an https URL besides the system's roots
+        /// (e.g. the simulator's authority).
+        #[arg(long, value_name = "FILE")]
+        ca_file: Option<PathBuf>,
     },
 }
 
@@ -276,7 +280,7 @@ async fn run(tool: Tool, config: Option<PathBuf>) -> ExitCode {
                 }
             }
         }
-        Tool::Healthcheck { url } => healthcheck::run(url).await,
+        Tool::Healthcheck { url, ca_file } => healthcheck::run(url, ca_file.as_deref()).await,
     }
 }
 
