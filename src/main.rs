@@ -75,8 +75,9 @@ enum Tool {
         /// may be repeated.
         #[arg(long = "fault", value_name = "JSON", value_parser = parse_fault)]
         faults: Vec<sim::FaultRule>,
+        // Boxed: the flags would make every other command as large.
         #[command(flatten)]
-        tls: SimTlsArgs,
+        tls: Box<SimTlsArgs>,
     },
     /// GET a health endpoint and exit 0 on a 2xx answer, 1 otherwise (for container
     /// healthchecks in images without curl).
@@ -253,7 +254,7 @@ async fn run(tool: Tool, config: Option<PathBuf>) -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let tls = match tls.load() {
+            let tls = match (*tls).load() {
                 Ok(tls) => tls,
                 Err(msg) => {
                     eprintln!("{msg}");
