@@ -2,7 +2,9 @@
 //!
 //! It is written from the reference alone and imports nothing else of this crate, so that the
 //! broker and its tests cannot misread finAPI the same way. Start it with [`start`] (tests,
-//! demos) or [`run`] (the `sim` subcommand); steer it through [`SimHandle`] or the admin API:
+//! demos) or [`run`] (the `sim` subcommand), over plain HTTP or, with [`SimConfig::tls`], over
+//! HTTPS like finAPI (a [`SimCa`] makes the certificates); steer it through [`SimHandle`] or the
+//! admin API:
 //!
 //! | call | effect |
 //! |---|---|
