@@ -256,8 +256,7 @@ fn the_sim_command_serves_https_from_pem_files_or_its_own_authority() {
 
     // A key file that holds no key: exit 2 with the flag named, no port bound.
     let (code, stderr) = spawn_sim(&["--tls-cert", cert_arg, "--tls-key", cert_arg])
-        .err()
-        .expect("the simulator refuses to start");
+        .expect_err("the simulator refuses to start");
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("--tls-key"), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
