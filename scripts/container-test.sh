@@ -16,7 +16,7 @@ BASE=gcr.io/distroless/cc-debian12:nonroot  # the Dockerfile's runtime base
 MAX_ADDED_BYTES=$((25 * 1000 * 1000))       # layers added over the base: under 25 MB
 PROJECT=giroident-broker-test
 BROKER=http://127.0.0.1:8080
-SIM=http://127.0.0.1:8081
+SIM=https://127.0.0.1:8081
 DRAIN_SECS=5 # server.drain_secs in config/compose.toml
 STOP_TIMEOUT=20
 
@@ -173,7 +173,7 @@ rows=$(docker exec "$pg_id" psql -U giroident -d giroident -tAc \
 echo "identities in PostgreSQL for $user_created: $rows"
 [ "$rows" = 1 ] || fail "the identity is not in PostgreSQL ($rows rows)"
 ok "identity created once, reused, listed, and kept in PostgreSQL"
-echo "simulator stats: $(curl -sS "$SIM/__sim/stats")"
+echo "simulator stats (over HTTPS, verified): $(curl -sS --cacert deploy/compose/secrets/finapi_ca "$SIM/__sim/stats")"
 
 step "non-root"
 top=$(docker top "$broker_id" -eo uid,gid,pid,args)

@@ -470,7 +470,12 @@ pub struct FinapiSettings {
     /// newline is ignored.
     #[serde(default)]
     pub client_secret_file: Option<PathBuf>,
-    /// Allow `http://` upstream URLs. Only for the demo and tests against the local simulator.
+    /// A PEM bundle of CA certificates trusted for finAPI's HTTPS in addition to the system's
+    /// roots (a private CA, or the simulator's). Verification itself cannot be turned off.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Allow `http://` upstream URLs. Only for tests against the plain-HTTP simulator; no
+    /// shipped configuration sets it.
     pub allow_insecure_http: bool,
     /// Milliseconds to wait for a TCP (and TLS) connection to finAPI.
     pub connect_timeout_ms: u64,
@@ -859,6 +864,11 @@ impl Settings {
 
         self.resolve_finapi_clients(&mut problem);
         let f = &self.finapi;
+        if let Some(path) = &f.ca_file
+            && let Err(err) = crate::tls::read_ca_file(path)
+        {
+            problem("finapi.ca_file", err.to_string());
+        }
         if f.connect_timeout_ms == 0 {
             problem("finapi.connect_timeout_ms", "must be at least 1".into());
         }
@@ -1029,7 +1039,7 @@ impl Settings {
                 access_url: f.access_url.clone(),
                 process_controller_url: f.process_controller_url.clone(),
                 process_id: self.flows.process_id.clone(),
-                ca_file: None,
+                ca_file: f.ca_file.clone(),
             });
         }
         for (name, c) in &f.clients {

@@ -36,6 +36,16 @@ pub enum DemoError {
     /// The OS random source failed, so no password key could be made.
     #[error("the OS random source failed")]
     NoRandomness,
+    /// The simulator's certificate authority could not be made.
+    #[error("cannot make the simulator's certificates")]
+    Tls(#[source] sim::SimTlsError),
+    /// The authority's certificate could not be written.
+    #[error("cannot write {path}")]
+    CaFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// What the `demo` command line asks for.
@@ -76,16 +86,19 @@ impl Ledger {
 }
 
 /// The demo's own settings, as a layer over the built-in defaults (see
-/// [`Settings::load_layered`]): the simulator's URLs and client, one caller `demo` holding
-/// `api_key` and allowed both flows, the identity ledger, the listeners, and no drain period.
+/// [`Settings::load_layered`]): the simulator's URLs and client, the authority its
+/// certificate comes from (`ca_file`, when given), one caller `demo` holding `api_key` and
+/// allowed both flows, the identity ledger, the listeners, and no drain period.
 pub fn preset(
     listen: SocketAddr,
     admin_listen: SocketAddr,
     sim_url: &str,
+    ca_file: Option<&Path>,
     api_key: &SecretString,
     ledger: &Ledger,
 ) -> Vec<(String, String)> {
     let digest = to_hex(&sha256(api_key.expose_secret().as_bytes()));
+    let ca_file = ca_file.map(|path| ("finapi.ca_file", path.display().to_string()));
     [
         (
             "auth.callers",
@@ -98,7 +111,6 @@ pub fn preset(
         ("admin.listen", admin_listen.to_string()),
         ("finapi.access_url", sim_url.to_owned()),
         ("finapi.process_controller_url", sim_url.to_owned()),
-        ("finapi.allow_insecure_http", "true".to_owned()),
         ("finapi.client_id", DEMO_CLIENT_ID.to_owned()),
         ("finapi.client_secret", DEMO_CLIENT_SECRET.to_owned()),
         // Readable on a terminal; `log.format` in the file or the environment wins.
@@ -113,23 +125,27 @@ pub fn preset(
         ),
     ]
     .into_iter()
+    .chain(ca_file)
     .map(|(key, value)| (key.to_owned(), value))
     .collect()
 }
 
 /// Broker settings pointing at a simulator: the [`preset`] over the defaults, nothing else.
+/// For tests against a plain-HTTP simulator (an `http://` `sim_url`), the preset also sets
+/// `finapi.allow_insecure_http`; the demo itself serves HTTPS and never does.
 pub fn settings_for_simulator(
     listen: SocketAddr,
     admin_listen: SocketAddr,
     sim_url: &str,
+    ca_file: Option<&Path>,
     api_key: &SecretString,
     ledger: &Ledger,
 ) -> Result<Settings, ConfigError> {
-    Settings::load_layered(
-        preset(listen, admin_listen, sim_url, api_key, ledger),
-        None,
-        std::iter::empty(),
-    )
+    let mut preset = preset(listen, admin_listen, sim_url, ca_file, api_key, ledger);
+    if sim_url.starts_with("http://") {
+        preset.push(("finapi.allow_insecure_http".to_owned(), "true".to_owned()));
+    }
+    Settings::load_layered(preset, None, std::iter::empty())
 }
 
 /// The demo's logging and tracing settings: its [`preset`] with the `--config` file and `env`
@@ -149,7 +165,8 @@ pub fn telemetry_settings(
     let preset = preset(
         DEFAULT_LISTEN,
         admin,
-        "http://127.0.0.1:9",
+        "https://127.0.0.1:9",
+        None,
         &api_key,
         &ledger,
     );
@@ -175,21 +192,30 @@ pub async fn run(
     env: impl IntoIterator<Item = (String, String)>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), DemoError> {
-    let sim = sim::start(SimConfig {
+    let authority = SimAuthority::fresh(options.sim_listen.ip())?;
+    let started = sim::start(SimConfig {
         listen: options.sim_listen,
+        tls: Some(authority.tls.clone()),
         ..SimConfig::default()
     })
-    .await
-    .map_err(|source| DemoError::Simulator {
-        addr: options.sim_listen,
-        source,
-    })?;
+    .await;
+    let sim = match started {
+        Ok(sim) => sim,
+        Err(source) => {
+            authority.remove();
+            return Err(DemoError::Simulator {
+                addr: options.sim_listen,
+                source,
+            });
+        }
+    };
     let listen = options.listen.unwrap_or(DEFAULT_LISTEN);
     let admin_listen = SocketAddr::new(listen.ip(), 0);
     let (ledger, ledger_path) = match Ledger::fresh() {
         Ok(fresh) => fresh,
         Err(_) => {
             sim.shutdown().await;
+            authority.remove();
             return Err(DemoError::NoRandomness);
         }
     };
@@ -197,6 +223,7 @@ pub async fn run(
         listen,
         admin_listen,
         &sim.base_url(),
+        Some(&authority.ca_file),
         &options.api_key,
         &ledger,
     );
@@ -219,6 +246,7 @@ pub async fn run(
         Ok(app) => app,
         Err(err) => {
             sim.shutdown().await;
+            authority.remove();
             return Err(err);
         }
     };
@@ -228,12 +256,14 @@ pub async fn run(
             app.local_addr(),
             app.admin_addr(),
             &sim.base_url(),
+            &authority.ca_file,
             options.api_key.expose_secret(),
             &ledger_note,
         )
     );
     app.run_until_stopped(shutdown).await;
     sim.shutdown().await;
+    authority.remove();
     // The demo's ledger describes users of a simulator that is gone now.
     for suffix in ["", "-wal", "-shm"] {
         let mut file = ledger_path.clone().into_os_string();
@@ -243,14 +273,55 @@ pub async fn run(
     Ok(())
 }
 
+/// The demo simulator's certificate authority: made fresh for each run, its certificate in a
+/// file of a fresh temporary directory (the broker's `finapi.ca_file`, and curl's `--cacert`),
+/// removed at exit. Its key stays in memory.
+struct SimAuthority {
+    tls: sim::SimTls,
+    dir: PathBuf,
+    ca_file: PathBuf,
+}
+
+impl SimAuthority {
+    /// An authority and a server certificate for 127.0.0.1, localhost and `ip` (the
+    /// simulator's address, which its URL names).
+    fn fresh(ip: std::net::IpAddr) -> Result<Self, DemoError> {
+        let ca = sim::SimCa::generate().map_err(DemoError::Tls)?;
+        let ip = ip.to_string();
+        let mut names = sim::LOCAL_NAMES.to_vec();
+        if !names.contains(&ip.as_str()) {
+            names.push(&ip);
+        }
+        let tls = ca.issue(&names).map_err(DemoError::Tls)?;
+        let dir = std::env::temp_dir().join(format!(
+            "giroident-broker-demo-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        let ca_file = dir.join("simulator-ca.pem");
+        std::fs::create_dir(&dir)
+            .and_then(|()| std::fs::write(&ca_file, ca.cert_pem()))
+            .map_err(|source| DemoError::CaFile {
+                path: ca_file.clone(),
+                source,
+            })?;
+        Ok(Self { tls, dir, ca_file })
+    }
+
+    fn remove(&self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 fn instructions(
     broker: SocketAddr,
     admin: SocketAddr,
     sim_url: &str,
+    ca_file: &Path,
     api_key: &str,
     ledger: &str,
 ) -> String {
     let b = format!("http://{broker}");
+    let ca = ca_file.display();
     let mut text = String::new();
     let _ = writeln!(text, "giroident-broker demo");
     let _ = writeln!(text, "  broker:    {b}");
@@ -260,7 +331,11 @@ fn instructions(
     );
     let _ = writeln!(
         text,
-        "  simulator: {sim_url}   (finAPI stand-in; call counts at {sim_url}/__sim/stats)"
+        "  simulator: {sim_url}   (finAPI stand-in over HTTPS; call counts at {sim_url}/__sim/stats)"
+    );
+    let _ = writeln!(
+        text,
+        "  CA:        {ca}   (the simulator's fresh certificate authority: finapi.ca_file, curl --cacert)"
     );
     let _ = writeln!(text, "  metrics:   http://{admin}/metrics");
     let _ = writeln!(
@@ -294,7 +369,7 @@ fn instructions(
     );
     let _ = writeln!(
         text,
-        "  curl -s {sim_url}/api/v2/users -H \"Authorization: Bearer $TOKEN\""
+        "  curl -s --cacert {ca} {sim_url}/api/v2/users -H \"Authorization: Bearer $TOKEN\""
     );
     let _ = writeln!(
         text,

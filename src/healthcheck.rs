@@ -1,10 +1,12 @@
 //! `giroident-broker healthcheck`: one GET against a health endpoint, so that an image without a
 //! shell or curl (distroless) can still serve Docker's `HEALTHCHECK`.
 
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use reqwest::{StatusCode, Url};
+use rustls::pki_types::CertificateDer;
 
 use crate::telemetry::cause_chain;
 
@@ -35,9 +37,25 @@ pub enum HealthcheckError {
 
 /// GETs `url` and succeeds on a 2xx answer within `timeout`. Redirects are not followed.
 pub async fn check(url: Url, timeout: Duration) -> Result<StatusCode, HealthcheckError> {
+    check_trusting(url, timeout, &[]).await
+}
+
+/// Like [`check`], an `https` URL's certificate verified against the system's roots plus
+/// `extra_roots` (e.g. the simulator's authority, [`crate::tls::read_ca_file`]).
+pub async fn check_trusting(
+    url: Url,
+    timeout: Duration,
+    extra_roots: &[CertificateDer<'static>],
+) -> Result<StatusCode, HealthcheckError> {
     // reqwest is built without a default TLS provider; an https URL needs one installed.
     let _ = rustls::crypto::ring::default_provider().install_default();
+    let extra_roots = extra_roots
+        .iter()
+        .map(|der| reqwest::Certificate::from_der(der))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(HealthcheckError::Client)?;
     let client = reqwest::Client::builder()
+        .tls_certs_merge(extra_roots)
         .timeout(timeout)
         .connect_timeout(timeout)
         .redirect(reqwest::redirect::Policy::none())
@@ -60,10 +78,17 @@ pub async fn check(url: Url, timeout: Duration) -> Result<StatusCode, Healthchec
     }
 }
 
-/// The `healthcheck` subcommand: exit code 0 when healthy, 1 otherwise. Prints the status
-/// only, never the body.
-pub async fn run(url: Url) -> ExitCode {
-    match check(url, TIMEOUT).await {
+/// The `healthcheck` subcommand: exit code 0 when healthy, 1 otherwise (an unusable
+/// `ca_file` too). Prints the status only, never the body.
+pub async fn run(url: Url, ca_file: Option<&Path>) -> ExitCode {
+    let extra_roots = match ca_file.map(crate::tls::read_ca_file).transpose() {
+        Ok(roots) => roots.unwrap_or_default(),
+        Err(err) => {
+            eprintln!("unhealthy: --ca-file: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match check_trusting(url, TIMEOUT, &extra_roots).await {
         Ok(status) => {
             println!("healthy: {status}");
             ExitCode::SUCCESS

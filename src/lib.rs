@@ -15,4 +15,5 @@ pub mod resilience;
 pub mod sim;
 pub mod startup;
 pub mod telemetry;
+pub mod tls;
 pub mod token_cache;

@@ -79,6 +79,9 @@ enum Tool {
         /// may be repeated.
         #[arg(long = "fault", value_name = "JSON", value_parser = parse_fault)]
         faults: Vec<sim::FaultRule>,
+        // Boxed: the flags would make every other command as large.
+        #[command(flatten)]
+        tls: Box<SimTlsArgs>,
     },
     /// GET a health endpoint and exit 0 on a 2xx answer, 1 otherwise (for container
     /// healthchecks in images without curl).
@@ -86,7 +89,71 @@ enum Tool {
         /// The URL to check.
         #[arg(long, default_value = healthcheck::DEFAULT_URL)]
         url: reqwest::Url,
+        /// A PEM bundle of CA certificates trusted for an https URL besides the system's roots
+        /// (e.g. the simulator's authority).
+        #[arg(long, value_name = "FILE")]
+        ca_file: Option<PathBuf>,
     },
+}
+
+/// How the simulator serves HTTPS; without any of these it serves plain HTTP.
+#[derive(clap::Args)]
+struct SimTlsArgs {
+    /// Serve HTTPS with this PEM certificate chain (server certificate first); needs
+    /// --tls-key.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "tls_key",
+        conflicts_with = "tls_self_signed_ca"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Serve HTTPS with a certificate from a fresh certificate authority made at start, and
+    /// write that authority's certificate (PEM) to FILE, for the broker's finapi.ca_file. The
+    /// authority's key is never written: each start makes a new one.
+    #[arg(long, value_name = "FILE")]
+    tls_self_signed_ca: Option<PathBuf>,
+    /// A name (DNS name or IP address) the generated server certificate is valid for; may be
+    /// repeated [default: 127.0.0.1 and localhost].
+    #[arg(
+        long = "tls-name",
+        value_name = "NAME",
+        requires = "tls_self_signed_ca"
+    )]
+    tls_names: Vec<String>,
+}
+
+impl SimTlsArgs {
+    /// The simulator's TLS, if asked for; writes the generated authority's certificate.
+    fn load(self) -> Result<Option<sim::SimTls>, String> {
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            return sim::SimTls::from_pem_files(cert, key)
+                .map(Some)
+                .map_err(|e| format!("--tls-cert/--tls-key: {}", cause_chain(&e)));
+        }
+        let Some(ca_file) = self.tls_self_signed_ca else {
+            return Ok(None);
+        };
+        let names: Vec<&str> = if self.tls_names.is_empty() {
+            sim::LOCAL_NAMES.to_vec()
+        } else {
+            self.tls_names.iter().map(String::as_str).collect()
+        };
+        let fail = |e: &dyn std::error::Error| format!("--tls-self-signed-ca: {}", cause_chain(e));
+        let ca = sim::SimCa::generate().map_err(|e| fail(&e))?;
+        let tls = ca.issue(&names).map_err(|e| fail(&e))?;
+        std::fs::write(&ca_file, ca.cert_pem()).map_err(|e| {
+            format!(
+                "--tls-self-signed-ca: cannot write {}: {}",
+                ca_file.display(),
+                e.kind()
+            )
+        })?;
+        Ok(Some(tls))
+    }
 }
 
 fn main() -> ExitCode {
@@ -182,10 +249,18 @@ async fn run(tool: Tool, config: Option<PathBuf>) -> ExitCode {
             user_token_ttl_secs,
             extra_clients,
             faults,
+            tls,
         } => {
             let _logs = telemetry::init(LogFormat::Auto, "info", None);
             let secret = match sim_secret(client_secret_file) {
                 Ok(secret) => secret,
+                Err(msg) => {
+                    eprintln!("{msg}");
+                    return ExitCode::from(2);
+                }
+            };
+            let tls = match (*tls).load() {
+                Ok(tls) => tls,
                 Err(msg) => {
                     eprintln!("{msg}");
                     return ExitCode::from(2);
@@ -199,6 +274,7 @@ async fn run(tool: Tool, config: Option<PathBuf>) -> ExitCode {
                 client_token_ttl: Duration::from_secs(client_token_ttl_secs),
                 user_token_ttl: Duration::from_secs(user_token_ttl_secs),
                 faults,
+                tls,
                 ..sim::SimConfig::default()
             };
             match sim::run(config, shutdown_signal()).await {
@@ -209,7 +285,7 @@ async fn run(tool: Tool, config: Option<PathBuf>) -> ExitCode {
                 }
             }
         }
-        Tool::Healthcheck { url } => healthcheck::run(url).await,
+        Tool::Healthcheck { url, ca_file } => healthcheck::run(url, ca_file.as_deref()).await,
     }
 }
 

@@ -29,6 +29,10 @@ pub enum StartupError {
     /// The HTTP client for finAPI could not be built.
     #[error("cannot build the finAPI HTTP client")]
     HttpClient(#[source] reqwest::Error),
+    /// `finapi.ca_file` could not be read at start (it was readable when the configuration
+    /// was loaded).
+    #[error("cannot use finapi.ca_file")]
+    CaFile(#[source] crate::tls::CaFileError),
     /// A finAPI base URL is unusable.
     #[error(transparent)]
     BaseUrl(#[from] InvalidBaseUrl),
@@ -63,16 +67,52 @@ pub struct Application {
     reloader: Arc<Reloader>,
 }
 
+/// The HTTP clients for finAPI: one trusting the system's roots only, first, and one per
+/// distinct `ca_file` of the named clients (a client's trusted roots are fixed when it is
+/// built). Clients that share a `ca_file` share connections.
+fn finapi_http_clients(
+    settings: &Settings,
+) -> Result<Vec<(Option<std::path::PathBuf>, reqwest::Client)>, StartupError> {
+    let build = |extra_roots: &[_]| {
+        finapi::http_client(
+            Duration::from_millis(settings.finapi.connect_timeout_ms),
+            Duration::from_millis(settings.finapi.request_timeout_ms),
+            extra_roots,
+        )
+        .map_err(StartupError::HttpClient)
+    };
+    let mut clients = vec![(None, build(&[])?)];
+    for ca_file in settings
+        .finapi_clients()
+        .into_iter()
+        .filter_map(|c| c.ca_file)
+    {
+        if clients
+            .iter()
+            .any(|(file, _)| file.as_ref() == Some(&ca_file))
+        {
+            continue;
+        }
+        let roots = crate::tls::read_ca_file(&ca_file).map_err(StartupError::CaFile)?;
+        clients.push((Some(ca_file), build(&roots)?));
+    }
+    Ok(clients)
+}
+
 impl Application {
     /// Builds the upstream clients, the cache and the router, and binds the listener.
     pub async fn build(settings: &Settings) -> Result<Self, StartupError> {
-        let http = finapi::http_client(
-            Duration::from_millis(settings.finapi.connect_timeout_ms),
-            Duration::from_millis(settings.finapi.request_timeout_ms),
-        )
-        .map_err(StartupError::HttpClient)?;
+        let http = finapi_http_clients(settings)?;
         let identities = identity_settings(settings).await?;
-        let flows = Arc::new(Flows::new(settings, http, identities)?);
+        let flows = Arc::new(Flows::new(
+            settings,
+            |ca_file| {
+                http.iter()
+                    .find(|(file, _)| file.as_deref() == ca_file)
+                    .map_or_else(|| http[0].1.clone(), |(_, client)| client.clone())
+            },
+            identities,
+        )?);
         let readiness = Readiness::new();
         let callers = Arc::new(Callers::from_settings(settings));
         if callers.disabled() {

@@ -14,6 +14,8 @@ const API_KEY: &str = "demo-test-key-0123456789";
 struct Demo {
     child: Child,
     broker_url: String,
+    /// What the demo printed at start, up to "Press Ctrl-C to stop.".
+    printed: Vec<String>,
 }
 
 impl Drop for Demo {
@@ -39,8 +41,8 @@ fn start_demo(args: &[&str], env: &[(&str, &str)]) -> Demo {
     let mut demo = Demo {
         child,
         broker_url: String::new(),
+        printed: Vec::new(),
     };
-    let mut printed = Vec::new();
     let mut lines = BufReader::new(stdout).lines();
     for line in lines.by_ref() {
         let line = line.expect("stdout is text");
@@ -49,15 +51,19 @@ fn start_demo(args: &[&str], env: &[(&str, &str)]) -> Demo {
         }
         if line.trim().starts_with("API key:") {
             assert!(line.contains(API_KEY), "{line}");
+        }
+        let last = line.starts_with("Press Ctrl-C");
+        demo.printed.push(line);
+        if last {
             break;
         }
-        printed.push(line);
     }
     // The rest is read, so that the demo never writes into a closed pipe.
     std::thread::spawn(move || lines.for_each(drop));
     assert!(
         !demo.broker_url.is_empty(),
-        "the demo printed no broker address: {printed:?}, {:?}",
+        "the demo printed no broker address: {:?}, {:?}",
+        demo.printed,
         demo.child.try_wait()
     );
     demo
@@ -171,4 +177,54 @@ fn demo_logs_as_its_configuration_says() {
     let log: serde_json::Value =
         serde_json::from_str(&line).unwrap_or_else(|_| panic!("not a JSON log line: {line}"));
     assert_eq!(log["level"], "INFO", "{line}");
+}
+
+/// The demo's simulator serves HTTPS from a fresh authority whose certificate the demo prints
+/// (and trusts through `finapi.ca_file`): a session goes through, and the printed `--cacert`
+/// curl line reaches the simulator.
+#[tokio::test]
+async fn demo_reaches_its_simulator_over_verified_https() {
+    let demo = start_demo(&[], &[]);
+    let value_of = |label: &str| {
+        demo.printed
+            .iter()
+            .find_map(|line| line.trim().strip_prefix(label))
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no {label} line in {:?}", demo.printed))
+            .to_owned()
+    };
+    let sim_url = value_of("simulator:");
+    let ca_file = value_of("CA:");
+    assert!(sim_url.starts_with("https://127.0.0.1:"), "{sim_url}");
+    let sim_curl = demo
+        .printed
+        .iter()
+        .find(|line| line.contains("/api/v2/users"))
+        .expect("a curl line for the simulator");
+    assert!(
+        sim_curl.contains(&format!(
+            "curl -s --cacert {ca_file} {sim_url}/api/v2/users"
+        )),
+        "{sim_curl}"
+    );
+
+    let http = common::client_with_key(API_KEY);
+    let session = http
+        .post(format!("{}/kyc-sessions", demo.broker_url))
+        .json(&serde_json::json!({"flow": "standalone", "clientReference": "customer-4711"}))
+        .send()
+        .await
+        .expect("the demo answers");
+    assert_eq!(session.status(), 201);
+
+    let ca_pem = std::fs::read_to_string(&ca_file).expect("the printed CA file exists");
+    let stats: serde_json::Value = common::client_trusting(API_KEY, &ca_pem)
+        .get(format!("{sim_url}/__sim/stats"))
+        .send()
+        .await
+        .expect("the simulator answers over HTTPS with the printed CA")
+        .json()
+        .await
+        .expect("stats JSON");
+    assert_eq!(stats["POST /api/v1/processes"]["201"], 1, "{stats}");
 }

@@ -317,6 +317,7 @@ fn the_readme_configuration_reference_matches_the_code() {
     for optional in [
         "finapi.client_secret",
         "finapi.client_secret_file",
+        "finapi.ca_file",
         "identities.password_key",
         "identities.password_key_file",
         "identities.database_url_file",

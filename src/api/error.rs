@@ -315,6 +315,11 @@ fn upstream_kind(err: &UpstreamError) -> Kind {
             ..unavailable()
         },
         UpstreamError::Timeout { .. } => timeout(),
+        UpstreamError::Certificate { .. } => Kind::new(
+            S::BAD_GATEWAY,
+            "UPSTREAM_CERTIFICATE_REJECTED",
+            "finAPI's TLS certificate failed verification",
+        ),
         UpstreamError::Transport { .. }
         | UpstreamError::Protocol { .. }
         | UpstreamError::TooLarge { .. }

@@ -353,7 +353,7 @@ pub(super) struct SessionBody<'a> {
         (status = 422, description = "INVALID_FIELD, INVALID_HEADER", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "RATE_LIMITED, with Retry-After", body = Problem, content_type = "application/problem+json"),
         (status = 500, description = "INTERNAL", body = Problem, content_type = "application/problem+json"),
-        (status = 502, description = "UPSTREAM_REJECTED, UPSTREAM_ERROR", body = Problem, content_type = "application/problem+json"),
+        (status = 502, description = "UPSTREAM_REJECTED, UPSTREAM_ERROR, UPSTREAM_CERTIFICATE_REJECTED", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "UPSTREAM_UNAVAILABLE, OVERLOADED (Retry-After where known)", body = Problem, content_type = "application/problem+json"),
         (status = 504, description = "UPSTREAM_TIMEOUT, REQUEST_TIMEOUT", body = Problem, content_type = "application/problem+json"),
     )
@@ -478,7 +478,7 @@ fn session_response(session: &KycSession, finapi_client: &str) -> Response {
         (status = 409, description = "USER_LOCKED", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "RATE_LIMITED, with Retry-After", body = Problem, content_type = "application/problem+json"),
         (status = 500, description = "INTERNAL", body = Problem, content_type = "application/problem+json"),
-        (status = 502, description = "UPSTREAM_REJECTED, UPSTREAM_ERROR", body = Problem, content_type = "application/problem+json"),
+        (status = 502, description = "UPSTREAM_REJECTED, UPSTREAM_ERROR, UPSTREAM_CERTIFICATE_REJECTED", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "UPSTREAM_UNAVAILABLE, OVERLOADED", body = Problem, content_type = "application/problem+json"),
         (status = 504, description = "UPSTREAM_TIMEOUT, REQUEST_TIMEOUT", body = Problem, content_type = "application/problem+json"),
     )

@@ -264,6 +264,18 @@ pub enum UpstreamError {
         #[source]
         source: reqwest::Error,
     },
+    /// finAPI's TLS certificate failed verification (unknown authority, another host name,
+    /// expired, ...): a configuration problem on one side or an impostor, never retried.
+    #[error("finAPI call {step} refused finAPI's TLS certificate ({problem})")]
+    Certificate {
+        step: Step,
+        /// The problem's stable name, after rustls' `CertificateError`: `UnknownIssuer`,
+        /// `NotValidForName`, `Expired`, `NotValidYet`, `Revoked`, `BadSignature`,
+        /// `BadEncoding`, `InvalidPurpose` or `Other`.
+        problem: &'static str,
+        #[source]
+        source: reqwest::Error,
+    },
     /// The call did not finish within its timeout.
     #[error("finAPI call {step} timed out")]
     Timeout {
@@ -322,6 +334,7 @@ impl UpstreamError {
     pub fn step(&self) -> Step {
         match self {
             Self::Connect { step, .. }
+            | Self::Certificate { step, .. }
             | Self::Timeout { step, .. }
             | Self::Transport { step, .. }
             | Self::Status { step, .. }
@@ -372,6 +385,7 @@ impl UpstreamError {
             Self::Connect { .. } | Self::Timeout { .. } | Self::Transport { .. } => true,
             Self::Status { status, .. } => matches!(status.as_u16(), 429 | 500 | 502 | 503 | 504),
             Self::CircuitOpen { .. }
+            | Self::Certificate { .. }
             | Self::Protocol { .. }
             | Self::TooLarge { .. }
             | Self::Request { .. }
@@ -392,12 +406,14 @@ impl UpstreamError {
     }
 
     /// A short stable name of what happened: `timeout`, `connect_error`, `transport_error`,
-    /// `body_too_large`, the status (`503`), `circuit_open`, `protocol_error`,
-    /// `request_error` or `decode_error`. A retried call's span names the one before with it.
+    /// `body_too_large`, the status (`503`), `circuit_open`, `certificate_rejected`,
+    /// `protocol_error`, `request_error` or `decode_error`. A retried call's span names the one
+    /// before with it.
     pub fn outcome(&self) -> &'static str {
         match self {
             Self::Timeout { .. } => "timeout",
             Self::Connect { .. } => "connect_error",
+            Self::Certificate { .. } => "certificate_rejected",
             Self::Transport { .. } => "transport_error",
             Self::TooLarge { .. } => "body_too_large",
             Self::Status { status, .. } => status_label(status.as_u16()),
@@ -427,7 +443,13 @@ impl UpstreamError {
 
     fn from_reqwest(step: Step, err: reqwest::Error) -> Self {
         let source = err.without_url();
-        if source.is_timeout() {
+        if let Some(problem) = certificate_problem(&source) {
+            Self::Certificate {
+                step,
+                problem,
+                source,
+            }
+        } else if source.is_timeout() {
             Self::Timeout { step, source }
         } else if source.is_connect() {
             Self::Connect { step, source }
@@ -435,6 +457,40 @@ impl UpstreamError {
             Self::Transport { step, source }
         }
     }
+}
+
+/// The stable name of the certificate problem behind `err`, if a TLS handshake failed on
+/// finAPI's certificate. rustls' error sits inside `io::Error`s of the connector (nested, as
+/// of reqwest 0.13), whose `source()` skips what they wrap, hence the look into each one.
+fn certificate_problem(err: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    use rustls::CertificateError as C;
+    let mut next = Some(err);
+    while let Some(err) = next {
+        let mut candidate = Some(err);
+        while let Some(inner) = candidate {
+            if let Some(rustls::Error::InvalidCertificate(problem)) =
+                inner.downcast_ref::<rustls::Error>()
+            {
+                return Some(match problem {
+                    C::UnknownIssuer => "UnknownIssuer",
+                    C::NotValidForName | C::NotValidForNameContext { .. } => "NotValidForName",
+                    C::Expired | C::ExpiredContext { .. } => "Expired",
+                    C::NotValidYet | C::NotValidYetContext { .. } => "NotValidYet",
+                    C::Revoked => "Revoked",
+                    C::BadSignature => "BadSignature",
+                    C::BadEncoding => "BadEncoding",
+                    C::InvalidPurpose | C::InvalidPurposeContext { .. } => "InvalidPurpose",
+                    _ => "Other",
+                });
+            }
+            candidate = inner
+                .downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .map(|inner| inner as &(dyn std::error::Error + 'static));
+        }
+        next = err.source();
+    }
+    None
 }
 
 tokio::task_local! {
@@ -499,13 +555,22 @@ const PROXY_VARIABLES: [&str; 6] = [
 
 /// Builds the one HTTP client the broker uses for finAPI: pooled keep-alive connections,
 /// timeouts, no redirects (a redirect must never carry credentials elsewhere).
+///
+/// finAPI's certificate is verified against the system's roots (rustls-platform-verifier)
+/// plus `extra_roots` (`finapi.ca_file`, read by [`crate::tls::read_ca_file`]); there is no way
+/// to skip verification. Errors: no root at all (no system roots and no extra ones).
 pub fn http_client(
     connect_timeout: Duration,
     request_timeout: Duration,
+    extra_roots: &[rustls::pki_types::CertificateDer<'static>],
 ) -> Result<reqwest::Client, reqwest::Error> {
     // Several clients in one process (tests) race to install the provider; losing is fine.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let mut builder = reqwest::Client::builder();
+    let extra_roots = extra_roots
+        .iter()
+        .map(|der| reqwest::Certificate::from_der(der))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut builder = reqwest::Client::builder().tls_certs_merge(extra_roots);
     // reqwest honours the proxy variables of the environment, and looks for a matching rule on
     // every request. Without any such variable there is nothing to match: skip the lookup.
     if !PROXY_VARIABLES
@@ -631,6 +696,7 @@ async fn call(
     let outcome = match &result {
         Err(UpstreamError::Timeout { .. }) => "timeout",
         Err(UpstreamError::Connect { .. }) => "connect_error",
+        Err(UpstreamError::Certificate { .. }) => "certificate_rejected",
         Err(UpstreamError::Transport { .. }) => "transport_error",
         Err(UpstreamError::TooLarge { .. }) => "body_too_large",
         _ => status.map_or("transport_error", |s| status_label(s.as_u16())),

@@ -183,8 +183,8 @@ impl FlowError {
 
     /// A short stable code for the ledger's `last_error` and metric labels, never a message
     /// from finAPI: `LOCKED`, `UPSTREAM_UNAVAILABLE`, `UPSTREAM_TIMEOUT`, `UPSTREAM_ERROR`,
-    /// `UPSTREAM_REJECTED`, `CLIENT_CREDENTIALS_REJECTED`, `STORE_UNAVAILABLE`,
-    /// `PASSWORD_KEY_MISSING`, `FINAPI_CLIENT_MISSING` or `INTERNAL`.
+    /// `UPSTREAM_REJECTED`, `UPSTREAM_CERTIFICATE_REJECTED`, `CLIENT_CREDENTIALS_REJECTED`,
+    /// `STORE_UNAVAILABLE`, `PASSWORD_KEY_MISSING`, `FINAPI_CLIENT_MISSING` or `INTERNAL`.
     pub fn code(&self) -> &'static str {
         match self {
             Self::UserLocked(_) => "LOCKED",
@@ -203,6 +203,7 @@ impl FlowError {
                     "UPSTREAM_UNAVAILABLE"
                 }
                 UpstreamError::Timeout { .. } => "UPSTREAM_TIMEOUT",
+                UpstreamError::Certificate { .. } => "UPSTREAM_CERTIFICATE_REJECTED",
                 UpstreamError::Status { status, .. } => match status.as_u16() {
                     423 => "LOCKED",
                     429 | 503 => "UPSTREAM_UNAVAILABLE",
@@ -253,10 +254,11 @@ pub struct Flows {
 
 impl Flows {
     /// Builds the upstream clients and the token cache of every configured finAPI client from
-    /// validated settings; managed identities are recorded in `identities`' ledger.
+    /// validated settings; managed identities are recorded in `identities`' ledger. `http`
+    /// gives the HTTP client trusting a client's `ca_file` (besides the system's roots).
     pub fn new(
         settings: &Settings,
-        http: reqwest::Client,
+        http: impl Fn(Option<&std::path::Path>) -> reqwest::Client,
         identities: identities::IdentitySettings,
     ) -> Result<Self, InvalidBaseUrl> {
         let r = &settings.resilience;
@@ -264,6 +266,7 @@ impl Flows {
         let session_budget = Duration::from_millis(r.session_budget_ms);
         let mut clients = Vec::new();
         for client in settings.finapi_clients() {
+            let http = http(client.ca_file.as_deref());
             let client_secret = Arc::new(ClientSecret::new(
                 &client.name,
                 client.client_secret,
@@ -291,7 +294,7 @@ impl Flows {
             )?
             .propagating_trace(settings.tracing.propagate_to_finapi);
             let processes = ProcessControllerClient::new(
-                http.clone(),
+                http,
                 &client.process_controller_url,
                 credentials,
                 breaker("process_controller"),

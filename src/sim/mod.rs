@@ -2,7 +2,9 @@
 //!
 //! It is written from the reference alone and imports nothing else of this crate, so that the
 //! broker and its tests cannot misread finAPI the same way. Start it with [`start`] (tests,
-//! demos) or [`run`] (the `sim` subcommand); steer it through [`SimHandle`] or the admin API:
+//! demos) or [`run`] (the `sim` subcommand), over plain HTTP or, with [`SimConfig::tls`], over
+//! HTTPS like finAPI (a [`SimCa`] makes the certificates); steer it through [`SimHandle`] or the
+//! admin API:
 //!
 //! | call | effect |
 //! |---|---|
@@ -32,15 +34,21 @@ mod faults;
 mod layer;
 mod state;
 mod stats;
+mod tls;
 mod wire;
 
 use std::future::Future;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::Router;
 use axum::routing::{get, post};
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -50,11 +58,15 @@ pub(crate) use layer::Endpoint;
 pub(crate) use layer::Grant;
 pub use state::SimState;
 pub use stats::{PSU_LOG_PER_ENDPOINT, PsuHeaders, PsuRecord, Stats};
+pub use tls::{LOCAL_NAMES, SimCa, SimTls, SimTlsError};
 
 /// Id of the client a default [`SimConfig`] knows.
 pub const DEMO_CLIENT_ID: &str = "demo-client";
 /// Secret of the client a default [`SimConfig`] knows.
 pub const DEMO_CLIENT_SECRET: &str = "demo-client-secret";
+
+/// Longest a client may take for its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How often expired tokens, users and processes are dropped.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
@@ -79,6 +91,8 @@ pub struct SimConfig {
     pub max_entries: usize,
     /// Fault rules active from the start.
     pub faults: Vec<FaultRule>,
+    /// Serve HTTPS with this certificate; `None` serves plain HTTP.
+    pub tls: Option<SimTls>,
 }
 
 impl Default for SimConfig {
@@ -91,6 +105,7 @@ impl Default for SimConfig {
             process_token_ttl: Duration::from_secs(7 * 24 * 3600),
             max_entries: 1_000_000,
             faults: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -148,8 +163,8 @@ pub fn router(state: SimState) -> Router {
         .with_state(state)
 }
 
-/// Binds `config.listen` and serves the simulator in a background task until
-/// [`SimHandle::shutdown`] is called or the handle is dropped.
+/// Binds `config.listen` and serves the simulator (HTTPS when `config.tls` is set) in a
+/// background task until [`SimHandle::shutdown`] is called or the handle is dropped.
 pub async fn start(config: SimConfig) -> io::Result<SimHandle> {
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
@@ -157,23 +172,102 @@ pub async fn start(config: SimConfig) -> io::Result<SimHandle> {
     let app = router(state.clone());
     let (stop, stopped) = oneshot::channel::<()>();
     let sweeper_state = state.clone();
+    let connections = Arc::new(AtomicU64::new(0));
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let tls = config.tls;
+    let counter = connections.clone();
     let server = tokio::spawn(async move {
-        let serve = axum::serve(listener, app).with_graceful_shutdown(async {
-            // A dropped handle stops the simulator too.
+        // A dropped handle stops the simulator too.
+        let stopped = async {
             let _ = stopped.await;
-        });
+        };
+        let serve = async move {
+            match tls {
+                Some(tls) => {
+                    serve_tls(listener, app, tls.acceptor(), counter, stopped).await;
+                    Ok(())
+                }
+                None => {
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(stopped)
+                        .await
+                }
+            }
+        };
         tokio::select! {
-            result = serve.into_future() => result,
+            result = serve => result,
             () = sweep_forever(sweeper_state) => Ok(()),
         }
     });
-    tracing::info!(%addr, "finAPI simulator listening");
+    tracing::info!(%addr, scheme, "finAPI simulator listening");
     Ok(SimHandle {
         addr,
+        scheme,
         state,
+        connections,
         stop,
         server,
     })
+}
+
+/// Serves HTTPS: each accepted connection is counted, then gets its TLS handshake (at most
+/// [`TLS_HANDSHAKE_TIMEOUT`]) and HTTP/1.1. Stops accepting when `stopped` completes and waits
+/// for the open connections' requests.
+async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    acceptor: tokio_rustls::TlsAcceptor,
+    connections: Arc<AtomicU64>,
+    stopped: impl Future<Output = ()>,
+) {
+    let http = hyper::server::conn::http1::Builder::new();
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(stopped);
+    loop {
+        let stream = tokio::select! {
+            () = &mut stopped => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => stream,
+                Err(error) => {
+                    // Running out of file descriptors must not spin the loop.
+                    tracing::warn!(%error, "simulator accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        connections.fetch_add(1, Ordering::Relaxed);
+        let _ = stream.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let service = TowerToHyperService::new(app.clone());
+        let watcher = graceful.watcher();
+        let http = http.clone();
+        tokio::spawn(async move {
+            let tls =
+                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => tls,
+                    // A client that refuses the certificate ends here; tests count these.
+                    Ok(Err(error)) => {
+                        tracing::debug!(%error, "simulator TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!("simulator TLS handshake timed out");
+                        return;
+                    }
+                };
+            let connection = watcher.watch(http.serve_connection(TokioIo::new(tls), service));
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "simulator connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
 }
 
 /// Runs a simulator until `shutdown` completes, then stops it gracefully; for the `sim`
@@ -197,7 +291,9 @@ async fn sweep_forever(state: SimState) {
 /// A running simulator.
 pub struct SimHandle {
     addr: SocketAddr,
+    scheme: &'static str,
     state: SimState,
+    connections: Arc<AtomicU64>,
     stop: oneshot::Sender<()>,
     server: JoinHandle<io::Result<()>>,
 }
@@ -208,9 +304,16 @@ impl SimHandle {
         self.addr
     }
 
-    /// `http://IP:PORT`, to use as both the Access and the Process Controller base URL.
+    /// `http://IP:PORT`, or `https://IP:PORT` when serving TLS: the Access and the Process
+    /// Controller base URL.
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
+    }
+
+    /// TCP connections accepted so far when serving TLS, whether their handshake succeeded or
+    /// not (0 over plain HTTP): shows how often a client tried.
+    pub fn tls_connections(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed)
     }
 
     /// The shared state, e.g. to serve the same simulator through [`router`] as well.

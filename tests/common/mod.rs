@@ -61,7 +61,7 @@ pub fn settings_with_ledger(sim: &SimHandle, ledger: &Ledger) -> Settings {
     let key = SecretString::from(TEST_API_KEY);
     let any_port = "127.0.0.1:0".parse().unwrap();
     let mut settings =
-        settings_for_simulator(any_port, any_port, &sim.base_url(), &key, ledger).unwrap();
+        settings_for_simulator(any_port, any_port, &sim.base_url(), None, &key, ledger).unwrap();
     // Tests fire bursts of hundreds of requests; rate limits are tested on their own.
     settings.limits.caller_rate_per_sec = 1_000_000;
     settings.limits.caller_burst = 1_000_000;
@@ -92,7 +92,75 @@ pub fn add_finapi_client(
     );
 }
 
+/// A fresh certificate authority for a test, its certificate in a temporary PEM file (the
+/// broker's `finapi.ca_file`), removed when dropped.
+pub struct TestCa {
+    pub ca: sim::SimCa,
+    pub file: std::path::PathBuf,
+}
+
+impl TestCa {
+    pub fn new() -> Self {
+        let ca = sim::SimCa::generate().expect("an authority");
+        let file = std::env::temp_dir().join(format!(
+            "giroident-broker-test-ca-{}.pem",
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::write(&file, ca.cert_pem()).expect("the CA file is written");
+        Self { ca, file }
+    }
+
+    /// A server certificate for 127.0.0.1 and localhost, valid now.
+    pub fn local_tls(&self) -> sim::SimTls {
+        self.ca.issue(&sim::LOCAL_NAMES).expect("a certificate")
+    }
+}
+
+impl Drop for TestCa {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.file);
+    }
+}
+
+/// Settings for a broker in front of an HTTPS `sim`, trusting `ca_file` (`finapi.ca_file`),
+/// with the demo client, the test caller and a fresh SQLite ledger.
+pub fn settings_for_tls(sim: &SimHandle, ca_file: &std::path::Path) -> Settings {
+    let key = SecretString::from(TEST_API_KEY);
+    let any_port = "127.0.0.1:0".parse().unwrap();
+    let mut settings = settings_for_simulator(
+        any_port,
+        any_port,
+        &sim.base_url(),
+        Some(ca_file),
+        &key,
+        &sqlite_ledger(),
+    )
+    .unwrap();
+    settings.limits.caller_rate_per_sec = 1_000_000;
+    settings.limits.caller_burst = 1_000_000;
+    settings.limits.max_in_flight = 10_000;
+    settings
+}
+
 impl TestEnv {
+    /// A simulator serving HTTPS with `tls` (`sim_config.tls` is replaced), and a broker that
+    /// trusts `ca`'s certificate through `finapi.ca_file`, its settings changed by `tweak`.
+    /// The test's own client trusts `ca` too, for calls to the simulator.
+    pub async fn with_tls(
+        mut sim_config: SimConfig,
+        tls: sim::SimTls,
+        ca: &TestCa,
+        tweak: impl FnOnce(&mut Settings),
+    ) -> Self {
+        sim_config.tls = Some(tls);
+        let sim = sim::start(sim_config).await.expect("simulator starts");
+        let mut settings = settings_for_tls(&sim, &ca.file);
+        tweak(&mut settings);
+        let mut env = Self::with_settings(sim, &settings).await;
+        env.http = client_trusting(TEST_API_KEY, ca.ca.cert_pem());
+        env
+    }
+
     /// Default simulator, default broker settings.
     pub async fn start() -> Self {
         Self::with(SimConfig::default(), |_| {}).await
@@ -261,6 +329,18 @@ pub fn client_with_key(key: &str) -> reqwest::Client {
     headers.insert("x-api-key", key.parse().expect("header value"));
     reqwest::Client::builder()
         .default_headers(headers)
+        .build()
+        .expect("client")
+}
+
+/// Like [`client_with_key`], and trusting the authority of `ca_pem` besides the system roots.
+pub fn client_trusting(key: &str, ca_pem: &str) -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert("x-api-key", key.parse().expect("header value"));
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .tls_certs_merge(reqwest::Certificate::from_pem_bundle(ca_pem.as_bytes()).expect("PEM"))
         .build()
         .expect("client")
 }
