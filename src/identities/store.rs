@@ -1156,6 +1156,71 @@ mod tests {
         );
     }
 
+    /// A store on a fresh SQLite file in the temp dir, with the file's path (removed by the
+    /// caller).
+    async fn sqlite_store() -> (IdentityStore, std::path::PathBuf) {
+        let path = std::env::temp_dir().join(format!("giroident-store-unit-{}.db", Uuid::new_v4()));
+        let url = SecretString::from(format!("sqlite://{}", path.display()));
+        let store = IdentityStore::connect(&url, 2).await.expect("connects");
+        (store, path)
+    }
+
+    fn remove_sqlite(path: &std::path::Path) {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+    }
+
+    fn intent(id: Uuid, user: &str) -> NewIdentity<'_> {
+        NewIdentity {
+            id,
+            finapi_user_id: user,
+            caller: "demo",
+            reference_digest: None,
+            key_id: "k1",
+            finapi_client: "default",
+            now: 1,
+            delete_after: 2,
+        }
+    }
+
+    #[tokio::test]
+    async fn writes_answer_unavailable_at_once_when_the_writer_is_gone() {
+        let (mut store, path) = sqlite_store().await;
+        let (closed, _) = mpsc::unbounded_channel();
+        store.writes = closed;
+        let written = store.insert_intent(&intent(Uuid::new_v4(), "u-1")).await;
+        assert!(
+            matches!(written, Err(StoreError::Unavailable(_))),
+            "{written:?}"
+        );
+        let ping = store.ping().await;
+        assert!(matches!(ping, Err(StoreError::Unavailable(_))), "{ping:?}");
+        store.close().await;
+        remove_sqlite(&path);
+    }
+
+    #[tokio::test]
+    async fn a_writer_that_dies_holding_a_write_answers_it_unavailable() {
+        let (mut store, path) = sqlite_store().await;
+        let (queue, mut taken) = mpsc::unbounded_channel();
+        store.writes = queue;
+        // A writer that takes the request and dies before committing it.
+        let dying = tokio::spawn(async move {
+            let request = taken.recv().await;
+            drop(request);
+            drop(taken);
+        });
+        let written = store.activate(Uuid::new_v4(), 1, 2).await;
+        assert!(
+            matches!(written, Err(StoreError::Unavailable(_))),
+            "{written:?}"
+        );
+        dying.await.expect("the stand-in writer ends");
+        store.close().await;
+        remove_sqlite(&path);
+    }
+
     #[test]
     fn states_and_kinds_round_trip_their_stored_form() {
         for state in IdentityState::ALL {
