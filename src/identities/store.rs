@@ -372,12 +372,12 @@ macro_rules! with_writer {
 }
 
 /// The record as stored; converted to [`IdentityRecord`] by [`RawRecord::into_record`].
-#[derive(sqlx::FromRow)]
+#[derive(Clone, sqlx::FromRow)]
 pub(super) struct RawRecord {
     id: String,
     finapi_user_id: String,
-    caller: String,
-    reference_digest: Option<String>,
+    pub(super) caller: String,
+    pub(super) reference_digest: Option<String>,
     key_id: String,
     finapi_client: String,
     state: String,

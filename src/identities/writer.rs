@@ -13,9 +13,9 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use sqlx::QueryBuilder;
-use sqlx::postgres::PgPool;
-use sqlx::sqlite::SqlitePool;
+use sqlx::postgres::{PgPool, Postgres};
+use sqlx::sqlite::{Sqlite, SqlitePool};
+use sqlx::{FromRow, QueryBuilder, Row};
 use tokio::sync::{Mutex, mpsc, oneshot};
 
 use super::store::{Backend, RECORD_COLUMNS, RawRecord, StoreError, classify};
@@ -236,6 +236,9 @@ const INSERT_INTENTS: &str = "INSERT INTO identities (id, finapi_user_id, caller
      reference_digest, key_id, finapi_client, state, created_at, delete_after, next_attempt_at) ";
 const ON_LIVE_REFERENCE: &str = " ON CONFLICT (caller, reference_digest) \
      WHERE reference_digest IS NOT NULL AND state IN ('intent', 'active') DO NOTHING RETURNING id";
+const ON_LIVE_REFERENCE_TAGGED: &str = " ON CONFLICT (caller, reference_digest) \
+     WHERE reference_digest IS NOT NULL AND state IN ('intent', 'active') DO NOTHING \
+     RETURNING 'new' AS tag, id; ";
 const ACTIVATE: &str = "UPDATE identities SET state = 'active', last_session_at = v.column2, \
      delete_after = v.column3 FROM (";
 const TOUCH: &str =
@@ -243,143 +246,326 @@ const TOUCH: &str =
 const INSERT_EVENTS: &str =
     "INSERT INTO identity_events (identity_id, kind, caller, request_id, at, detail) ";
 
-/// Defines `$name`, which runs one batch on `$pool` in one transaction: all intents in one
+/// Runs one batch on PostgreSQL in one transaction: all intents in one
 /// `INSERT … ON CONFLICT DO NOTHING RETURNING`, the activations and the touches in one
-/// `UPDATE … FROM (VALUES …)` each, and all events in one `INSERT`. The SQL is the same on
-/// both backends; the driver types differ.
-macro_rules! batch_runner {
-    ($name:ident, $db:ty, $pool:ty) => {
-        async fn $name(pool: &$pool, writes: &[&Request]) -> Result<Vec<Outcome>, sqlx::Error> {
-            let mut outcomes: Vec<Option<Outcome>> = writes.iter().map(|_| None).collect();
-            let mut tx = pool.begin().await?;
+/// `UPDATE … FROM (VALUES …)` each, and all events in one `INSERT`; a statement each, since
+/// PostgreSQL prepares one statement at a time.
+async fn run_postgres(pool: &PgPool, writes: &[&Request]) -> Result<Vec<Outcome>, sqlx::Error> {
+    let mut outcomes: Vec<Option<Outcome>> = writes.iter().map(|_| None).collect();
+    let mut tx = pool.begin().await?;
 
-            let intents: Vec<(usize, &IntentRow)> = writes
-                .iter()
-                .enumerate()
-                .filter_map(|(i, w)| match w {
-                    Request::Intent(row, _) => Some((i, row)),
-                    _ => None,
-                })
-                .collect();
-            if !intents.is_empty() {
-                let mut query = QueryBuilder::<$db>::new(INSERT_INTENTS);
-                query.push_values(&intents, |mut b, (_, row)| {
-                    b.push_bind(row.id.as_str())
-                        .push_bind(row.finapi_user_id.as_str())
-                        .push_bind(row.caller.as_str())
-                        .push_bind(row.reference_digest.as_deref())
-                        .push_bind(row.key_id.as_str())
-                        .push_bind(row.finapi_client.as_str())
-                        .push("'intent'")
-                        .push_bind(row.now)
-                        .push_bind(row.delete_after)
-                        .push_bind(row.now);
-                });
-                query.push(ON_LIVE_REFERENCE);
-                let written: Vec<String> = query
-                    .build_query_scalar::<String>()
-                    .fetch_all(&mut *tx)
-                    .await?;
-                let written: HashSet<&str> = written.iter().map(String::as_str).collect();
-                let find_live = format!(
-                    "SELECT {RECORD_COLUMNS} FROM identities WHERE caller = $1 \
-                     AND reference_digest = $2 AND state IN ('intent', 'active')"
-                );
-                for (i, row) in intents {
-                    let outcome = if written.contains(row.id.as_str()) {
-                        IntentOutcome::New
-                    } else if let Some(digest) = &row.reference_digest {
-                        // Lost to a live record (of an earlier batch, or earlier in this one).
-                        sqlx::query_as::<_, RawRecord>(&find_live)
-                            .bind(&row.caller)
-                            .bind(digest)
-                            .fetch_optional(&mut *tx)
-                            .await?
-                            .map_or(IntentOutcome::Gone, IntentOutcome::Existing)
-                    } else {
-                        IntentOutcome::Gone
-                    };
-                    outcomes[i] = Some(Outcome::Intent(outcome));
-                }
-            }
-
-            let mut events: Vec<&EventRow> = Vec::new();
-            let mut unchanged_events: Vec<EventRow> = Vec::new();
-            for (change, head, from_state) in [
-                (Change::Activate, ACTIVATE, "intent"),
-                (Change::Touch, TOUCH, "active"),
-            ] {
-                let rows: Vec<(usize, &TransitionRow)> = writes
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(i, w)| match w {
-                        Request::Transition(row, _) if row.change == change => Some((i, row)),
-                        _ => None,
-                    })
-                    .collect();
-                if rows.is_empty() {
-                    continue;
-                }
-                let mut query = QueryBuilder::<$db>::new(head);
-                query.push_values(&rows, |mut b, (_, row)| {
-                    b.push_bind(row.id.as_str())
-                        .push_bind(row.now)
-                        .push_bind(row.delete_after);
-                });
-                query.push(format_args!(
-                    ") AS v WHERE id = v.column1 AND state = '{from_state}' RETURNING id"
-                ));
-                let changed: Vec<String> = query
-                    .build_query_scalar::<String>()
-                    .fetch_all(&mut *tx)
-                    .await?;
-                let changed: HashSet<&str> = changed.iter().map(String::as_str).collect();
-                for (i, row) in rows {
-                    let applied = changed.contains(row.id.as_str());
-                    match (&row.event, &row.unchanged_detail) {
-                        (Some(event), _) if applied => events.push(event),
-                        (Some(event), Some(detail)) => unchanged_events.push(EventRow {
-                            identity_id: event.identity_id.clone(),
-                            kind: event.kind,
-                            caller: event.caller.clone(),
-                            request_id: event.request_id.clone(),
-                            at: event.at,
-                            detail: detail.clone(),
-                        }),
-                        _ => {}
-                    }
-                    outcomes[i] = Some(Outcome::Transition(applied));
-                }
-            }
-
-            for (i, write) in writes.iter().enumerate() {
-                if let Request::Event(row, _) = write {
-                    events.push(row);
-                    outcomes[i] = Some(Outcome::Event);
-                }
-            }
-            events.extend(unchanged_events.iter());
-            if !events.is_empty() {
-                let mut query = QueryBuilder::<$db>::new(INSERT_EVENTS);
-                query.push_values(&events, |mut b, event| {
-                    b.push_bind(event.identity_id.as_str())
-                        .push_bind(event.kind.as_str())
-                        .push_bind(event.caller.as_str())
-                        .push_bind(event.request_id.as_deref())
-                        .push_bind(event.at)
-                        .push_bind(event.detail.as_deref());
-                });
-                query.build().execute(&mut *tx).await?;
-            }
-
-            tx.commit().await?;
-            outcomes
-                .into_iter()
-                .map(|o| o.ok_or_else(|| sqlx::Error::Protocol("write left unanswered".to_owned())))
-                .collect()
+    let intents: Vec<(usize, &IntentRow)> = writes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, w)| match w {
+            Request::Intent(row, _) => Some((i, row)),
+            _ => None,
+        })
+        .collect();
+    if !intents.is_empty() {
+        let mut query = QueryBuilder::<Postgres>::new(INSERT_INTENTS);
+        query.push_values(&intents, |mut b, (_, row)| {
+            b.push_bind(row.id.as_str())
+                .push_bind(row.finapi_user_id.as_str())
+                .push_bind(row.caller.as_str())
+                .push_bind(row.reference_digest.as_deref())
+                .push_bind(row.key_id.as_str())
+                .push_bind(row.finapi_client.as_str())
+                .push("'intent'")
+                .push_bind(row.now)
+                .push_bind(row.delete_after)
+                .push_bind(row.now);
+        });
+        query.push(ON_LIVE_REFERENCE);
+        let written: Vec<String> = query
+            .build_query_scalar::<String>()
+            .fetch_all(&mut *tx)
+            .await?;
+        let written: HashSet<&str> = written.iter().map(String::as_str).collect();
+        let find_live = format!(
+            "SELECT {RECORD_COLUMNS} FROM identities WHERE caller = $1 \
+             AND reference_digest = $2 AND state IN ('intent', 'active')"
+        );
+        for (i, row) in intents {
+            let outcome = if written.contains(row.id.as_str()) {
+                IntentOutcome::New
+            } else if let Some(digest) = &row.reference_digest {
+                // Lost to a live record (of an earlier batch, or earlier in this one).
+                sqlx::query_as::<_, RawRecord>(&find_live)
+                    .bind(&row.caller)
+                    .bind(digest)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .map_or(IntentOutcome::Gone, IntentOutcome::Existing)
+            } else {
+                IntentOutcome::Gone
+            };
+            outcomes[i] = Some(Outcome::Intent(outcome));
         }
-    };
+    }
+
+    let mut events: Vec<&EventRow> = Vec::new();
+    let mut unchanged_events: Vec<EventRow> = Vec::new();
+    for (change, head, from_state) in [
+        (Change::Activate, ACTIVATE, "intent"),
+        (Change::Touch, TOUCH, "active"),
+    ] {
+        let rows: Vec<(usize, &TransitionRow)> = writes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, w)| match w {
+                Request::Transition(row, _) if row.change == change => Some((i, row)),
+                _ => None,
+            })
+            .collect();
+        if rows.is_empty() {
+            continue;
+        }
+        let mut query = QueryBuilder::<Postgres>::new(head);
+        query.push_values(&rows, |mut b, (_, row)| {
+            b.push_bind(row.id.as_str())
+                .push_bind(row.now)
+                .push_bind(row.delete_after);
+        });
+        query.push(format_args!(
+            ") AS v WHERE id = v.column1 AND state = '{from_state}' RETURNING id"
+        ));
+        let changed: Vec<String> = query
+            .build_query_scalar::<String>()
+            .fetch_all(&mut *tx)
+            .await?;
+        let changed: HashSet<&str> = changed.iter().map(String::as_str).collect();
+        for (i, row) in rows {
+            let applied = changed.contains(row.id.as_str());
+            match (&row.event, &row.unchanged_detail) {
+                (Some(event), _) if applied => events.push(event),
+                (Some(event), Some(detail)) => unchanged_events.push(EventRow {
+                    identity_id: event.identity_id.clone(),
+                    kind: event.kind,
+                    caller: event.caller.clone(),
+                    request_id: event.request_id.clone(),
+                    at: event.at,
+                    detail: detail.clone(),
+                }),
+                _ => {}
+            }
+            outcomes[i] = Some(Outcome::Transition(applied));
+        }
+    }
+
+    for (i, write) in writes.iter().enumerate() {
+        if let Request::Event(row, _) = write {
+            events.push(row);
+            outcomes[i] = Some(Outcome::Event);
+        }
+    }
+    events.extend(unchanged_events.iter());
+    if !events.is_empty() {
+        let mut query = QueryBuilder::<Postgres>::new(INSERT_EVENTS);
+        query.push_values(&events, |mut b, event| {
+            b.push_bind(event.identity_id.as_str())
+                .push_bind(event.kind.as_str())
+                .push_bind(event.caller.as_str())
+                .push_bind(event.request_id.as_deref())
+                .push_bind(event.at)
+                .push_bind(event.detail.as_deref());
+        });
+        query.build().execute(&mut *tx).await?;
+    }
+
+    tx.commit().await?;
+    outcomes
+        .into_iter()
+        .map(|o| o.ok_or_else(|| sqlx::Error::Protocol("write left unanswered".to_owned())))
+        .collect()
 }
 
-batch_runner!(run_sqlite, sqlx::Sqlite, SqlitePool);
-batch_runner!(run_postgres, sqlx::Postgres, PgPool);
+/// Runs one batch on SQLite as ONE command to the connection's worker thread: `BEGIN
+/// IMMEDIATE`, the statements, `COMMIT`, in one multi-statement string. sqlx runs every SQLite
+/// statement on a worker thread of the connection and hands each command and its answer across
+/// threads; one command per batch instead of one per statement is most of what group commit
+/// saves on SQLite. Each statement's rows carry a `tag` column saying which statement they
+/// come from.
+///
+/// The statements: all intents in one `INSERT … ON CONFLICT DO NOTHING RETURNING`; the live
+/// records of the batch's references (for the intents that lost); the events of the state
+/// changes, chosen by the records' states *before* the changes (the write lock is held, so the
+/// `UPDATE`s that follow see the same states); the activations and the touches in one
+/// `UPDATE … FROM (VALUES …)` each; the plain events in one `INSERT`.
+async fn run_sqlite(pool: &SqlitePool, writes: &[&Request]) -> Result<Vec<Outcome>, sqlx::Error> {
+    let intents: Vec<&IntentRow> = writes
+        .iter()
+        .filter_map(|w| match w {
+            Request::Intent(row, _) => Some(row),
+            _ => None,
+        })
+        .collect();
+    let transitions = |change: Change| -> Vec<&TransitionRow> {
+        writes
+            .iter()
+            .filter_map(|w| match w {
+                Request::Transition(row, _) if row.change == change => Some(row),
+                _ => None,
+            })
+            .collect()
+    };
+    let activations = transitions(Change::Activate);
+    let touches = transitions(Change::Touch);
+    let logged: Vec<(&TransitionRow, &EventRow)> = activations
+        .iter()
+        .chain(&touches)
+        .filter_map(|row| row.event.as_ref().map(|event| (*row, event)))
+        .collect();
+    let events: Vec<&EventRow> = writes
+        .iter()
+        .filter_map(|w| match w {
+            Request::Event(row, _) => Some(row),
+            _ => None,
+        })
+        .collect();
+    let referenced: Vec<&IntentRow> = intents
+        .iter()
+        .copied()
+        .filter(|row| row.reference_digest.is_some())
+        .collect();
+
+    let mut query = QueryBuilder::<Sqlite>::new("BEGIN IMMEDIATE; ");
+    if !intents.is_empty() {
+        query.push(INSERT_INTENTS);
+        query.push_values(&intents, |mut b, row| {
+            b.push_bind(row.id.as_str())
+                .push_bind(row.finapi_user_id.as_str())
+                .push_bind(row.caller.as_str())
+                .push_bind(row.reference_digest.as_deref())
+                .push_bind(row.key_id.as_str())
+                .push_bind(row.finapi_client.as_str())
+                .push("'intent'")
+                .push_bind(row.now)
+                .push_bind(row.delete_after)
+                .push_bind(row.now);
+        });
+        query.push(ON_LIVE_REFERENCE_TAGGED);
+    }
+    if !referenced.is_empty() {
+        query.push(format_args!(
+            "SELECT 'live' AS tag, {RECORD_COLUMNS} FROM identities \
+             WHERE state IN ('intent', 'active') AND reference_digest IS NOT NULL \
+             AND (caller, reference_digest) IN ("
+        ));
+        query.push_values(&referenced, |mut b, row| {
+            b.push_bind(row.caller.as_str())
+                .push_bind(row.reference_digest.as_deref());
+        });
+        query.push("); ");
+    }
+    if !logged.is_empty() {
+        query.push(INSERT_EVENTS);
+        query.push(
+            "SELECT v.column1, v.column2, v.column3, v.column4, v.column5, \
+             CASE WHEN i.state = v.column6 THEN v.column7 ELSE v.column8 END FROM (",
+        );
+        query.push_values(&logged, |mut b, (row, event)| {
+            b.push_bind(event.identity_id.as_str())
+                .push_bind(event.kind.as_str())
+                .push_bind(event.caller.as_str())
+                .push_bind(event.request_id.as_deref())
+                .push_bind(event.at)
+                .push_bind(from_state(row.change))
+                .push_bind(event.detail.as_deref())
+                .push_bind(row.unchanged_detail.clone().flatten())
+                .push_bind(row.unchanged_detail.is_some());
+        });
+        query.push(
+            ") AS v JOIN identities AS i ON i.id = v.column1 \
+             WHERE i.state = v.column6 OR v.column9; ",
+        );
+    }
+    for (rows, head, tag) in [(&activations, ACTIVATE, "a"), (&touches, TOUCH, "t")] {
+        if rows.is_empty() {
+            continue;
+        }
+        query.push(head);
+        query.push_values(rows.iter(), |mut b, row| {
+            b.push_bind(row.id.as_str())
+                .push_bind(row.now)
+                .push_bind(row.delete_after);
+        });
+        let state = from_state(rows[0].change);
+        query.push(format_args!(
+            ") AS v WHERE id = v.column1 AND state = '{state}' RETURNING '{tag}' AS tag, id; "
+        ));
+    }
+    if !events.is_empty() {
+        query.push(INSERT_EVENTS);
+        query.push_values(&events, |mut b, event| {
+            b.push_bind(event.identity_id.as_str())
+                .push_bind(event.kind.as_str())
+                .push_bind(event.caller.as_str())
+                .push_bind(event.request_id.as_deref())
+                .push_bind(event.at)
+                .push_bind(event.detail.as_deref());
+        });
+        query.push("; ");
+    }
+    query.push("COMMIT");
+
+    let mut conn = pool.acquire().await?;
+    let rows = match query.build().fetch_all(&mut *conn).await {
+        Ok(rows) => rows,
+        Err(e) => {
+            // The statement that failed left the transaction open: roll it back, and if that
+            // fails too, let the pool open a fresh connection.
+            if sqlx::query("ROLLBACK").execute(&mut *conn).await.is_err() {
+                let _ = conn.close().await;
+            }
+            return Err(e);
+        }
+    };
+
+    let mut new = HashSet::new();
+    let mut live = Vec::new();
+    let mut changed = HashSet::new();
+    for row in rows {
+        let tag: String = row.try_get("tag")?;
+        match tag.as_str() {
+            "new" => {
+                new.insert(row.try_get::<String, _>("id")?);
+            }
+            "live" => live.push(RawRecord::from_row(&row)?),
+            change => {
+                changed.insert((change == "a", row.try_get::<String, _>("id")?));
+            }
+        }
+    }
+    Ok(writes
+        .iter()
+        .map(|w| match w {
+            Request::Intent(row, _) => Outcome::Intent(if new.contains(&row.id) {
+                IntentOutcome::New
+            } else {
+                // Lost to a live record of an earlier batch, or of this one.
+                let index = live.iter().position(|r| {
+                    r.caller == row.caller && r.reference_digest == row.reference_digest
+                });
+                match index {
+                    Some(i) if row.reference_digest.is_some() => {
+                        IntentOutcome::Existing(live[i].clone())
+                    }
+                    _ => IntentOutcome::Gone,
+                }
+            }),
+            Request::Transition(row, _) => Outcome::Transition(
+                changed.contains(&(row.change == Change::Activate, row.id.clone())),
+            ),
+            Request::Event(..) => Outcome::Event,
+        })
+        .collect())
+}
+
+/// The state a change applies to.
+fn from_state(change: Change) -> &'static str {
+    match change {
+        Change::Activate => "intent",
+        Change::Touch => "active",
+    }
+}
