@@ -507,6 +507,28 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// How often the SQLite write-ahead log is copied back into the database file.
+const SQLITE_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Copies the SQLite write-ahead log back into the database file every
+/// [`SQLITE_CHECKPOINT_INTERVAL`], on a reading connection, while the store lives. A `PASSIVE`
+/// checkpoint never waits for the writer or readers (sqlite.org/c3ref/wal_checkpoint_v2.html), so
+/// its fsyncs stay off the sessions' path; the writer restarts the log once it is copied.
+async fn checkpoints(read: SqlitePool, store: mpsc::WeakUnboundedSender<writer::Request>) {
+    loop {
+        tokio::time::sleep(SQLITE_CHECKPOINT_INTERVAL).await;
+        if store.upgrade().is_none() || read.is_closed() {
+            return;
+        }
+        if let Err(error) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&read)
+            .await
+        {
+            tracing::debug!(%error, "ledger checkpoint failed; the next one tries again");
+        }
+    }
+}
+
 impl IdentityStore {
     /// Connects to `url`, checks that the schema is not newer than this binary, and applies
     /// the migrations this binary carries (idempotent; PostgreSQL replicas starting together
@@ -548,13 +570,17 @@ impl IdentityStore {
         // WAL with synchronous=NORMAL: a commit is in the WAL file (the OS's page cache) before
         // it is answered, so it survives the broker's crash; only a checkpoint fsyncs, so an OS
         // crash or power loss can lose the last commits (sqlite.org/pragma.html#pragma_synchronous).
+        // No automatic checkpoints: they would run, fsync included, inside the committing
+        // writer's COMMIT and stall every session queued behind it; `checkpoints` runs them
+        // beside the writer instead.
         let options = SqliteConnectOptions::from_str(raw)
             .map_err(|e| invalid_url(&e, raw))?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(SQLITE_BUSY_TIMEOUT)
-            .foreign_keys(true);
+            .foreign_keys(true)
+            .pragma("wal_autocheckpoint", "0");
         // The writer first: it creates the file and sets WAL before readers open it. Its one
         // connection is only ever used by this process, so it is not pinged before each use,
         // and it keeps the batches' multi-row statements prepared.
@@ -577,6 +603,7 @@ impl IdentityStore {
             .map_err(|e| classify(Backend::Sqlite, e))?;
         // One writer: SQLite serialises writers on the file anyway.
         let writes = writer::spawn(WritePool::Sqlite(write.clone()), 1);
+        tokio::spawn(checkpoints(read.clone(), writes.downgrade()));
         Ok(Self {
             pool: Pool::Sqlite { read, write },
             writes,
