@@ -87,8 +87,8 @@ pub(super) enum Request {
 pub(super) enum IntentOutcome {
     /// Written.
     New,
-    /// Not written: this live record holds the caller's reference.
-    Existing(RawRecord),
+    /// Not written: this live record holds the caller's reference (rare: boxed).
+    Existing(Box<RawRecord>),
     /// Not written, and the live record it collided with was gone when read (a deletion raced
     /// the insert); the requester tries again.
     Gone,
@@ -296,7 +296,9 @@ async fn run_postgres(pool: &PgPool, writes: &[&Request]) -> Result<Vec<Outcome>
                     .bind(digest)
                     .fetch_optional(&mut *tx)
                     .await?
-                    .map_or(IntentOutcome::Gone, IntentOutcome::Existing)
+                    .map_or(IntentOutcome::Gone, |r| {
+                        IntentOutcome::Existing(Box::new(r))
+                    })
             } else {
                 IntentOutcome::Gone
             };
@@ -549,7 +551,7 @@ async fn run_sqlite(pool: &SqlitePool, writes: &[&Request]) -> Result<Vec<Outcom
                 });
                 match index {
                     Some(i) if row.reference_digest.is_some() => {
-                        IntentOutcome::Existing(live[i].clone())
+                        IntentOutcome::Existing(Box::new(live[i].clone()))
                     }
                     _ => IntentOutcome::Gone,
                 }
