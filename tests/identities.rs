@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::{CREATE_USER, PASSWORD_TOKEN, TestEnv};
 use giroident_broker::config::{CallerSettings, FlowKind, Settings};
 use giroident_broker::demo::Ledger;
-use giroident_broker::identities::{IdentityState, IdentityStore};
+use giroident_broker::identities::{EventKind, IdentityState, IdentityStore};
 use giroident_broker::sim::{self, FaultRule, SimConfig};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
@@ -140,6 +140,85 @@ async fn fifty_concurrent_first_sessions_for_one_reference_create_one_user() {
     }
     assert_eq!(users.len(), 1);
     assert_eq!(env.all_calls(CREATE_USER), 1);
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_sessions_with_and_without_references_are_each_recorded_once() {
+    let ledger = common::sqlite_ledger();
+    let env = env_with(&ledger, |_| {}).await;
+    // 40 sessions without a reference and 40 for 4 references (10 each), all at once: their
+    // ledger writes share commits.
+    let bodies: Vec<Value> = (0..80)
+        .map(|n| match n % 2 {
+            0 => json!({"flow": "access"}),
+            _ => access(&format!("customer-{}", n % 8)),
+        })
+        .collect();
+    let answers =
+        futures_util::future::join_all(bodies.iter().map(|b| env.start_session(b.clone()))).await;
+    let mut by_reference: std::collections::HashMap<String, Vec<Value>> = Default::default();
+    let mut unreferenced = std::collections::HashSet::new();
+    for (body, answer) in bodies.iter().zip(answers) {
+        let session = common::expect_created(answer).await;
+        match body["clientReference"].as_str() {
+            Some(reference) => by_reference
+                .entry(reference.to_owned())
+                .or_default()
+                .push(session),
+            None => {
+                assert_eq!(session["identity"], "created");
+                assert!(unreferenced.insert(session["userId"].as_str().unwrap().to_owned()));
+            }
+        }
+    }
+    assert_eq!(unreferenced.len(), 40);
+    assert_eq!(by_reference.len(), 4);
+    for sessions in by_reference.values() {
+        let users: std::collections::HashSet<&str> = sessions
+            .iter()
+            .map(|s| s["userId"].as_str().unwrap())
+            .collect();
+        assert_eq!(users.len(), 1, "one identity per reference: {sessions:?}");
+        let created = sessions
+            .iter()
+            .filter(|s| s["identity"] == "created")
+            .count();
+        assert_eq!(created, 1, "{sessions:?}");
+    }
+    assert_eq!(env.all_calls(CREATE_USER), 44);
+
+    let store = store(&ledger).await;
+    let counts = store.counts_by_state().await.expect("counts");
+    assert_eq!(counts[0], (IdentityState::Intent, 0));
+    assert_eq!(counts[1], (IdentityState::Active, 44));
+    let mut reused = 0;
+    let users = unreferenced.iter().map(String::as_str).chain(
+        by_reference
+            .values()
+            .map(|sessions| sessions[0]["userId"].as_str().unwrap()),
+    );
+    for user in users {
+        let record = store
+            .find_by_finapi_user(user)
+            .await
+            .expect("find")
+            .expect("recorded");
+        let events = store.recent_events(record.id, 20).await.expect("events");
+        let kinds: Vec<EventKind> = events.iter().map(|e| e.kind).collect();
+        assert_eq!(
+            kinds.iter().filter(|k| **k == EventKind::Created).count(),
+            1,
+            "{kinds:?}"
+        );
+        assert!(
+            events
+                .iter()
+                .all(|e| e.caller == "demo" && e.request_id.is_some())
+        );
+        reused += kinds.iter().filter(|k| **k == EventKind::Reused).count();
+    }
+    assert_eq!(reused, 36, "the other sessions of each reference reused it");
     env.stop().await;
 }
 

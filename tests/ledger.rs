@@ -7,9 +7,10 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::pg::{self, SharedDb, TempDir};
+use futures_util::FutureExt;
 use giroident_broker::identities::{
-    EventKind, IdentityEvent, IdentityState, IdentityStore, Inserted, Millis, NewIdentity,
-    StoreError,
+    ChangeEvent, EventKind, IdentityEvent, IdentityState, IdentityStore, Inserted, Millis,
+    NewIdentity, StoreError,
 };
 use secrecy::SecretString;
 use uuid::Uuid;
@@ -114,6 +115,9 @@ on_both_backends!(
     claim_due_takes_due_records_once_per_lease,
     concurrent_claimers_never_share_a_record_while_its_lease_runs,
     counts_and_the_oldest_overdue_record_feed_the_metrics,
+    writes_queued_together_are_committed_together_and_each_answered_as_alone,
+    a_bad_write_in_a_batch_fails_alone,
+    one_reference_at_two_finapi_clients_is_two_identities_within_one_batch,
 );
 
 const T0: Millis = 1_800_000_000_000;
@@ -691,6 +695,248 @@ async fn counts_and_the_oldest_overdue_record_feed_the_metrics(db: Db) {
     );
 }
 
+/// Starts every future (so that each queues its write before the store's writer takes any),
+/// then awaits them all, in order.
+async fn queued_together<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
+    let all = futures_util::future::join_all(futures);
+    tokio::pin!(all);
+    if let Some(done) = all.as_mut().now_or_never() {
+        return done;
+    }
+    all.await
+}
+
+async fn writes_queued_together_are_committed_together_and_each_answered_as_alone(db: Db) {
+    let store = db.store().await;
+    // 60 sessions without a reference and 60 for 6 references (10 each), queued at once.
+    let ids: Vec<Uuid> = (0..120).map(|_| Uuid::new_v4()).collect();
+    let users: Vec<String> = ids
+        .iter()
+        .map(|id| format!("user-{}", id.simple()))
+        .collect();
+    let digests: Vec<Option<String>> = (0..120)
+        .map(|n| (n % 2 == 1).then(|| format!("ref-{}", n % 12)))
+        .collect();
+    let intents: Vec<NewIdentity> = (0..120)
+        .map(|n| new_identity(ids[n], &users[n], "demo", digests[n].as_deref(), T0))
+        .collect();
+    let answers = queued_together(intents.iter().map(|i| store.insert_intent(i)).collect()).await;
+    let mut new = Vec::new();
+    let mut winner_of = std::collections::HashMap::new();
+    for (n, answer) in answers.into_iter().enumerate() {
+        match answer.expect("every write is answered with its own outcome") {
+            Inserted::New => {
+                new.push(ids[n]);
+                if let Some(digest) = &digests[n] {
+                    assert!(
+                        winner_of.insert(digest.clone(), ids[n]).is_none(),
+                        "two new intents for {digest}"
+                    );
+                }
+            }
+            Inserted::Existing(record) => {
+                let digest = digests[n].as_deref().expect("only a reference can collide");
+                assert_eq!(record.reference_digest.as_deref(), Some(digest));
+                assert_eq!(record.state, IdentityState::Intent);
+            }
+        }
+    }
+    assert_eq!(
+        new.len(),
+        60 + 6,
+        "one per session without a reference, one per reference"
+    );
+    for digest in digests.iter().flatten() {
+        let live = store
+            .find_live("demo", "default", digest)
+            .await
+            .expect("find_live");
+        assert_eq!(live.map(|r| r.id), winner_of.get(digest).copied());
+    }
+
+    // Their activations and `created` events, queued at once: all applied, one event each.
+    let created = |n: usize| ChangeEvent {
+        kind: EventKind::Created,
+        caller: "demo",
+        request_id: Some("req"),
+        at: T0 + n as Millis,
+        detail: None,
+        unchanged_detail: Some("not activated"),
+    };
+    let events: Vec<ChangeEvent> = (0..new.len()).map(created).collect();
+    let activated = queued_together(
+        new.iter()
+            .zip(&events)
+            .map(|(id, event)| store.activate_logged(*id, T0 + 1, T0 + HOUR, event))
+            .collect(),
+    )
+    .await;
+    assert!(activated.into_iter().all(|a| a.expect("activated")));
+    // Activating again changes nothing but still logs, as asked, beside a plain event and a
+    // touch of an active record.
+    let again = queued_together(vec![
+        store
+            .activate_logged(new[0], T0 + 2, T0 + 2 * HOUR, &events[0])
+            .boxed(),
+        store.touch(new[1], T0 + 2, T0 + 2 * HOUR).boxed(),
+        async {
+            store
+                .append_event(new[2], EventKind::Reused, "demo", None, T0 + 3, None)
+                .await
+                .map(|()| true)
+        }
+        .boxed(),
+    ])
+    .await;
+    let again: Vec<bool> = again.into_iter().map(|a| a.expect("answered")).collect();
+    assert_eq!(again, [false, true, true]);
+    for (n, id) in new.iter().enumerate() {
+        let record = get(&store, *id).await;
+        assert_eq!(record.state, IdentityState::Active);
+        let kinds: Vec<(EventKind, Option<String>)> = store
+            .recent_events(*id, 10)
+            .await
+            .expect("events")
+            .into_iter()
+            .map(|e| (e.kind, e.detail))
+            .collect();
+        let expected: Vec<(EventKind, Option<String>)> = match n {
+            0 => vec![
+                (EventKind::Created, Some("not activated".into())),
+                (EventKind::Created, None),
+            ],
+            1 => {
+                assert_eq!(record.delete_after, T0 + 2 * HOUR);
+                vec![(EventKind::Created, None)]
+            }
+            2 => vec![(EventKind::Reused, None), (EventKind::Created, None)],
+            _ => vec![(EventKind::Created, None)],
+        };
+        assert_eq!(kinds, expected, "events of identity {n}");
+    }
+    let counts = store.counts_by_state().await.expect("counts");
+    assert_eq!(counts[1], (IdentityState::Active, 66));
+}
+
+async fn a_bad_write_in_a_batch_fails_alone(db: Db) {
+    let store = db.store().await;
+    let (a, b, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let (ua, ub, uc) = (
+        "user-a".to_owned(),
+        "user-b".to_owned(),
+        "user-c".to_owned(),
+    );
+    let unknown = Uuid::new_v4();
+    let answers = queued_together(vec![
+        store
+            .insert_intent(&new_identity(a, &ua, "demo", None, T0))
+            .map(|r| r.map(|i| format!("{i:?}")))
+            .boxed(),
+        // An event for an identity that does not exist breaks the foreign key.
+        store
+            .append_event(unknown, EventKind::Reused, "demo", None, T0, None)
+            .map(|r| r.map(|()| "event".to_owned()))
+            .boxed(),
+        store
+            .insert_intent(&new_identity(b, &ub, "demo", Some("shared"), T0))
+            .map(|r| r.map(|i| format!("{i:?}")))
+            .boxed(),
+        // A finAPI user id taken (case-insensitively) in the same batch.
+        store
+            .insert_intent(&new_identity(Uuid::new_v4(), "USER-A", "demo", None, T0))
+            .map(|r| r.map(|i| format!("{i:?}")))
+            .boxed(),
+        store
+            .insert_intent(&new_identity(c, &uc, "demo", Some("shared"), T0))
+            .map(|r| r.map(|i| matches!(i, Inserted::Existing(r) if r.id == b).to_string()))
+            .boxed(),
+    ])
+    .await;
+    assert_eq!(answers[0].as_deref().ok(), Some("New"), "{answers:?}");
+    assert!(
+        matches!(answers[1], Err(StoreError::Other(_))),
+        "{answers:?}"
+    );
+    assert_eq!(answers[2].as_deref().ok(), Some("New"), "{answers:?}");
+    assert!(
+        matches!(answers[3], Err(StoreError::Other(_))),
+        "{answers:?}"
+    );
+    assert_eq!(answers[4].as_deref().ok(), Some("true"), "{answers:?}");
+    assert_eq!(get(&store, a).await.state, IdentityState::Intent);
+    assert_eq!(get(&store, b).await.state, IdentityState::Intent);
+    assert_eq!(store.get(c).await.expect("get"), None);
+    assert!(
+        store
+            .recent_events(unknown, 5)
+            .await
+            .expect("events")
+            .is_empty()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_dies_under_a_batch_answers_each_write_unavailable_not_hung() {
+    let mut server = pg::start().await;
+    let store = IdentityStore::connect(&SecretString::from(server.url()), 4)
+        .await
+        .expect("connects");
+    intent(&store, "demo", None, T0).await;
+    // A lock held elsewhere keeps the writer's next batch inside its transaction.
+    let locker = sqlx::PgPool::connect(&server.url())
+        .await
+        .expect("raw connect");
+    let mut lock = locker.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE identities IN SHARE ROW EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .expect("lock");
+    let ids: Vec<Uuid> = (0..20).map(|_| Uuid::new_v4()).collect();
+    let users: Vec<String> = ids
+        .iter()
+        .map(|id| format!("user-{}", id.simple()))
+        .collect();
+    let intents: Vec<NewIdentity> = ids
+        .iter()
+        .zip(&users)
+        .map(|(id, user)| new_identity(*id, user, "demo", None, T0))
+        .collect();
+    let writes = futures_util::future::join_all(intents.iter().map(|i| store.insert_intent(i)));
+    tokio::pin!(writes);
+    assert!(
+        writes.as_mut().now_or_never().is_none(),
+        "the lock holds the writes"
+    );
+    let waiting = async {
+        loop {
+            let blocked: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'",
+            )
+            .fetch_one(&locker)
+            .await
+            .expect("pg_stat_activity");
+            if blocked > 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("a batch waits for the lock");
+    server.stop();
+    let answers = tokio::time::timeout(Duration::from_secs(20), writes)
+        .await
+        .expect("every queued write is answered instead of hanging");
+    for answer in answers {
+        assert!(
+            matches!(answer, Err(StoreError::Unavailable(_))),
+            "{answer:?}"
+        );
+    }
+    drop(lock);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_postgresql_server_makes_the_store_unavailable_not_hung() {
     let mut server = pg::start().await;
@@ -796,4 +1042,47 @@ fn without_postgresql_binaries_the_tests_name_the_debian_package() {
     }
     let found = pg::find_server_binaries(empty.path(), None).expect("found");
     assert_eq!(found, empty.path().join("16").join("bin"));
+}
+
+/// A caller's reference is per finAPI client: the same reference at `default` and at `live`,
+/// queued together, makes one identity at each, and each loser gets its own client's.
+async fn one_reference_at_two_finapi_clients_is_two_identities_within_one_batch(db: Db) {
+    let store = db.store().await;
+    let ids: Vec<Uuid> = (0..20).map(|_| Uuid::new_v4()).collect();
+    let users: Vec<String> = ids
+        .iter()
+        .map(|id| format!("user-{}", id.simple()))
+        .collect();
+    let client = |n: usize| if n % 2 == 0 { "default" } else { "live" };
+    let intents: Vec<NewIdentity> = (0..20)
+        .map(|n| NewIdentity {
+            finapi_client: client(n),
+            ..new_identity(ids[n], &users[n], "demo", Some("shared-ref"), T0)
+        })
+        .collect();
+    let answers = queued_together(intents.iter().map(|i| store.insert_intent(i)).collect()).await;
+    let mut winners = std::collections::HashMap::new();
+    let mut losers = Vec::new();
+    for (n, answer) in answers.into_iter().enumerate() {
+        match answer.expect("answered") {
+            Inserted::New => assert!(
+                winners.insert(client(n), ids[n]).is_none(),
+                "two new intents at {}",
+                client(n)
+            ),
+            Inserted::Existing(record) => losers.push((client(n), record)),
+        }
+    }
+    assert_eq!(winners.len(), 2, "one identity per client");
+    for (client, record) in losers {
+        assert_eq!(record.finapi_client, client);
+        assert_eq!(Some(&record.id), winners.get(client));
+    }
+    for client in ["default", "live"] {
+        let live = store
+            .find_live("demo", client, "shared-ref")
+            .await
+            .expect("find_live");
+        assert_eq!(live.map(|r| r.id), winners.get(client).copied());
+    }
 }

@@ -23,8 +23,8 @@ use uuid::Uuid;
 use crate::finapi::{AccessToken, NewUser, Step};
 use crate::identities::keys::{PasswordKey, SharedPasswordKeys};
 use crate::identities::{
-    EventKind, IdentityRecord, IdentityState, IdentityStore, Inserted, Millis, NewIdentity,
-    StoreError,
+    ChangeEvent, EventKind, IdentityRecord, IdentityState, IdentityStore, Inserted, Millis,
+    NewIdentity, StoreError,
 };
 use crate::resilience::Deadline;
 
@@ -368,19 +368,25 @@ impl Flows {
         };
         let now = now_millis();
         let delete_after = now.saturating_add(millis(ids.retention_for(&ctx.caller)));
-        if !ids.store.activate(id, now, delete_after).await? {
+        // The activation and its `created` event are one write, committed with those of
+        // concurrent sessions.
+        let created = ChangeEvent {
+            kind: EventKind::Created,
+            caller: &ctx.caller,
+            request_id: Some(&ctx.request_id),
+            at: now,
+            detail: None,
+            unchanged_detail: Some("deleted before its first session"),
+        };
+        if !ids
+            .store
+            .activate_logged(id, now, delete_after, &created)
+            .await?
+        {
             // Its deletion was asked for while it was being created: it is the reaper's now,
             // and this session gets an identity that will live.
-            self.event(
-                id,
-                EventKind::Created,
-                ctx,
-                Some("deleted before its first session"),
-            )
-            .await;
             return Ok(Creation::Taken);
         }
-        self.event(id, EventKind::Created, ctx, None).await;
         Ok(Creation::Done(session(
             token,
             finapi_user_id,
@@ -419,11 +425,23 @@ impl Flows {
         };
         let now = now_millis();
         let delete_after = now.saturating_add(millis(self.ids().retention_for(&ctx.caller)));
-        if !self.ids().store.touch(record.id, now, delete_after).await? {
+        let reused = ChangeEvent {
+            kind: EventKind::Reused,
+            caller: &ctx.caller,
+            request_id: Some(&ctx.request_id),
+            at: now,
+            detail: None,
+            unchanged_detail: None,
+        };
+        if !self
+            .ids()
+            .store
+            .touch_logged(record.id, now, delete_after, &reused)
+            .await?
+        {
             // Its deletion began meanwhile: the token would die with it.
             return Ok(None);
         }
-        self.event(record.id, EventKind::Reused, ctx, None).await;
         Ok(Some(session(
             token,
             record.finapi_user_id.clone(),

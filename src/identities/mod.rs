@@ -4,5 +4,6 @@
 
 pub mod keys;
 pub mod store;
+mod writer;
 
 pub use store::*;

@@ -18,7 +18,10 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
+use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
+
+use super::writer::{self, Change, EventRow, IntentOutcome, IntentRow, TransitionRow, WritePool};
 
 /// Unix time in milliseconds (UTC); the store's only time type.
 pub type Millis = i64;
@@ -30,6 +33,9 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long SQLite waits for another writer's lock (another connection or process on the
 /// same file) before it reports the database busy.
 const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Group-commit writers on PostgreSQL at most (SQLite has one).
+const POSTGRES_WRITERS: usize = 4;
 
 /// How often [`IdentityStore::insert_intent`] retries when the live record it collided with
 /// left the live states before it could be read (a deletion racing the insert).
@@ -200,6 +206,31 @@ pub struct IdentityEvent {
     pub detail: Option<String>,
 }
 
+/// An event appended in the same transaction as a state change
+/// ([`IdentityStore::activate_logged`], [`IdentityStore::touch_logged`]).
+#[derive(Clone, Copy, Debug)]
+pub struct ChangeEvent<'a> {
+    /// What happened.
+    pub kind: EventKind,
+    /// The caller on whose behalf it happened.
+    pub caller: &'a str,
+    /// The request id (`X-Request-Id`) of the request that caused it.
+    pub request_id: Option<&'a str>,
+    /// When it happened (Unix ms).
+    pub at: Millis,
+    /// A short code or note when the change applied; never a finAPI message.
+    pub detail: Option<&'a str>,
+    /// `Some(note)`: the event is appended with this detail when the change did not apply
+    /// (the record had left the state the change expects); `None`: it is then not appended.
+    pub unchanged_detail: Option<&'a str>,
+}
+
+/// The answer when the group-commit writers are gone (they only end with the store, or by a
+/// bug): the ledger cannot be written, so requests get `503` rather than hang.
+fn writer_gone() -> StoreError {
+    StoreError::Unavailable(sqlx::Error::WorkerCrashed)
+}
+
 /// Why a store operation failed. No variant's text contains a password from the database URL.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -239,7 +270,7 @@ fn latest_known_version() -> i64 {
 }
 
 /// Sorts a database error into "the database is not usable right now" and everything else.
-fn classify(backend: Backend, error: sqlx::Error) -> StoreError {
+pub(super) fn classify(backend: Backend, error: sqlx::Error) -> StoreError {
     let unavailable = match &error {
         sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)
@@ -278,16 +309,17 @@ fn classify(backend: Backend, error: sqlx::Error) -> StoreError {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Backend {
+pub(super) enum Backend {
     Sqlite,
     Postgres,
 }
 
 #[derive(Clone)]
 enum Pool {
-    /// SQLite takes one writer at a time: writes go through a pool of one connection, so that
-    /// they queue in the broker instead of meeting a held lock and sleeping in SQLite's busy
-    /// handler; reads (never blocked under WAL) use the other connections.
+    /// SQLite takes one writer at a time: writes go through a pool of one connection (the group
+    /// commit writer's, shared with the reaper's rare writes), so that they queue in the broker
+    /// instead of meeting a held lock and sleeping in SQLite's busy handler; reads (never
+    /// blocked under WAL) use the other connections.
     Sqlite {
         read: SqlitePool,
         write: SqlitePool,
@@ -295,10 +327,18 @@ enum Pool {
     Postgres(PgPool),
 }
 
-/// The identity ledger. Cheap to clone (a connection pool inside); every clone shares the pool.
+/// The identity ledger. Cheap to clone (a connection pool and the queue to its group-commit
+/// writers inside); every clone shares them.
+///
+/// The writes of an access session ([`IdentityStore::insert_intent`],
+/// [`IdentityStore::activate_logged`], [`IdentityStore::touch_logged`], …) are committed in
+/// batches with those of concurrent sessions: one transaction, one multi-row statement per kind,
+/// answered only once committed. The other writes (deletions, the reaper's claims) are rare and
+/// go straight to the database.
 #[derive(Clone)]
 pub struct IdentityStore {
     pool: Pool,
+    writes: mpsc::UnboundedSender<writer::Request>,
 }
 
 impl fmt::Debug for IdentityStore {
@@ -332,14 +372,14 @@ macro_rules! with_writer {
 }
 
 /// The record as stored; converted to [`IdentityRecord`] by [`RawRecord::into_record`].
-#[derive(sqlx::FromRow)]
-struct RawRecord {
+#[derive(Clone, sqlx::FromRow)]
+pub(super) struct RawRecord {
     id: String,
     finapi_user_id: String,
-    caller: String,
-    reference_digest: Option<String>,
+    pub(super) caller: String,
+    pub(super) reference_digest: Option<String>,
     key_id: String,
-    finapi_client: String,
+    pub(super) finapi_client: String,
     state: String,
     created_at: i64,
     last_session_at: Option<i64>,
@@ -350,7 +390,7 @@ struct RawRecord {
     next_attempt_at: i64,
 }
 
-const RECORD_COLUMNS: &str = "id, finapi_user_id, caller, reference_digest, key_id, finapi_client, \
+pub(super) const RECORD_COLUMNS: &str = "id, finapi_user_id, caller, reference_digest, key_id, finapi_client, \
      state, created_at, last_session_at, delete_after, deleted_at, deletion_attempts, last_error, \
      next_attempt_at";
 
@@ -467,6 +507,28 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// How often the SQLite write-ahead log is copied back into the database file.
+const SQLITE_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Copies the SQLite write-ahead log back into the database file every
+/// [`SQLITE_CHECKPOINT_INTERVAL`], on a reading connection, while the store lives. A `PASSIVE`
+/// checkpoint never waits for the writer or readers (sqlite.org/c3ref/wal_checkpoint_v2.html), so
+/// its fsyncs stay off the sessions' path; the writer restarts the log once it is copied.
+async fn checkpoints(read: SqlitePool, store: mpsc::WeakUnboundedSender<writer::Request>) {
+    loop {
+        tokio::time::sleep(SQLITE_CHECKPOINT_INTERVAL).await;
+        if store.upgrade().is_none() || read.is_closed() {
+            return;
+        }
+        if let Err(error) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&read)
+            .await
+        {
+            tracing::debug!(%error, "ledger checkpoint failed; the next one tries again");
+        }
+    }
+}
+
 impl IdentityStore {
     /// Connects to `url`, checks that the schema is not newer than this binary, and applies
     /// the migrations this binary carries (idempotent; PostgreSQL replicas starting together
@@ -505,28 +567,46 @@ impl IdentityStore {
                     .to_owned(),
             ));
         }
+        // WAL with synchronous=NORMAL: a commit is in the WAL file (the OS's page cache) before
+        // it is answered, so it survives the broker's crash; only a checkpoint fsyncs, so an OS
+        // crash or power loss can lose the last commits (sqlite.org/pragma.html#pragma_synchronous).
+        // No automatic checkpoints: they would run, fsync included, inside the committing
+        // writer's COMMIT and stall every session queued behind it; `checkpoints` runs them
+        // beside the writer instead.
         let options = SqliteConnectOptions::from_str(raw)
             .map_err(|e| invalid_url(&e, raw))?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(SQLITE_BUSY_TIMEOUT)
-            .foreign_keys(true);
-        // The writer first: it creates the file and sets WAL before readers open it.
+            .foreign_keys(true)
+            .pragma("wal_autocheckpoint", "0");
+        // The writer first: it creates the file and sets WAL before readers open it. Its one
+        // connection is only ever used by this process, so it is not pinged before each use,
+        // and it keeps the batches' multi-row statements prepared.
         let write = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_with(options.clone())
+            .test_before_acquire(false)
+            .connect_with(
+                options
+                    .clone()
+                    .statement_cache_capacity(writer::WRITER_STATEMENT_CACHE),
+            )
             .await
             .map_err(|e| classify(Backend::Sqlite, e))?;
         let read = SqlitePoolOptions::new()
-            .max_connections(max_connections)
+            .max_connections(max_connections.saturating_sub(1).max(1))
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(options)
             .await
             .map_err(|e| classify(Backend::Sqlite, e))?;
+        // One writer: SQLite serialises writers on the file anyway.
+        let writes = writer::spawn(WritePool::Sqlite(write.clone()), 1);
+        tokio::spawn(checkpoints(read.clone(), writes.downgrade()));
         Ok(Self {
             pool: Pool::Sqlite { read, write },
+            writes,
         })
     }
 
@@ -538,8 +618,15 @@ impl IdentityStore {
             .connect_with(options)
             .await
             .map_err(|e| classify(Backend::Postgres, e))?;
+        // Several writers, so that one batch is collected while another waits for its commit's
+        // fsync (PostgreSQL flushes concurrent commits together); half the pool at most.
+        let writers = usize::try_from(max_connections.div_ceil(2))
+            .unwrap_or(1)
+            .min(POSTGRES_WRITERS);
+        let writes = writer::spawn(WritePool::Postgres(pool.clone()), writers);
         Ok(Self {
             pool: Pool::Postgres(pool),
+            writes,
         })
     }
 
@@ -617,8 +704,12 @@ impl IdentityStore {
         }
     }
 
-    /// Readiness: one round trip to the database. Errors: [`StoreError::Unavailable`].
+    /// Readiness: the group-commit writers are running, and one round trip to the database.
+    /// Errors: [`StoreError::Unavailable`].
     pub async fn ping(&self) -> Result<(), StoreError> {
+        if self.writes.is_closed() {
+            return Err(writer_gone());
+        }
         let _: i32 = with_pool!(self, |pool| sqlx::query_scalar("SELECT 1")
             .fetch_one(pool)
             .await)?;
@@ -635,41 +726,69 @@ impl IdentityStore {
     /// already taken; [`StoreError::Unavailable`].
     #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.insert_intent", skip_all, fields(otel.kind = "client", db.operation.name = "insert_intent"))]
     pub async fn insert_intent(&self, new: &NewIdentity<'_>) -> Result<Inserted, StoreError> {
-        const SQL: &str = "INSERT INTO identities (id, finapi_user_id, caller, reference_digest, \
-             key_id, finapi_client, state, created_at, delete_after, next_attempt_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, 'intent', $7, $8, $7) \
-             ON CONFLICT (caller, finapi_client, reference_digest) \
-             WHERE reference_digest IS NOT NULL AND state IN ('intent', 'active') DO NOTHING";
-        let id = new.id.to_string();
         for _ in 0..INSERT_ATTEMPTS {
-            let inserted = with_writer!(self, |pool| sqlx::query(SQL)
-                .bind(&id)
-                .bind(new.finapi_user_id)
-                .bind(new.caller)
-                .bind(new.reference_digest)
-                .bind(new.key_id)
-                .bind(new.finapi_client)
-                .bind(new.now)
-                .bind(new.delete_after)
-                .execute(pool)
-                .await
-                .map(|done| done.rows_affected()))?;
-            if inserted == 1 {
-                return Ok(Inserted::New);
-            }
-            // Only the live-reference index can swallow an insert, so there is a digest.
-            let Some(digest) = new.reference_digest else {
-                break;
+            let row = IntentRow {
+                id: new.id.to_string(),
+                finapi_user_id: new.finapi_user_id.to_owned(),
+                caller: new.caller.to_owned(),
+                reference_digest: new.reference_digest.map(str::to_owned),
+                key_id: new.key_id.to_owned(),
+                finapi_client: new.finapi_client.to_owned(),
+                now: new.now,
+                delete_after: new.delete_after,
             };
-            if let Some(live) = self
-                .find_live(new.caller, new.finapi_client, digest)
-                .await?
-            {
-                return Ok(Inserted::Existing(live));
+            match self.submit(|tx| writer::Request::Intent(row, tx)).await? {
+                IntentOutcome::New => return Ok(Inserted::New),
+                IntentOutcome::Existing(live) => {
+                    return Ok(Inserted::Existing(live.into_record()?));
+                }
+                // Only the live-reference index can swallow an insert, so there is a digest.
+                IntentOutcome::Gone if new.reference_digest.is_none() => break,
+                IntentOutcome::Gone => {}
             }
         }
         // The live record kept leaving the live states between our insert and our read.
         Err(StoreError::Other(sqlx::Error::RowNotFound))
+    }
+
+    /// Queues a write for the group-commit writers and waits for its commit.
+    async fn submit<T>(
+        &self,
+        request: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> writer::Request,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.writes.send(request(tx)).map_err(|_| writer_gone())?;
+        rx.await.map_err(|_| writer_gone())?
+    }
+
+    /// A state change with its event, through the group-commit writers.
+    async fn transition(
+        &self,
+        change: Change,
+        id: Uuid,
+        now: Millis,
+        delete_after: Millis,
+        event: Option<&ChangeEvent<'_>>,
+    ) -> Result<bool, StoreError> {
+        let id = id.to_string();
+        let row = TransitionRow {
+            change,
+            event: event.map(|e| EventRow {
+                identity_id: id.clone(),
+                kind: e.kind,
+                caller: e.caller.to_owned(),
+                request_id: e.request_id.map(str::to_owned),
+                at: e.at,
+                detail: e.detail.map(str::to_owned),
+            }),
+            unchanged_detail: event
+                .and_then(|e| e.unchanged_detail)
+                .map(|d| Some(d.to_owned())),
+            id,
+            now,
+            delete_after,
+        };
+        self.submit(|tx| writer::Request::Transition(row, tx)).await
     }
 
     /// The reusable (intent or active) record for the caller's reference at a finAPI client,
@@ -772,14 +891,24 @@ impl IdentityStore {
         now: Millis,
         delete_after: Millis,
     ) -> Result<bool, StoreError> {
-        self.update(
-            "UPDATE identities SET state = 'active', last_session_at = $2, delete_after = $3 \
-             WHERE id = $1 AND state = 'intent'",
-            id,
-            &[now, delete_after],
-        )
-        .await
-        .map(|changed| changed == 1)
+        self.transition(Change::Activate, id, now, delete_after, None)
+            .await
+    }
+
+    /// [`IdentityStore::activate`] and `event` (e.g. `created`) in one transaction: the event
+    /// is appended when the record was activated, and also, with `event.unchanged_detail`, when
+    /// it was not, if that is set. Returns whether the record was activated.
+    /// Errors: [`StoreError::Unavailable`], [`StoreError::Other`] (nothing of it is written).
+    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.activate", skip_all, fields(otel.kind = "client", db.operation.name = "activate"))]
+    pub async fn activate_logged(
+        &self,
+        id: Uuid,
+        now: Millis,
+        delete_after: Millis,
+        event: &ChangeEvent<'_>,
+    ) -> Result<bool, StoreError> {
+        self.transition(Change::Activate, id, now, delete_after, Some(event))
+            .await
     }
 
     /// A reused session: `last_session_at = now` and the new `delete_after`, only while the
@@ -792,14 +921,24 @@ impl IdentityStore {
         now: Millis,
         delete_after: Millis,
     ) -> Result<bool, StoreError> {
-        self.update(
-            "UPDATE identities SET last_session_at = $2, delete_after = $3 \
-             WHERE id = $1 AND state = 'active'",
-            id,
-            &[now, delete_after],
-        )
-        .await
-        .map(|changed| changed == 1)
+        self.transition(Change::Touch, id, now, delete_after, None)
+            .await
+    }
+
+    /// [`IdentityStore::touch`] and `event` (e.g. `reused`) in one transaction, the event
+    /// appended as for [`IdentityStore::activate_logged`]. Returns whether the record was
+    /// touched. Errors: [`StoreError::Unavailable`], [`StoreError::Other`] (nothing of it is
+    /// written).
+    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.touch", skip_all, fields(otel.kind = "client", db.operation.name = "touch"))]
+    pub async fn touch_logged(
+        &self,
+        id: Uuid,
+        now: Millis,
+        delete_after: Millis,
+        event: &ChangeEvent<'_>,
+    ) -> Result<bool, StoreError> {
+        self.transition(Change::Touch, id, now, delete_after, Some(event))
+            .await
     }
 
     /// `intent`/`active` → `deleting` (a caller asked, or deletion is due), with
@@ -953,21 +1092,15 @@ impl IdentityStore {
         at: Millis,
         detail: Option<&str>,
     ) -> Result<(), StoreError> {
-        let identity_id = identity_id.to_string();
-        with_writer!(self, |pool| sqlx::query(
-            "INSERT INTO identity_events (identity_id, kind, caller, request_id, at, detail) \
-             VALUES ($1, $2, $3, $4, $5, $6)"
-        )
-        .bind(&identity_id)
-        .bind(kind.as_str())
-        .bind(caller)
-        .bind(request_id)
-        .bind(at)
-        .bind(detail)
-        .execute(pool)
-        .await
-        .map(|done| done.rows_affected()))?;
-        Ok(())
+        let row = EventRow {
+            identity_id: identity_id.to_string(),
+            kind,
+            caller: caller.to_owned(),
+            request_id: request_id.map(str::to_owned),
+            at,
+            detail: detail.map(str::to_owned),
+        };
+        self.submit(|tx| writer::Request::Event(row, tx)).await
     }
 
     /// The identity's newest `limit` events, newest first (by time, then by order of
@@ -1070,6 +1203,71 @@ mod tests {
             url_passwords("postgres://host/db?sslmode=require&password=hunter2"),
             ["hunter2"]
         );
+    }
+
+    /// A store on a fresh SQLite file in the temp dir, with the file's path (removed by the
+    /// caller).
+    async fn sqlite_store() -> (IdentityStore, std::path::PathBuf) {
+        let path = std::env::temp_dir().join(format!("giroident-store-unit-{}.db", Uuid::new_v4()));
+        let url = SecretString::from(format!("sqlite://{}", path.display()));
+        let store = IdentityStore::connect(&url, 2).await.expect("connects");
+        (store, path)
+    }
+
+    fn remove_sqlite(path: &std::path::Path) {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+    }
+
+    fn intent(id: Uuid, user: &str) -> NewIdentity<'_> {
+        NewIdentity {
+            id,
+            finapi_user_id: user,
+            caller: "demo",
+            reference_digest: None,
+            key_id: "k1",
+            finapi_client: "default",
+            now: 1,
+            delete_after: 2,
+        }
+    }
+
+    #[tokio::test]
+    async fn writes_answer_unavailable_at_once_when_the_writer_is_gone() {
+        let (mut store, path) = sqlite_store().await;
+        let (closed, _) = mpsc::unbounded_channel();
+        store.writes = closed;
+        let written = store.insert_intent(&intent(Uuid::new_v4(), "u-1")).await;
+        assert!(
+            matches!(written, Err(StoreError::Unavailable(_))),
+            "{written:?}"
+        );
+        let ping = store.ping().await;
+        assert!(matches!(ping, Err(StoreError::Unavailable(_))), "{ping:?}");
+        store.close().await;
+        remove_sqlite(&path);
+    }
+
+    #[tokio::test]
+    async fn a_writer_that_dies_holding_a_write_answers_it_unavailable() {
+        let (mut store, path) = sqlite_store().await;
+        let (queue, mut taken) = mpsc::unbounded_channel();
+        store.writes = queue;
+        // A writer that takes the request and dies before committing it.
+        let dying = tokio::spawn(async move {
+            let request = taken.recv().await;
+            drop(request);
+            drop(taken);
+        });
+        let written = store.activate(Uuid::new_v4(), 1, 2).await;
+        assert!(
+            matches!(written, Err(StoreError::Unavailable(_))),
+            "{written:?}"
+        );
+        dying.await.expect("the stand-in writer ends");
+        store.close().await;
+        remove_sqlite(&path);
     }
 
     #[test]
