@@ -1053,7 +1053,13 @@ async fn one_reference_at_two_finapi_clients_is_two_identities_within_one_batch(
         .iter()
         .map(|id| format!("user-{}", id.simple()))
         .collect();
-    let client = |n: usize| if n % 2 == 0 { "default" } else { "live" };
+    let client = |n: usize| {
+        if n.is_multiple_of(2) {
+            "default"
+        } else {
+            "live"
+        }
+    };
     let intents: Vec<NewIdentity> = (0..20)
         .map(|n| NewIdentity {
             finapi_client: client(n),
