@@ -1450,6 +1450,21 @@ fn extract_all(
             .unwrap_or_default()
     };
     let mut seen = std::collections::HashSet::new();
+    // A required key without a default (`client_id` in a `[finapi.clients.NAME]` table,
+    // `flows` in a caller) comes back as missing once its wrong value is dropped: it gets
+    // these stand-ins in turn, without a second problem, so that extraction goes on and the
+    // later keys' problems (and the checks after extraction) are still reported.
+    let mut stand_ins: std::collections::HashMap<String, usize> = Default::default();
+    let stand_in = |i: usize| -> Option<Value> {
+        match i {
+            0 => Some(Value::from(String::new())),
+            1 => Some(Value::from(Vec::<Value>::new())),
+            2 => Some(Value::from(0u64)),
+            3 => Some(Value::from(false)),
+            4 => Some(Value::from(Dict::new())),
+            _ => None,
+        }
+    };
     loop {
         let error = match Figment::from(Serialized::defaults(&data)).extract_lossy::<Settings>() {
             Ok(settings) => return Some(settings),
@@ -1491,9 +1506,14 @@ fn extract_all(
             return None;
         }
         if !seen.insert(key.clone()) {
-            // Putting a value back did not help (a key inside an array of tables, which has
-            // no default): what was found so far is reported.
-            return None;
+            let tried = stand_ins.entry(key).or_default();
+            let Some(value) = stand_in(*tried) else {
+                // No stand-in fits: what was found so far is reported.
+                return None;
+            };
+            *tried += 1;
+            replace(&mut data, &path, Some(value));
+            continue;
         }
         problems.push((key.clone(), format!("{message}{}", source(&key))));
         replace(&mut data, &path, fallback);

@@ -126,3 +126,66 @@ process_controller_url = "https://pc.sandbox.example"
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// A fresh directory for one test's files.
+fn scratch_dir(test: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("gib-cli-{test}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn a_wrong_type_in_a_required_key_of_a_table_hides_no_other_problem() {
+    let dir = scratch_dir("wrong-type");
+    let path = dir.join("broker.toml");
+    std::fs::write(
+        &path,
+        r#"
+[server]
+listen = "nowhere"
+
+[finapi.clients.live]
+client_id = 5
+access_url = "https://live.example"
+process_controller_url = "https://pc.live.example"
+
+[finapi.clients.sandbox]
+client_id = "sandbox-id"
+access_url = "http://sandbox.example"
+process_controller_url = "https://pc.sandbox.example"
+
+[[auth.callers]]
+name = "shop"
+key_sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+flows = "access"
+finapi_clients = ["live", "nowhere"]
+"#,
+    )
+    .unwrap();
+    let mut env = VALID.to_vec();
+    env.retain(|(k, _)| !k.contains("FINAPI__") && !k.contains("AUTH__"));
+    env.push((
+        "GIROIDENT_BROKER_FINAPI__CLIENTS__LIVE__CLIENT_SECRET",
+        "cli-live-secret",
+    ));
+    let out = broker(&["check-config", "--config", path.to_str().unwrap()], &env);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for key in [
+        "finapi.clients.live.client_id: must be a string",
+        "auth.callers[0].flows: must be a sequence",
+        "server.listen",
+        "finapi.clients.sandbox.client_secret",
+        "finapi.clients.sandbox.access_url",
+        "auth.callers[0].finapi_clients: \"nowhere\"",
+    ] {
+        assert!(stderr.contains(key), "{key} missing from {stderr}");
+    }
+    assert_eq!(
+        stderr.matches("finapi.clients.live.client_id").count(),
+        1,
+        "{stderr}"
+    );
+    assert!(!stderr.contains("cli-live-secret"), "{stderr}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
