@@ -992,13 +992,12 @@ impl Settings {
             {
                 problem(&format!("{prefix}.process_id"), msg);
             }
+            // The same check as `finapi.ca_file`'s: a bundle refused here would otherwise
+            // pass `check-config` and stop the broker at start.
             if let Some(path) = &client.ca_file
-                && let Err(e) = std::fs::metadata(path)
+                && let Err(err) = crate::tls::read_ca_file(path)
             {
-                problem(
-                    &format!("{prefix}.ca_file"),
-                    format!("cannot read {}: {}", path.display(), e.kind()),
-                );
+                problem(&format!("{prefix}.ca_file"), err.to_string());
             }
         }
         let names = self.finapi.client_names();

@@ -189,3 +189,45 @@ finapi_clients = ["live", "nowhere"]
     assert!(!stderr.contains("cli-live-secret"), "{stderr}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn a_named_clients_ca_file_without_a_certificate_is_a_config_error_at_check_and_start() {
+    let dir = scratch_dir("ca-file");
+    let ca = dir.join("not-a-ca.pem");
+    std::fs::write(&ca, "not a certificate\n").unwrap();
+    let path = dir.join("broker.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[finapi.clients.live]
+client_id = "live-id"
+access_url = "https://live.example"
+process_controller_url = "https://pc.live.example"
+ca_file = "{}"
+"#,
+            ca.display()
+        ),
+    )
+    .unwrap();
+    let mut env = VALID.to_vec();
+    env.retain(|(k, _)| !k.contains("FINAPI__"));
+    env.push((
+        "GIROIDENT_BROKER_FINAPI__CLIENTS__LIVE__CLIENT_SECRET",
+        "cli-live-secret",
+    ));
+    env.push(("GIROIDENT_BROKER_SERVER__LISTEN", "127.0.0.1:0"));
+    env.push(("GIROIDENT_BROKER_ADMIN__LISTEN", "127.0.0.1:0"));
+    let db = format!("sqlite://{}", dir.join("ledger.db").display());
+    env.push(("GIROIDENT_BROKER_IDENTITIES__DATABASE_URL", &db));
+    for command in ["check-config", "serve"] {
+        let out = broker(&[command, "--config", path.to_str().unwrap()], &env);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{command}: {stderr}");
+        assert!(
+            stderr.contains("finapi.clients.live.ca_file") && stderr.contains("no PEM CERTIFICATE"),
+            "{command}: {stderr}"
+        );
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
