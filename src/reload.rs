@@ -138,11 +138,13 @@ impl Reloader {
             if let Some(running) = self.flows.client_secret(&client.name)
                 && running.replace(client.client_secret, client.client_secret_file)
             {
-                done.secrets_changed.push(if client.name == DEFAULT_CLIENT {
-                    "finapi.client_secret".to_owned()
-                } else {
-                    format!("finapi.clients.{}.client_secret", client.name)
-                });
+                done.secrets_changed.push(
+                    if client.name == DEFAULT_CLIENT && settings.finapi.has_single_client() {
+                        "finapi.client_secret".to_owned()
+                    } else {
+                        format!("finapi.clients.{}.client_secret", client.name)
+                    },
+                );
             }
         }
 
@@ -246,6 +248,11 @@ pub fn restart_needed(running: &Settings, loaded: &Settings) -> Vec<String> {
         connect_timeout_ms, request_timeout_ms);
     // A named client's hosts, id, processId and authority are built into its upstream at start.
     let (old_clients, new_clients) = (running.finapi_clients(), loaded.finapi_clients());
+    // The client `default` of the single-client keys is compared key by key above; a
+    // `[finapi.clients.default]` table is a table like any other.
+    let is_table = |settings: &Settings, name: &str| {
+        !(name == DEFAULT_CLIENT && settings.finapi.has_single_client())
+    };
     for new in &new_clients {
         let old = old_clients.iter().find(|old| old.name == new.name);
         let same = old.is_some_and(|old| {
@@ -263,12 +270,12 @@ pub fn restart_needed(running: &Settings, loaded: &Settings) -> Vec<String> {
                 &new.ca_file,
             )
         });
-        if !same && new.name != DEFAULT_CLIENT {
+        if !same && is_table(loaded, &new.name) {
             keys.push(format!("finapi.clients.{}", new.name));
         }
     }
     for old in &old_clients {
-        if old.name != DEFAULT_CLIENT && !new_clients.iter().any(|new| new.name == old.name) {
+        if is_table(running, &old.name) && !new_clients.iter().any(|new| new.name == old.name) {
             keys.push(format!("finapi.clients.{}", old.name));
         }
     }
