@@ -1666,11 +1666,26 @@ fn resolve_client_secret(
     match (&*secret, file) {
         (Some(_), Some(_)) => problem(&key, format!("set either {key} or {key}_file, not both")),
         (None, None) => {
-            let env = format!(
-                "{ENV_PREFIX}{}",
-                key.to_ascii_uppercase().replace('.', "__")
-            );
-            problem(&key, format!("must be set: {env} or {key}_file"))
+            // Variable names are read in lower case and split at `__`: a client named with
+            // upper case or `.` cannot be reached by one, so none is suggested.
+            let reachable = prefix
+                .strip_prefix("finapi.clients.")
+                .is_none_or(|name| !name.contains('.') && name == name.to_ascii_lowercase());
+            if reachable {
+                let env = format!(
+                    "{ENV_PREFIX}{}",
+                    key.to_ascii_uppercase().replace('.', "__")
+                );
+                problem(&key, format!("must be set: {env} or {key}_file"))
+            } else {
+                problem(
+                    &key,
+                    format!(
+                        "must be set: {key}_file (a client named with upper case or `.` cannot \
+                         take its secret from the environment)"
+                    ),
+                )
+            }
         }
         (None, Some(path)) => match read_secret_file(path) {
             Ok(value) => *secret = Some(value),

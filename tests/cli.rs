@@ -231,3 +231,43 @@ ca_file = "{}"
     }
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn a_client_name_no_variable_can_reach_is_not_told_to_use_one() {
+    let dir = scratch_dir("unreachable-name");
+    let path = dir.join("broker.toml");
+    std::fs::write(
+        &path,
+        r#"
+[finapi.clients.Live]
+client_id = "live-id"
+access_url = "https://live.example"
+process_controller_url = "https://pc.live.example"
+
+[finapi.clients."eu.sandbox"]
+client_id = "sandbox-id"
+access_url = "https://sandbox.example"
+process_controller_url = "https://pc.sandbox.example"
+"#,
+    )
+    .unwrap();
+    let mut env = VALID.to_vec();
+    env.retain(|(k, _)| !k.contains("FINAPI__"));
+    let out = broker(&["check-config", "--config", path.to_str().unwrap()], &env);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for key in [
+        "finapi.clients.Live.client_secret",
+        "finapi.clients.eu.sandbox.client_secret",
+    ] {
+        let line = stderr
+            .lines()
+            .find(|line| line.trim_start().starts_with(&format!("{key}:")))
+            .unwrap_or_else(|| panic!("{key} missing from {stderr}"));
+        assert!(
+            line.contains(&format!("{key}_file")) && !line.contains("GIROIDENT_BROKER_"),
+            "{line}"
+        );
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
