@@ -451,6 +451,55 @@ async fn a_finapi_clients_default_table_is_named_by_its_table_in_reload_lines() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_file_rewritten_in_place_is_named_as_needing_a_restart() {
+    let mut config_sim = SimConfig::default();
+    config_sim
+        .clients
+        .push(SimClient::new("live-client", "live-secret"));
+    let sim = sim::start(config_sim).await.expect("simulator");
+    let dir = Dir::new();
+    dir.write("client-secret", &format!("{DEMO_CLIENT_SECRET}\n"));
+    dir.write("live-secret", "live-secret\n");
+    dir.write("first.key", FIRST_KEY);
+    dir.write("key-a", KEY_A);
+    let first_ca = sim::SimCa::generate().expect("an authority");
+    dir.write("live-ca.pem", first_ca.cert_pem());
+    let text = format!(
+        "[finapi]\nclient_secret_file = {:?}\n{}{}ca_file = {:?}\n\
+         [[auth.callers]]\nname = \"first\"\nkey_file = {:?}\nflows = [\"standalone\"]\n\
+         finapi_clients = [\"default\", \"live\"]\n",
+        dir.path("client-secret"),
+        identity_keys(&dir, "key-a", &[]),
+        live_client(&dir, &sim),
+        dir.path("live-ca.pem"),
+        dir.path("first.key"),
+    );
+    dir.write("broker.toml", &text);
+    let mut broker = tokio::task::block_in_place(|| Broker::start(&dir, &sim));
+
+    // Nothing changed: no warning.
+    let reloaded = broker.hang_up().await;
+    assert_eq!(reloaded["message"], "configuration reloaded", "{reloaded}");
+    // The authority's file rewritten under the same name (a ConfigMap updated): the running
+    // client keeps the bundle it was built with, and the reload says so.
+    let next_ca = sim::SimCa::generate().expect("an authority");
+    dir.write("live-ca.pem", next_ca.cert_pem());
+    let reloaded = broker.hang_up().await;
+    assert_eq!(reloaded["message"], "configuration reloaded", "{reloaded}");
+    let warning = broker
+        .log_line(|log| log["message"] == "changed settings take effect only after a restart")
+        .await;
+    assert_eq!(warning["keys"], "finapi.clients.live.ca_file", "{warning}");
+    let warnings = broker
+        .seen
+        .iter()
+        .filter(|log| log["message"] == "changed settings take effect only after a restart")
+        .count();
+    assert_eq!(warnings, 1, "the unchanged reload warned");
+    assert!(broker.still_running());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_with_problems_keeps_the_running_configuration_and_names_them_all() {
     let sim = simulator().await;
     let dir = Dir::new();
