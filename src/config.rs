@@ -864,10 +864,19 @@ impl Settings {
 
         self.resolve_finapi_clients(&mut problem);
         let f = &self.finapi;
-        if let Some(path) = &f.ca_file
-            && let Err(err) = crate::tls::read_ca_file(path)
-        {
-            problem("finapi.ca_file", err.to_string());
+        if let Some(path) = &f.ca_file {
+            if !f.has_single_client() {
+                // Unlike the timeouts, it is not shared: silently unused, every client would
+                // refuse a private CA's certificate.
+                problem(
+                    "finapi.ca_file",
+                    "is the client \"default\"'s, which the single-client keys do not configure: \
+                     set ca_file in each [finapi.clients.NAME] table that needs it"
+                        .into(),
+                );
+            } else if let Err(err) = crate::tls::read_ca_file(path) {
+                problem("finapi.ca_file", err.to_string());
+            }
         }
         if f.connect_timeout_ms == 0 {
             problem("finapi.connect_timeout_ms", "must be at least 1".into());

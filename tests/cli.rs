@@ -271,3 +271,48 @@ process_controller_url = "https://pc.sandbox.example"
     }
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn finapi_ca_file_beside_client_tables_only_is_refused_rather_than_left_unused() {
+    let dir = scratch_dir("unused-ca-file");
+    // A usable bundle: the only problem is that no client would use it.
+    let ca = dir.join("ca.pem");
+    let authority = giroident_broker::sim::SimCa::generate().expect("an authority");
+    std::fs::write(&ca, authority.cert_pem()).unwrap();
+    let path = dir.join("broker.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[finapi]
+ca_file = {ca:?}
+
+[finapi.clients.live]
+client_id = "live-id"
+access_url = "https://live.example"
+process_controller_url = "https://pc.live.example"
+
+[[auth.callers]]
+name = "shop"
+key_sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+flows = ["standalone"]
+finapi_clients = ["live"]
+"#
+        ),
+    )
+    .unwrap();
+    let mut env = VALID.to_vec();
+    env.retain(|(k, _)| !k.contains("FINAPI__") && !k.contains("AUTH__"));
+    env.push((
+        "GIROIDENT_BROKER_FINAPI__CLIENTS__LIVE__CLIENT_SECRET",
+        "cli-live-secret",
+    ));
+    let out = broker(&["check-config", "--config", path.to_str().unwrap()], &env);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("finapi.ca_file") && stderr.contains("[finapi.clients.NAME]"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
