@@ -864,10 +864,19 @@ impl Settings {
 
         self.resolve_finapi_clients(&mut problem);
         let f = &self.finapi;
-        if let Some(path) = &f.ca_file
-            && let Err(err) = crate::tls::read_ca_file(path)
-        {
-            problem("finapi.ca_file", err.to_string());
+        if let Some(path) = &f.ca_file {
+            if !f.has_single_client() {
+                // Unlike the timeouts, it is not shared: silently unused, every client would
+                // refuse a private CA's certificate.
+                problem(
+                    "finapi.ca_file",
+                    "is the client \"default\"'s, which the single-client keys do not configure: \
+                     set ca_file in each [finapi.clients.NAME] table that needs it"
+                        .into(),
+                );
+            } else if let Err(err) = crate::tls::read_ca_file(path) {
+                problem("finapi.ca_file", err.to_string());
+            }
         }
         if f.connect_timeout_ms == 0 {
             problem("finapi.connect_timeout_ms", "must be at least 1".into());
@@ -992,13 +1001,12 @@ impl Settings {
             {
                 problem(&format!("{prefix}.process_id"), msg);
             }
+            // The same check as `finapi.ca_file`'s: a bundle refused here would otherwise
+            // pass `check-config` and stop the broker at start.
             if let Some(path) = &client.ca_file
-                && let Err(e) = std::fs::metadata(path)
+                && let Err(err) = crate::tls::read_ca_file(path)
             {
-                problem(
-                    &format!("{prefix}.ca_file"),
-                    format!("cannot read {}: {}", path.display(), e.kind()),
-                );
+                problem(&format!("{prefix}.ca_file"), err.to_string());
             }
         }
         let names = self.finapi.client_names();
@@ -1450,6 +1458,21 @@ fn extract_all(
             .unwrap_or_default()
     };
     let mut seen = std::collections::HashSet::new();
+    // A required key without a default (`client_id` in a `[finapi.clients.NAME]` table,
+    // `flows` in a caller) comes back as missing once its wrong value is dropped: it gets
+    // these stand-ins in turn, without a second problem, so that extraction goes on and the
+    // later keys' problems (and the checks after extraction) are still reported.
+    let mut stand_ins: std::collections::HashMap<String, usize> = Default::default();
+    let stand_in = |i: usize| -> Option<Value> {
+        match i {
+            0 => Some(Value::from(String::new())),
+            1 => Some(Value::from(Vec::<Value>::new())),
+            2 => Some(Value::from(0u64)),
+            3 => Some(Value::from(false)),
+            4 => Some(Value::from(Dict::new())),
+            _ => None,
+        }
+    };
     loop {
         let error = match Figment::from(Serialized::defaults(&data)).extract_lossy::<Settings>() {
             Ok(settings) => return Some(settings),
@@ -1491,9 +1514,14 @@ fn extract_all(
             return None;
         }
         if !seen.insert(key.clone()) {
-            // Putting a value back did not help (a key inside an array of tables, which has
-            // no default): what was found so far is reported.
-            return None;
+            let tried = stand_ins.entry(key).or_default();
+            let Some(value) = stand_in(*tried) else {
+                // No stand-in fits: what was found so far is reported.
+                return None;
+            };
+            *tried += 1;
+            replace(&mut data, &path, Some(value));
+            continue;
         }
         problems.push((key.clone(), format!("{message}{}", source(&key))));
         replace(&mut data, &path, fallback);
@@ -1647,11 +1675,26 @@ fn resolve_client_secret(
     match (&*secret, file) {
         (Some(_), Some(_)) => problem(&key, format!("set either {key} or {key}_file, not both")),
         (None, None) => {
-            let env = format!(
-                "{ENV_PREFIX}{}",
-                key.to_ascii_uppercase().replace('.', "__")
-            );
-            problem(&key, format!("must be set: {env} or {key}_file"))
+            // Variable names are read in lower case and split at `__`: a client named with
+            // upper case or `.` cannot be reached by one, so none is suggested.
+            let reachable = prefix
+                .strip_prefix("finapi.clients.")
+                .is_none_or(|name| !name.contains('.') && name == name.to_ascii_lowercase());
+            if reachable {
+                let env = format!(
+                    "{ENV_PREFIX}{}",
+                    key.to_ascii_uppercase().replace('.', "__")
+                );
+                problem(&key, format!("must be set: {env} or {key}_file"))
+            } else {
+                problem(
+                    &key,
+                    format!(
+                        "must be set: {key}_file (a client named with upper case or `.` cannot \
+                         take its secret from the environment)"
+                    ),
+                )
+            }
         }
         (None, Some(path)) => match read_secret_file(path) {
             Ok(value) => *secret = Some(value),

@@ -10,6 +10,8 @@
 
 use std::sync::Arc;
 
+use rustls::pki_types::CertificateDer;
+
 use crate::api::auth::Callers;
 use crate::config::DEFAULT_CLIENT;
 use crate::config::{ConfigError, Settings};
@@ -39,6 +41,9 @@ pub struct Reloaded {
 pub struct Reloader {
     /// The settings the broker started with: what settings needing a restart are compared to.
     started: Settings,
+    /// The CA bundles the finAPI clients were built with, by file: a bundle rewritten in place
+    /// (a ConfigMap updated) is not taken by a reload either, and must be named as such.
+    started_ca_files: Vec<(std::path::PathBuf, Option<Vec<CertificateDer<'static>>>)>,
     callers: Arc<Callers>,
     flows: Arc<Flows>,
     /// Keeps two reloads from interleaving.
@@ -48,8 +53,20 @@ pub struct Reloader {
 impl Reloader {
     /// A reloader for the broker built from `started`.
     pub fn new(started: Settings, callers: Arc<Callers>, flows: Arc<Flows>) -> Self {
+        let mut started_ca_files = Vec::new();
+        for path in started
+            .finapi_clients()
+            .into_iter()
+            .filter_map(|c| c.ca_file)
+        {
+            if !started_ca_files.iter().any(|(known, _)| *known == path) {
+                let certs = crate::tls::read_ca_file(&path).ok();
+                started_ca_files.push((path, certs));
+            }
+        }
         Self {
             started,
+            started_ca_files,
             callers,
             flows,
             running: tokio::sync::Mutex::new(()),
@@ -120,6 +137,8 @@ impl Reloader {
             restart_needed: restart_needed(&self.started, &settings),
             ..Reloaded::default()
         };
+        done.restart_needed
+            .extend(self.rewritten_ca_files(&settings));
         // Switching authentication on or off is no reload's business.
         settings.auth.disabled = self.started.auth.disabled;
         let callers = self.callers.replace(&settings);
@@ -138,11 +157,13 @@ impl Reloader {
             if let Some(running) = self.flows.client_secret(&client.name)
                 && running.replace(client.client_secret, client.client_secret_file)
             {
-                done.secrets_changed.push(if client.name == DEFAULT_CLIENT {
-                    "finapi.client_secret".to_owned()
-                } else {
-                    format!("finapi.clients.{}.client_secret", client.name)
-                });
+                done.secrets_changed.push(
+                    if client.name == DEFAULT_CLIENT && settings.finapi.has_single_client() {
+                        "finapi.client_secret".to_owned()
+                    } else {
+                        format!("finapi.clients.{}.client_secret", client.name)
+                    },
+                );
             }
         }
 
@@ -157,6 +178,34 @@ impl Reloader {
         }
         self.flows.replace_password_keys(keys);
         Ok(done)
+    }
+
+    /// The `ca_file` keys whose file, under the name the client started with, now holds other
+    /// certificates than at start (a changed name is already named with its client).
+    fn rewritten_ca_files(&self, settings: &Settings) -> Vec<String> {
+        let started = self.started.finapi_clients();
+        let mut keys = Vec::new();
+        for client in settings.finapi_clients() {
+            let Some(path) = &client.ca_file else {
+                continue;
+            };
+            let same_file = started
+                .iter()
+                .any(|old| old.name == client.name && old.ca_file.as_ref() == Some(path));
+            let Some((_, at_start)) = self.started_ca_files.iter().find(|(p, _)| p == path) else {
+                continue;
+            };
+            if same_file && *at_start != crate::tls::read_ca_file(path).ok() {
+                keys.push(
+                    if client.name == DEFAULT_CLIENT && settings.finapi.has_single_client() {
+                        "finapi.ca_file".to_owned()
+                    } else {
+                        format!("finapi.clients.{}.ca_file", client.name)
+                    },
+                );
+            }
+        }
+        keys
     }
 
     /// Refuses a reload whose callers name a finAPI client the running broker lacks: the
@@ -246,6 +295,11 @@ pub fn restart_needed(running: &Settings, loaded: &Settings) -> Vec<String> {
         connect_timeout_ms, request_timeout_ms);
     // A named client's hosts, id, processId and authority are built into its upstream at start.
     let (old_clients, new_clients) = (running.finapi_clients(), loaded.finapi_clients());
+    // The client `default` of the single-client keys is compared key by key above; a
+    // `[finapi.clients.default]` table is a table like any other.
+    let is_table = |settings: &Settings, name: &str| {
+        !(name == DEFAULT_CLIENT && settings.finapi.has_single_client())
+    };
     for new in &new_clients {
         let old = old_clients.iter().find(|old| old.name == new.name);
         let same = old.is_some_and(|old| {
@@ -263,12 +317,12 @@ pub fn restart_needed(running: &Settings, loaded: &Settings) -> Vec<String> {
                 &new.ca_file,
             )
         });
-        if !same && new.name != DEFAULT_CLIENT {
+        if !same && is_table(loaded, &new.name) {
             keys.push(format!("finapi.clients.{}", new.name));
         }
     }
     for old in &old_clients {
-        if old.name != DEFAULT_CLIENT && !new_clients.iter().any(|new| new.name == old.name) {
+        if is_table(running, &old.name) && !new_clients.iter().any(|new| new.name == old.name) {
             keys.push(format!("finapi.clients.{}", old.name));
         }
     }

@@ -29,10 +29,14 @@ pub enum StartupError {
     /// The HTTP client for finAPI could not be built.
     #[error("cannot build the finAPI HTTP client")]
     HttpClient(#[source] reqwest::Error),
-    /// `finapi.ca_file` could not be read at start (it was readable when the configuration
-    /// was loaded).
-    #[error("cannot use finapi.ca_file")]
-    CaFile(#[source] crate::tls::CaFileError),
+    /// A client's CA bundle (`key`: `finapi.ca_file` or `finapi.clients.NAME.ca_file`) could
+    /// not be read at start (it was usable when the configuration was loaded).
+    #[error("cannot use {key}")]
+    CaFile {
+        key: String,
+        #[source]
+        source: crate::tls::CaFileError,
+    },
     /// A finAPI base URL is unusable.
     #[error(transparent)]
     BaseUrl(#[from] InvalidBaseUrl),
@@ -82,18 +86,25 @@ fn finapi_http_clients(
         .map_err(StartupError::HttpClient)
     };
     let mut clients = vec![(None, build(&[])?)];
-    for ca_file in settings
-        .finapi_clients()
-        .into_iter()
-        .filter_map(|c| c.ca_file)
-    {
+    for client in settings.finapi_clients() {
+        let Some(ca_file) = client.ca_file else {
+            continue;
+        };
         if clients
             .iter()
             .any(|(file, _)| file.as_ref() == Some(&ca_file))
         {
             continue;
         }
-        let roots = crate::tls::read_ca_file(&ca_file).map_err(StartupError::CaFile)?;
+        let key = if settings.finapi.has_single_client()
+            && client.name == crate::config::DEFAULT_CLIENT
+        {
+            "finapi.ca_file".to_owned()
+        } else {
+            format!("finapi.clients.{}.ca_file", client.name)
+        };
+        let roots = crate::tls::read_ca_file(&ca_file)
+            .map_err(|source| StartupError::CaFile { key, source })?;
         clients.push((Some(ca_file), build(&roots)?));
     }
     Ok(clients)

@@ -126,3 +126,193 @@ process_controller_url = "https://pc.sandbox.example"
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// A fresh directory for one test's files.
+fn scratch_dir(test: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("gib-cli-{test}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn a_wrong_type_in_a_required_key_of_a_table_hides_no_other_problem() {
+    let dir = scratch_dir("wrong-type");
+    let path = dir.join("broker.toml");
+    std::fs::write(
+        &path,
+        r#"
+[server]
+listen = "nowhere"
+
+[finapi.clients.live]
+client_id = 5
+access_url = "https://live.example"
+process_controller_url = "https://pc.live.example"
+
+[finapi.clients.sandbox]
+client_id = "sandbox-id"
+access_url = "http://sandbox.example"
+process_controller_url = "https://pc.sandbox.example"
+
+[[auth.callers]]
+name = "shop"
+key_sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+flows = "access"
+finapi_clients = ["live", "nowhere"]
+"#,
+    )
+    .unwrap();
+    let mut env = VALID.to_vec();
+    env.retain(|(k, _)| !k.contains("FINAPI__") && !k.contains("AUTH__"));
+    env.push((
+        "GIROIDENT_BROKER_FINAPI__CLIENTS__LIVE__CLIENT_SECRET",
+        "cli-live-secret",
+    ));
+    let out = broker(&["check-config", "--config", path.to_str().unwrap()], &env);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for key in [
+        "finapi.clients.live.client_id: must be a string",
+        "auth.callers[0].flows: must be a sequence",
+        "server.listen",
+        "finapi.clients.sandbox.client_secret",
+        "finapi.clients.sandbox.access_url",
+        "auth.callers[0].finapi_clients: \"nowhere\"",
+    ] {
+        assert!(stderr.contains(key), "{key} missing from {stderr}");
+    }
+    assert_eq!(
+        stderr.matches("finapi.clients.live.client_id").count(),
+        1,
+        "{stderr}"
+    );
+    assert!(!stderr.contains("cli-live-secret"), "{stderr}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_named_clients_ca_file_without_a_certificate_is_a_config_error_at_check_and_start() {
+    let dir = scratch_dir("ca-file");
+    let ca = dir.join("not-a-ca.pem");
+    std::fs::write(&ca, "not a certificate\n").unwrap();
+    let path = dir.join("broker.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[finapi.clients.live]
+client_id = "live-id"
+access_url = "https://live.example"
+process_controller_url = "https://pc.live.example"
+ca_file = "{}"
+"#,
+            ca.display()
+        ),
+    )
+    .unwrap();
+    let mut env = VALID.to_vec();
+    env.retain(|(k, _)| !k.contains("FINAPI__"));
+    env.push((
+        "GIROIDENT_BROKER_FINAPI__CLIENTS__LIVE__CLIENT_SECRET",
+        "cli-live-secret",
+    ));
+    env.push(("GIROIDENT_BROKER_SERVER__LISTEN", "127.0.0.1:0"));
+    env.push(("GIROIDENT_BROKER_ADMIN__LISTEN", "127.0.0.1:0"));
+    let db = format!("sqlite://{}", dir.join("ledger.db").display());
+    env.push(("GIROIDENT_BROKER_IDENTITIES__DATABASE_URL", &db));
+    for command in ["check-config", "serve"] {
+        let out = broker(&[command, "--config", path.to_str().unwrap()], &env);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{command}: {stderr}");
+        assert!(
+            stderr.contains("finapi.clients.live.ca_file") && stderr.contains("no PEM CERTIFICATE"),
+            "{command}: {stderr}"
+        );
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_client_name_no_variable_can_reach_is_not_told_to_use_one() {
+    let dir = scratch_dir("unreachable-name");
+    let path = dir.join("broker.toml");
+    std::fs::write(
+        &path,
+        r#"
+[finapi.clients.Live]
+client_id = "live-id"
+access_url = "https://live.example"
+process_controller_url = "https://pc.live.example"
+
+[finapi.clients."eu.sandbox"]
+client_id = "sandbox-id"
+access_url = "https://sandbox.example"
+process_controller_url = "https://pc.sandbox.example"
+"#,
+    )
+    .unwrap();
+    let mut env = VALID.to_vec();
+    env.retain(|(k, _)| !k.contains("FINAPI__"));
+    let out = broker(&["check-config", "--config", path.to_str().unwrap()], &env);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for key in [
+        "finapi.clients.Live.client_secret",
+        "finapi.clients.eu.sandbox.client_secret",
+    ] {
+        let line = stderr
+            .lines()
+            .find(|line| line.trim_start().starts_with(&format!("{key}:")))
+            .unwrap_or_else(|| panic!("{key} missing from {stderr}"));
+        assert!(
+            line.contains(&format!("{key}_file")) && !line.contains("GIROIDENT_BROKER_"),
+            "{line}"
+        );
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn finapi_ca_file_beside_client_tables_only_is_refused_rather_than_left_unused() {
+    let dir = scratch_dir("unused-ca-file");
+    // A usable bundle: the only problem is that no client would use it.
+    let ca = dir.join("ca.pem");
+    let authority = giroident_broker::sim::SimCa::generate().expect("an authority");
+    std::fs::write(&ca, authority.cert_pem()).unwrap();
+    let path = dir.join("broker.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[finapi]
+ca_file = {ca:?}
+
+[finapi.clients.live]
+client_id = "live-id"
+access_url = "https://live.example"
+process_controller_url = "https://pc.live.example"
+
+[[auth.callers]]
+name = "shop"
+key_sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+flows = ["standalone"]
+finapi_clients = ["live"]
+"#
+        ),
+    )
+    .unwrap();
+    let mut env = VALID.to_vec();
+    env.retain(|(k, _)| !k.contains("FINAPI__") && !k.contains("AUTH__"));
+    env.push((
+        "GIROIDENT_BROKER_FINAPI__CLIENTS__LIVE__CLIENT_SECRET",
+        "cli-live-secret",
+    ));
+    let out = broker(&["check-config", "--config", path.to_str().unwrap()], &env);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("finapi.ca_file") && stderr.contains("[finapi.clients.NAME]"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -172,6 +172,17 @@ async fn a_client_the_caller_may_not_use_is_403_and_an_unknown_one_is_422() {
             .unwrap();
         expect_problem(response, status, code).await;
     }
+    let other_query = env
+        .http
+        .get(format!("{identity}?finapiClient=live&x=1"))
+        .send()
+        .await
+        .unwrap();
+    let problem = expect_problem(other_query, 422, "INVALID_FIELD").await;
+    assert_eq!(
+        problem["detail"], "finapiClient must be the only query parameter, given once",
+        "{problem}"
+    );
     // No call reached finAPI for any of them.
     assert_eq!(env.all_calls(CLIENT_TOKEN), 0);
     env.stop().await;

@@ -94,6 +94,12 @@ struct Broker {
 
 impl Broker {
     fn start(dir: &Dir, sim: &SimHandle) -> Self {
+        Self::start_with(dir, sim, true)
+    }
+
+    /// Like [`Broker::start`]; without `single_client_env` the simulator's client comes from
+    /// the config file alone (e.g. a `[finapi.clients.default]` table).
+    fn start_with(dir: &Dir, sim: &SimHandle, single_client_env: bool) -> Self {
         let mut command = Command::new(env!("CARGO_BIN_EXE_giroident-broker"));
         command
             .args(["serve", "--config"])
@@ -102,13 +108,7 @@ impl Broker {
             .envs([
                 ("GIROIDENT_BROKER_SERVER__LISTEN", "127.0.0.1:0"),
                 ("GIROIDENT_BROKER_ADMIN__LISTEN", "127.0.0.1:0"),
-                ("GIROIDENT_BROKER_FINAPI__ACCESS_URL", &sim.base_url()),
-                (
-                    "GIROIDENT_BROKER_FINAPI__PROCESS_CONTROLLER_URL",
-                    &sim.base_url(),
-                ),
                 ("GIROIDENT_BROKER_FINAPI__ALLOW_INSECURE_HTTP", "true"),
-                ("GIROIDENT_BROKER_FINAPI__CLIENT_ID", DEMO_CLIENT_ID),
                 (
                     "GIROIDENT_BROKER_IDENTITIES__DATABASE_URL",
                     &dir.database_url(),
@@ -116,6 +116,19 @@ impl Broker {
                 ("GIROIDENT_BROKER_LOG__FORMAT", "json"),
                 ("GIROIDENT_BROKER_LOG__FILTER", "info"),
             ]);
+        if single_client_env {
+            command.envs([
+                ("GIROIDENT_BROKER_FINAPI__ACCESS_URL", &sim.base_url()),
+                (
+                    "GIROIDENT_BROKER_FINAPI__PROCESS_CONTROLLER_URL",
+                    &sim.base_url(),
+                ),
+                (
+                    "GIROIDENT_BROKER_FINAPI__CLIENT_ID",
+                    &DEMO_CLIENT_ID.to_owned(),
+                ),
+            ]);
+        }
         let (lines_tx, lines_rx) = std::sync::mpsc::channel::<String>();
         let (child, url) = spawn_broker_binary(command, Some(lines_tx));
         // The listening line, already read for the URL, names the admin address too.
@@ -394,6 +407,96 @@ async fn sighup_takes_a_named_clients_rotated_secret_and_refuses_a_client_added_
     ] {
         assert!(!logs.contains(secret), "a secret was logged");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finapi_clients_default_table_is_named_by_its_table_in_reload_lines() {
+    let sim = simulator().await;
+    let dir = Dir::new();
+    dir.write("default-secret", &format!("{DEMO_CLIENT_SECRET}\n"));
+    dir.write("first.key", FIRST_KEY);
+    dir.write("key-a", KEY_A);
+    let keys = identity_keys(&dir, "key-a", &[]);
+    let with_access_url = |access_url: &str| {
+        format!(
+            "[finapi.clients.default]\nclient_id = {DEMO_CLIENT_ID:?}\nclient_secret_file = {:?}\n\
+             access_url = {access_url:?}\nprocess_controller_url = {:?}\n{keys}\n\
+             [[auth.callers]]\nname = \"first\"\nkey_file = {:?}\nflows = [\"standalone\"]\n",
+            dir.path("default-secret"),
+            sim.base_url(),
+            dir.path("first.key"),
+        )
+    };
+    dir.write("broker.toml", &with_access_url(&sim.base_url()));
+    let mut broker = tokio::task::block_in_place(|| Broker::start_with(&dir, &sim, false));
+    let standalone = json!({"flow": "standalone", "clientReference": "default-table"});
+    expect_created(broker.session(FIRST_KEY, standalone.clone()).await).await;
+
+    // The table's secret rotated and its host changed: the secret is taken, the host needs a
+    // restart, and both are named by the table's keys.
+    assert!(sim.change_client_secret(DEMO_CLIENT_ID, "default-table-rotated"));
+    dir.write("default-secret", "default-table-rotated\n");
+    dir.write("broker.toml", &with_access_url("http://elsewhere.example"));
+    let reloaded = broker.hang_up().await;
+    assert_eq!(
+        reloaded["secrets_changed"], "finapi.clients.default.client_secret",
+        "{reloaded}"
+    );
+    let warning = broker
+        .log_line(|log| log["message"] == "changed settings take effect only after a restart")
+        .await;
+    assert_eq!(warning["keys"], "finapi.clients.default", "{warning}");
+    expect_created(broker.session(FIRST_KEY, standalone).await).await;
+    assert!(broker.still_running());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_file_rewritten_in_place_is_named_as_needing_a_restart() {
+    let mut config_sim = SimConfig::default();
+    config_sim
+        .clients
+        .push(SimClient::new("live-client", "live-secret"));
+    let sim = sim::start(config_sim).await.expect("simulator");
+    let dir = Dir::new();
+    dir.write("client-secret", &format!("{DEMO_CLIENT_SECRET}\n"));
+    dir.write("live-secret", "live-secret\n");
+    dir.write("first.key", FIRST_KEY);
+    dir.write("key-a", KEY_A);
+    let first_ca = sim::SimCa::generate().expect("an authority");
+    dir.write("live-ca.pem", first_ca.cert_pem());
+    let text = format!(
+        "[finapi]\nclient_secret_file = {:?}\n{}{}ca_file = {:?}\n\
+         [[auth.callers]]\nname = \"first\"\nkey_file = {:?}\nflows = [\"standalone\"]\n\
+         finapi_clients = [\"default\", \"live\"]\n",
+        dir.path("client-secret"),
+        identity_keys(&dir, "key-a", &[]),
+        live_client(&dir, &sim),
+        dir.path("live-ca.pem"),
+        dir.path("first.key"),
+    );
+    dir.write("broker.toml", &text);
+    let mut broker = tokio::task::block_in_place(|| Broker::start(&dir, &sim));
+
+    // Nothing changed: no warning.
+    let reloaded = broker.hang_up().await;
+    assert_eq!(reloaded["message"], "configuration reloaded", "{reloaded}");
+    // The authority's file rewritten under the same name (a ConfigMap updated): the running
+    // client keeps the bundle it was built with, and the reload says so.
+    let next_ca = sim::SimCa::generate().expect("an authority");
+    dir.write("live-ca.pem", next_ca.cert_pem());
+    let reloaded = broker.hang_up().await;
+    assert_eq!(reloaded["message"], "configuration reloaded", "{reloaded}");
+    let warning = broker
+        .log_line(|log| log["message"] == "changed settings take effect only after a restart")
+        .await;
+    assert_eq!(warning["keys"], "finapi.clients.live.ca_file", "{warning}");
+    let warnings = broker
+        .seen
+        .iter()
+        .filter(|log| log["message"] == "changed settings take effect only after a restart")
+        .count();
+    assert_eq!(warnings, 1, "the unchanged reload warned");
+    assert!(broker.still_running());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -124,7 +124,7 @@ impl FinapiClientQuery {
         query.map(|axum::extract::Query(q)| q).map_err(|_| {
             ApiError::InvalidField(InvalidInput {
                 field: "finapiClient",
-                rule: "the only query parameter is finapiClient, given once",
+                rule: "must be the only query parameter, given once",
             })
         })
     }
