@@ -102,9 +102,19 @@ where
         Some((tracer, guard)) => {
             let layer = tracing_opentelemetry::layer()
                 .with_tracer(tracer)
+                // Each of these costs work per span or per poll and bytes per exported span
+                // (docs/BENCHMARKS.md, "Tracing (issue 14)"): no code location, thread, level
+                // or target attributes; no busy/idle timing, which takes the clock on every
+                // enter and exit of a span (each poll of an instrumented future) and adds two
+                // attributes; no OpenTelemetry context attached on every enter (parents are
+                // found through the tracing spans, and `OpenTelemetrySpanExt::context` reads
+                // the span itself).
                 .with_location(false)
                 .with_threads(false)
                 .with_level(false)
+                .with_target(false)
+                .with_tracked_inactivity(false)
+                .with_context_activation(false)
                 // Spans only, and only the broker's: log events never become span events, so
                 // nothing a log line says reaches the collector.
                 .with_filter(filter_fn(|meta| {
