@@ -115,12 +115,11 @@ where
                 .with_target(false)
                 .with_tracked_inactivity(false)
                 .with_context_activation(false)
-                // Spans only, and only the broker's: log events never become span events, so
+                // Only the spans made for it: log events never become span events, and the
+                // logging spans (the request span with its log fields) are not exported, so
                 // nothing a log line says reaches the collector.
                 .with_filter(filter_fn(|meta| {
-                    meta.is_span()
-                        && meta.target().starts_with("giroident_broker")
-                        && !meta.target().starts_with("giroident_broker::sim")
+                    meta.is_span() && meta.target() == otel::TARGET
                 }));
             (Some(layer), Some(guard))
         }

@@ -1,8 +1,8 @@
 //! Distributed tracing: W3C trace context in (`traceparent`, `tracestate`), spans out over
 //! OTLP/HTTP protobuf to a collector.
 //!
-//! Only spans with [`TARGET`] and the request span reach OpenTelemetry; the log lines never
-//! show the OpenTelemetry-only spans (a request's lines keep naming the request span). Without
+//! Only spans with [`TARGET`] reach OpenTelemetry (the request's server span among them); the
+//! log lines never show them (a request's lines keep naming the logging span `request`). Without
 //! an endpoint no layer is installed: those spans are disabled at their call sites and cost a
 //! check of a static.
 //!
@@ -252,7 +252,35 @@ async fn export<E: SpanExporter>(exporter: &E, batch: Vec<SpanData>, timeout: Du
     }
 }
 
-/// Makes `span` (the request span) a child of the caller's trace, when `headers` carry a valid
+/// The span of one ledger operation `$op` (a string literal): `ledger.$op`, kind client, with
+/// `db.operation.name`. Made at the start of the operation and dropped at its end, it is never
+/// entered: an `#[instrument]`ed future would enter and leave it on each of the many polls of
+/// a database call (docs/BENCHMARKS.md, "Tracing (issue 14)"). The ledger opens no spans of its
+/// own, so nothing needs it as the current span.
+macro_rules! ledger_span {
+    ($op:literal) => {
+        ::tracing::info_span!(
+            target: $crate::telemetry::otel::TARGET,
+            concat!("ledger.", $op),
+            otel.kind = "client",
+            db.operation.name = $op,
+        )
+    };
+}
+pub(crate) use ledger_span;
+
+/// The server span of one request (OpenTelemetry's `request`, kind server), or a disabled
+/// span when nothing is exported. It carries only the HTTP attributes set by
+/// [`continue_trace`] and [`end_server_span`]; the request's log fields stay on the logging
+/// span that [`crate::api`]'s request middleware opens inside it.
+pub fn server_span() -> tracing::Span {
+    if !enabled() {
+        return tracing::Span::none();
+    }
+    tracing::info_span!(target: TARGET, "request", otel.kind = "server")
+}
+
+/// Makes `span` (the server span of [`server_span`]) a child of the caller's trace, when `headers` carry a valid
 /// `traceparent`. Returns the trace id and the span's id (lowercase hex), once export is on.
 /// `route` is the path template (an identity's path holds a raw client reference).
 pub fn continue_trace(
