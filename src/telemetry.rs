@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 pub mod otel;
 
 use tracing_appender::non_blocking::WorkerGuard;
-use tracing_subscriber::filter::filter_fn;
+use tracing_subscriber::filter::{FilterExt, filter_fn};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -95,9 +95,9 @@ where
     };
     // Log lines never see the OpenTelemetry-only spans: a request's lines keep showing the
     // request span's fields.
-    let lines = lines
-        .with_filter(filter)
-        .with_filter(filter_fn(|meta| meta.target() != otel::TARGET));
+    // One filter, not two stacked `with_filter`s: stacked, a span the level filter refuses
+    // (an `info` span at `warn`) was still made and entered for this layer.
+    let lines = lines.with_filter(filter.and(filter_fn(|meta| meta.target() != otel::TARGET)));
     let (layer, guard) = match tracing.map(otel::tracer).transpose()?.flatten() {
         Some((tracer, guard)) => {
             let layer = tracing_opentelemetry::layer()
