@@ -291,6 +291,17 @@ async fn a_standalone_session_is_one_trace_continuing_the_callers() {
     let request = assert_one_tree(&spans, &caller_span);
     assert_eq!(request.attributes["http.route"], "/kyc-sessions");
     assert_eq!(request.attributes["http.response.status_code"], "201");
+    // The log lines' fields (request id, path, caller, flow, the ids) are not exported again.
+    let mut keys: Vec<&str> = request.attributes.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "http.request.method",
+            "http.response.status_code",
+            "http.route"
+        ]
+    );
     let children = child_names(&spans, &request);
     for name in ["finapi.create_process", "finapi.exchange_process_token"] {
         assert!(

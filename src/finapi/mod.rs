@@ -14,7 +14,6 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use crate::resilience::CircuitBreaker;
-use tracing::Instrument;
 
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
 use reqwest::{RequestBuilder, Response, StatusCode};
@@ -651,9 +650,11 @@ async fn send(
             });
         }
     };
-    let result = call(&http, step, breaker.client(), request, expected, &span)
-        .instrument(span.clone())
-        .await;
+    // The span is not entered around the call: it has no child spans, and entering it on each
+    // poll cost the OpenTelemetry layer about a thousand instructions a time
+    // (docs/BENCHMARKS.md, "Tracing (issue 14)"). It starts when made above and ends when
+    // dropped, as this function returns.
+    let result = call(&http, step, breaker.client(), request, expected, &span).await;
     permit.record(
         result
             .as_ref()

@@ -724,8 +724,8 @@ impl IdentityStore {
     ///
     /// Errors: [`StoreError::Other`] when `id` or `finapi_user_id` (case-insensitively) is
     /// already taken; [`StoreError::Unavailable`].
-    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.insert_intent", skip_all, fields(otel.kind = "client", db.operation.name = "insert_intent"))]
     pub async fn insert_intent(&self, new: &NewIdentity<'_>) -> Result<Inserted, StoreError> {
+        let _span = crate::telemetry::otel::ledger_span!("insert_intent");
         for _ in 0..INSERT_ATTEMPTS {
             let row = IntentRow {
                 id: new.id.to_string(),
@@ -794,13 +794,13 @@ impl IdentityStore {
     /// The reusable (intent or active) record for the caller's reference at a finAPI client,
     /// if any.
     /// Errors: [`StoreError::Unavailable`], [`StoreError::Other`].
-    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.find_live", skip_all, fields(otel.kind = "client", db.operation.name = "find_live"))]
     pub async fn find_live(
         &self,
         caller: &str,
         finapi_client: &str,
         reference_digest: &str,
     ) -> Result<Option<IdentityRecord>, StoreError> {
+        let _span = crate::telemetry::otel::ledger_span!("find_live");
         let sql = format!(
             "SELECT {RECORD_COLUMNS} FROM identities WHERE caller = $1 AND finapi_client = $2 \
              AND reference_digest = $3 AND state IN ('intent', 'active')"
@@ -817,13 +817,13 @@ impl IdentityStore {
     /// The newest record (by `created_at`) of any state for the caller's reference at a finAPI
     /// client, if any.
     /// Errors: [`StoreError::Unavailable`], [`StoreError::Other`].
-    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.find_latest", skip_all, fields(otel.kind = "client", db.operation.name = "find_latest"))]
     pub async fn find_latest(
         &self,
         caller: &str,
         finapi_client: &str,
         reference_digest: &str,
     ) -> Result<Option<IdentityRecord>, StoreError> {
+        let _span = crate::telemetry::otel::ledger_span!("find_latest");
         let sql = format!(
             "SELECT {RECORD_COLUMNS} FROM identities WHERE caller = $1 AND finapi_client = $2 \
              AND reference_digest = $3 ORDER BY created_at DESC, id DESC LIMIT 1"
@@ -839,11 +839,11 @@ impl IdentityStore {
 
     /// The record of a finAPI user id, compared case-insensitively (finAPI user ids are).
     /// Errors: [`StoreError::Unavailable`], [`StoreError::Other`].
-    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.find_by_finapi_user", skip_all, fields(otel.kind = "client", db.operation.name = "find_by_finapi_user"))]
     pub async fn find_by_finapi_user(
         &self,
         finapi_user_id: &str,
     ) -> Result<Option<IdentityRecord>, StoreError> {
+        let _span = crate::telemetry::otel::ledger_span!("find_by_finapi_user");
         let sql = format!(
             "SELECT {RECORD_COLUMNS} FROM identities WHERE lower(finapi_user_id) = lower($1)"
         );
@@ -856,8 +856,8 @@ impl IdentityStore {
 
     /// The record with the broker's identity id `id`, if any.
     /// Errors: [`StoreError::Unavailable`], [`StoreError::Other`].
-    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.get", skip_all, fields(otel.kind = "client", db.operation.name = "get"))]
     pub async fn get(&self, id: Uuid) -> Result<Option<IdentityRecord>, StoreError> {
+        let _span = crate::telemetry::otel::ledger_span!("get");
         let sql = format!("SELECT {RECORD_COLUMNS} FROM identities WHERE id = $1");
         let id = id.to_string();
         let raw = with_pool!(self, |pool| sqlx::query_as::<_, RawRecord>(&sql)
@@ -884,13 +884,13 @@ impl IdentityStore {
     /// `delete_after`. Returns `false`, changing nothing, when the record is no longer an intent
     /// (a caller's deletion or the reaper came first). Errors: [`StoreError::Unavailable`],
     /// [`StoreError::Other`].
-    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.activate", skip_all, fields(otel.kind = "client", db.operation.name = "activate"))]
     pub async fn activate(
         &self,
         id: Uuid,
         now: Millis,
         delete_after: Millis,
     ) -> Result<bool, StoreError> {
+        let _span = crate::telemetry::otel::ledger_span!("activate");
         self.transition(Change::Activate, id, now, delete_after, None)
             .await
     }
@@ -899,7 +899,6 @@ impl IdentityStore {
     /// is appended when the record was activated, and also, with `event.unchanged_detail`, when
     /// it was not, if that is set. Returns whether the record was activated.
     /// Errors: [`StoreError::Unavailable`], [`StoreError::Other`] (nothing of it is written).
-    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.activate", skip_all, fields(otel.kind = "client", db.operation.name = "activate"))]
     pub async fn activate_logged(
         &self,
         id: Uuid,
@@ -907,6 +906,7 @@ impl IdentityStore {
         delete_after: Millis,
         event: &ChangeEvent<'_>,
     ) -> Result<bool, StoreError> {
+        let _span = crate::telemetry::otel::ledger_span!("activate");
         self.transition(Change::Activate, id, now, delete_after, Some(event))
             .await
     }
@@ -914,13 +914,13 @@ impl IdentityStore {
     /// A reused session: `last_session_at = now` and the new `delete_after`, only while the
     /// record is active; returns `false`, changing nothing, when it no longer is (its deletion
     /// began). Errors: [`StoreError::Unavailable`], [`StoreError::Other`].
-    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.touch", skip_all, fields(otel.kind = "client", db.operation.name = "touch"))]
     pub async fn touch(
         &self,
         id: Uuid,
         now: Millis,
         delete_after: Millis,
     ) -> Result<bool, StoreError> {
+        let _span = crate::telemetry::otel::ledger_span!("touch");
         self.transition(Change::Touch, id, now, delete_after, None)
             .await
     }
@@ -929,7 +929,6 @@ impl IdentityStore {
     /// appended as for [`IdentityStore::activate_logged`]. Returns whether the record was
     /// touched. Errors: [`StoreError::Unavailable`], [`StoreError::Other`] (nothing of it is
     /// written).
-    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.touch", skip_all, fields(otel.kind = "client", db.operation.name = "touch"))]
     pub async fn touch_logged(
         &self,
         id: Uuid,
@@ -937,6 +936,7 @@ impl IdentityStore {
         delete_after: Millis,
         event: &ChangeEvent<'_>,
     ) -> Result<bool, StoreError> {
+        let _span = crate::telemetry::otel::ledger_span!("touch");
         self.transition(Change::Touch, id, now, delete_after, Some(event))
             .await
     }
@@ -945,8 +945,8 @@ impl IdentityStore {
     /// `next_attempt_at = now` so that the reaper picks it up at once. Idempotent: a record
     /// already deleting (its backoff is kept) or deleted is left alone; a lease is kept (the
     /// reaper holding it goes on). Errors: [`StoreError::Unavailable`], [`StoreError::Other`].
-    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.mark_deleting", skip_all, fields(otel.kind = "client", db.operation.name = "mark_deleting"))]
     pub async fn mark_deleting(&self, id: Uuid, now: Millis) -> Result<(), StoreError> {
+        let _span = crate::telemetry::otel::ledger_span!("mark_deleting");
         self.update(
             "UPDATE identities SET state = 'deleting', next_attempt_at = $2 \
              WHERE id = $1 AND state IN ('intent', 'active')",
@@ -959,8 +959,8 @@ impl IdentityStore {
 
     /// Any state → `deleted`, `deleted_at = now`, lease released. A record already deleted
     /// keeps its first `deleted_at`. Errors: [`StoreError::Unavailable`], [`StoreError::Other`].
-    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.mark_deleted", skip_all, fields(otel.kind = "client", db.operation.name = "mark_deleted"))]
     pub async fn mark_deleted(&self, id: Uuid, now: Millis) -> Result<(), StoreError> {
+        let _span = crate::telemetry::otel::ledger_span!("mark_deleted");
         self.update(
             "UPDATE identities SET state = 'deleted', deleted_at = COALESCE(deleted_at, $2), \
              lease_owner = NULL, lease_until = NULL WHERE id = $1",
@@ -974,13 +974,13 @@ impl IdentityStore {
     /// A failed deletion attempt: `deletion_attempts += 1`, `last_error = code` (a short broker
     /// error code), `next_attempt_at`, lease released; the state is unchanged.
     /// Errors: [`StoreError::Unavailable`], [`StoreError::Other`].
-    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.record_failure", skip_all, fields(otel.kind = "client", db.operation.name = "record_failure"))]
     pub async fn record_failure(
         &self,
         id: Uuid,
         code: &str,
         next_attempt_at: Millis,
     ) -> Result<(), StoreError> {
+        let _span = crate::telemetry::otel::ledger_span!("record_failure");
         let id = id.to_string();
         with_writer!(self, |pool| sqlx::query(
             "UPDATE identities SET deletion_attempts = deletion_attempts + 1, last_error = $2, \
@@ -1010,7 +1010,6 @@ impl IdentityStore {
     /// one file are serialised). A dead owner's lease simply expires.
     ///
     /// Errors: [`StoreError::Unavailable`], [`StoreError::Other`].
-    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.claim_due", skip_all, fields(otel.kind = "client", db.operation.name = "claim_due"))]
     pub async fn claim_due(
         &self,
         now: Millis,
@@ -1019,6 +1018,7 @@ impl IdentityStore {
         lease: Millis,
         limit: u32,
     ) -> Result<Vec<IdentityRecord>, StoreError> {
+        let _span = crate::telemetry::otel::ledger_span!("claim_due");
         const DUE: &str = "((state = 'active' AND delete_after <= $3) \
              OR (state = 'deleting' AND next_attempt_at <= $3) \
              OR (state = 'intent' AND created_at <= $4 AND next_attempt_at <= $3)) \
@@ -1063,8 +1063,8 @@ impl IdentityStore {
     /// Releases `owner`'s lease on the record without any other change (e.g. at shutdown); a
     /// lease held by another owner is left alone.
     /// Errors: [`StoreError::Unavailable`], [`StoreError::Other`].
-    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.release", skip_all, fields(otel.kind = "client", db.operation.name = "release"))]
     pub async fn release(&self, id: Uuid, owner: &str) -> Result<(), StoreError> {
+        let _span = crate::telemetry::otel::ledger_span!("release");
         let id = id.to_string();
         with_writer!(self, |pool| sqlx::query(
             "UPDATE identities SET lease_owner = NULL, lease_until = NULL \
@@ -1082,7 +1082,6 @@ impl IdentityStore {
     /// finAPI message or anything secret.
     /// Errors: [`StoreError::Other`] when no identity `identity_id` exists (foreign key);
     /// [`StoreError::Unavailable`].
-    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.append_event", skip_all, fields(otel.kind = "client", db.operation.name = "append_event"))]
     pub async fn append_event(
         &self,
         identity_id: Uuid,
@@ -1092,6 +1091,7 @@ impl IdentityStore {
         at: Millis,
         detail: Option<&str>,
     ) -> Result<(), StoreError> {
+        let _span = crate::telemetry::otel::ledger_span!("append_event");
         let row = EventRow {
             identity_id: identity_id.to_string(),
             kind,
@@ -1105,12 +1105,12 @@ impl IdentityStore {
 
     /// The identity's newest `limit` events, newest first (by time, then by order of
     /// appending). Errors: [`StoreError::Unavailable`], [`StoreError::Other`].
-    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.recent_events", skip_all, fields(otel.kind = "client", db.operation.name = "recent_events"))]
     pub async fn recent_events(
         &self,
         identity_id: Uuid,
         limit: u32,
     ) -> Result<Vec<IdentityEvent>, StoreError> {
+        let _span = crate::telemetry::otel::ledger_span!("recent_events");
         let identity_id = identity_id.to_string();
         let raw = with_pool!(self, |pool| sqlx::query_as::<_, RawEvent>(
             "SELECT kind, caller, request_id, at, detail FROM identity_events \
@@ -1135,8 +1135,8 @@ impl IdentityStore {
 
     /// The number of records in each state, for metrics: all four states, in life-cycle order,
     /// zero included. Errors: [`StoreError::Unavailable`], [`StoreError::Other`].
-    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.counts_by_state", skip_all, fields(otel.kind = "client", db.operation.name = "counts_by_state"))]
     pub async fn counts_by_state(&self) -> Result<Vec<(IdentityState, u64)>, StoreError> {
+        let _span = crate::telemetry::otel::ledger_span!("counts_by_state");
         let rows: Vec<(String, i64)> = with_pool!(self, |pool| sqlx::query_as(
             "SELECT state, COUNT(*) FROM identities GROUP BY state"
         )
@@ -1157,8 +1157,8 @@ impl IdentityStore {
     /// The password key ids that records not yet deleted were made with, and how many each:
     /// those keys must stay configured (a reload that drops one is refused).
     /// Errors: [`StoreError::Unavailable`], [`StoreError::Other`].
-    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.key_ids_in_use", skip_all, fields(otel.kind = "client", db.operation.name = "key_ids_in_use"))]
     pub async fn key_ids_in_use(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let _span = crate::telemetry::otel::ledger_span!("key_ids_in_use");
         let rows: Vec<(String, i64)> = with_pool!(self, |pool| sqlx::query_as(
             "SELECT key_id, COUNT(*) FROM identities WHERE state <> 'deleted' GROUP BY key_id"
         )
@@ -1174,8 +1174,8 @@ impl IdentityStore {
     /// (active or deleting; failed attempts do not make it look younger); `None` when no
     /// deletion is overdue.
     /// Errors: [`StoreError::Unavailable`], [`StoreError::Other`].
-    #[tracing::instrument(target = "giroident_broker::otel", name = "ledger.oldest_overdue", skip_all, fields(otel.kind = "client", db.operation.name = "oldest_overdue"))]
     pub async fn oldest_overdue(&self, now: Millis) -> Result<Option<Millis>, StoreError> {
+        let _span = crate::telemetry::otel::ledger_span!("oldest_overdue");
         with_pool!(self, |pool| {
             sqlx::query_scalar(
                 "SELECT MIN(delete_after) FROM identities \

@@ -1,8 +1,8 @@
 //! Distributed tracing: W3C trace context in (`traceparent`, `tracestate`), spans out over
 //! OTLP/HTTP protobuf to a collector.
 //!
-//! Only spans with [`TARGET`] and the request span reach OpenTelemetry; the log lines never
-//! show the OpenTelemetry-only spans (a request's lines keep naming the request span). Without
+//! Only spans with [`TARGET`] reach OpenTelemetry (the request's server span among them); the
+//! log lines never show them (a request's lines keep naming the logging span `request`). Without
 //! an endpoint no layer is installed: those spans are disabled at their call sites and cost a
 //! check of a static.
 //!
@@ -11,7 +11,7 @@
 //! counted in `broker_trace_spans_dropped_total`; no request ever waits for the collector.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
@@ -20,7 +20,7 @@ use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, SpanData, SpanExporter, SpanProcessor};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::config::{TraceSampler, TracingSettings};
@@ -143,6 +143,10 @@ fn count_dropped(reason: &'static str, spans: usize) {
 #[derive(Debug)]
 struct QueueProcessor {
     queue: mpsc::Sender<SpanData>,
+    /// Wakes the export thread early once a full batch waits (see [`drain`]).
+    full: Arc<Notify>,
+    /// The queue's free places at or below which a batch worth sending at once waits.
+    full_at: usize,
     stop: Mutex<Option<(oneshot::Sender<()>, std::sync::mpsc::Receiver<()>)>>,
 }
 
@@ -152,7 +156,12 @@ impl QueueProcessor {
         capacity: usize,
         timeout: Duration,
     ) -> Result<Self, OtelError> {
-        let (queue, spans) = mpsc::channel(capacity.max(1));
+        let capacity = capacity.max(1);
+        let (queue, spans) = mpsc::channel(capacity);
+        // A batch, or half the queue when that is smaller, is sent without lingering.
+        let wake_at = MAX_BATCH.min((capacity / 2).max(1));
+        let full = Arc::new(Notify::new());
+        let batch_full = full.clone();
         let (stop, stopped) = oneshot::channel();
         let (done, finished) = std::sync::mpsc::channel();
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -164,12 +173,20 @@ impl QueueProcessor {
         std::thread::Builder::new()
             .name("otel-export".into())
             .spawn(move || {
-                runtime.block_on(drain(exporter, spans, stopped, timeout));
+                runtime.block_on(drain(
+                    exporter,
+                    spans,
+                    (&batch_full, wake_at),
+                    stopped,
+                    timeout,
+                ));
                 let _ = done.send(());
             })
             .map_err(OtelError::Start)?;
         Ok(Self {
             queue,
+            full,
+            full_at: capacity - wake_at,
             stop: Mutex::new(Some((stop, finished))),
         })
     }
@@ -184,6 +201,9 @@ impl SpanProcessor for QueueProcessor {
         }
         if self.queue.try_send(span).is_err() {
             count_dropped("queue_full", 1);
+        }
+        if self.queue.capacity() <= self.full_at {
+            self.full.notify_one();
         }
     }
 
@@ -209,9 +229,16 @@ impl SpanProcessor for QueueProcessor {
 }
 
 /// Sends queued spans in batches until stopped, then sends what is left.
+///
+/// The first span of a batch wakes the thread; then it sleeps for [`LINGER`] (or until
+/// `wake_at` spans wait, or the stop) and takes what has queued meanwhile. Waiting in `recv` for each
+/// further span instead would wake this thread once or twice per span, which cost more
+/// instructions per session than any other part of the queue (docs/BENCHMARKS.md, "Tracing
+/// (issue 14)").
 async fn drain<E: SpanExporter>(
     exporter: E,
     mut spans: mpsc::Receiver<SpanData>,
+    (full, wake_at): (&Notify, usize),
     mut stop: oneshot::Receiver<()>,
     timeout: Duration,
 ) {
@@ -223,22 +250,29 @@ async fn drain<E: SpanExporter>(
                     return;
                 }
             }
-            _ = &mut stop => {
-                spans.close();
-                while spans.recv_many(&mut batch, MAX_BATCH).await > 0 {
-                    export(&exporter, std::mem::take(&mut batch), timeout).await;
-                }
-                return;
+            _ = &mut stop => break,
+        }
+        let mut stopped = false;
+        if batch.len() + spans.len() < wake_at {
+            tokio::select! {
+                () = tokio::time::sleep(LINGER) => {}
+                () = full.notified() => {}
+                _ = &mut stop => stopped = true,
             }
         }
-        let until = tokio::time::Instant::now() + LINGER;
         while batch.len() < MAX_BATCH {
-            let room = MAX_BATCH - batch.len();
-            match tokio::time::timeout_at(until, spans.recv_many(&mut batch, room)).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
+            match spans.try_recv() {
+                Ok(span) => batch.push(span),
+                Err(_) => break,
             }
         }
+        export(&exporter, std::mem::take(&mut batch), timeout).await;
+        if stopped {
+            break;
+        }
+    }
+    spans.close();
+    while spans.recv_many(&mut batch, MAX_BATCH).await > 0 {
         export(&exporter, std::mem::take(&mut batch), timeout).await;
     }
 }
@@ -252,7 +286,35 @@ async fn export<E: SpanExporter>(exporter: &E, batch: Vec<SpanData>, timeout: Du
     }
 }
 
-/// Makes `span` (the request span) a child of the caller's trace, when `headers` carry a valid
+/// The span of one ledger operation `$op` (a string literal): `ledger.$op`, kind client, with
+/// `db.operation.name`. Made at the start of the operation and dropped at its end, it is never
+/// entered: an `#[instrument]`ed future would enter and leave it on each of the many polls of
+/// a database call (docs/BENCHMARKS.md, "Tracing (issue 14)"). The ledger opens no spans of its
+/// own, so nothing needs it as the current span.
+macro_rules! ledger_span {
+    ($op:literal) => {
+        ::tracing::info_span!(
+            target: $crate::telemetry::otel::TARGET,
+            concat!("ledger.", $op),
+            otel.kind = "client",
+            db.operation.name = $op,
+        )
+    };
+}
+pub(crate) use ledger_span;
+
+/// The server span of one request (OpenTelemetry's `request`, kind server), or a disabled
+/// span when nothing is exported. It carries only the HTTP attributes set by
+/// [`continue_trace`] and [`end_server_span`]; the request's log fields stay on the logging
+/// span that [`crate::api`]'s request middleware opens inside it.
+pub fn server_span() -> tracing::Span {
+    if !enabled() {
+        return tracing::Span::none();
+    }
+    tracing::info_span!(target: TARGET, "request", otel.kind = "server")
+}
+
+/// Makes `span` (the server span of [`server_span`]) a child of the caller's trace, when `headers` carry a valid
 /// `traceparent`. Returns the trace id and the span's id (lowercase hex), once export is on.
 /// `route` is the path template (an identity's path holds a raw client reference).
 pub fn continue_trace(
