@@ -390,7 +390,8 @@ async fn run_postgres(pool: &PgPool, writes: &[&Request]) -> Result<Vec<Outcome>
 /// saves on SQLite. Each statement's rows carry a `tag` column saying which statement they
 /// come from.
 ///
-/// The statements: all intents in one `INSERT … ON CONFLICT DO NOTHING RETURNING`; the live
+/// The statements: the intents without a reference in one plain multi-row `INSERT`, those with
+/// one in one `INSERT … ON CONFLICT DO NOTHING RETURNING`; the live
 /// records of the batch's references (for the intents that lost); the events of the state
 /// changes, chosen by the records' states *before* the changes (the write lock is held, so the
 /// `UPDATE`s that follow see the same states); the activations and the touches in one
