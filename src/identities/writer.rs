@@ -390,7 +390,8 @@ async fn run_postgres(pool: &PgPool, writes: &[&Request]) -> Result<Vec<Outcome>
 /// saves on SQLite. Each statement's rows carry a `tag` column saying which statement they
 /// come from.
 ///
-/// The statements: all intents in one `INSERT … ON CONFLICT DO NOTHING RETURNING`; the live
+/// The statements: the intents without a reference in one plain multi-row `INSERT`, those with
+/// one in one `INSERT … ON CONFLICT DO NOTHING RETURNING`; the live
 /// records of the batch's references (for the intents that lost); the events of the state
 /// changes, chosen by the records' states *before* the changes (the write lock is held, so the
 /// `UPDATE`s that follow see the same states); the activations and the touches in one
@@ -426,16 +427,24 @@ async fn run_sqlite(pool: &SqlitePool, writes: &[&Request]) -> Result<Vec<Outcom
             _ => None,
         })
         .collect();
-    let referenced: Vec<&IntentRow> = intents
+    let (referenced, unreferenced): (Vec<&IntentRow>, Vec<&IntentRow>) = intents
         .iter()
         .copied()
-        .filter(|row| row.reference_digest.is_some())
-        .collect();
+        .partition(|row| row.reference_digest.is_some());
 
     let mut query = QueryBuilder::<Sqlite>::new("BEGIN IMMEDIATE; ");
-    if !intents.is_empty() {
+    // Two statements, so that the intents without a reference (which no live record can
+    // hold) skip `RETURNING`: SQLite collects a statement's `RETURNING` rows in a temporary
+    // table first, a cost per statement that a plain `INSERT` does not pay.
+    for (rows, conflict) in [
+        (&unreferenced, "; "),
+        (&referenced, ON_LIVE_REFERENCE_TAGGED),
+    ] {
+        if rows.is_empty() {
+            continue;
+        }
         query.push(INSERT_INTENTS);
-        query.push_values(&intents, |mut b, row| {
+        query.push_values(rows.iter(), |mut b, row| {
             b.push_bind(row.id.as_str())
                 .push_bind(row.finapi_user_id.as_str())
                 .push_bind(row.caller.as_str())
@@ -447,7 +456,7 @@ async fn run_sqlite(pool: &SqlitePool, writes: &[&Request]) -> Result<Vec<Outcom
                 .push_bind(row.delete_after)
                 .push_bind(row.now);
         });
-        query.push(ON_LIVE_REFERENCE_TAGGED);
+        query.push(conflict);
     }
     if !referenced.is_empty() {
         query.push(format_args!(
@@ -544,22 +553,25 @@ async fn run_sqlite(pool: &SqlitePool, writes: &[&Request]) -> Result<Vec<Outcom
     Ok(writes
         .iter()
         .map(|w| match w {
-            Request::Intent(row, _) => Outcome::Intent(if new.contains(&row.id) {
-                IntentOutcome::New
-            } else {
-                // Lost to a live record of an earlier batch, or of this one.
-                let index = live.iter().position(|r| {
-                    r.caller == row.caller
-                        && r.finapi_client == row.finapi_client
-                        && r.reference_digest == row.reference_digest
-                });
-                match index {
-                    Some(i) if row.reference_digest.is_some() => {
-                        IntentOutcome::Existing(Box::new(live[i].clone()))
+            // Without a reference the intent was written: the command succeeded.
+            Request::Intent(row, _) => {
+                Outcome::Intent(if row.reference_digest.is_none() || new.contains(&row.id) {
+                    IntentOutcome::New
+                } else {
+                    // Lost to a live record of an earlier batch, or of this one.
+                    let index = live.iter().position(|r| {
+                        r.caller == row.caller
+                            && r.finapi_client == row.finapi_client
+                            && r.reference_digest == row.reference_digest
+                    });
+                    match index {
+                        Some(i) if row.reference_digest.is_some() => {
+                            IntentOutcome::Existing(Box::new(live[i].clone()))
+                        }
+                        _ => IntentOutcome::Gone,
                     }
-                    _ => IntentOutcome::Gone,
-                }
-            }),
+                })
+            }
             Request::Transition(row, _) => Outcome::Transition(
                 changed.contains(&(row.change == Change::Activate, row.id.clone())),
             ),
