@@ -41,6 +41,29 @@ pub(super) struct IntentRow {
     pub delete_after: Millis,
 }
 
+impl IntentRow {
+    /// This intent's values for `INSERT_INTENTS`, in its column order, on either backend.
+    fn push_values<'args, DB: sqlx::Database>(
+        &'args self,
+        b: &mut sqlx::query_builder::Separated<'_, 'args, DB, &'static str>,
+    ) where
+        &'args str: sqlx::Encode<'args, DB> + sqlx::Type<DB>,
+        Option<&'args str>: sqlx::Encode<'args, DB> + sqlx::Type<DB>,
+        Millis: sqlx::Encode<'args, DB> + sqlx::Type<DB>,
+    {
+        b.push_bind(self.id.as_str())
+            .push_bind(self.finapi_user_id.as_str())
+            .push_bind(self.caller.as_str())
+            .push_bind(self.reference_digest.as_deref())
+            .push_bind(self.key_id.as_str())
+            .push_bind(self.finapi_client.as_str())
+            .push("'intent'")
+            .push_bind(self.now)
+            .push_bind(self.delete_after)
+            .push_bind(self.now);
+    }
+}
+
 /// An event row for `identity_events`.
 pub(super) struct EventRow {
     pub identity_id: String,
@@ -264,18 +287,7 @@ async fn run_postgres(pool: &PgPool, writes: &[&Request]) -> Result<Vec<Outcome>
         .collect();
     if !intents.is_empty() {
         let mut query = QueryBuilder::<Postgres>::new(INSERT_INTENTS);
-        query.push_values(&intents, |mut b, (_, row)| {
-            b.push_bind(row.id.as_str())
-                .push_bind(row.finapi_user_id.as_str())
-                .push_bind(row.caller.as_str())
-                .push_bind(row.reference_digest.as_deref())
-                .push_bind(row.key_id.as_str())
-                .push_bind(row.finapi_client.as_str())
-                .push("'intent'")
-                .push_bind(row.now)
-                .push_bind(row.delete_after)
-                .push_bind(row.now);
-        });
+        query.push_values(&intents, |mut b, (_, row)| row.push_values(&mut b));
         query.push(ON_LIVE_REFERENCE);
         let written: Vec<String> = query
             .build_query_scalar::<String>()
@@ -444,18 +456,7 @@ async fn run_sqlite(pool: &SqlitePool, writes: &[&Request]) -> Result<Vec<Outcom
             continue;
         }
         query.push(INSERT_INTENTS);
-        query.push_values(rows.iter(), |mut b, row| {
-            b.push_bind(row.id.as_str())
-                .push_bind(row.finapi_user_id.as_str())
-                .push_bind(row.caller.as_str())
-                .push_bind(row.reference_digest.as_deref())
-                .push_bind(row.key_id.as_str())
-                .push_bind(row.finapi_client.as_str())
-                .push("'intent'")
-                .push_bind(row.now)
-                .push_bind(row.delete_after)
-                .push_bind(row.now);
-        });
+        query.push_values(rows.iter(), |mut b, row| row.push_values(&mut b));
         query.push(conflict);
     }
     if !referenced.is_empty() {
