@@ -74,6 +74,25 @@ pub(super) struct EventRow {
     pub detail: Option<String>,
 }
 
+impl EventRow {
+    /// This event's values for `INSERT_EVENTS`, in its column order, on either backend.
+    fn push_values<'args, DB: sqlx::Database>(
+        &'args self,
+        b: &mut sqlx::query_builder::Separated<'_, 'args, DB, &'static str>,
+    ) where
+        &'args str: sqlx::Encode<'args, DB> + sqlx::Type<DB>,
+        Option<&'args str>: sqlx::Encode<'args, DB> + sqlx::Type<DB>,
+        Millis: sqlx::Encode<'args, DB> + sqlx::Type<DB>,
+    {
+        b.push_bind(self.identity_id.as_str())
+            .push_bind(self.kind.as_str())
+            .push_bind(self.caller.as_str())
+            .push_bind(self.request_id.as_deref())
+            .push_bind(self.at)
+            .push_bind(self.detail.as_deref());
+    }
+}
+
 /// Which state change a [`TransitionRow`] makes.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(super) enum Change {
@@ -377,14 +396,7 @@ async fn run_postgres(pool: &PgPool, writes: &[&Request]) -> Result<Vec<Outcome>
     events.extend(unchanged_events.iter());
     if !events.is_empty() {
         let mut query = QueryBuilder::<Postgres>::new(INSERT_EVENTS);
-        query.push_values(&events, |mut b, event| {
-            b.push_bind(event.identity_id.as_str())
-                .push_bind(event.kind.as_str())
-                .push_bind(event.caller.as_str())
-                .push_bind(event.request_id.as_deref())
-                .push_bind(event.at)
-                .push_bind(event.detail.as_deref());
-        });
+        query.push_values(&events, |mut b, event| event.push_values(&mut b));
         query.build().execute(&mut *tx).await?;
     }
 
@@ -511,14 +523,7 @@ async fn run_sqlite(pool: &SqlitePool, writes: &[&Request]) -> Result<Vec<Outcom
     }
     if !events.is_empty() {
         query.push(INSERT_EVENTS);
-        query.push_values(&events, |mut b, event| {
-            b.push_bind(event.identity_id.as_str())
-                .push_bind(event.kind.as_str())
-                .push_bind(event.caller.as_str())
-                .push_bind(event.request_id.as_deref())
-                .push_bind(event.at)
-                .push_bind(event.detail.as_deref());
-        });
+        query.push_values(&events, |mut b, event| event.push_values(&mut b));
         query.push("; ");
     }
     query.push("COMMIT");
