@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use common::*;
-use giroident_broker::config::{LogFormat, TracingSettings};
 use giroident_broker::sim::{self, FaultRule, SimClient, SimConfig};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
@@ -129,31 +128,15 @@ fn harness() -> &'static Harness {
         });
         let addr = addr_rx.recv().unwrap();
         let url = format!("http://{addr}");
-        let settings: TracingSettings = toml::from_str(&format!(
-            r#"
-            endpoint = "{url}"
-            traces_endpoint = ""
-            service_name = "broker-under-test"
-            sampler = "parentbased_always_on"
-            sampler_arg = 1.0
-            headers = "x-collector-key=collector-secret-4b1d"
-            timeout_ms = 5000
-            max_queue_size = 4096
-            propagate_to_finapi = false
-            "#
-        ))
-        .unwrap();
-        let logs = CapturedLogs::default();
-        let writer = logs.clone();
-        let (installed, guard) = giroident_broker::telemetry::install(
-            LogFormat::Json,
-            "info,giroident_broker=debug",
-            move || writer.clone(),
-            Some(&settings),
-        )
-        .expect("exporter starts");
-        assert!(installed && guard.is_some());
-        // The export runs until the process ends.
+        let settings = common::tracing_settings(
+            &url,
+            "parentbased_always_on",
+            "x-collector-key=collector-secret-4b1d",
+            5000,
+            4096,
+        );
+        let (logs, guard) =
+            CapturedLogs::install_exporting("info,giroident_broker=debug", &settings);
         std::mem::forget(guard);
         Harness { received, logs }
     })

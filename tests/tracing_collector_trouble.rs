@@ -7,7 +7,6 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use giroident_broker::config::{LogFormat, TracingSettings};
 
 /// Generous: a session against the simulator takes milliseconds; an export waiting on the
 /// collector would take the export timeout (60 s here).
@@ -48,30 +47,8 @@ async fn a_hanging_or_absent_collector_never_holds_a_session() {
         }
         // Dropping the listener and the connections: from now on the collector is down.
     });
-    let settings: TracingSettings = toml::from_str(&format!(
-        r#"
-        endpoint = "http://{addr}"
-        traces_endpoint = ""
-        service_name = "broker-under-test"
-        sampler = "always_on"
-        sampler_arg = 1.0
-        headers = ""
-        timeout_ms = 60000
-        max_queue_size = 8
-        propagate_to_finapi = false
-        "#
-    ))
-    .unwrap();
-    let logs = CapturedLogs::default();
-    let writer = logs.clone();
-    let (installed, guard) = giroident_broker::telemetry::install(
-        LogFormat::Json,
-        "warn",
-        move || writer.clone(),
-        Some(&settings),
-    )
-    .expect("exporter starts");
-    assert!(installed && guard.is_some());
+    let settings = common::tracing_settings(&format!("http://{addr}"), "always_on", "", 60000, 8);
+    let (_logs, guard) = CapturedLogs::install_exporting("warn", &settings);
 
     let env = TestEnv::start().await;
     // Hanging: the first batch waits on the collector, the queue fills, spans are dropped.

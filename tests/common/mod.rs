@@ -397,6 +397,31 @@ pub async fn eventually(within: Duration, mut condition: impl FnMut() -> bool) -
     condition()
 }
 
+/// `[tracing]` settings exporting to the collector at `endpoint` (`traces_endpoint` derived,
+/// service `broker-under-test`, no propagation to finAPI).
+pub fn tracing_settings(
+    endpoint: &str,
+    sampler: &str,
+    headers: &str,
+    timeout_ms: u64,
+    max_queue_size: u64,
+) -> giroident_broker::config::TracingSettings {
+    toml::from_str(&format!(
+        r#"
+        endpoint = "{endpoint}"
+        traces_endpoint = ""
+        service_name = "broker-under-test"
+        sampler = "{sampler}"
+        sampler_arg = 1.0
+        headers = "{headers}"
+        timeout_ms = {timeout_ms}
+        max_queue_size = {max_queue_size}
+        propagate_to_finapi = false
+        "#
+    ))
+    .expect("tracing settings")
+}
+
 /// Log output captured in memory: a `MakeWriter` for `telemetry::init_with_writer`.
 #[derive(Clone, Default)]
 pub struct CapturedLogs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
@@ -411,6 +436,26 @@ impl CapturedLogs {
             "a subscriber was installed already"
         );
         logs
+    }
+
+    /// Installs the global subscriber writing JSON lines at `filter` into this buffer and
+    /// exporting spans over OTLP/HTTP as `tracing` says; returns the export's guard (dropping
+    /// it flushes and stops the export).
+    pub fn install_exporting(
+        filter: &str,
+        tracing: &giroident_broker::config::TracingSettings,
+    ) -> (Self, giroident_broker::telemetry::otel::OtelGuard) {
+        let logs = Self::default();
+        let writer = logs.clone();
+        let (installed, guard) = giroident_broker::telemetry::install(
+            giroident_broker::config::LogFormat::Json,
+            filter,
+            move || writer.clone(),
+            Some(tracing),
+        )
+        .expect("exporter starts");
+        assert!(installed, "a subscriber was installed already");
+        (logs, guard.expect("an endpoint was configured"))
     }
 
     /// Everything written so far.
