@@ -55,6 +55,17 @@ fn two_client_settings(
     settings
 }
 
+/// Two simulators that know all three clients: `live`'s and `sandbox`'s hosts.
+async fn two_sims() -> (SimHandle, SimHandle) {
+    let live = sim::start(one_sim_config())
+        .await
+        .expect("simulator starts");
+    let sandbox = sim::start(one_sim_config())
+        .await
+        .expect("simulator starts");
+    (live, sandbox)
+}
+
 /// A broker in front of one simulator that knows all three clients.
 async fn one_sim_env() -> TestEnv {
     let sim = sim::start(one_sim_config())
@@ -190,12 +201,7 @@ async fn a_client_the_caller_may_not_use_is_403_and_an_unknown_one_is_422() {
 
 #[tokio::test]
 async fn a_failing_client_opens_only_its_own_circuit() {
-    let live = sim::start(one_sim_config())
-        .await
-        .expect("simulator starts");
-    let sandbox = sim::start(one_sim_config())
-        .await
-        .expect("simulator starts");
+    let (live, sandbox) = two_sims().await;
     let mut settings = two_client_settings(&live, &live, &sandbox, ["cb-live", "cb-sandbox"]);
     settings.resilience.max_attempts = 1;
     settings.resilience.breaker_failure_threshold = 2;
@@ -277,12 +283,7 @@ async fn user_exists_at(sim: &SimHandle, token: &str) -> bool {
 
 #[tokio::test]
 async fn identities_are_kept_per_client_and_deleted_through_it() {
-    let live = sim::start(one_sim_config())
-        .await
-        .expect("simulator starts");
-    let sandbox = sim::start(one_sim_config())
-        .await
-        .expect("simulator starts");
+    let (live, sandbox) = two_sims().await;
     let settings = two_client_settings(&live, &live, &sandbox, ["id-live", "id-sandbox"]);
     let env = TestEnv::with_settings(live, &settings).await;
     let session = |client: Option<&str>| {
@@ -374,12 +375,7 @@ async fn identities_are_kept_per_client_and_deleted_through_it() {
 
 #[tokio::test]
 async fn the_reaper_deletes_each_identity_through_its_client() {
-    let live = sim::start(one_sim_config())
-        .await
-        .expect("simulator starts");
-    let sandbox = sim::start(one_sim_config())
-        .await
-        .expect("simulator starts");
+    let (live, sandbox) = two_sims().await;
     let mut settings = two_client_settings(&live, &live, &sandbox, ["r-live", "r-sandbox"]);
     settings.identities.retention_secs = 1;
     settings.identities.reaper_interval_secs = 1;
