@@ -33,9 +33,11 @@ pub const TEST_API_KEY: &str = "test-api-key-0123456789";
 /// The identity password key of test brokers (at least 32 bytes).
 pub const TEST_PASSWORD_KEY: &str = "test-password-key-0123456789-abcdefghijklmnop";
 
-/// A ledger in a fresh SQLite file, with the test password key.
+/// A ledger in a fresh SQLite file, with the test password key. The file goes to Cargo's
+/// directory for integration-test files (`target/tmp`, removed by `cargo clean`), not to the
+/// system's temporary directory, which a test run would otherwise fill with hundreds of them.
 pub fn sqlite_ledger() -> Ledger {
-    let path = std::env::temp_dir().join(format!(
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
         "giroident-broker-test-{}.db",
         uuid::Uuid::new_v4().simple()
     ));
