@@ -2,6 +2,7 @@
 
 use std::io::IsTerminal;
 
+pub mod json;
 pub mod otel;
 
 use tracing_appender::non_blocking::WorkerGuard;
@@ -43,7 +44,8 @@ pub fn init(
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         // Under a flood the queue is full: wait rather than lose lines.
         .lossy(false)
-        .finish(std::io::stderr());
+        // The writer thread flushes whenever its queue runs empty: a burst of lines is one write.
+        .finish(std::io::BufWriter::new(std::io::stderr()));
     let (installed, spans) = install(format, filter, writer, tracing)?;
     Ok(Telemetry {
         _logs: installed.then_some(guard),
@@ -85,10 +87,8 @@ where
         .with_writer(writer);
     let lines: Box<dyn Layer<Registry> + Send + Sync> = if json {
         lines
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
+            .fmt_fields(json::JsonFields)
+            .event_format(json::JsonLine)
             .boxed()
     } else {
         lines.boxed()

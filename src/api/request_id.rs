@@ -119,14 +119,16 @@ pub async fn middleware(mut request: Request, next: Next) -> Response {
     } else {
         request.uri().path()
     };
+    // Strings, not `%` (Display): a string is copied into the log line as it is.
     let span = tracing::info_span!(
         "request",
-        request_id = %id,
-        method = %request.method(),
-        path = %path,
+        request_id = &*id,
+        method = request.method().as_str(),
+        path = path,
         caller = tracing::field::Empty,
         flow = tracing::field::Empty,
         finapi_client = tracing::field::Empty,
+        user_id = tracing::field::Empty,
         trace_id = tracing::field::Empty,
         span_id = tracing::field::Empty,
     );
