@@ -6,7 +6,7 @@ pub mod json;
 pub mod otel;
 
 use tracing_appender::non_blocking::WorkerGuard;
-use tracing_subscriber::filter::{FilterExt, filter_fn};
+use tracing_subscriber::filter::{FilterExt, LevelFilter, filter_fn};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -97,7 +97,14 @@ where
     // request span's fields.
     // One filter, not two stacked `with_filter`s: stacked, a span the level filter refuses
     // (an `info` span at `warn`) was still made and entered for this layer.
-    let lines = lines.with_filter(filter.and(filter_fn(|meta| meta.target() != otel::TARGET)));
+    // The hint (no level is excluded) lets the combined filter keep the level filter's own:
+    // without one, the combination has none, so tracing's global maximum level stays at TRACE
+    // (every `debug!` is looked at) and so does the `log` crate's (every `trace!` of a
+    // dependency becomes a record handed to the subscriber). docs/BENCHMARKS.md, "Issue 15:
+    // logging at info and the request path".
+    let not_otel =
+        filter_fn(|meta| meta.target() != otel::TARGET).with_max_level_hint(LevelFilter::TRACE);
+    let lines = lines.with_filter(filter.and(not_otel));
     let (layer, guard) = match tracing.map(otel::tracer).transpose()?.flatten() {
         Some((tracer, guard)) => {
             let layer = tracing_opentelemetry::layer()

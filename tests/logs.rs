@@ -10,6 +10,12 @@ use serde_json::{Value, json};
 #[tokio::test]
 async fn a_successful_session_at_info_is_one_line_with_everything_an_operator_needs() {
     let logs = CapturedLogs::install(LogFormat::Json, "info");
+    // The level filter's maximum is the global one: `debug!` and dependencies' `log` records
+    // are skipped where they are written.
+    assert_eq!(
+        tracing::level_filters::LevelFilter::current(),
+        tracing::level_filters::LevelFilter::INFO
+    );
     let env = TestEnv::start().await;
     let response = env
         .http
