@@ -42,14 +42,14 @@ async fn a_successful_session_at_info_is_one_line_with_everything_an_operator_ne
     assert_eq!(line["status"], 201);
     assert!(line["latency_ms"].as_f64().unwrap() > 0.0);
     assert!(line["timestamp"].is_string());
+    assert_eq!(line["caller"], "demo");
+    assert_eq!(line["flow"], "access");
+    assert_eq!(line["finapi_client"], "default");
+    assert_eq!(line["user_id"], session["userId"]);
     let span = &line["span"];
     assert_eq!(span["request_id"], "log-test-one-line");
     assert_eq!(span["method"], "POST");
     assert_eq!(span["path"], "/kyc-sessions");
-    assert_eq!(span["caller"], "demo");
-    assert_eq!(span["flow"], "access");
-    assert_eq!(span["finapi_client"], "default");
-    assert_eq!(span["user_id"], session["userId"]);
     assert!(
         !text.contains("customer-one-line"),
         "a raw client reference was logged: {text}"

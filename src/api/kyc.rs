@@ -371,10 +371,10 @@ pub(super) async fn create_session(
         .validate(state.default_flow)
         .map_err(ApiError::InvalidField)?;
     let flow = request.flow();
-    tracing::Span::current().record("flow", flow.as_str());
+    super::request_id::note_flow(flow.as_str());
     let result = async {
         let finapi_client = finapi_client(&state, &caller, requested_client.as_deref())?;
-        tracing::Span::current().record("finapi_client", &*finapi_client);
+        super::request_id::note_finapi_client(&finapi_client);
         let ctx = RequestContext {
             request_id,
             caller: caller.name.clone(),
@@ -415,7 +415,7 @@ async fn start_session(
     .map_err(|_| ApiError::Timeout)??;
     // Said by the request's one `request finished` line, not by a line of its own.
     if let Some(user_id) = &session.user_id {
-        tracing::Span::current().record("user_id", user_id.as_str());
+        super::request_id::note_user_id(user_id);
     }
     Ok(session_response(&session, &ctx.finapi_client))
 }
