@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Instructions per session (access flow, or standalone with FLOW=standalone) of the release
-# broker (docs/BENCHMARKS.md, "Third round" and "Tracing (issue 14)"): the broker under `valgrind --tool=callgrind`, the simulator beside
-# it, WARMUP sessions, counters zeroed (`callgrind_control -z`), SESSIONS sessions from 8
-# keep-alive connections (curl's parallel mode), counters dumped; prints total Ir / sessions.
+# broker (docs/BENCHMARKS.md, "Third round" and "Tracing (issue 14)"): the broker under
+# `valgrind --tool=callgrind`, the simulator beside it, WARMUP sessions, counters zeroed
+# (`callgrind_control -z`), SESSIONS sessions from 8 keep-alive connections (curl's parallel
+# mode), counters dumped; prints total Ir / sessions.
 #
 # Usage: scripts/callgrind-session.sh [VAR=VALUE ...]
 #   The VAR=VALUE pairs are extra environment of the broker, e.g. OTEL_TRACES_SAMPLER=always_on.
