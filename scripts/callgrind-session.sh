@@ -1,21 +1,30 @@
 #!/usr/bin/env bash
-# Instructions per access-flow session of the release broker (docs/BENCHMARKS.md, "Third round"
-# and "Tracing (issue 14)"): the broker under `valgrind --tool=callgrind`, the simulator beside
-# it, WARMUP sessions, counters zeroed (`callgrind_control -z`), SESSIONS sessions from 8
-# keep-alive connections (curl's parallel mode), counters dumped; prints total Ir / sessions.
+# Instructions per session (access flow, or standalone with FLOW=standalone) of the release
+# broker (docs/BENCHMARKS.md, "Third round" and "Tracing (issue 14)"): the broker under
+# `valgrind --tool=callgrind`, the simulator beside it, WARMUP sessions, counters zeroed
+# (`callgrind_control -z`), SESSIONS sessions from 8 keep-alive connections (curl's parallel
+# mode), counters dumped; prints total Ir / sessions.
 #
 # Usage: scripts/callgrind-session.sh [VAR=VALUE ...]
 #   The VAR=VALUE pairs are extra environment of the broker, e.g. OTEL_TRACES_SAMPLER=always_on.
 #   The word `otel-receiver` among them starts a local OTLP/HTTP receiver (python3, answers 200
 #   to every POST) and points OTEL_EXPORTER_OTLP_ENDPOINT at it.
 # Environment: SESSIONS (default 1000), WARMUP (200), BIN (target/release/giroident-broker),
-#   OUT (directory for callgrind.out files; default a temp dir, kept).
+#   OUT (directory for callgrind.out files; default a temp dir, kept), FLOW (`access`, the
+#   default, or `standalone`: each session creates a process for one fixed client reference
+#   and exchanges its token).
 # Everything listens on 127.0.0.1. Needs valgrind, curl, python3, sha256sum.
 set -euo pipefail
 
 SESSIONS=${SESSIONS:-1000}
 WARMUP=${WARMUP:-200}
 BIN=${BIN:-target/release/giroident-broker}
+FLOW=${FLOW:-access}
+case "$FLOW" in
+  access) BODY='{"flow":"access"}' ;;
+  standalone) BODY='{"flow":"standalone","clientReference":"bench-customer-4711"}' ;;
+  *) echo "FLOW must be access or standalone, not $FLOW" >&2; exit 2 ;;
+esac
 OUT=${OUT:-$(mktemp -d /tmp/callgrind-session.XXXXXX)}
 API_KEY=bench-api-key-0123456789abcdef
 PASSWORD_KEY=bench-password-key-0123456789abcdef-0123456789
@@ -87,9 +96,9 @@ BROKER=$!
 PIDS+=($BROKER)
 wait_200 "http://127.0.0.1:$bport/readyz" 120
 
-sessions() { # N: access-flow sessions from 8 keep-alive connections; prints the count of 201s
+sessions() { # N: sessions of $FLOW from 8 keep-alive connections; prints the count of 201s
   curl -s --no-progress-meter -Z --parallel-max 8 -o /dev/null -w '%{http_code}\n' \
-    -H "x-api-key: $API_KEY" -H 'content-type: application/json' -d '{"flow":"access"}' \
+    -H "x-api-key: $API_KEY" -H 'content-type: application/json' -d "$BODY" \
     "http://127.0.0.1:$bport/kyc-sessions?n=[1-$1]" | grep -c '^201$' || true
 }
 
@@ -105,5 +114,5 @@ sleep 1
 dump=$(ls -t "$OUT"/callgrind.out.* | head -1)
 ir=$(grep -m1 '^summary:\|^totals:' "$dump" | awk '{print $2}')
 echo "dump: $dump" >&2
-echo "env: ${extra[*]:-(none)}"
+echo "flow: $FLOW, env: ${extra[*]:-(none)}"
 echo "sessions: $ok, Ir: $ir, Ir/session: $(( ir / (ok > 0 ? ok : 1) ))"

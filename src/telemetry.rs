@@ -2,10 +2,11 @@
 
 use std::io::IsTerminal;
 
+pub mod json;
 pub mod otel;
 
 use tracing_appender::non_blocking::WorkerGuard;
-use tracing_subscriber::filter::{FilterExt, filter_fn};
+use tracing_subscriber::filter::{FilterExt, LevelFilter, filter_fn};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -43,7 +44,8 @@ pub fn init(
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         // Under a flood the queue is full: wait rather than lose lines.
         .lossy(false)
-        .finish(std::io::stderr());
+        // The writer thread flushes whenever its queue runs empty: a burst of lines is one write.
+        .finish(std::io::BufWriter::new(std::io::stderr()));
     let (installed, spans) = install(format, filter, writer, tracing)?;
     Ok(Telemetry {
         _logs: installed.then_some(guard),
@@ -85,10 +87,8 @@ where
         .with_writer(writer);
     let lines: Box<dyn Layer<Registry> + Send + Sync> = if json {
         lines
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
+            .fmt_fields(json::JsonFields)
+            .event_format(json::JsonLine)
             .boxed()
     } else {
         lines.boxed()
@@ -97,7 +97,14 @@ where
     // request span's fields.
     // One filter, not two stacked `with_filter`s: stacked, a span the level filter refuses
     // (an `info` span at `warn`) was still made and entered for this layer.
-    let lines = lines.with_filter(filter.and(filter_fn(|meta| meta.target() != otel::TARGET)));
+    // The hint (no level is excluded) lets the combined filter keep the level filter's own:
+    // without one, the combination has none, so tracing's global maximum level stays at TRACE
+    // (every `debug!` is looked at) and so does the `log` crate's (every `trace!` of a
+    // dependency becomes a record handed to the subscriber). docs/BENCHMARKS.md, "Issue 15:
+    // logging at info and the request path".
+    let not_otel =
+        filter_fn(|meta| meta.target() != otel::TARGET).with_max_level_hint(LevelFilter::TRACE);
+    let lines = lines.with_filter(filter.and(not_otel));
     let (layer, guard) = match tracing.map(otel::tracer).transpose()?.flatten() {
         Some((tracer, guard)) => {
             let layer = tracing_opentelemetry::layer()

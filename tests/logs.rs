@@ -1,5 +1,5 @@
 //! Logs are JSON lines naming the request id, the caller and the flow, with one line per
-//! finished request.
+//! finished request. One test per binary: a process has one global subscriber.
 
 mod common;
 
@@ -8,36 +8,50 @@ use giroident_broker::config::LogFormat;
 use serde_json::{Value, json};
 
 #[tokio::test]
-async fn each_request_ends_in_one_json_line_with_its_request_id() {
+async fn a_successful_session_at_info_is_one_line_with_everything_an_operator_needs() {
     let logs = CapturedLogs::install(LogFormat::Json, "info");
+    // The level filter's maximum is the global one: `debug!` and dependencies' `log` records
+    // are skipped where they are written.
+    assert_eq!(
+        tracing::level_filters::LevelFilter::current(),
+        tracing::level_filters::LevelFilter::INFO
+    );
     let env = TestEnv::start().await;
     let response = env
         .http
         .post(format!("{}/kyc-sessions", env.broker_url))
-        .header("x-request-id", "log-test-4711")
-        .json(&json!({"flow": "access"}))
+        .header("x-request-id", "log-test-one-line")
+        .json(&json!({"flow": "access", "clientReference": "customer-one-line"}))
         .send()
         .await
         .unwrap();
     assert_eq!(response.status(), 201);
+    let session: Value = response.json().await.unwrap();
     env.stop().await;
 
     let text = logs.text();
     let lines: Vec<Value> = text
         .lines()
         .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")))
+        .filter(|l: &Value| l["span"]["request_id"] == "log-test-one-line")
         .collect();
-    let finished: Vec<&Value> = lines
-        .iter()
-        .filter(|l| {
-            l["message"] == "request finished" && l["span"]["request_id"] == "log-test-4711"
-        })
-        .collect();
-    assert_eq!(finished.len(), 1, "{text}");
-    let line = finished[0];
+    assert_eq!(lines.len(), 1, "{text}");
+    let line = &lines[0];
+    assert_eq!(line["message"], "request finished");
+    assert_eq!(line["level"], "INFO");
     assert_eq!(line["status"], 201);
     assert!(line["latency_ms"].as_f64().unwrap() > 0.0);
-    assert_eq!(line["span"]["caller"], "demo");
-    assert_eq!(line["span"]["flow"], "access");
-    assert_eq!(line["level"], "INFO");
+    assert!(line["timestamp"].is_string());
+    assert_eq!(line["caller"], "demo");
+    assert_eq!(line["flow"], "access");
+    assert_eq!(line["finapi_client"], "default");
+    assert_eq!(line["user_id"], session["userId"]);
+    let span = &line["span"];
+    assert_eq!(span["request_id"], "log-test-one-line");
+    assert_eq!(span["method"], "POST");
+    assert_eq!(span["path"], "/kyc-sessions");
+    assert!(
+        !text.contains("customer-one-line"),
+        "a raw client reference was logged: {text}"
+    );
 }

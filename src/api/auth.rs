@@ -300,10 +300,10 @@ impl Callers {
 #[derive(Clone, Debug)]
 pub struct CallerExt(pub Arc<Caller>);
 
-/// Middleware in front of the KYC routes: authenticates the caller and names it in the request
-/// span, applies its rate limit, then takes a place among the requests in flight or refuses at
-/// once with 503 (`limits.max_in_flight`; load is shed, not queued). Unknown callers never
-/// take a place.
+/// Middleware in front of the KYC routes: authenticates the caller (named in the request's
+/// `request finished` line through [`CallerExt`] on the response), applies its rate limit, then
+/// takes a place among the requests in flight or refuses at once with 503
+/// (`limits.max_in_flight`; load is shed, not queued). Unknown callers never take a place.
 pub async fn admit(
     State(state): State<AppState>,
     mut request: Request,
@@ -314,7 +314,6 @@ pub async fn admit(
         .get(API_KEY_HEADER)
         .map(|value| value.as_bytes());
     let caller = state.callers.authenticate(key)?;
-    tracing::Span::current().record("caller", &*caller.name);
     let admitted = match caller.try_acquire() {
         Err(wait) => Err(ApiError::RateLimited { retry_after: wait }),
         Ok(()) => state

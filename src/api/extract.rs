@@ -62,16 +62,17 @@ fn is_json(headers: &HeaderMap) -> bool {
     else {
         return false;
     };
-    let essence = value
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    match essence.split_once('/') {
-        Some(("application", sub)) => sub == "json" || sub.ends_with("+json"),
-        _ => false,
-    }
+    // Compared without case (RFC 9110, section 8.3.1) and without a lowercased copy.
+    let essence = value.split(';').next().unwrap_or("").trim();
+    let Some((kind, sub)) = essence.split_once('/') else {
+        return false;
+    };
+    let ends_with_json = sub
+        .len()
+        .checked_sub(5)
+        .and_then(|at| sub.get(at..))
+        .is_some_and(|tail| tail.eq_ignore_ascii_case("+json"));
+    kind.eq_ignore_ascii_case("application") && (sub.eq_ignore_ascii_case("json") || ends_with_json)
 }
 
 fn is_length_limit(err: &axum::Error) -> bool {
@@ -106,6 +107,10 @@ mod tests {
             ("application/json; charset=utf-8", true),
             ("Application/JSON", true),
             ("application/problem+json", true),
+            ("APPLICATION/vnd.api+JSON ; q=1", true),
+            ("application/json5", false),
+            ("application/jsonx+xml", false),
+            ("json", false),
             ("text/json", false),
             ("text/plain", false),
             ("application/x-www-form-urlencoded", false),

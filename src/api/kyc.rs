@@ -1,7 +1,7 @@
 //! `POST /kyc-sessions` and `DELETE /kyc-sessions/current`.
 
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, post};
 use axum::{Extension, Router};
@@ -32,8 +32,13 @@ use crate::telemetry::metrics::{DELETIONS, HandleCache, SESSIONS};
 /// Longest bearer token accepted for deletion (finAPI allows up to 8192 characters).
 const MAX_TOKEN_LEN: usize = 8192;
 
-/// The end user's metadata headers, as finAPI names them.
-const PSU_HEADERS: [&str; 3] = ["PSU-IP-Address", "PSU-Device-OS", "PSU-User-Agent"];
+/// The end user's metadata headers, as finAPI names them (for error messages), and as header
+/// names: looking a header up by a `&str` parses and lowercases the name every time.
+const PSU_HEADERS: [(&str, HeaderName); 3] = [
+    ("PSU-IP-Address", HeaderName::from_static("psu-ip-address")),
+    ("PSU-Device-OS", HeaderName::from_static("psu-device-os")),
+    ("PSU-User-Agent", HeaderName::from_static("psu-user-agent")),
+];
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -371,10 +376,10 @@ pub(super) async fn create_session(
         .validate(state.default_flow)
         .map_err(ApiError::InvalidField)?;
     let flow = request.flow();
-    tracing::Span::current().record("flow", flow.as_str());
+    super::request_id::note_flow(flow.as_str());
     let result = async {
         let finapi_client = finapi_client(&state, &caller, requested_client.as_deref())?;
-        tracing::Span::current().record("finapi_client", &*finapi_client);
+        super::request_id::note_finapi_client(&finapi_client);
         let ctx = RequestContext {
             request_id,
             caller: caller.name.clone(),
@@ -413,11 +418,10 @@ async fn start_session(
     )
     .await
     .map_err(|_| ApiError::Timeout)??;
-    tracing::info!(
-        user_id = session.user_id.as_deref(),
-        finapi_client = &*ctx.finapi_client,
-        "KYC session started"
-    );
+    // Said by the request's one `request finished` line, not by a line of its own.
+    if let Some(user_id) = &session.user_id {
+        super::request_id::note_user_id(user_id);
+    }
     Ok(session_response(&session, &ctx.finapi_client))
 }
 
@@ -507,7 +511,7 @@ pub(super) async fn delete_current(
         tokio::time::timeout(state.request_timeout, state.flows.delete_user(&token, &ctx))
             .await
             .map_err(|_| ApiError::Timeout)??;
-        tracing::info!("finAPI user deleted");
+        // Said by the request's `request finished` line (204).
         Ok(StatusCode::NO_CONTENT)
     }
     .await;
@@ -528,8 +532,8 @@ pub(super) async fn delete_current(
 /// be absent, none may be repeated.
 pub(super) fn end_user(headers: &HeaderMap) -> Result<EndUserMetadata, ApiError> {
     let mut values = [None; 3];
-    for (value, name) in values.iter_mut().zip(PSU_HEADERS) {
-        let mut all = headers.get_all(name).iter();
+    for (value, (name, header)) in values.iter_mut().zip(&PSU_HEADERS) {
+        let mut all = headers.get_all(header).iter();
         *value = all.next().map(HeaderValue::as_bytes);
         if all.next().is_some() {
             return Err(ApiError::InvalidHeader(InvalidInput {

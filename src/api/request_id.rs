@@ -1,8 +1,10 @@
 //! Request ids and the per-request span: an id from the gateway's `X-Request-Id` when it is
 //! safe (at most 255 characters of `A-Z a-z 0-9 - _ . : /`), a new UUID otherwise. It is echoed
 //! in the response, sent to finAPI on every upstream call, put into problem bodies, and named
-//! in every log line of the request, which ends with one line giving status and latency.
+//! in every log line of the request, which ends with one line giving status and latency, and
+//! what the handlers noted: caller, flow, finAPI client and user.
 
+use std::cell::RefCell;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -27,6 +29,38 @@ struct Current {
     id: Arc<str>,
     /// The W3C trace id (32 lowercase hex digits), while spans are exported.
     trace_id: Option<Box<str>>,
+    /// For the request's `request finished` line.
+    notes: RefCell<Notes>,
+}
+
+/// What handlers say about a request for its `request finished` line. Kept here rather than
+/// recorded on the request span: each `record` is a call into the subscriber, and a handler
+/// finds the span through `Span::current()`, a lookup, a clone and a drop (docs/BENCHMARKS.md,
+/// "Issue 15: logging at info and the request path").
+#[derive(Default)]
+struct Notes {
+    flow: Option<&'static str>,
+    finapi_client: Option<Arc<str>>,
+    user_id: Option<Box<str>>,
+}
+
+fn note(f: impl FnOnce(&mut Notes)) {
+    let _ = CURRENT.try_with(|c| f(&mut c.notes.borrow_mut()));
+}
+
+/// Names the flow (`standalone`, `access`) in the request's `request finished` line.
+pub fn note_flow(flow: &'static str) {
+    note(|n| n.flow = Some(flow));
+}
+
+/// Names the finAPI client (configured name) in the request's `request finished` line.
+pub fn note_finapi_client(client: &Arc<str>) {
+    note(|n| n.finapi_client = Some(client.clone()));
+}
+
+/// Names the finAPI user id in the request's `request finished` line.
+pub fn note_user_id(user_id: &str) {
+    note(|n| n.user_id = Some(user_id.into()));
 }
 
 tokio::task_local! {
@@ -119,14 +153,12 @@ pub async fn middleware(mut request: Request, next: Next) -> Response {
     } else {
         request.uri().path()
     };
+    // Strings, not `%` (Display): a string is copied into the log line as it is.
     let span = tracing::info_span!(
         "request",
-        request_id = %id,
-        method = %request.method(),
-        path = %path,
-        caller = tracing::field::Empty,
-        flow = tracing::field::Empty,
-        finapi_client = tracing::field::Empty,
+        request_id = &*id,
+        method = request.method().as_str(),
+        path = path,
         trace_id = tracing::field::Empty,
         span_id = tracing::field::Empty,
     );
@@ -149,9 +181,15 @@ pub async fn middleware(mut request: Request, next: Next) -> Response {
     let current = Current {
         id,
         trace_id: trace.as_ref().map(|(trace_id, _)| trace_id.as_str().into()),
+        notes: RefCell::default(),
     };
-    let mut response = CURRENT
-        .scope(current, next.run(request))
+    let run = async move {
+        let response = next.run(request).await;
+        let notes = CURRENT.try_with(|c| c.notes.take()).unwrap_or_default();
+        (response, notes)
+    };
+    let (mut response, notes) = CURRENT
+        .scope(current, run)
         .instrument(span.clone())
         .instrument(server_span.clone())
         .await;
@@ -160,17 +198,21 @@ pub async fn middleware(mut request: Request, next: Next) -> Response {
     if trace.is_some() {
         crate::telemetry::otel::end_server_span(&server_span, response.status().as_u16());
     }
-    span.in_scope(|| {
-        tracing::info!(
-            status = response.status().as_u16(),
-            latency_ms = elapsed.as_secs_f64() * 1e3,
-            "request finished"
-        );
-    });
     let caller: Option<Arc<str>> = response
         .extensions()
         .get::<CallerExt>()
         .map(|c| c.0.name.clone());
+    span.in_scope(|| {
+        tracing::info!(
+            status = response.status().as_u16(),
+            latency_ms = elapsed.as_secs_f64() * 1e3,
+            caller = caller.as_deref(),
+            flow = notes.flow,
+            finapi_client = notes.finapi_client.as_deref(),
+            user_id = notes.user_id.as_deref(),
+            "request finished"
+        );
+    });
     let status = status_label(response.status().as_u16());
     static HANDLES: HandleCache<RequestLabels, RequestMetrics> = HandleCache::new();
     HANDLES.with(
