@@ -378,7 +378,7 @@ impl Drop for TempDir {
 enum Ledger {
     /// A build from before the ledger (issue 12): no `identities.*` variables.
     None,
-    /// A fresh SQLite file per broker (WAL, `synchronous=NORMAL`: the broker's settings).
+    /// A fresh SQLite file per broker (WAL, `synchronous=FULL`: the broker's defaults).
     Sqlite,
     /// A fresh database per broker on the bench's own PostgreSQL server.
     Postgres,
@@ -1377,7 +1377,7 @@ async fn ledger_section(
          back, each round starting with the next broker. Figures are medians over rounds; ratios \
          and differences are taken per round against the previous build's run of the same round, \
          then the median (range of the ratios in brackets). SQLite: the broker's settings (WAL, \
-         `synchronous=NORMAL`, a pool of {pool}), the file in the temp dir. PostgreSQL: a local \
+         `synchronous=FULL`, a pool of {pool}), the file in the temp dir. PostgreSQL: a local \
          server over TCP on 127.0.0.1 with its durable defaults (`fsync`, `synchronous_commit` \
          on), a pool of {pool}; its own CPU time is not in the broker column. Latency in ms.{}\n\n\
          | conc. | broker | sess/s | **÷ previous** (range) | p50 | p99 | **p50 − previous** | p99 − previous | broker CPU µs/session | sessions | errors |\n\

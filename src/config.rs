@@ -289,6 +289,15 @@ pub struct IdentitiesSettings {
     pub database_url_file: Option<PathBuf>,
     /// Connections the broker keeps to the database at most.
     pub database_max_connections: u32,
+    /// How a SQLite ledger's write-ahead log reaches the disk (PostgreSQL ignores it; its
+    /// commits are flushed with `synchronous_commit`, on by default). `full` (the default)
+    /// syncs the log at every commit: a committed write, and with it every intent written
+    /// before `POST /api/v2/users`, survives an OS crash or power loss. `normal` syncs only at
+    /// the checkpoints (every second): commits cost no fsync, a committed write survives the
+    /// broker's crash, but an OS crash or power loss can lose the commits since the last
+    /// checkpoint, and with them the record of finAPI users created then
+    /// (sqlite.org/pragma.html#pragma_synchronous).
+    pub sqlite_synchronous: String,
     /// The key user passwords are derived from (HMAC-SHA256, at least 32 bytes). Set it only
     /// through the environment (`GIROIDENT_BROKER_IDENTITIES__PASSWORD_KEY`), or use
     /// `password_key_file`.
@@ -1147,6 +1156,15 @@ impl Settings {
                 "must be at least 1".into(),
             );
         }
+        if !matches!(i.sqlite_synchronous.as_str(), "full" | "normal") {
+            problem(
+                "identities.sqlite_synchronous",
+                format!(
+                    "{:?} is not a setting: use \"full\" or \"normal\"",
+                    i.sqlite_synchronous
+                ),
+            );
+        }
         if !(1..=MAX_RETENTION_SECS).contains(&i.retention_secs) {
             problem(
                 "identities.retention_secs",
@@ -1995,6 +2013,7 @@ mod tests {
             ("IDENTITIES__RETENTION_SECS", "9223372036854775807"),
             ("IDENTITIES__REAPER_INTERVAL_SECS", "0"),
             ("IDENTITIES__ORPHAN_MIN_AGE_SECS", "10"),
+            ("IDENTITIES__SQLITE_SYNCHRONOUS", "off"),
         ] {
             vars.push((format!("{ENV_PREFIX}{key}"), value.into()));
         }
@@ -2003,6 +2022,7 @@ mod tests {
             "identities.retention_secs",
             "identities.reaper_interval_secs",
             "identities.orphan_min_age_secs",
+            "identities.sqlite_synchronous",
         ] {
             assert!(err.mentions(key), "{err}");
         }

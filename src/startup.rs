@@ -19,8 +19,8 @@ use crate::config::{ConfigError, Settings};
 use crate::finapi::{self, InvalidBaseUrl};
 use crate::flows::Flows;
 use crate::flows::identities::IdentitySettings;
-use crate::identities::IdentityStore;
 use crate::identities::keys::{PasswordKey, PasswordKeys, SharedPasswordKeys};
+use crate::identities::{IdentityStore, SqliteSync};
 use crate::reload::Reloader;
 
 /// Why the broker could not start.
@@ -228,7 +228,12 @@ impl Application {
 /// Opens the ledger (migrating it) and reads the password keys of validated settings.
 async fn identity_settings(settings: &Settings) -> Result<IdentitySettings, StartupError> {
     let i = &settings.identities;
-    let store = IdentityStore::connect(&i.database_url, i.database_max_connections)
+    let sync = if i.sqlite_synchronous == "normal" {
+        SqliteSync::Normal
+    } else {
+        SqliteSync::Full
+    };
+    let store = IdentityStore::connect_with(&i.database_url, i.database_max_connections, sync)
         .await
         .map_err(StartupError::Store)?;
     let keys = password_keys(settings)?;

@@ -72,6 +72,25 @@ async fn get_identity(env: &TestEnv, http: &reqwest::Client, reference: &str) ->
         .expect("answer")
 }
 
+/// The `state` of the reference's record once it reads `expected`, or the last one read after
+/// `within`. The reaper records a deletion only after finAPI answered it, so a test that saw the
+/// simulator's call waits for the ledger's commit (a synced one, at `sqlite_synchronous =
+/// "full"`) here.
+async fn state_within(env: &TestEnv, reference: &str, expected: &str, within: Duration) -> Value {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let record: Value = get_identity(env, &env.http, reference)
+            .await
+            .json()
+            .await
+            .expect("a record");
+        if record["state"] == expected || tokio::time::Instant::now() >= deadline {
+            return record["state"].clone();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn delete_identity(
     env: &TestEnv,
     http: &reqwest::Client,
@@ -379,12 +398,8 @@ async fn a_locked_user_is_scheduled_for_deletion_and_the_reaper_deletes_it_later
         "the reaper did not delete the user: {:?}",
         env.sim.stats()
     );
-    let record: Value = get_identity(&env, &env.http, "customer-l")
-        .await
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(record["state"], "deleted");
+    let state = state_within(&env, "customer-l", "deleted", Duration::from_secs(10)).await;
+    assert_eq!(state, "deleted");
     env.stop().await;
 }
 
@@ -398,6 +413,8 @@ async fn identities_are_deleted_by_the_reaper_after_their_retention() {
     })
     .await;
     assert!(deleted, "not deleted: {:?}", env.sim.stats());
+    let state = state_within(&env, "customer-t", "deleted", Duration::from_secs(10)).await;
+    assert_eq!(state, "deleted");
     let store = store(&ledger).await;
     let record = store
         .find_by_finapi_user(session["userId"].as_str().unwrap())

@@ -59,6 +59,72 @@ impl Db {
             .expect("the ledger connects and migrates")
     }
 
+    /// Runs each of `statements` (no binds) straight on the database, bypassing the store;
+    /// returns each one's result as text, `Err` with the database's message.
+    async fn exec_raw(&self, statements: &[&str]) -> Vec<Result<(), String>> {
+        let mut results = Vec::new();
+        if self.is_postgres() {
+            let pool = sqlx::PgPool::connect(&self.url).await.expect("raw connect");
+            for sql in statements {
+                let done = sqlx::query(sql).execute(&pool).await;
+                results.push(done.map(drop).map_err(|e| e.to_string()));
+            }
+            pool.close().await;
+        } else {
+            let pool = sqlx::SqlitePool::connect(&self.url)
+                .await
+                .expect("raw connect");
+            for sql in statements {
+                let done = sqlx::query(sql).execute(&pool).await;
+                results.push(done.map(drop).map_err(|e| e.to_string()));
+            }
+            pool.close().await;
+        }
+        results
+    }
+
+    /// Applies this backend's first `count` migrations only, as a broker of that schema
+    /// version did (sqlx's migrator on a copy of them).
+    async fn migrate_to(&self, count: usize) {
+        let backend = if self.is_postgres() {
+            "postgres"
+        } else {
+            "sqlite"
+        };
+        let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("migrations")
+            .join(backend);
+        let mut files: Vec<_> = std::fs::read_dir(&source)
+            .expect("migrations dir")
+            .map(|e| e.expect("entry").path())
+            .collect();
+        files.sort();
+        let dir = TempDir::new("giroident-ledger-migrations");
+        for file in &files[..count] {
+            let name = file.file_name().expect("a file name");
+            std::fs::copy(file, dir.path().join(name)).expect("migration copied");
+        }
+        let migrator = sqlx::migrate::Migrator::new(dir.path())
+            .await
+            .expect("migrations read");
+        if self.is_postgres() {
+            let pool = sqlx::PgPool::connect(&self.url).await.expect("raw connect");
+            migrator.run(&pool).await.expect("old migrations apply");
+            pool.close().await;
+        } else {
+            let options = self
+                .url
+                .parse::<sqlx::sqlite::SqliteConnectOptions>()
+                .expect("url")
+                .create_if_missing(true);
+            let pool = sqlx::SqlitePool::connect_with(options)
+                .await
+                .expect("raw connect");
+            migrator.run(&pool).await.expect("old migrations apply");
+            pool.close().await;
+        }
+    }
+
     /// Runs `sql` with `binds` (i64, then a byte string) straight on the database, bypassing
     /// the store.
     async fn exec(&self, sql: &str, number: i64, bytes: Vec<u8>) {
@@ -106,6 +172,7 @@ macro_rules! on_both_backends {
 
 on_both_backends!(
     migrations_apply_to_a_fresh_database_and_again_to_a_migrated_one,
+    a_database_of_migration_3_is_upgraded_keeping_records_events_and_constraints,
     a_schema_newer_than_the_binary_is_refused,
     concurrent_intents_for_one_reference_yield_exactly_one_new_record,
     references_are_per_caller_and_intents_without_one_are_always_new,
@@ -180,6 +247,125 @@ async fn migrations_apply_to_a_fresh_database_and_again_to_a_migrated_one(db: Db
         "sqlite"
     };
     assert_eq!(again.backend(), expected);
+}
+
+/// Migration 0004 rebuilds SQLite's tables (CHECK constraints without `IN` lists, events
+/// without `AUTOINCREMENT`): a ledger written by a broker of migration 0003 keeps its records,
+/// its events with their ids and order, its foreign key and its constraints.
+async fn a_database_of_migration_3_is_upgraded_keeping_records_events_and_constraints(db: Db) {
+    db.migrate_to(3).await;
+    let old = Uuid::new_v4();
+    let inserted = db
+        .exec_raw(&[
+            &format!(
+                "INSERT INTO identities (id, finapi_user_id, caller, reference_digest, key_id, \
+                 finapi_client, state, created_at, last_session_at, delete_after, \
+                 next_attempt_at) VALUES ('{old}', 'gib-Old', 'demo', 'd-old', 'k1', 'default', \
+                 'active', {T0}, {T0}, {}, {T0})",
+                T0 + HOUR
+            ),
+            &format!(
+                "INSERT INTO identity_events (identity_id, kind, caller, request_id, at) \
+                 VALUES ('{old}', 'created', 'demo', 'req-1', {T0})"
+            ),
+            &format!(
+                "INSERT INTO identity_events (identity_id, kind, caller, request_id, at) \
+                 VALUES ('{old}', 'reused', 'demo', 'req-2', {T0})"
+            ),
+        ])
+        .await;
+    assert!(inserted.iter().all(Result::is_ok), "{inserted:?}");
+
+    let store = db.store().await;
+    let record = get(&store, old).await;
+    assert_eq!(
+        (
+            record.state,
+            record.finapi_user_id.as_str(),
+            record.reference_digest.as_deref(),
+            record.last_session_at,
+            record.delete_after,
+        ),
+        (
+            IdentityState::Active,
+            "gib-Old",
+            Some("d-old"),
+            Some(T0),
+            T0 + HOUR
+        )
+    );
+    let found = store
+        .find_by_finapi_user("GIB-old")
+        .await
+        .expect("lookup")
+        .map(|r| r.id);
+    assert_eq!(found, Some(old), "the case-insensitive index is back");
+    let live = store
+        .find_live("demo", "default", "d-old")
+        .await
+        .expect("lookup")
+        .map(|r| r.id);
+    assert_eq!(live, Some(old));
+
+    // A new event at the same time as the old ones sorts after them: ids keep ascending.
+    store
+        .append_event(old, EventKind::Deleted, "demo", None, T0, None)
+        .await
+        .expect("append");
+    let kinds: Vec<EventKind> = store
+        .recent_events(old, 10)
+        .await
+        .expect("events")
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        [EventKind::Deleted, EventKind::Reused, EventKind::Created]
+    );
+
+    // The constraints hold as before.
+    let unknown = store
+        .append_event(Uuid::new_v4(), EventKind::Created, "demo", None, T0, None)
+        .await;
+    assert!(matches!(unknown, Err(StoreError::Other(_))), "{unknown:?}");
+    let duplicate_reference = store
+        .insert_intent(&new_identity(
+            Uuid::new_v4(),
+            "gib-new",
+            "demo",
+            Some("d-old"),
+            T0,
+        ))
+        .await
+        .expect("insert");
+    assert!(
+        matches!(&duplicate_reference, Inserted::Existing(r) if r.id == old),
+        "{duplicate_reference:?}"
+    );
+    store.close().await;
+    let refused = db
+        .exec_raw(&[
+            &format!("UPDATE identities SET state = 'gone' WHERE id = '{old}'"),
+            &format!(
+                "INSERT INTO identity_events (identity_id, kind, caller, at) \
+                 VALUES ('{old}', 'vanished', 'demo', {T0})"
+            ),
+            "INSERT INTO identities (id, finapi_user_id, caller, key_id, finapi_client, state, \
+             created_at, delete_after, next_attempt_at) \
+             VALUES ('x', 'GIB-OLD', 'demo', 'k1', 'default', 'intent', 0, 0, 0)",
+        ])
+        .await;
+    for (result, what) in refused.iter().zip(["state", "kind", "user id"]) {
+        let message = result.as_ref().expect_err(what);
+        assert!(
+            message.contains("CHECK")
+                || message.contains("check")
+                || message.contains("UNIQUE")
+                || message.contains("unique"),
+            "{what}: {message}"
+        );
+    }
 }
 
 async fn a_schema_newer_than_the_binary_is_refused(db: Db) {

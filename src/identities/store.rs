@@ -44,6 +44,19 @@ const INSERT_ATTEMPTS: usize = 5;
 static SQLITE_MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
 static POSTGRES_MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
 
+/// How an SQLite ledger's write-ahead log reaches the disk (`identities.sqlite_synchronous`;
+/// PostgreSQL ignores it). sqlite.org/pragma.html#pragma_synchronous, in WAL mode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SqliteSync {
+    /// `synchronous=FULL`: every commit syncs the log before it is answered, so a committed
+    /// write survives an OS crash or power loss.
+    #[default]
+    Full,
+    /// `synchronous=NORMAL`: only checkpoints sync; a committed write survives the broker's
+    /// crash, but an OS crash or power loss can lose the commits since the last checkpoint.
+    Normal,
+}
+
 /// The life cycle of a managed finAPI user.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum IdentityState {
@@ -544,10 +557,20 @@ impl IdentityStore {
     /// an unparsable URL; [`StoreError::Unavailable`] when the database cannot be reached or
     /// opened; [`StoreError::SchemaTooNew`]; [`StoreError::Migrate`].
     pub async fn connect(url: &SecretString, max_connections: u32) -> Result<Self, StoreError> {
+        Self::connect_with(url, max_connections, SqliteSync::Full).await
+    }
+
+    /// [`IdentityStore::connect`] with an SQLite ledger's [`SqliteSync`] (PostgreSQL ignores
+    /// it). Errors: as [`IdentityStore::connect`].
+    pub async fn connect_with(
+        url: &SecretString,
+        max_connections: u32,
+        sync: SqliteSync,
+    ) -> Result<Self, StoreError> {
         let raw = url.expose_secret().trim();
         let max_connections = max_connections.max(1);
         let store = if raw.starts_with("sqlite:") {
-            Self::connect_sqlite(raw, max_connections).await?
+            Self::connect_sqlite(raw, max_connections, sync).await?
         } else if raw.starts_with("postgres://") || raw.starts_with("postgresql://") {
             Self::connect_postgres(raw, max_connections).await?
         } else {
@@ -559,7 +582,11 @@ impl IdentityStore {
         Ok(store)
     }
 
-    async fn connect_sqlite(raw: &str, max_connections: u32) -> Result<Self, StoreError> {
+    async fn connect_sqlite(
+        raw: &str,
+        max_connections: u32,
+        sync: SqliteSync,
+    ) -> Result<Self, StoreError> {
         let path = raw.trim_start_matches("sqlite:").trim_start_matches("//");
         if path.is_empty() || path.starts_with(":memory:") || raw.contains("mode=memory") {
             return Err(StoreError::InvalidUrl(
@@ -567,17 +594,20 @@ impl IdentityStore {
                     .to_owned(),
             ));
         }
-        // WAL with synchronous=NORMAL: a commit is in the WAL file (the OS's page cache) before
-        // it is answered, so it survives the broker's crash; only a checkpoint fsyncs, so an OS
-        // crash or power loss can lose the last commits (sqlite.org/pragma.html#pragma_synchronous).
-        // No automatic checkpoints: they would run, fsync included, inside the committing
-        // writer's COMMIT and stall every session queued behind it; `checkpoints` runs them
-        // beside the writer instead.
+        // WAL; with synchronous=FULL each commit syncs the log before it is answered, with
+        // NORMAL it is only in the OS's page cache (it survives the broker's crash, not the OS's)
+        // and only checkpoints sync. No automatic checkpoints: they would run, fsync included,
+        // inside the committing writer's COMMIT and stall every session queued behind it;
+        // `checkpoints` runs them beside the writer instead.
+        let synchronous = match sync {
+            SqliteSync::Full => SqliteSynchronous::Full,
+            SqliteSync::Normal => SqliteSynchronous::Normal,
+        };
         let options = SqliteConnectOptions::from_str(raw)
             .map_err(|e| invalid_url(&e, raw))?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
+            .synchronous(synchronous)
             .busy_timeout(SQLITE_BUSY_TIMEOUT)
             .foreign_keys(true)
             .pragma("wal_autocheckpoint", "0");
@@ -1268,6 +1298,35 @@ mod tests {
         dying.await.expect("the stand-in writer ends");
         store.close().await;
         remove_sqlite(&path);
+    }
+
+    #[tokio::test]
+    async fn the_sqlite_writer_syncs_as_configured_full_by_default() {
+        for (sync, expected) in [
+            (None, 2),
+            (Some(SqliteSync::Full), 2),
+            (Some(SqliteSync::Normal), 1),
+        ] {
+            let path =
+                std::env::temp_dir().join(format!("giroident-store-sync-{}.db", Uuid::new_v4()));
+            let url = SecretString::from(format!("sqlite://{}", path.display()));
+            let store = match sync {
+                None => IdentityStore::connect(&url, 2).await,
+                Some(sync) => IdentityStore::connect_with(&url, 2, sync).await,
+            }
+            .expect("connects");
+            let Pool::Sqlite { write, .. } = &store.pool else {
+                panic!("an SQLite store");
+            };
+            // sqlite.org/pragma.html#pragma_synchronous: 2 is FULL, 1 is NORMAL.
+            let level: i64 = sqlx::query_scalar("PRAGMA synchronous")
+                .fetch_one(write)
+                .await
+                .expect("pragma");
+            assert_eq!(level, expected, "{sync:?}");
+            store.close().await;
+            remove_sqlite(&path);
+        }
     }
 
     #[test]
