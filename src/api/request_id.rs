@@ -133,13 +133,11 @@ pub async fn middleware(mut request: Request, next: Next) -> Response {
     // The exported server span is a span of its own beside the logging span, so that the
     // logging span's fields (request id, path, caller, the ids below) are not exported as
     // attributes too: each would cost conversion and encoding per request (docs/BENCHMARKS.md,
-    // "Tracing (issue 14)"). Entered around the logging span, it is the parent of every span
-    // the request opens. The caller's trace continues here (W3C Trace Context); the ids go
-    // into the log lines.
-    let server_span = crate::telemetry::otel::server_span();
+    // "Tracing (issue 14)"). It is the parent of every span the request opens. The caller's
+    // trace continues here (W3C Trace Context); the ids go into the log lines.
     let method = method_label(request.method());
-    let trace =
-        crate::telemetry::otel::continue_trace(&server_span, request.headers(), method, route);
+    let (mut server_span, trace) =
+        crate::telemetry::otel::server_span(request.headers(), method, route);
     if let Some((trace_id, span_id)) = &trace {
         span.record("trace_id", trace_id.as_str());
         span.record("span_id", span_id.as_str());
@@ -150,16 +148,17 @@ pub async fn middleware(mut request: Request, next: Next) -> Response {
         id,
         trace_id: trace.as_ref().map(|(trace_id, _)| trace_id.as_str().into()),
     };
-    let mut response = CURRENT
-        .scope(current, next.run(request))
-        .instrument(span.clone())
-        .instrument(server_span.clone())
+    let mut response = server_span
+        .scope(
+            CURRENT
+                .scope(current, next.run(request))
+                .instrument(span.clone()),
+        )
         .await;
     drop(in_flight);
     let elapsed = started.elapsed();
-    if trace.is_some() {
-        crate::telemetry::otel::end_server_span(&server_span, response.status().as_u16());
-    }
+    crate::telemetry::otel::end_server_span(&mut server_span, response.status().as_u16());
+    drop(server_span);
     span.in_scope(|| {
         tracing::info!(
             status = response.status().as_u16(),
