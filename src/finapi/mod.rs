@@ -503,25 +503,23 @@ pub async fn as_attempt<F: Future>(attempt: u32, retry_reason: &'static str, cal
     ATTEMPT.scope((attempt, retry_reason), call).await
 }
 
-/// The span of one finAPI call: step, service, attempt, method, path template and host, in
+/// The span of one finAPI call: step, attempt, method, path template and host, in
 /// OpenTelemetry's HTTP client conventions. Never the URL (a process token travels in one),
 /// a header or a body.
-fn call_span(
-    step: Step,
-    client: &std::sync::Arc<str>,
-    url: &reqwest::Url,
-) -> crate::telemetry::otel::Span {
+fn call_span(step: Step, url: &reqwest::Url) -> crate::telemetry::otel::Span {
     use opentelemetry::KeyValue;
     if !crate::telemetry::otel::enabled() {
         return crate::telemetry::otel::Span::none();
     }
     let (attempt, retry_reason) = ATTEMPT.try_with(|a| *a).unwrap_or((1, ""));
     let (method, path) = step.route();
-    let mut attributes = Vec::with_capacity(12);
+    // Each attribute costs about 1,500 instructions to convert, encode and free in the export
+    // (docs/BENCHMARKS.md, "Issue 14: tracing's cost, third pass"): none that the span's name
+    // already says (the service follows from the step) or that is the same on every call of a
+    // one-client broker (the configured client's name, which the request's log lines carry).
+    let mut attributes = Vec::with_capacity(8);
     attributes.extend([
         KeyValue::new("finapi.step", step.as_str()),
-        KeyValue::new("finapi.service", step.service()),
-        KeyValue::new("finapi.client", client.clone()),
         KeyValue::new("finapi.attempt", i64::from(attempt)),
         KeyValue::new("http.request.method", method),
         KeyValue::new("url.template", path),
@@ -634,7 +632,7 @@ async fn send(
         step,
         source: err.without_url(),
     })?;
-    let mut span = call_span(step, breaker.client(), request.url());
+    let mut span = call_span(step, request.url());
     if propagate_trace && !span.is_none() {
         crate::telemetry::otel::inject(&span, request.headers_mut());
     }
