@@ -25,8 +25,8 @@ pub const MAX_LEN: usize = 255;
 /// The ids of the request a task serves.
 struct Current {
     id: Arc<str>,
-    /// The W3C trace id (32 lowercase hex digits), while spans are exported.
-    trace_id: Option<Box<str>>,
+    /// The W3C trace id, while spans are exported (formatted only for a problem body).
+    trace_id: Option<opentelemetry::trace::TraceId>,
 }
 
 tokio::task_local! {
@@ -42,7 +42,7 @@ pub fn current() -> Option<String> {
 /// it sent a `traceparent` (W3C Trace Context), a new one otherwise.
 pub fn current_trace_id() -> Option<String> {
     CURRENT
-        .try_with(|c| c.trace_id.as_deref().map(str::to_owned))
+        .try_with(|c| c.trace_id.map(|id| id.to_string()))
         .ok()
         .flatten()
 }
@@ -138,15 +138,16 @@ pub async fn middleware(mut request: Request, next: Next) -> Response {
     let method = method_label(request.method());
     let (mut server_span, trace) =
         crate::telemetry::otel::server_span(request.headers(), method, route);
-    if let Some((trace_id, span_id)) = &trace {
-        span.record("trace_id", trace_id.as_str());
-        span.record("span_id", span_id.as_str());
+    if let Some((trace_id, span_id)) = trace {
+        // Formatted by the log line that shows them, if any (none at `warn`).
+        span.record("trace_id", tracing::field::display(trace_id));
+        span.record("span_id", tracing::field::display(span_id));
     }
     let started = Instant::now();
     let in_flight = InFlight::enter();
     let current = Current {
         id,
-        trace_id: trace.as_ref().map(|(trace_id, _)| trace_id.as_str().into()),
+        trace_id: trace.map(|(trace_id, _)| trace_id),
     };
     let mut response = server_span
         .scope(

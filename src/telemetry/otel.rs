@@ -18,7 +18,8 @@ use std::sync::OnceLock;
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{
-    Span as _, SpanBuilder, SpanKind, Status, TraceContextExt, Tracer as _, TracerProvider as _,
+    Span as _, SpanBuilder, SpanId, SpanKind, Status, TraceContextExt, TraceId, Tracer as _,
+    TracerProvider as _,
 };
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
@@ -254,6 +255,10 @@ async fn drain<E: SpanExporter>(
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     loop {
+        // `recv_many` grows an empty vector by doubling, moving the spans each time.
+        if batch.capacity() == 0 {
+            batch.reserve_exact(MAX_BATCH);
+        }
         tokio::select! {
             received = spans.recv_many(&mut batch, MAX_BATCH) => {
                 if received == 0 {
@@ -423,15 +428,15 @@ pub fn ledger_op_span(name: &'static str, op: &'static str) -> Span {
 }
 
 /// The server span of one request (`request`, kind server), or no span when nothing is
-/// exported, with the trace id and the span's id (lowercase hex) for the log lines and problem
-/// bodies. It continues the caller's trace when `headers` carry a valid `traceparent` (W3C
+/// exported, with the trace id and the span's id for the log lines and problem bodies (their
+/// `Display` is W3C's lowercase hex). It continues the caller's trace when `headers` carry a valid `traceparent` (W3C
 /// Trace Context). It carries only the HTTP attributes: `method`, `route` (the path template:
 /// an identity's path holds a raw client reference), and the status of [`end_server_span`].
 pub fn server_span(
     headers: &axum::http::HeaderMap,
     method: &'static str,
     route: &'static str,
-) -> (Span, Option<(String, String)>) {
+) -> (Span, Option<(TraceId, SpanId)>) {
     if !enabled() {
         return (Span::none(), None);
     }
@@ -452,8 +457,7 @@ pub fn server_span(
     let span = Span::start(|tracer| tracer.build_with_context(builder, &parent));
     let ids = span.0.as_ref().and_then(|span| {
         let sc = span.span_context();
-        sc.is_valid()
-            .then(|| (sc.trace_id().to_string(), sc.span_id().to_string()))
+        sc.is_valid().then(|| (sc.trace_id(), sc.span_id()))
     });
     (span, ids)
 }
