@@ -34,8 +34,14 @@ use crate::config::{TraceSampler, TracingSettings};
 
 /// Spans sent to the collector in one request, at most.
 const MAX_BATCH: usize = 512;
-/// How long the exporter waits for more spans to fill a batch after the first one.
-const LINGER: Duration = Duration::from_millis(200);
+/// How long the exporter waits for more spans to fill a batch after the first one. Every batch
+/// costs an HTTP request besides its spans' conversion: with 200 ms, a slow broker (under
+/// callgrind) sent 104 batches per 1,000 sessions and spent 8,100 instructions per session in
+/// the export outside the conversion, against 2,900 with 25 batches (docs/BENCHMARKS.md,
+/// "Issue 14: tracing's cost, third pass"). A busy broker fills a batch (`MAX_BATCH`) sooner
+/// and sends it at once. OpenTelemetry's batch processor waits 5 s (`OTEL_BSP_SCHEDULE_DELAY`);
+/// a second keeps traces prompt.
+const LINGER: Duration = Duration::from_secs(1);
 /// How long a shutdown waits for the queue to be sent.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 
