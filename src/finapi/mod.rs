@@ -647,10 +647,8 @@ async fn send(
             });
         }
     };
-    // The span is not entered around the call: it has no child spans, and entering it on each
-    // poll cost the OpenTelemetry layer about a thousand instructions a time
-    // (docs/BENCHMARKS.md, "Tracing (issue 14)"). It starts when made above and ends when
-    // dropped, as this function returns.
+    // The span has no children, so it is not made anyone's parent: it starts when made above
+    // and ends when dropped, as this function returns.
     let result = call(&http, step, breaker.client(), request, expected, &mut span).await;
     permit.record(
         result

@@ -11,10 +11,8 @@
 //! counted in `broker_trace_spans_dropped_total`; no request ever waits for the collector.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
-
-use std::sync::OnceLock;
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{
@@ -310,12 +308,11 @@ async fn export<E: SpanExporter>(exporter: &E, batch: Vec<SpanData>, timeout: Du
 /// A span exported to OpenTelemetry, made with the SDK's tracer directly (not through a
 /// `tracing` layer), or nothing when export is off. It ends when dropped.
 ///
-/// The `tracing` bridge cost about half of tracing's instructions per session: a registry
-/// entry, a `SpanBuilder` kept in the span's extensions, filters and a clock read on every
-/// enter and exit of an instrumented future (docs/BENCHMARKS.md, "Issue 14: tracing's cost,
-/// third pass"). A span here is made once, takes its attributes as they are known and is
-/// never entered: the spans made while a future runs find their parent in a task-local
-/// (see [`Span::scope`]).
+/// Through the `tracing` bridge, about a third of what tracing added per session was the
+/// bridge's own work: a registry entry, a `SpanBuilder` kept in the span's extensions, filters,
+/// and a clock read on every exit of an entered span (docs/BENCHMARKS.md, "Issue 14: tracing's
+/// cost, third pass"). A span here is made once with its attributes and is never entered: the
+/// spans made while a future runs find their parent in a task-local (see [`Span::scope`]).
 pub struct Span(Option<opentelemetry_sdk::trace::Span>);
 
 tokio::task_local! {
@@ -435,9 +432,10 @@ pub fn ledger_op_span(name: &'static str, op: &'static str) -> Span {
 
 /// The server span of one request (`request`, kind server), or no span when nothing is
 /// exported, with the trace id and the span's id for the log lines and problem bodies (their
-/// `Display` is W3C's lowercase hex). It continues the caller's trace when `headers` carry a valid `traceparent` (W3C
-/// Trace Context). It carries only the HTTP attributes: `method`, `route` (the path template:
-/// an identity's path holds a raw client reference), and the status of [`end_server_span`].
+/// `Display` is W3C's lowercase hex). It continues the caller's trace when `headers` carry a
+/// valid `traceparent` (W3C Trace Context). It carries only the HTTP attributes: `method`,
+/// `route` (the path template: an identity's path holds a raw client reference), and the
+/// status of [`end_server_span`].
 pub fn server_span(
     headers: &axum::http::HeaderMap,
     method: &'static str,
