@@ -6,7 +6,6 @@ pub mod json;
 pub mod otel;
 
 use tracing_appender::non_blocking::WorkerGuard;
-use tracing_subscriber::filter::{FilterExt, LevelFilter, filter_fn};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -93,51 +92,20 @@ where
     } else {
         lines.boxed()
     };
-    // Log lines never see the OpenTelemetry-only spans: a request's lines keep showing the
-    // request span's fields.
-    // One filter, not two stacked `with_filter`s: stacked, a span the level filter refuses
-    // (an `info` span at `warn`) was still made and entered for this layer.
-    // The hint (no level is excluded) lets the combined filter keep the level filter's own:
-    // without one, the combination has none, so tracing's global maximum level stays at TRACE
-    // (every `debug!` is looked at) and so does the `log` crate's (every `trace!` of a
-    // dependency becomes a record handed to the subscriber). docs/BENCHMARKS.md, "Issue 15:
-    // logging at info and the request path".
-    let not_otel =
-        filter_fn(|meta| meta.target() != otel::TARGET).with_max_level_hint(LevelFilter::TRACE);
-    let lines = lines.with_filter(filter.and(not_otel));
-    let (layer, guard) = match tracing.map(otel::tracer).transpose()?.flatten() {
-        Some((tracer, guard)) => {
-            let layer = tracing_opentelemetry::layer()
-                .with_tracer(tracer)
-                // Each of these costs work per span or per poll and bytes per exported span
-                // (docs/BENCHMARKS.md, "Tracing (issue 14)"): no code location, thread, level
-                // or target attributes; no busy/idle timing, which takes the clock on every
-                // enter and exit of a span (each poll of an instrumented future) and adds two
-                // attributes; no OpenTelemetry context attached on every enter (parents are
-                // found through the tracing spans, and `OpenTelemetrySpanExt::context` reads
-                // the span itself).
-                .with_location(false)
-                .with_threads(false)
-                .with_level(false)
-                .with_target(false)
-                .with_tracked_inactivity(false)
-                .with_context_activation(false)
-                // Only the spans made for it: log events never become span events, and the
-                // logging spans (the request span with its log fields) are not exported, so
-                // nothing a log line says reaches the collector.
-                .with_filter(filter_fn(|meta| {
-                    meta.is_span() && meta.target() == otel::TARGET
-                }));
-            (Some(layer), Some(guard))
-        }
-        None => (None, None),
-    };
+    let lines = lines.with_filter(filter);
+    let export = tracing.map(otel::tracer).transpose()?.flatten();
     let installed = tracing_subscriber::registry()
         .with(lines)
-        .with(layer)
         .try_init()
         .is_ok();
-    Ok((installed, guard.filter(|_| installed)))
+    let guard = match export {
+        Some((tracer, guard)) if installed => {
+            otel::activate(tracer);
+            Some(guard)
+        }
+        _ => None,
+    };
+    Ok((installed, guard))
 }
 
 /// Prometheus metrics: names, and the one recorder of the process.

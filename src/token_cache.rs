@@ -28,6 +28,7 @@
 //! finAPI's refusal within one call's retries. So does a request that finds no token (cold
 //! start, or finAPI down throughout a token's end).
 
+use opentelemetry::trace::SpanKind;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -43,6 +44,7 @@ use tokio::time::Instant;
 use crate::finapi::{AccessClient, AccessToken, MAX_EXPIRES_IN_SECS, UpstreamError};
 use crate::resilience::{Deadline, RetryPolicy, later};
 use crate::telemetry::metrics::{HandleCache, TOKEN_CACHE, TOKEN_FETCHES};
+use crate::telemetry::otel::{self, Span};
 
 /// Interval of the refresh's calls in the last second of a token's life.
 pub const END_POLL: Duration = Duration::from_millis(25);
@@ -53,19 +55,15 @@ pub const END_GRACE: Duration = Duration::from_secs(2);
 /// Id sent as `X-Request-Id` with background refreshes.
 const REFRESH_REQUEST_ID: &str = "giroident-broker-token-refresh";
 
-/// Counts a lookup, and says its result on the lookup's span.
-fn count_lookup(result: &'static str) {
-    tracing::Span::current().record("client_token.cache", result);
-    count_lookup_only(result);
-}
-
-fn count_lookup_only(result: &'static str) {
+/// Counts a lookup, and returns its result for the lookup's span.
+fn count_lookup(result: &'static str) -> &'static str {
     static HANDLES: HandleCache<&'static str, metrics::Counter> = HandleCache::new();
     HANDLES.with(
         result,
         |&result| metrics::counter!(TOKEN_CACHE, "result" => result),
         |lookups| lookups.increment(1),
     );
+    result
 }
 
 fn count_fetch(trigger: &'static str, ok: bool) {
@@ -264,28 +262,32 @@ impl ClientTokenCache {
     /// refresh in flight brings when the cached one has ended, or one fetched once for all
     /// concurrent callers.
     pub async fn get(&self, request_id: &str) -> Result<Arc<ClientToken>, TokenError> {
-        let span = tracing::info_span!(
-            target: crate::telemetry::otel::TARGET,
-            "client_token.lookup",
-            client_token.cache = tracing::field::Empty,
-        );
-        self.lookup(request_id).instrument(span).await
+        let mut span = Span::child("client_token.lookup", SpanKind::Internal, Vec::new());
+        let mut result = "";
+        let token = span.scope(self.lookup(request_id, &mut result)).await;
+        span.set("client_token.cache", result);
+        token
     }
 
-    async fn lookup(&self, request_id: &str) -> Result<Arc<ClientToken>, TokenError> {
+    /// The lookup of [`Self::get`]; `result` is set to `hit` or `miss`.
+    async fn lookup(
+        &self,
+        request_id: &str,
+        result: &mut &'static str,
+    ) -> Result<Arc<ClientToken>, TokenError> {
         if let Some(token) = self.cache.get(self.access.client_id()).await {
             let now = Instant::now();
             if !token.is_past_end(now) {
                 if token.refresh_at.is_some_and(|at| now >= at) {
                     self.start_refresh(token.clone());
                 }
-                count_lookup("hit");
+                *result = count_lookup("hit");
                 return Ok(token);
             }
-            count_lookup("miss");
+            *result = count_lookup("miss");
             return self.replace(&token, request_id).await;
         }
-        count_lookup("miss");
+        *result = count_lookup("miss");
         self.fetch_shared(request_id).await
     }
 
@@ -327,16 +329,13 @@ impl ClientTokenCache {
         stale: &ClientToken,
         bound: Instant,
     ) -> Option<Arc<ClientToken>> {
-        let span = tracing::info_span!(
-            target: crate::telemetry::otel::TARGET,
+        let mut span = Span::child(
             "client_token.wait_for_refresh",
-            client_token.refreshed = tracing::field::Empty,
+            SpanKind::Internal,
+            Vec::new(),
         );
-        let got = self
-            .await_refresh(stale, bound)
-            .instrument(span.clone())
-            .await;
-        span.record("client_token.refreshed", got.is_some());
+        let got = span.scope(self.await_refresh(stale, bound)).await;
+        span.set("client_token.refreshed", got.is_some());
         got
     }
 
@@ -372,9 +371,12 @@ impl ClientTokenCache {
     async fn fetch_shared(&self, request_id: &str) -> Result<Arc<ClientToken>, TokenError> {
         let this = self.clone();
         let request_id = request_id.to_owned();
-        // The shared fetch belongs to the trace of the request that started it.
+        // The shared fetch belongs to the trace of the request that started it, and its log
+        // lines show the request's fields.
         let span = tracing::Span::current();
-        tokio::spawn(
+        let parent = otel::current_parent();
+        tokio::spawn(otel::in_parent(
+            parent,
             async move {
                 let key = this.access.client_id().to_owned();
                 this.cache
@@ -390,7 +392,7 @@ impl ClientTokenCache {
                     .map_err(TokenError::Fetch)
             }
             .instrument(span),
-        )
+        ))
         .await
         .map_err(|_| TokenError::Aborted)?
     }
@@ -447,12 +449,8 @@ impl ClientTokenCache {
         let this = self.clone();
         // The hold lives in the task: dropped however the task ends, it wakes the waiters.
         // Background work: a trace of its own, not part of the request that found it due.
-        let span = tracing::info_span!(
-            target: crate::telemetry::otel::TARGET,
-            parent: None,
-            "client_token.refresh",
-        );
-        tokio::spawn(async move { this.refresh(current, &hold).instrument(span).await });
+        let span = Span::root("client_token.refresh", Vec::new());
+        tokio::spawn(async move { span.scope(this.refresh(current, &hold)).await });
     }
 
     /// Asks finAPI until it hands out a token other than `current`, then stores it. Gives up

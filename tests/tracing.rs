@@ -306,6 +306,22 @@ async fn a_standalone_session_is_one_trace_continuing_the_callers() {
     );
     assert_eq!(exchange.attributes["http.response.status_code"], "200");
     assert_eq!(exchange.attributes["server.address"], "127.0.0.1");
+    // Exactly the README's attributes of a successful first attempt: none the span's name
+    // already says, no configured client name (each one costs export work per call).
+    let mut keys: Vec<&str> = exchange.attributes.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "finapi.attempt",
+            "finapi.step",
+            "http.request.method",
+            "http.response.status_code",
+            "server.address",
+            "server.port",
+            "url.template"
+        ]
+    );
     env.stop().await;
 }
 

@@ -27,8 +27,8 @@ pub const MAX_LEN: usize = 255;
 /// The ids of the request a task serves.
 struct Current {
     id: Arc<str>,
-    /// The W3C trace id (32 lowercase hex digits), while spans are exported.
-    trace_id: Option<Box<str>>,
+    /// The W3C trace id, while spans are exported (formatted only for a problem body).
+    trace_id: Option<opentelemetry::trace::TraceId>,
     /// For the request's `request finished` line.
     notes: RefCell<Notes>,
 }
@@ -76,7 +76,7 @@ pub fn current() -> Option<String> {
 /// it sent a `traceparent` (W3C Trace Context), a new one otherwise.
 pub fn current_trace_id() -> Option<String> {
     CURRENT
-        .try_with(|c| c.trace_id.as_deref().map(str::to_owned))
+        .try_with(|c| c.trace_id.map(|id| id.to_string()))
         .ok()
         .flatten()
 }
@@ -165,22 +165,21 @@ pub async fn middleware(mut request: Request, next: Next) -> Response {
     // The exported server span is a span of its own beside the logging span, so that the
     // logging span's fields (request id, path, caller, the ids below) are not exported as
     // attributes too: each would cost conversion and encoding per request (docs/BENCHMARKS.md,
-    // "Tracing (issue 14)"). Entered around the logging span, it is the parent of every span
-    // the request opens. The caller's trace continues here (W3C Trace Context); the ids go
-    // into the log lines.
-    let server_span = crate::telemetry::otel::server_span();
+    // "Tracing (issue 14)"). It is the parent of every span the request opens. The caller's
+    // trace continues here (W3C Trace Context); the ids go into the log lines.
     let method = method_label(request.method());
-    let trace =
-        crate::telemetry::otel::continue_trace(&server_span, request.headers(), method, route);
-    if let Some((trace_id, span_id)) = &trace {
-        span.record("trace_id", trace_id.as_str());
-        span.record("span_id", span_id.as_str());
+    let (mut server_span, trace) =
+        crate::telemetry::otel::server_span(request.headers(), method, route);
+    if let Some((trace_id, span_id)) = trace {
+        // Formatted by the log line that shows them, if any (none at `warn`).
+        span.record("trace_id", tracing::field::display(trace_id));
+        span.record("span_id", tracing::field::display(span_id));
     }
     let started = Instant::now();
     let in_flight = InFlight::enter();
     let current = Current {
         id,
-        trace_id: trace.as_ref().map(|(trace_id, _)| trace_id.as_str().into()),
+        trace_id: trace.map(|(trace_id, _)| trace_id),
         notes: RefCell::default(),
     };
     let run = async move {
@@ -188,16 +187,13 @@ pub async fn middleware(mut request: Request, next: Next) -> Response {
         let notes = CURRENT.try_with(|c| c.notes.take()).unwrap_or_default();
         (response, notes)
     };
-    let (mut response, notes) = CURRENT
-        .scope(current, run)
-        .instrument(span.clone())
-        .instrument(server_span.clone())
+    let (mut response, notes) = server_span
+        .scope(CURRENT.scope(current, run).instrument(span.clone()))
         .await;
     drop(in_flight);
     let elapsed = started.elapsed();
-    if trace.is_some() {
-        crate::telemetry::otel::end_server_span(&server_span, response.status().as_u16());
-    }
+    crate::telemetry::otel::end_server_span(&mut server_span, response.status().as_u16());
+    drop(server_span);
     let caller: Option<Arc<str>> = response
         .extensions()
         .get::<CallerExt>()

@@ -503,43 +503,40 @@ pub async fn as_attempt<F: Future>(attempt: u32, retry_reason: &'static str, cal
     ATTEMPT.scope((attempt, retry_reason), call).await
 }
 
-/// The span of one finAPI call: step, service, attempt, method, path template and host, in
+/// The span of one finAPI call: step, attempt, method, path template and host, in
 /// OpenTelemetry's HTTP client conventions. Never the URL (a process token travels in one),
 /// a header or a body.
-fn call_span(step: Step, client: &str, url: &reqwest::Url) -> tracing::Span {
+fn call_span(step: Step, url: &reqwest::Url) -> crate::telemetry::otel::Span {
+    use opentelemetry::KeyValue;
     if !crate::telemetry::otel::enabled() {
-        return tracing::Span::none();
+        return crate::telemetry::otel::Span::none();
     }
     let (attempt, retry_reason) = ATTEMPT.try_with(|a| *a).unwrap_or((1, ""));
     let (method, path) = step.route();
-    let span = tracing::info_span!(
-        target: crate::telemetry::otel::TARGET,
-        "finapi",
-        otel.name = step.span_name(),
-        otel.kind = "client",
-        finapi.step = step.as_str(),
-        finapi.service = step.service(),
-        finapi.client = client,
-        finapi.attempt = attempt,
-        finapi.retry_reason = tracing::field::Empty,
-        http.request.method = method,
-        url.template = path,
-        server.address = url.host_str().unwrap_or(""),
-        server.port = url.port_or_known_default().unwrap_or(0),
-        http.response.status_code = tracing::field::Empty,
-        error.type = tracing::field::Empty,
-        otel.status_code = tracing::field::Empty,
-    );
+    // Each attribute costs about 1,500 instructions to convert, encode and free in the export
+    // (docs/BENCHMARKS.md, "Issue 14: tracing's cost, third pass"): none that the span's name
+    // already says (the service follows from the step) or that is the same on every call of a
+    // one-client broker (the configured client's name, which the request's log lines carry).
+    let mut attributes = Vec::with_capacity(8);
+    attributes.extend([
+        KeyValue::new("finapi.step", step.as_str()),
+        KeyValue::new("finapi.attempt", i64::from(attempt)),
+        KeyValue::new("http.request.method", method),
+        KeyValue::new("url.template", path),
+        KeyValue::new("server.address", url.host_str().unwrap_or("").to_owned()),
+        KeyValue::new(
+            "server.port",
+            i64::from(url.port_or_known_default().unwrap_or(0)),
+        ),
+    ]);
     if !retry_reason.is_empty() {
-        span.record("finapi.retry_reason", retry_reason);
+        attributes.push(KeyValue::new("finapi.retry_reason", retry_reason));
     }
-    span
-}
-
-/// Marks a call's span as failed with `outcome` (OpenTelemetry's `error.type`).
-fn fail_span(span: &tracing::Span, outcome: &'static str) {
-    span.record("error.type", outcome);
-    span.record("otel.status_code", "ERROR");
+    crate::telemetry::otel::Span::child(
+        step.span_name(),
+        opentelemetry::trace::SpanKind::Client,
+        attributes,
+    )
 }
 
 /// The environment variables reqwest reads proxies from.
@@ -635,14 +632,14 @@ async fn send(
         step,
         source: err.without_url(),
     })?;
-    let span = call_span(step, breaker.client(), request.url());
+    let mut span = call_span(step, request.url());
     if propagate_trace && !span.is_none() {
         crate::telemetry::otel::inject(&span, request.headers_mut());
     }
     let permit = match breaker.acquire() {
         Ok(permit) => permit,
         Err(open) => {
-            fail_span(&span, "circuit_open");
+            span.fail("circuit_open");
             return Err(UpstreamError::CircuitOpen {
                 step,
                 service: breaker.service(),
@@ -650,11 +647,9 @@ async fn send(
             });
         }
     };
-    // The span is not entered around the call: it has no child spans, and entering it on each
-    // poll cost the OpenTelemetry layer about a thousand instructions a time
-    // (docs/BENCHMARKS.md, "Tracing (issue 14)"). It starts when made above and ends when
-    // dropped, as this function returns.
-    let result = call(&http, step, breaker.client(), request, expected, &span).await;
+    // The span has no children, so it is not made anyone's parent: it starts when made above
+    // and ends when dropped, as this function returns.
+    let result = call(&http, step, breaker.client(), request, expected, &mut span).await;
     permit.record(
         result
             .as_ref()
@@ -672,7 +667,7 @@ async fn call(
     client: &std::sync::Arc<str>,
     request: reqwest::Request,
     expected: StatusCode,
-    span: &tracing::Span,
+    span: &mut crate::telemetry::otel::Span,
 ) -> Result<Vec<u8>, UpstreamError> {
     let started = Instant::now();
     let (status, finapi_request_id, result) = match http.execute(request).await {
@@ -705,10 +700,10 @@ async fn call(
     record_call(step, client, outcome, elapsed);
     if !span.is_none() {
         if let Some(status) = status {
-            span.record("http.response.status_code", status.as_u16());
+            span.set("http.response.status_code", i64::from(status.as_u16()));
         }
         if result.is_err() {
-            fail_span(span, outcome);
+            span.fail(outcome);
         }
     }
     let elapsed_ms = elapsed.as_secs_f64() * 1e3;

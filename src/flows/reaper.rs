@@ -5,7 +5,6 @@
 
 use std::sync::Arc;
 use std::time::Duration;
-use tracing::Instrument;
 
 use tokio::sync::watch;
 
@@ -31,12 +30,8 @@ pub async fn run(flows: Arc<Flows>, mut stop: watch::Receiver<bool>) {
     let interval = flows.identities.reaper_interval;
     loop {
         // Each round is a trace of its own.
-        let span = tracing::info_span!(
-            target: crate::telemetry::otel::TARGET,
-            parent: None,
-            "reaper.round",
-        );
-        match round(&flows, &replica).instrument(span).await {
+        let span = crate::telemetry::otel::Span::root("reaper.round", Vec::new());
+        match span.scope(round(&flows, &replica)).await {
             Ok(0) => {}
             Ok(n) => tracing::debug!(identities = n, "reaper round"),
             Err(err) => {

@@ -1,44 +1,51 @@
 //! Distributed tracing: W3C trace context in (`traceparent`, `tracestate`), spans out over
 //! OTLP/HTTP protobuf to a collector.
 //!
-//! Only spans with [`TARGET`] reach OpenTelemetry (the request's server span among them); the
-//! log lines never show them (a request's lines keep naming the logging span `request`). Without
-//! an endpoint no layer is installed: those spans are disabled at their call sites and cost a
-//! check of a static.
+//! The spans are made with OpenTelemetry's SDK directly ([`Span`]), not through `tracing`: the
+//! log lines never show them (a request's lines keep naming the logging span `request`), and no
+//! log field reaches the collector. Without an endpoint no tracer is installed: every span
+//! constructor returns [`Span::none`] after a check of a static.
 //!
 //! Finished spans wait in a bounded queue, drained by one thread of its own that sends them in
 //! batches: a slow or absent collector fills the queue, and further spans are dropped and
 //! counted in `broker_trace_spans_dropped_total`; no request ever waits for the collector.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
-use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry::trace::{
+    Span as _, SpanBuilder, SpanId, SpanKind, Status, TraceContextExt, TraceId, Tracer as _,
+    TracerProvider as _,
+};
+use opentelemetry::{Context, KeyValue};
 use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, SpanData, SpanExporter, SpanProcessor};
+use opentelemetry_sdk::trace::{
+    Sampler, SdkTracer, SdkTracerProvider, SpanData, SpanExporter, SpanProcessor,
+};
 use tokio::sync::{Notify, mpsc, oneshot};
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::config::{TraceSampler, TracingSettings};
 
-/// The target of spans meant for OpenTelemetry only (finAPI calls, the token cache, the
-/// ledger, background work).
-pub const TARGET: &str = "giroident_broker::otel";
-
 /// Spans sent to the collector in one request, at most.
 const MAX_BATCH: usize = 512;
-/// How long the exporter waits for more spans to fill a batch after the first one.
-const LINGER: Duration = Duration::from_millis(200);
+/// How long the exporter waits for more spans to fill a batch after the first one. Every batch
+/// costs an HTTP request besides its spans' conversion: with 200 ms, a slow broker (under
+/// callgrind) sent 104 batches per 1,000 sessions and spent 8,100 instructions per session in
+/// the export outside the conversion, against 2,900 with 25 batches (docs/BENCHMARKS.md,
+/// "Issue 14: tracing's cost, third pass"). A busy broker fills a batch (`MAX_BATCH`) sooner
+/// and sends it at once. OpenTelemetry's batch processor waits 5 s (`OTEL_BSP_SCHEDULE_DELAY`);
+/// a second keeps traces prompt.
+const LINGER: Duration = Duration::from_secs(1);
 /// How long a shutdown waits for the queue to be sent.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
 
-/// Whether spans are exported (a tracing layer was installed with an endpoint).
+/// Whether spans are exported (a tracer was installed with an endpoint).
 pub fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed)
 }
@@ -112,12 +119,20 @@ pub fn tracer(
         .with_resource(resource)
         .build();
     let tracer = provider.tracer("giroident-broker");
+    Ok(Some((tracer, OtelGuard { provider })))
+}
+
+/// Makes `tracer` (from [`tracer`]) the one every [`Span`] of the process is made with.
+/// Only the first call takes effect.
+pub fn activate(tracer: SdkTracer) {
+    if TRACER.set(tracer).is_err() {
+        return;
+    }
     for reason in ["queue_full", "export_failed"] {
         metrics::counter!(crate::telemetry::metrics::TRACE_SPANS_DROPPED, "reason" => reason)
             .increment(0);
     }
     ENABLED.store(true, Ordering::Relaxed);
-    Ok(Some((tracer, OtelGuard { provider })))
 }
 
 fn sampler(choice: TraceSampler) -> Sampler {
@@ -244,6 +259,10 @@ async fn drain<E: SpanExporter>(
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     loop {
+        // `recv_many` grows an empty vector by doubling, moving the spans each time.
+        if batch.capacity() == 0 {
+            batch.reserve_exact(MAX_BATCH);
+        }
         tokio::select! {
             received = spans.recv_many(&mut batch, MAX_BATCH) => {
                 if received == 0 {
@@ -286,71 +305,186 @@ async fn export<E: SpanExporter>(exporter: &E, batch: Vec<SpanData>, timeout: Du
     }
 }
 
+/// A span exported to OpenTelemetry, made with the SDK's tracer directly (not through a
+/// `tracing` layer), or nothing when export is off. It ends when dropped.
+///
+/// Through the `tracing` bridge, about a third of what tracing added per session was the
+/// bridge's own work: a registry entry, a `SpanBuilder` kept in the span's extensions, filters,
+/// and a clock read on every exit of an entered span (docs/BENCHMARKS.md, "Issue 14: tracing's
+/// cost, third pass"). A span here is made once with its attributes and is never entered: the
+/// spans made while a future runs find their parent in a task-local (see [`Span::scope`]).
+pub struct Span(Option<opentelemetry_sdk::trace::Span>);
+
+tokio::task_local! {
+    /// The span that spans made by this task are children of.
+    static PARENT: Context;
+}
+
+static TRACER: OnceLock<SdkTracer> = OnceLock::new();
+
+impl Span {
+    /// No span: what every constructor returns when export is off.
+    pub const fn none() -> Self {
+        Self(None)
+    }
+
+    /// A span `name` of `kind`, child of the current task's parent span (see
+    /// [`Span::scope`]), or the root of a new trace when there is none.
+    pub fn child(name: &'static str, kind: SpanKind, attributes: Vec<KeyValue>) -> Self {
+        if !enabled() {
+            return Self::none();
+        }
+        let builder = builder(name, kind, attributes);
+        let parent = PARENT.try_with(Context::clone).unwrap_or_default();
+        Self::start(|tracer| tracer.build_with_context(builder, &parent))
+    }
+
+    /// A span `name` that starts a trace of its own (background work).
+    pub fn root(name: &'static str, attributes: Vec<KeyValue>) -> Self {
+        if !enabled() {
+            return Self::none();
+        }
+        let builder = builder(name, SpanKind::Internal, attributes);
+        Self::start(|tracer| tracer.build_with_context(builder, &Context::new()))
+    }
+
+    fn start(build: impl FnOnce(&SdkTracer) -> opentelemetry_sdk::trace::Span) -> Self {
+        Self(TRACER.get().map(build))
+    }
+
+    /// Whether this is no span at all (export off).
+    pub fn is_none(&self) -> bool {
+        self.0.is_none()
+    }
+
+    /// Sets attribute `key` (an OpenTelemetry semantic convention or a `finapi.*` name).
+    pub fn set(&mut self, key: &'static str, value: impl Into<opentelemetry::Value>) {
+        if let Some(span) = &mut self.0 {
+            span.set_attribute(KeyValue::new(key, value));
+        }
+    }
+
+    /// Marks the span as failed with `error_type` (OpenTelemetry's `error.type`).
+    pub fn fail(&mut self, error_type: &'static str) {
+        if let Some(span) = &mut self.0 {
+            span.set_attribute(KeyValue::new("error.type", error_type));
+            span.set_status(Status::error(""));
+        }
+    }
+
+    /// The span's context: a parent for other spans, or what [`inject`] sends.
+    fn context(&self) -> Option<Context> {
+        let span = self.0.as_ref()?;
+        Some(Context::new().with_remote_span_context(span.span_context().clone()))
+    }
+
+    /// Runs `future` with this span as the parent of the spans it makes (its own task only:
+    /// a spawned task takes [`current_parent`] along).
+    pub fn scope<F: Future>(&self, future: F) -> impl Future<Output = F::Output> {
+        in_parent(self.context(), future)
+    }
+}
+
+fn builder(name: &'static str, kind: SpanKind, attributes: Vec<KeyValue>) -> SpanBuilder {
+    let mut builder = SpanBuilder::from_name(name).with_kind(kind);
+    if !attributes.is_empty() {
+        builder = builder.with_attributes(attributes);
+    }
+    builder
+}
+
+/// The parent span of the current task, for a task it spawns (see [`in_parent`]).
+pub fn current_parent() -> Option<Context> {
+    if !enabled() {
+        return None;
+    }
+    PARENT.try_with(Context::clone).ok()
+}
+
+/// Runs `future` with `parent` (from [`current_parent`]) as the parent of the spans it makes.
+pub async fn in_parent<F: Future>(parent: Option<Context>, future: F) -> F::Output {
+    match parent {
+        Some(parent) => PARENT.scope(parent, future).await,
+        None => future.await,
+    }
+}
+
 /// The span of one ledger operation `$op` (a string literal): `ledger.$op`, kind client, with
-/// `db.operation.name`. Made at the start of the operation and dropped at its end, it is never
-/// entered: an `#[instrument]`ed future would enter and leave it on each of the many polls of
-/// a database call (docs/BENCHMARKS.md, "Tracing (issue 14)"). The ledger opens no spans of its
-/// own, so nothing needs it as the current span.
+/// `db.operation.name`. Made at the start of the operation and dropped at its end.
 macro_rules! ledger_span {
     ($op:literal) => {
-        ::tracing::info_span!(
-            target: $crate::telemetry::otel::TARGET,
-            concat!("ledger.", $op),
-            otel.kind = "client",
-            db.operation.name = $op,
-        )
+        $crate::telemetry::otel::ledger_op_span(concat!("ledger.", $op), $op)
     };
 }
 pub(crate) use ledger_span;
 
-/// The server span of one request (OpenTelemetry's `request`, kind server), or a disabled
-/// span when nothing is exported. It carries only the HTTP attributes set by
-/// [`continue_trace`] and [`end_server_span`]; the request's log fields stay on the logging
-/// span that [`crate::api`]'s request middleware opens inside it.
-pub fn server_span() -> tracing::Span {
+/// See [`ledger_span!`].
+pub fn ledger_op_span(name: &'static str, op: &'static str) -> Span {
     if !enabled() {
-        return tracing::Span::none();
+        return Span::none();
     }
-    tracing::info_span!(target: TARGET, "request", otel.kind = "server")
+    Span::child(
+        name,
+        SpanKind::Client,
+        vec![KeyValue::new("db.operation.name", op)],
+    )
 }
 
-/// Makes `span` (the server span of [`server_span`]) a child of the caller's trace, when `headers` carry a valid
-/// `traceparent`. Returns the trace id and the span's id (lowercase hex), once export is on.
-/// `route` is the path template (an identity's path holds a raw client reference).
-pub fn continue_trace(
-    span: &tracing::Span,
+/// The server span of one request (`request`, kind server), or no span when nothing is
+/// exported, with the trace id and the span's id for the log lines and problem bodies (their
+/// `Display` is W3C's lowercase hex). It continues the caller's trace when `headers` carry a
+/// valid `traceparent` (W3C Trace Context). It carries only the HTTP attributes: `method`,
+/// `route` (the path template: an identity's path holds a raw client reference), and the
+/// status of [`end_server_span`].
+pub fn server_span(
     headers: &axum::http::HeaderMap,
     method: &'static str,
     route: &'static str,
-) -> Option<(String, String)> {
+) -> (Span, Option<(TraceId, SpanId)>) {
     if !enabled() {
-        return None;
+        return (Span::none(), None);
     }
     let parent = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
-    if parent.span().span_context().is_valid() {
-        let _ = span.set_parent(parent);
-    }
-    span.set_attribute("http.request.method", method);
-    span.set_attribute("http.route", route);
-    let cx = span.context();
-    let sc = cx.span().span_context().clone();
-    sc.is_valid()
-        .then(|| (sc.trace_id().to_string(), sc.span_id().to_string()))
+    let parent = if parent.span().span_context().is_valid() {
+        parent
+    } else {
+        Context::new()
+    };
+    let builder = builder(
+        "request",
+        SpanKind::Server,
+        vec![
+            KeyValue::new("http.request.method", method),
+            KeyValue::new("http.route", route),
+        ],
+    );
+    let span = Span::start(|tracer| tracer.build_with_context(builder, &parent));
+    let ids = span.0.as_ref().and_then(|span| {
+        let sc = span.span_context();
+        sc.is_valid().then(|| (sc.trace_id(), sc.span_id()))
+    });
+    (span, ids)
 }
 
 /// Records the answer's status on the server span (OpenTelemetry HTTP semantic conventions:
 /// a 5xx is an error of the server).
-pub fn end_server_span(span: &tracing::Span, status: u16) {
-    span.set_attribute("http.response.status_code", i64::from(status));
-    if status >= 500 {
-        span.set_status(opentelemetry::trace::Status::error(""));
+pub fn end_server_span(span: &mut Span, status: u16) {
+    if let Some(span) = &mut span.0 {
+        span.set_attribute(KeyValue::new(
+            "http.response.status_code",
+            i64::from(status),
+        ));
+        if status >= 500 {
+            span.set_status(Status::error(""));
+        }
     }
 }
 
 /// Adds `traceparent` (and `tracestate`) of `span` to an outgoing request's headers.
-pub fn inject(span: &tracing::Span, headers: &mut reqwest::header::HeaderMap) {
-    let cx = span.context();
-    TraceContextPropagator::new().inject_context(&cx, &mut HeaderInjector(headers));
+pub fn inject(span: &Span, headers: &mut reqwest::header::HeaderMap) {
+    if let Some(cx) = span.context() {
+        TraceContextPropagator::new().inject_context(&cx, &mut HeaderInjector(headers));
+    }
 }
 
 struct HeaderExtractor<'a>(&'a axum::http::HeaderMap);
