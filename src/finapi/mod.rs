@@ -553,7 +553,9 @@ const PROXY_VARIABLES: [&str; 6] = [
 ];
 
 /// Builds the one HTTP client the broker uses for finAPI: pooled keep-alive connections,
-/// timeouts, no redirects (a redirect must never carry credentials elsewhere).
+/// timeouts, no redirects (a redirect must never carry credentials elsewhere). Over HTTPS it
+/// offers HTTP/2 and HTTP/1.1 by ALPN (RFC 7301) and speaks what finAPI chooses: with HTTP/2 the
+/// calls in flight share one connection per host instead of one connection each.
 ///
 /// finAPI's certificate is verified against the system's roots (rustls-platform-verifier)
 /// plus `extra_roots` (`finapi.ca_file`, read by [`crate::tls::read_ca_file`]); there is no way
@@ -583,8 +585,8 @@ pub fn http_client(
         .timeout(request_timeout)
         .redirect(reqwest::redirect::Policy::none())
         // The flows decide what may be retried (`flows::retry`); reqwest's own retries are for
-        // HTTP/2 refusals, which this HTTP/1 client never sees. With none allowed it also skips
-        // copying every request in case of a retry.
+        // HTTP/2 refused streams, which the flows' retry rules cover too. With none allowed it
+        // also skips copying every request in case of a retry.
         .retry(reqwest::retry::never().max_retries_per_request(0))
         .pool_idle_timeout(Duration::from_secs(60))
         .tcp_nodelay(true)
