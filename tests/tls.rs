@@ -327,27 +327,41 @@ fn offered(ca: &TestCa, h2: bool) -> sim::SimTls {
     if h2 { tls } else { tls.http1_only() }
 }
 
-/// ALPN (RFC 7301): the broker offers `h2` and `http/1.1` and takes what finAPI chooses.
+/// ALPN (RFC 7301): with `finapi.http2` the broker offers `h2` and `http/1.1` and takes what
+/// finAPI chooses; by default it offers `http/1.1` alone.
 #[tokio::test]
-async fn both_flows_work_whether_finapi_offers_http2_or_only_http1() {
-    for h2 in [true, false] {
+async fn both_flows_work_with_http2_offered_or_not_on_either_side() {
+    // (finAPI offers h2, finapi.http2, HTTP/2 expected)
+    for (offers_h2, http2, expect_h2) in [
+        (true, true, true),
+        (false, true, false),
+        (true, false, false),
+    ] {
+        let case = format!("finAPI offers h2: {offers_h2}, finapi.http2: {http2}");
         let ca = TestCa::new();
-        let env = TestEnv::with_tls(SimConfig::default(), offered(&ca, h2), &ca, |_| {}).await;
+        let env = TestEnv::with_tls(SimConfig::default(), offered(&ca, offers_h2), &ca, |s| {
+            s.finapi.http2 = http2;
+        })
+        .await;
         let standalone = env.standalone_session("customer-alpn-1").await;
         assert!(
             standalone["accessToken"].is_string(),
-            "h2 {h2}: {standalone}"
+            "{case}: {standalone}"
         );
         let access = common::expect_created(
             env.start_session(json!({"flow": "access", "clientReference": "customer-alpn-2"}))
                 .await,
         )
         .await;
-        assert!(access["accessToken"].is_string(), "h2 {h2}: {access}");
+        assert!(access["accessToken"].is_string(), "{case}: {access}");
         let connections = env.sim.connection_stats().expect("served over HTTPS");
-        assert!(connections.tls_handshakes >= 1, "h2 {h2}: {connections:?}");
-        let expected_h2 = if h2 { connections.tls_handshakes } else { 0 };
-        assert_eq!(connections.h2, expected_h2, "h2 {h2}: {connections:?}");
+        assert!(connections.tls_handshakes >= 1, "{case}: {connections:?}");
+        let h2 = if expect_h2 {
+            connections.tls_handshakes
+        } else {
+            0
+        };
+        assert_eq!(connections.h2, h2, "{case}: {connections:?}");
         let stats: serde_json::Value = env
             .http
             .get(format!("{}/__sim/stats", env.sim.base_url()))
@@ -359,8 +373,8 @@ async fn both_flows_work_whether_finapi_offers_http2_or_only_http1() {
             .expect("stats JSON");
         // This call's own connection may be counted too: it happened after the snapshot.
         assert!(
-            stats["connections"]["h2"].as_u64() >= Some(expected_h2),
-            "h2 {h2}: {stats}"
+            stats["connections"]["h2"].as_u64() >= Some(h2),
+            "{case}: {stats}"
         );
         assert!(
             stats["connections"]["tlsHandshakes"].as_u64() >= Some(1),
@@ -376,9 +390,12 @@ async fn both_flows_work_whether_finapi_offers_http2_or_only_http1() {
 async fn http2_carries_concurrent_sessions_over_one_connection() {
     const SESSIONS: usize = 16;
     let mut new_connections = Vec::new();
-    for h2 in [true, false] {
+    for http2 in [true, false] {
         let ca = TestCa::new();
-        let env = TestEnv::with_tls(SimConfig::default(), offered(&ca, h2), &ca, |_| {}).await;
+        let env = TestEnv::with_tls(SimConfig::default(), offered(&ca, true), &ca, |s| {
+            s.finapi.http2 = http2;
+        })
+        .await;
         // The first session opens a connection and caches the client token.
         common::expect_created(env.start_session(json!({"flow": "access"})).await).await;
         env.sim.reset_stats();

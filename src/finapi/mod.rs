@@ -553,9 +553,10 @@ const PROXY_VARIABLES: [&str; 6] = [
 ];
 
 /// Builds the one HTTP client the broker uses for finAPI: pooled keep-alive connections,
-/// timeouts, no redirects (a redirect must never carry credentials elsewhere). Over HTTPS it
-/// offers HTTP/2 and HTTP/1.1 by ALPN (RFC 7301) and speaks what finAPI chooses: with HTTP/2 the
-/// calls in flight share one connection per host instead of one connection each.
+/// timeouts, no redirects (a redirect must never carry credentials elsewhere). With `http2`
+/// (`finapi.http2`) it offers HTTP/2 and HTTP/1.1 by ALPN (RFC 7301) and speaks what finAPI
+/// chooses: the calls in flight then share one connection per host instead of one each, and the
+/// server's stream limit bounds them. Without, it offers HTTP/1.1 only.
 ///
 /// finAPI's certificate is verified against the system's roots (rustls-platform-verifier)
 /// plus `extra_roots` (`finapi.ca_file`, read by [`crate::tls::read_ca_file`]); there is no way
@@ -563,6 +564,7 @@ const PROXY_VARIABLES: [&str; 6] = [
 pub fn http_client(
     connect_timeout: Duration,
     request_timeout: Duration,
+    http2: bool,
     extra_roots: &[rustls::pki_types::CertificateDer<'static>],
 ) -> Result<reqwest::Client, reqwest::Error> {
     // Several clients in one process (tests) race to install the provider; losing is fine.
@@ -579,6 +581,9 @@ pub fn http_client(
         .any(|name| std::env::var_os(name).is_some())
     {
         builder = builder.no_proxy();
+    }
+    if !http2 {
+        builder = builder.http1_only();
     }
     builder
         .connect_timeout(connect_timeout)
