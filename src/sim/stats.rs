@@ -67,7 +67,7 @@ impl Counters {
 pub struct ConnectionStats {
     /// TCP connections accepted, whether or not their handshake succeeded.
     pub accepted: u64,
-    /// TLS handshakes completed (each one full: the simulator keeps no session tickets).
+    /// TLS handshakes completed, full or resumed (rustls' default session cache).
     pub tls_handshakes: u64,
     /// Of those, the ones whose client chose HTTP/2 by ALPN (RFC 7301, RFC 9113 section 3.2).
     pub h2: u64,
