@@ -10,8 +10,11 @@
 //! Options (after `--`): `--quick`, `--seconds S` (per measured run), `--sessions N` (cap per
 //! run), `--rounds N` (direct/broker pairs per point; the median pair is shown),
 //! `--mem-sessions N` (sessions between the two memory readings), `--herd N`,
-//! `--only NAME` (a section: ready, sweep, ledger, tracing, herd, refresh, memory), `--flow
-//! access|standalone` and `--concurrency N` (sweep and ledger points). Environment:
+//! `--only NAME` (a section: ready, sweep, ledger, tracing, herd, refresh, memory, far), `--flow
+//! access|standalone` and `--concurrency N` (sweep, ledger and far points), `--far-seconds S`,
+//! `--latency MS` (50 or 200: one far latency) and `--alpn h2|http1` (one far ALPN offer).
+//! The far and memory sections start the broker at its defaults but for the caller's rate
+//! limit (a per-caller policy); the others raise its limits above the load. Environment:
 //! `BENCH_BROKER_WORKER_THREADS` (the broker's `server.worker_threads`), `BENCH_BROKER_PRELOAD`
 //! (an `LD_PRELOAD` for the broker), `BENCH_LEDGER` (`sqlite`, the default: a fresh file per
 //! broker, removed after; `postgres`: a throwaway PostgreSQL server started by the bench, a
@@ -21,8 +24,8 @@
 //! the broker the other sections measure instead of this build, and the ledger section's
 //! baseline). Whether a build knows the ledger is asked of the build itself (`check-config`
 //! with and without the `identities.*` variables), so an older build gets none of them.
-//! The broker is configured with one caller whose API key
-//! the load generator sends as `X-Api-Key`, with rate and in-flight limits above the load.
+//! The broker is configured with one caller whose API key the load generator sends as
+//! `X-Api-Key`.
 
 use std::cell::OnceCell;
 use std::fmt::Write as _;
@@ -54,6 +57,9 @@ struct Opts {
     only: Option<String>,
     flow: Option<String>,
     concurrency: Option<usize>,
+    far_seconds: f64,
+    latency: Option<u64>,
+    alpn: Option<String>,
     api_key: String,
     out: Option<String>,
 }
@@ -72,6 +78,9 @@ impl Opts {
             only: None,
             flow: None,
             concurrency: None,
+            far_seconds: 5.0,
+            latency: None,
+            alpn: None,
             api_key: BENCH_API_KEY.to_owned(),
             out: None,
         };
@@ -91,6 +100,9 @@ impl Opts {
                 "--concurrency" => {
                     opts.concurrency = Some(value().parse().expect("--concurrency N"))
                 }
+                "--far-seconds" => opts.far_seconds = value().parse().expect("--far-seconds S"),
+                "--latency" => opts.latency = Some(value().parse().expect("--latency MS")),
+                "--alpn" => opts.alpn = Some(value()),
                 "--api-key" => opts.api_key = value(),
                 "--out" => opts.out = Some(value()),
                 other => panic!("unknown argument {other}"),
@@ -109,6 +121,9 @@ impl Opts {
                 opts.mem_sessions = 10_000;
             }
             opts.refresh_seconds = 6.0;
+            if !given("--far-seconds") {
+                opts.far_seconds = 3.0;
+            }
         }
         opts
     }
@@ -265,10 +280,19 @@ fn free_addr() -> SocketAddr {
 
 /// Starts a process and waits (polling every 200 µs) until `path` answers 200.
 fn spawn_ready(command: &mut Command, addr: SocketAddr, path: &str) -> Proc {
-    command
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
+    command.stderr(Stdio::inherit());
+    spawn_until(command, addr, path, || answers_200(addr, path))
+}
+
+/// Starts a process and waits (polling every 200 µs) until `ready` holds; `what` names the
+/// wait in a panic.
+fn spawn_until(
+    command: &mut Command,
+    addr: SocketAddr,
+    what: &str,
+    ready: impl Fn() -> bool,
+) -> Proc {
+    command.stdin(Stdio::null()).stdout(Stdio::null());
     let started = Instant::now();
     let child = command.spawn().expect("start giroident-broker");
     let mut proc = Proc {
@@ -278,7 +302,7 @@ fn spawn_ready(command: &mut Command, addr: SocketAddr, path: &str) -> Proc {
         _ledger_files: None,
     };
     while started.elapsed() < Duration::from_secs(10) {
-        if answers_200(addr, path) {
+        if ready() {
             proc.ready_after = started.elapsed();
             return proc;
         }
@@ -287,7 +311,7 @@ fn spawn_ready(command: &mut Command, addr: SocketAddr, path: &str) -> Proc {
         }
         std::thread::sleep(Duration::from_micros(200));
     }
-    panic!("{path} on {addr} did not answer 200 within 10 s");
+    panic!("{what} on {addr} was not ready within 10 s");
 }
 
 fn answers_200(addr: SocketAddr, path: &str) -> bool {
@@ -1798,7 +1822,8 @@ async fn memory_section(
     report: &mut String,
 ) -> (u64, u64, u64) {
     let sim = spawn_sim(3600);
-    let broker = spawn_broker(&sim, &setup.tested, setup);
+    // The defaults, as shipped (issue 15: "at default settings").
+    let (broker, _) = spawn_default_broker(&sim.url(), None, false, setup);
     let target = Arc::new(Target {
         http: http_client(),
         broker: broker.url(),
@@ -1818,8 +1843,10 @@ async fn memory_section(
     let mib = |kib: u64| kib as f64 / 1024.0;
     let _ = writeln!(
         report,
-        "\n### Resident memory of the broker\n\nAccess and standalone sessions in turn at \
-         concurrency 64 ({} + {} ok, {} errors); `VmRSS` from `/proc/PID/status`.\n\n\
+        "\n### Resident memory of the broker\n\nA broker at its defaults (but the caller's \
+         rate limit; log level `info`, SQLite ledger per `BENCH_LEDGER`); access and standalone \
+         sessions in turn at concurrency 64 ({} + {} ok, {} errors); `VmRSS` from \
+         `/proc/PID/status`.\n\n\
          | after | RSS MiB |\n|---|---:|\n| start (idle) | {:.1} |\n| {n} sessions | **{:.1}** |\n\
          | {} sessions | **{:.1}** |\n| peak (`VmHWM`) | {:.1} |",
         first.samples.len(),
@@ -1832,6 +1859,340 @@ async fn memory_section(
         mib(hwm)
     );
     (idle, after_1, after_2)
+}
+
+// ---------------------------------------------------------------------------------------------
+// finAPI far away, and memory at the defaults
+
+/// [`broker_env`] without the settings the benchmark raises or quiets for the other sections:
+/// the broker at its defaults (`limits.max_in_flight`, log level, ledger pool, drain), except
+/// the caller's rate limit, a per-caller policy that one bench caller would hit at once.
+/// `ca_file`: finAPI over HTTPS trusting it, instead of plain HTTP.
+fn default_broker_env(
+    listen: SocketAddr,
+    sim_url: &str,
+    ca_file: Option<&Path>,
+    ledger_url: Option<&str>,
+) -> Vec<(&'static str, String)> {
+    const NOT_DEFAULT: [&str; 6] = [
+        "GIROIDENT_BROKER_LIMITS__MAX_IN_FLIGHT",
+        "GIROIDENT_BROKER_SERVER__DRAIN_SECS",
+        "GIROIDENT_BROKER_LOG__FILTER",
+        "RUST_LOG",
+        "GIROIDENT_BROKER_IDENTITIES__DATABASE_MAX_CONNECTIONS",
+        "GIROIDENT_BROKER_FINAPI__ALLOW_INSECURE_HTTP",
+    ];
+    let mut env: Vec<_> = broker_env(listen, sim_url, ledger_url)
+        .into_iter()
+        .filter(|(key, _)| !NOT_DEFAULT.contains(key))
+        .collect();
+    match ca_file {
+        Some(file) => env.push((
+            "GIROIDENT_BROKER_FINAPI__CA_FILE",
+            file.display().to_string(),
+        )),
+        None => env.push((
+            "GIROIDENT_BROKER_FINAPI__ALLOW_INSECURE_HTTP",
+            "true".into(),
+        )),
+    }
+    env
+}
+
+/// A broker at its defaults ([`default_broker_env`]) in front of `sim_url`.
+/// `http2`: `finapi.http2 = true` (off by default).
+fn spawn_default_broker(
+    sim_url: &str,
+    ca_file: Option<&Path>,
+    http2: bool,
+    setup: &Setup,
+) -> (Proc, SocketAddr) {
+    let addr = free_addr();
+    let admin = free_addr();
+    let (url, files) = setup.ledger_db(setup.tested.ledger);
+    let mut command = Command::new(&setup.tested.bin);
+    command
+        .env_clear()
+        .envs(default_broker_env(addr, sim_url, ca_file, url.as_deref()))
+        .env("GIROIDENT_BROKER_ADMIN__LISTEN", admin.to_string())
+        .env("GIROIDENT_BROKER_FINAPI__HTTP2", http2.to_string())
+        .arg("serve")
+        // The default `info` lines, written as they would be, read by nobody.
+        .stderr(Stdio::null());
+    let mut proc = spawn_until(&mut command, addr, "/readyz", || {
+        answers_200(addr, "/readyz")
+    });
+    proc._ledger_files = files;
+    (proc, admin)
+}
+
+/// The broker's finAPI call outcomes and retries from its `/metrics`, for the log.
+async fn finapi_outcomes(admin: SocketAddr) -> String {
+    let text = match reqwest::get(format!("http://{admin}/metrics")).await {
+        Ok(response) => response.text().await.unwrap_or_default(),
+        Err(e) => return e.to_string(),
+    };
+    text.lines()
+        .filter(|l| {
+            !l.starts_with('#')
+                && (l.starts_with("broker_finapi_calls_total") || l.contains("retr"))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A simulator serving HTTPS from its own authority (`sim --tls-self-signed-ca`), offering
+/// `alpn` (`h2` or `http1`), with `latency_ms` added to every finAPI call.
+struct FarSim {
+    proc: Proc,
+    url: String,
+    ca_file: PathBuf,
+    /// Trusts the simulator's authority, for `/__sim/stats`.
+    admin: reqwest::Client,
+    _dir: TempDir,
+}
+
+impl FarSim {
+    fn start(latency_ms: u64, alpn: &str) -> Self {
+        let dir = TempDir::new("far-sim");
+        let ca_file = dir.path().join("ca.pem");
+        let addr = free_addr();
+        let fault = format!(r#"{{"endpoint":"*","latencyMs":{latency_ms}}}"#);
+        let mut command = Command::new(BIN);
+        command
+            .env_clear()
+            .env("RUST_LOG", "warn")
+            .env("GIROIDENT_SIM_CLIENT_SECRET", CLIENT_SECRET)
+            .args([
+                "sim",
+                "--listen",
+                &addr.to_string(),
+                "--client-id",
+                CLIENT_ID,
+            ])
+            .args(["--fault", &fault, "--tls-alpn", alpn])
+            .arg("--tls-self-signed-ca")
+            .arg(&ca_file);
+        command.stderr(Stdio::inherit());
+        // It writes the authority's certificate before it binds: a connection means ready.
+        let proc = spawn_until(&mut command, addr, "the HTTPS simulator", || {
+            TcpStream::connect(addr).is_ok()
+        });
+        let pem = std::fs::read(&ca_file).expect("the simulator's CA file");
+        let admin = reqwest::Client::builder()
+            .tls_certs_merge([reqwest::Certificate::from_pem(&pem).expect("CA PEM")])
+            .build()
+            .expect("reqwest client");
+        Self {
+            url: format!("https://{addr}"),
+            proc,
+            ca_file,
+            admin,
+            _dir: dir,
+        }
+    }
+
+    /// `connections` of `GET /__sim/stats`: accepted, TLS handshakes, of them HTTP/2. The
+    /// call's own connection is among them.
+    async fn connections(&self) -> [u64; 3] {
+        let stats: serde_json::Value = self
+            .admin
+            .get(format!("{}/__sim/stats", self.url))
+            .send()
+            .await
+            .expect("sim stats")
+            .json()
+            .await
+            .expect("sim stats body");
+        let c = &stats["connections"];
+        ["accepted", "tlsHandshakes", "h2"].map(|key| c[key].as_u64().unwrap_or(0))
+    }
+
+    async fn reset(&self) {
+        self.admin
+            .delete(format!("{}/__sim/stats", self.url))
+            .send()
+            .await
+            .expect("reset sim stats");
+    }
+}
+
+fn rss_kib_of(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The soft limit on open files of this process (the load generator holds one socket per
+/// session in flight).
+fn open_files_limit() -> String {
+    std::fs::read_to_string("/proc/self/limits")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Max open files"))
+        .and_then(|rest| rest.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+struct FarRow {
+    latency_ms: u64,
+    alpn: &'static str,
+    concurrency: usize,
+    run: RunResult,
+    /// Connections and handshakes the warm-up opened (from cold), then per 1,000 measured
+    /// sessions: accepted, TLS handshakes, HTTP/2 handshakes.
+    warm_connections: [u64; 3],
+    measured_connections: [u64; 3],
+    idle_rss_kib: u64,
+    /// Highest broker RSS sampled (every 50 ms) during the measured run.
+    loaded_rss_kib: u64,
+}
+
+async fn far_section(
+    opts: &Opts,
+    headers: &HeaderMap,
+    setup: &Setup,
+    report: &mut String,
+) -> Vec<FarRow> {
+    let mut rows = Vec::new();
+    let run_time = Duration::from_secs_f64(opts.far_seconds);
+    let warm_time = Duration::from_secs(30);
+    for latency_ms in [50u64, 200] {
+        if opts.latency.is_some_and(|only| only != latency_ms) {
+            continue;
+        }
+        // Two calls per access session: in flight = rate × 2 × latency, plus the broker's
+        // own time. Enough for a few thousand sessions per second, what two cores allow, and
+        // within the default `limits.max_in_flight` (2048).
+        let concurrency = opts
+            .concurrency
+            .unwrap_or(if latency_ms == 50 { 1000 } else { 2000 });
+        for alpn in ["h2", "http1"] {
+            if opts.alpn.as_deref().is_some_and(|only| only != alpn) {
+                continue;
+            }
+            eprintln!("  far: {latency_ms} ms, ALPN {alpn}, c={concurrency}");
+            let sim = FarSim::start(latency_ms, alpn);
+            // The h2 rows turn on `finapi.http2`; the simulator offers HTTP/2 only to them.
+            let (broker, admin) =
+                spawn_default_broker(&sim.url, Some(&sim.ca_file), alpn == "h2", setup);
+            let idle_rss_kib = broker.rss_kib();
+            let target = Arc::new(Target {
+                http: http_client(),
+                broker: broker.url(),
+                sim: sim.url.clone(),
+                headers: headers.clone(),
+                client_token: None,
+            });
+            let procs = (&broker, &sim.proc);
+            // From cold until each worker has had three sessions (or the time is up): the
+            // connection pools have grown to the load by then.
+            let warm = run_load(
+                &target,
+                procs,
+                Flow::Access,
+                Via::Broker,
+                concurrency,
+                3 * concurrency,
+                warm_time,
+            )
+            .await;
+            let warm_connections = sim.connections().await;
+            eprintln!("    warm-up: {:.0}/s, {} errors", warm.rate(), warm.errors);
+            sim.reset().await;
+            let pid = broker.child.id();
+            let peak = Arc::new(AtomicU64::new(0));
+            let sampler = {
+                let peak = peak.clone();
+                tokio::spawn(async move {
+                    loop {
+                        peak.fetch_max(rss_kib_of(pid), Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                })
+            };
+            let run = run_load(
+                &target,
+                procs,
+                Flow::Access,
+                Via::Broker,
+                concurrency,
+                usize::MAX,
+                run_time,
+            )
+            .await;
+            sampler.abort();
+            let measured_connections = sim.connections().await;
+            eprintln!(
+                "    {}",
+                finapi_outcomes(admin).await.replace('\n', "\n    ")
+            );
+            rows.push(FarRow {
+                latency_ms,
+                alpn,
+                concurrency,
+                run,
+                warm_connections,
+                measured_connections,
+                idle_rss_kib,
+                loaded_rss_kib: peak.load(Ordering::Relaxed),
+            });
+        }
+    }
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let _ = writeln!(
+        report,
+        "\n### finAPI far away (HTTPS, latency fault on every finAPI call)\n\n\
+         Access sessions through a broker at its defaults (but the caller's rate limit) in \
+         front of `sim --tls-self-signed-ca` with `--fault '{{\"endpoint\":\"*\",\"latencyMs\":\
+         MS}}'` and `--tls-alpn h2|http1` (the h2 rows with `finapi.http2 = true`, the http1 rows at the \
+         default); a warm-up from cold of three sessions per worker (at most {:.0} s), then \
+         {:.1} s measured. \
+         CPU from `/proc/PID/stat` (utime+stime); connections and TLS handshakes from the \
+         simulator's `GET /__sim/stats` (\"warm-up\": opened from cold; \"/1k\": per 1,000 \
+         measured sessions); RSS sampled every 50 ms, \"per 1k in flight\" = (peak − idle) / \
+         concurrency × 1,000. Load generator's open-files limit: {}.\n\n\
+         | latency | ALPN offered | c | sessions/s | errors | p50 ms | p99 ms | broker CPU µs/session | broker cores busy | generator + sim CPU µs/session | conns warm-up (h2) | conns /1k | handshakes /1k | RSS idle MiB | RSS peak MiB | MiB per 1k in flight |\n\
+         |---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        warm_time.as_secs_f64(),
+        run_time.as_secs_f64(),
+        open_files_limit()
+    );
+    for row in &rows {
+        let r = &row.run;
+        let l = r.latencies();
+        let cpu = r.cpu_per_session();
+        let per_1k = |n: u64| n as f64 * 1000.0 / r.samples.len().max(1) as f64;
+        let in_flight_k = row.concurrency as f64 / 1000.0;
+        let _ = writeln!(
+            report,
+            "| {} ms | {} | {} | **{:.0}** | {} | {:.1} | {:.1} | **{:.0}** | {:.2} | {:.0} | {} ({}) | {:.2} | {:.2} | {:.1} | {:.1} | {:.1} |",
+            row.latency_ms,
+            row.alpn,
+            row.concurrency,
+            r.rate(),
+            r.errors,
+            l.p50,
+            l.p99,
+            cpu[1],
+            r.cpu[1] / r.elapsed.as_secs_f64(),
+            cpu[0] + cpu[2],
+            row.warm_connections[0],
+            row.warm_connections[2],
+            per_1k(row.measured_connections[0]),
+            per_1k(row.measured_connections[1]),
+            mib(row.idle_rss_kib),
+            mib(row.loaded_rss_kib),
+            (mib(row.loaded_rss_kib) - mib(row.idle_rss_kib)) / in_flight_k,
+        );
+        if let Some(e) = &r.first_error {
+            let _ = writeln!(report, "|  | first error: {e} |||||||||||||||");
+        }
+    }
+    rows
 }
 
 fn verdict(met: bool) -> &'static str {
@@ -1931,6 +2292,21 @@ fn main() {
                 steady.p99,
                 verdict(ratio <= 1.2)
             ));
+        }
+        if opts.runs("far") {
+            eprintln!("finAPI far away…");
+            for row in far_section(&opts, &headers, &setup, &mut report).await {
+                let busy = row.run.cpu[1] / row.run.elapsed.as_secs_f64();
+                verdicts.push(format!(
+                    "far {} ms ALPN {} c={}: {:.0} sessions/s, broker {busy:.2} cores busy, {} errors (nothing but CPU may limit: no shed requests): {}",
+                    row.latency_ms,
+                    row.alpn,
+                    row.concurrency,
+                    row.run.rate(),
+                    row.run.errors,
+                    verdict(row.run.errors == 0)
+                ));
+            }
         }
         if opts.runs("memory") {
             eprintln!("memory…");

@@ -486,6 +486,12 @@ pub struct FinapiSettings {
     /// Allow `http://` upstream URLs. Only for tests against the plain-HTTP simulator; no
     /// shipped configuration sets it.
     pub allow_insecure_http: bool,
+    /// Offer HTTP/2 to finAPI by ALPN (RFC 7301; HTTP/1.1 when finAPI does not take it). Off
+    /// by default: all calls to a host then share one connection, and the server's limit on
+    /// concurrent streams (RFC 9113 section 5.1.2; 128 at common load balancers) caps the calls
+    /// in flight, hence sessions per second at `limit / latency`, below what the CPU allows
+    /// once finAPI is far away (see the README, "finAPI far away").
+    pub http2: bool,
     /// Milliseconds to wait for a TCP (and TLS) connection to finAPI.
     pub connect_timeout_ms: u64,
     /// Milliseconds to wait for one finAPI call to answer completely.

@@ -124,14 +124,20 @@ struct SimTlsArgs {
         requires = "tls_self_signed_ca"
     )]
     tls_names: Vec<String>,
+    /// The protocols offered by ALPN: `h2` offers HTTP/2 and HTTP/1.1, `http1` only HTTP/1.1
+    /// (a finAPI front without HTTP/2).
+    #[arg(long, value_name = "PROTOCOLS", default_value = "h2", value_parser = ["h2", "http1"])]
+    tls_alpn: String,
 }
 
 impl SimTlsArgs {
     /// The simulator's TLS, if asked for; writes the generated authority's certificate.
     fn load(self) -> Result<Option<sim::SimTls>, String> {
+        let http1_only = self.tls_alpn == "http1";
+        let alpn = |tls: sim::SimTls| if http1_only { tls.http1_only() } else { tls };
         if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
             return sim::SimTls::from_pem_files(cert, key)
-                .map(Some)
+                .map(|tls| Some(alpn(tls)))
                 .map_err(|e| format!("--tls-cert/--tls-key: {}", cause_chain(&e)));
         }
         let Some(ca_file) = self.tls_self_signed_ca else {
@@ -152,7 +158,7 @@ impl SimTlsArgs {
                 e.kind()
             )
         })?;
-        Ok(Some(tls))
+        Ok(Some(alpn(tls)))
     }
 }
 

@@ -292,7 +292,7 @@ pub fn restart_needed(running: &Settings, loaded: &Settings) -> Vec<String> {
     compare!(auth: disabled);
     compare!(limits: max_body_bytes, read_timeout_secs, max_in_flight);
     compare!(finapi: access_url, process_controller_url, client_id, ca_file, allow_insecure_http,
-        connect_timeout_ms, request_timeout_ms);
+        http2, connect_timeout_ms, request_timeout_ms);
     // A named client's hosts, id, processId and authority are built into its upstream at start.
     let (old_clients, new_clients) = (running.finapi_clients(), loaded.finapi_clients());
     // The client `default` of the single-client keys is compared key by key above; a

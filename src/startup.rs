@@ -81,6 +81,7 @@ fn finapi_http_clients(
         finapi::http_client(
             Duration::from_millis(settings.finapi.connect_timeout_ms),
             Duration::from_millis(settings.finapi.request_timeout_ms),
+            settings.finapi.http2,
             extra_roots,
         )
         .map_err(StartupError::HttpClient)

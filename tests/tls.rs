@@ -320,3 +320,108 @@ async fn each_finapi_client_trusts_its_own_ca_file() {
     .await;
     env.stop().await;
 }
+
+/// A simulator at HTTPS offering `h2` and `http/1.1`, or `http/1.1` alone.
+fn offered(ca: &TestCa, h2: bool) -> sim::SimTls {
+    let tls = ca.local_tls();
+    if h2 { tls } else { tls.http1_only() }
+}
+
+/// ALPN (RFC 7301): with `finapi.http2` the broker offers `h2` and `http/1.1` and takes what
+/// finAPI chooses; by default it offers `http/1.1` alone.
+#[tokio::test]
+async fn both_flows_work_with_http2_offered_or_not_on_either_side() {
+    // (finAPI offers h2, finapi.http2, HTTP/2 expected)
+    for (offers_h2, http2, expect_h2) in [
+        (true, true, true),
+        (false, true, false),
+        (true, false, false),
+    ] {
+        let case = format!("finAPI offers h2: {offers_h2}, finapi.http2: {http2}");
+        let ca = TestCa::new();
+        let env = TestEnv::with_tls(SimConfig::default(), offered(&ca, offers_h2), &ca, |s| {
+            s.finapi.http2 = http2;
+        })
+        .await;
+        let standalone = env.standalone_session("customer-alpn-1").await;
+        assert!(
+            standalone["accessToken"].is_string(),
+            "{case}: {standalone}"
+        );
+        let access = common::expect_created(
+            env.start_session(json!({"flow": "access", "clientReference": "customer-alpn-2"}))
+                .await,
+        )
+        .await;
+        assert!(access["accessToken"].is_string(), "{case}: {access}");
+        let connections = env.sim.connection_stats().expect("served over HTTPS");
+        assert!(connections.tls_handshakes >= 1, "{case}: {connections:?}");
+        let h2 = if expect_h2 {
+            connections.tls_handshakes
+        } else {
+            0
+        };
+        assert_eq!(connections.h2, h2, "{case}: {connections:?}");
+        let stats: serde_json::Value = env
+            .http
+            .get(format!("{}/__sim/stats", env.sim.base_url()))
+            .send()
+            .await
+            .expect("the simulator answers")
+            .json()
+            .await
+            .expect("stats JSON");
+        // This call's own connection may be counted too: it happened after the snapshot.
+        assert!(
+            stats["connections"]["h2"].as_u64() >= Some(h2),
+            "{case}: {stats}"
+        );
+        assert!(
+            stats["connections"]["tlsHandshakes"].as_u64() >= Some(1),
+            "{stats}"
+        );
+        env.stop().await;
+    }
+}
+
+/// With HTTP/2 the sessions in flight share the connection the first one opened; with
+/// HTTP/1.1 each call in flight needs a connection of its own.
+#[tokio::test]
+async fn http2_carries_concurrent_sessions_over_one_connection() {
+    const SESSIONS: usize = 16;
+    let mut new_connections = Vec::new();
+    for http2 in [true, false] {
+        let ca = TestCa::new();
+        let env = TestEnv::with_tls(SimConfig::default(), offered(&ca, true), &ca, |s| {
+            s.finapi.http2 = http2;
+        })
+        .await;
+        // The first session opens a connection and caches the client token.
+        common::expect_created(env.start_session(json!({"flow": "access"})).await).await;
+        env.sim.reset_stats();
+        // Long enough that all sessions' calls overlap.
+        env.sim.add_fault(sim::FaultRule {
+            endpoint: sim::ANY_ENDPOINT.into(),
+            latency_ms: Some(200),
+            ..sim::FaultRule::default()
+        });
+        let sessions = (0..SESSIONS).map(|_| env.start_session(json!({"flow": "access"})));
+        for response in futures_util::future::join_all(sessions).await {
+            common::expect_created(response).await;
+        }
+        assert_eq!(env.calls("POST /api/v2/users", "201"), SESSIONS as u64);
+        new_connections.push(env.sim.connection_stats().expect("HTTPS").accepted);
+        env.stop().await;
+    }
+    let [h2, http1] = new_connections[..] else {
+        unreachable!()
+    };
+    assert!(
+        h2 <= 1,
+        "HTTP/2 opened {h2} connections for {SESSIONS} sessions"
+    );
+    assert!(
+        http1 >= (SESSIONS / 2) as u64,
+        "HTTP/1.1 opened only {http1} connections for {SESSIONS} concurrent sessions"
+    );
+}

@@ -550,7 +550,10 @@ const PROXY_VARIABLES: [&str; 6] = [
 ];
 
 /// Builds the one HTTP client the broker uses for finAPI: pooled keep-alive connections,
-/// timeouts, no redirects (a redirect must never carry credentials elsewhere).
+/// timeouts, no redirects (a redirect must never carry credentials elsewhere). With `http2`
+/// (`finapi.http2`) it offers HTTP/2 and HTTP/1.1 by ALPN (RFC 7301) and speaks what finAPI
+/// chooses: the calls in flight then share one connection per host instead of one each, and the
+/// server's stream limit bounds them. Without, it offers HTTP/1.1 only.
 ///
 /// finAPI's certificate is verified against the system's roots (rustls-platform-verifier)
 /// plus `extra_roots` (`finapi.ca_file`, read by [`crate::tls::read_ca_file`]); there is no way
@@ -558,6 +561,7 @@ const PROXY_VARIABLES: [&str; 6] = [
 pub fn http_client(
     connect_timeout: Duration,
     request_timeout: Duration,
+    http2: bool,
     extra_roots: &[rustls::pki_types::CertificateDer<'static>],
 ) -> Result<reqwest::Client, reqwest::Error> {
     // Several clients in one process (tests) race to install the provider; losing is fine.
@@ -575,13 +579,16 @@ pub fn http_client(
     {
         builder = builder.no_proxy();
     }
+    if !http2 {
+        builder = builder.http1_only();
+    }
     builder
         .connect_timeout(connect_timeout)
         .timeout(request_timeout)
         .redirect(reqwest::redirect::Policy::none())
         // The flows decide what may be retried (`flows::retry`); reqwest's own retries are for
-        // HTTP/2 refusals, which this HTTP/1 client never sees. With none allowed it also skips
-        // copying every request in case of a retry.
+        // HTTP/2 refused streams, which the flows' retry rules cover too. With none allowed it
+        // also skips copying every request in case of a retry.
         .retry(reqwest::retry::never().max_retries_per_request(0))
         .pool_idle_timeout(Duration::from_secs(60))
         .tcp_nodelay(true)

@@ -77,12 +77,20 @@ async fn change_client_secret(
     }
 }
 
+/// The call counters, and over HTTPS the `connections` entry ([`ConnectionStats`]); no
+/// endpoint key can clash with it, as they all start with a method.
+///
+/// [`ConnectionStats`]: super::stats::ConnectionStats
 async fn stats(State(state): State<SimState>) -> Json<Stats> {
-    Json(state.counters().snapshot())
+    let mut stats = state.counters().snapshot();
+    if let Some(connections) = state.connection_stats() {
+        stats.insert("connections".to_owned(), connections.as_counts());
+    }
+    Json(stats)
 }
 
 async fn reset_stats(State(state): State<SimState>) -> StatusCode {
-    state.counters().reset();
+    state.reset_stats();
     StatusCode::NO_CONTENT
 }
 

@@ -13,8 +13,8 @@
 //! | `DELETE /__sim/faults` | removes all rules, `204` |
 //! | `POST /__sim/revoke-tokens` | invalidates every access and refresh token, `204` |
 //! | `POST /__sim/clients/{clientId}/secret` | body `{"clientSecret":"…"}`: changes the client's secret and revokes its client tokens, as finAPI's `changeClientCredentials` does (user tokens stay valid), `204`; `404` for an unknown client, `400` for an empty secret |
-//! | `GET /__sim/stats` | [`Stats`] as JSON |
-//! | `DELETE /__sim/stats` | resets the stats, `204` |
+//! | `GET /__sim/stats` | [`Stats`] as JSON; over HTTPS also `"connections": {"accepted":N,"tlsHandshakes":N,"h2":N}` ([`ConnectionStats`]) |
+//! | `DELETE /__sim/stats` | resets the stats and the connection counters, `204` |
 //! | `GET /__sim/psu` | [`PsuHeaders`]: the `PSU-*` headers (and `traceparent`) of the last 64 calls per endpoint |
 //! | `DELETE /__sim/psu` | forgets them, `204` |
 //!
@@ -25,6 +25,9 @@
 //!   (exchanges included), and one refresh token per client+user that lives as long as the user;
 //!   the `refresh_token` grant answers without a new refresh token;
 //! - checks client credentials before the grant, and bearer tokens before the body;
+//! - over HTTPS offers HTTP/2 by ALPN besides HTTP/1.1 (unless [`SimTls::http1_only`]), with at
+//!   most [`H2_MAX_CONCURRENT_STREAMS`] streams per connection (assumed: the reference says nothing
+//!   of HTTP/2; 128 is what common load balancers allow);
 //! - answers an invalid `X-Request-Id` (over 255 characters or not visible ASCII) with `400`
 //!   under a fresh `selfgen-` id, and unknown paths with `404 UNKNOWN_ENTITY`, not counted.
 
@@ -41,12 +44,11 @@ use std::future::Future;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::Router;
 use axum::routing::{get, post};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::sync::oneshot;
@@ -57,7 +59,7 @@ pub(crate) use layer::Endpoint;
 #[cfg(test)]
 pub(crate) use layer::Grant;
 pub use state::SimState;
-pub use stats::{PSU_LOG_PER_ENDPOINT, PsuHeaders, PsuRecord, Stats};
+pub use stats::{ConnectionStats, PSU_LOG_PER_ENDPOINT, PsuHeaders, PsuRecord, Stats};
 pub use tls::{LOCAL_NAMES, SimCa, SimTls, SimTlsError};
 
 /// Id of the client a default [`SimConfig`] knows.
@@ -67,6 +69,11 @@ pub const DEMO_CLIENT_SECRET: &str = "demo-client-secret";
 
 /// Longest a client may take for its TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Streams one HTTP/2 connection may carry at once (SETTINGS_MAX_CONCURRENT_STREAMS, RFC 9113
+/// section 6.5.2); nginx and AWS load balancers default to 128. A client that needs more must
+/// queue or open another connection.
+pub const H2_MAX_CONCURRENT_STREAMS: u32 = 128;
 
 /// How often expired tokens, users and processes are dropped.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
@@ -172,14 +179,13 @@ pub async fn start(config: SimConfig) -> io::Result<SimHandle> {
     let app = router(state.clone());
     let (stop, stopped) = oneshot::channel::<()>();
     let sweeper_state = state.clone();
-    let connections = Arc::new(AtomicU64::new(0));
     let scheme = if config.tls.is_some() {
         "https"
     } else {
         "http"
     };
     let tls = config.tls;
-    let counter = connections.clone();
+    let counted = state.clone();
     let server = tokio::spawn(async move {
         // A dropped handle stops the simulator too.
         let stopped = async {
@@ -188,7 +194,7 @@ pub async fn start(config: SimConfig) -> io::Result<SimHandle> {
         let serve = async move {
             match tls {
                 Some(tls) => {
-                    serve_tls(listener, app, tls.acceptor(), counter, stopped).await;
+                    serve_tls(listener, app, tls.acceptor(), counted, stopped).await;
                     Ok(())
                 }
                 None => {
@@ -208,23 +214,26 @@ pub async fn start(config: SimConfig) -> io::Result<SimHandle> {
         addr,
         scheme,
         state,
-        connections,
         stop,
         server,
     })
 }
 
 /// Serves HTTPS: each accepted connection is counted, then gets its TLS handshake (at most
-/// [`TLS_HANDSHAKE_TIMEOUT`]) and HTTP/1.1. Stops accepting when `stopped` completes and waits
+/// [`TLS_HANDSHAKE_TIMEOUT`]), counted with its ALPN choice, and HTTP/2 or HTTP/1.1 (hyper-util
+/// tells them apart by the HTTP/2 preface). Stops accepting when `stopped` completes and waits
 /// for the open connections' requests.
 async fn serve_tls(
     listener: tokio::net::TcpListener,
     app: Router,
     acceptor: tokio_rustls::TlsAcceptor,
-    connections: Arc<AtomicU64>,
+    state: SimState,
     stopped: impl Future<Output = ()>,
 ) {
-    let http = hyper::server::conn::http1::Builder::new();
+    let mut http = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    http.http2()
+        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS);
+    let http = Arc::new(http);
     let graceful = GracefulShutdown::new();
     tokio::pin!(stopped);
     loop {
@@ -240,12 +249,15 @@ async fn serve_tls(
                 }
             },
         };
-        connections.fetch_add(1, Ordering::Relaxed);
+        if let Some(counters) = state.connection_counters() {
+            counters.accepted();
+        }
         let _ = stream.set_nodelay(true);
         let acceptor = acceptor.clone();
         let service = TowerToHyperService::new(app.clone());
         let watcher = graceful.watcher();
         let http = http.clone();
+        let state = state.clone();
         tokio::spawn(async move {
             let tls =
                 match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
@@ -260,6 +272,9 @@ async fn serve_tls(
                         return;
                     }
                 };
+            if let Some(counters) = state.connection_counters() {
+                counters.handshake(tls.get_ref().1.alpn_protocol() == Some(b"h2"));
+            }
             let connection = watcher.watch(http.serve_connection(TokioIo::new(tls), service));
             if let Err(error) = connection.await {
                 tracing::debug!(%error, "simulator connection ended with an error");
@@ -293,7 +308,6 @@ pub struct SimHandle {
     addr: SocketAddr,
     scheme: &'static str,
     state: SimState,
-    connections: Arc<AtomicU64>,
     stop: oneshot::Sender<()>,
     server: JoinHandle<io::Result<()>>,
 }
@@ -310,10 +324,18 @@ impl SimHandle {
         format!("{}://{}", self.scheme, self.addr)
     }
 
-    /// TCP connections accepted so far when serving TLS, whether their handshake succeeded or
-    /// not (0 over plain HTTP): shows how often a client tried.
+    /// TCP connections accepted when serving TLS since start or the last stats reset, whether
+    /// their handshake succeeded or not (0 over plain HTTP): shows how often a client tried.
     pub fn tls_connections(&self) -> u64 {
-        self.connections.load(Ordering::Relaxed)
+        self.state
+            .connection_stats()
+            .map_or(0, |connections| connections.accepted)
+    }
+
+    /// Connections and TLS handshakes as `GET /__sim/stats` shows them under `connections`;
+    /// `None` over plain HTTP.
+    pub fn connection_stats(&self) -> Option<ConnectionStats> {
+        self.state.connection_stats()
     }
 
     /// The shared state, e.g. to serve the same simulator through [`router`] as well.
@@ -326,12 +348,13 @@ impl SimHandle {
         self.state.psu_headers()
     }
 
-    /// A snapshot of the counters, as `GET /__sim/stats` shows them.
+    /// A snapshot of the call counters, as `GET /__sim/stats` shows them (without its
+    /// `connections` entry: see [`SimHandle::connection_stats`]).
     pub fn stats(&self) -> Stats {
         self.state.stats()
     }
 
-    /// Sets all counters back to zero.
+    /// Sets all counters (calls and connections) back to zero.
     pub fn reset_stats(&self) {
         self.state.reset_stats();
     }

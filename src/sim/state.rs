@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use super::SimConfig;
 use super::faults::{FaultRule, Faults};
-use super::stats::{Counters, PsuHeaders, PsuLog, Stats};
+use super::stats::{ConnectionCounters, ConnectionStats, Counters, PsuHeaders, PsuLog, Stats};
 use super::wire::{ApiError, UserOut};
 
 /// finAPI deletes the hidden user of a process one day after an exchange with `invalidate=true`
@@ -266,6 +266,8 @@ struct Inner {
     tables: Mutex<Tables>,
     faults: Faults,
     stats: Counters,
+    /// Connections and handshakes; `None` when serving plain HTTP, where nobody counts them.
+    connections: Option<ConnectionCounters>,
     /// The `PSU-*` headers of the last calls.
     psu: PsuLog,
     recent_request_ids: Mutex<VecDeque<String>>,
@@ -308,6 +310,7 @@ impl SimState {
                 }),
                 faults: Faults::new(config.faults.clone()),
                 stats: Counters::default(),
+                connections: config.tls.as_ref().map(|_| ConnectionCounters::default()),
                 psu: PsuLog::default(),
                 recent_request_ids: Mutex::new(VecDeque::with_capacity(RECENT_REQUEST_IDS)),
             }),
@@ -343,9 +346,25 @@ impl SimState {
         self.inner.stats.snapshot()
     }
 
-    /// Sets all counters back to zero.
+    pub(crate) fn connection_counters(&self) -> Option<&ConnectionCounters> {
+        self.inner.connections.as_ref()
+    }
+
+    /// Connections accepted and TLS handshakes completed since start or the last reset; `None`
+    /// when serving plain HTTP.
+    pub fn connection_stats(&self) -> Option<ConnectionStats> {
+        self.inner
+            .connections
+            .as_ref()
+            .map(ConnectionCounters::snapshot)
+    }
+
+    /// Sets all counters (calls and connections) back to zero.
     pub fn reset_stats(&self) {
         self.inner.stats.reset();
+        if let Some(connections) = &self.inner.connections {
+            connections.reset();
+        }
     }
 
     /// Adds a fault rule (unvalidated; see [`FaultRule::validate`]).

@@ -1,7 +1,8 @@
-//! Per-endpoint response counters behind `GET /__sim/stats`.
+//! Per-endpoint response counters and connection counters behind `GET /__sim/stats`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Counts by endpoint key (`"POST /api/v2/users"`), then by status code (`"201"`) or
 /// `"dropped"` for a connection closed without an answer.
@@ -55,6 +56,66 @@ impl Counters {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .clear();
+    }
+}
+
+/// What the simulator's HTTPS listener saw since start or the last reset: the `connections`
+/// entry of `GET /__sim/stats` (only when serving HTTPS), for counting how many connections and
+/// TLS handshakes a client needs per call.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionStats {
+    /// TCP connections accepted, whether or not their handshake succeeded.
+    pub accepted: u64,
+    /// TLS handshakes completed, full or resumed (rustls' default session cache).
+    pub tls_handshakes: u64,
+    /// Of those, the ones whose client chose HTTP/2 by ALPN (RFC 7301, RFC 9113 section 3.2).
+    pub h2: u64,
+}
+
+impl ConnectionStats {
+    /// As an entry of [`Stats`]: `{"accepted":N,"tlsHandshakes":N,"h2":N}`.
+    pub(crate) fn as_counts(&self) -> BTreeMap<String, u64> {
+        BTreeMap::from([
+            ("accepted".to_owned(), self.accepted),
+            ("tlsHandshakes".to_owned(), self.tls_handshakes),
+            ("h2".to_owned(), self.h2),
+        ])
+    }
+}
+
+/// Lock-free counters behind [`ConnectionStats`], bumped once per connection.
+#[derive(Default)]
+pub(crate) struct ConnectionCounters {
+    accepted: AtomicU64,
+    tls_handshakes: AtomicU64,
+    h2: AtomicU64,
+}
+
+impl ConnectionCounters {
+    pub(crate) fn accepted(&self) {
+        self.accepted.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn handshake(&self, h2: bool) {
+        self.tls_handshakes.fetch_add(1, Ordering::Relaxed);
+        if h2 {
+            self.h2.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn snapshot(&self) -> ConnectionStats {
+        ConnectionStats {
+            accepted: self.accepted.load(Ordering::Relaxed),
+            tls_handshakes: self.tls_handshakes.load(Ordering::Relaxed),
+            h2: self.h2.load(Ordering::Relaxed),
+        }
+    }
+
+    pub(crate) fn reset(&self) {
+        self.accepted.store(0, Ordering::Relaxed);
+        self.tls_handshakes.store(0, Ordering::Relaxed);
+        self.h2.store(0, Ordering::Relaxed);
     }
 }
 

@@ -2,8 +2,9 @@
 //! made on the spot that issues the server's certificate (rcgen), so that the broker reaches
 //! the simulator over verified TLS exactly as it reaches finAPI.
 //!
-//! ALPN offers `http/1.1` only for now; the server config is built in one place
-//! ([`server_config`]) so that `h2` can be offered there later.
+//! ALPN (RFC 7301) offers `h2` and `http/1.1`, as finAPI's load balancers may; a client that
+//! offers no ALPN or only `http/1.1` gets HTTP/1.1. [`SimTls::http1_only`] stands for a server
+//! that offers `http/1.1` alone.
 
 use std::fmt;
 use std::path::Path;
@@ -94,13 +95,31 @@ impl SimTls {
         Self::from_pem(&read(cert)?, &read(key)?)
     }
 
+    /// The same certificate, offering only `http/1.1` by ALPN (a finAPI front without HTTP/2).
+    pub fn http1_only(self) -> Self {
+        let mut config = (*self.config).clone();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Self {
+            config: Arc::new(config),
+        }
+    }
+
+    /// The ALPN protocols offered, most preferred first (`h2`, `http/1.1`).
+    pub fn alpn_protocols(&self) -> Vec<String> {
+        self.config
+            .alpn_protocols
+            .iter()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .collect()
+    }
+
     pub(super) fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
         tokio_rustls::TlsAcceptor::from(self.config.clone())
     }
 }
 
-/// The rustls server configuration: ring, TLS 1.2 and 1.3, no client certificates, ALPN
-/// `http/1.1`.
+/// The rustls server configuration: ring, TLS 1.2 and 1.3, no client certificates, ALPN `h2`
+/// then `http/1.1`.
 fn server_config(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
@@ -112,7 +131,7 @@ fn server_config(
         .with_no_client_auth()
         .with_single_cert(chain, key)
         .map_err(SimTlsError::Config)?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
 }
 
