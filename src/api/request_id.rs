@@ -125,6 +125,29 @@ impl Drop for InFlight {
     }
 }
 
+/// Writes the `request finished` line of a request whose future is dropped before it has an
+/// answer (its client went away, or shutdown cut it off), with status 499 as nginx logs it:
+/// every request ends in one such line.
+struct Unanswered<'a> {
+    span: &'a tracing::Span,
+    started: Instant,
+    answered: bool,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.span.in_scope(|| {
+                tracing::info!(
+                    status = 499u16,
+                    latency_ms = self.started.elapsed().as_secs_f64() * 1e3,
+                    "request finished"
+                );
+            });
+        }
+    }
+}
+
 /// Middleware: assigns the id, opens the request span, logs the finished request.
 pub async fn middleware(mut request: Request, next: Next) -> Response {
     let given = request
@@ -181,6 +204,11 @@ pub async fn middleware(mut request: Request, next: Next) -> Response {
     }
     let started = Instant::now();
     let in_flight = InFlight::enter();
+    let unanswered = Unanswered {
+        span: &span,
+        started,
+        answered: false,
+    };
     let current = Current {
         id,
         trace_id: trace.as_ref().map(|(trace_id, _)| trace_id.as_str().into()),
@@ -197,6 +225,8 @@ pub async fn middleware(mut request: Request, next: Next) -> Response {
         .instrument(server_span.clone())
         .await;
     drop(in_flight);
+    let mut unanswered = unanswered;
+    unanswered.answered = true;
     let elapsed = started.elapsed();
     if trace.is_some() {
         crate::telemetry::otel::end_server_span(&server_span, response.status().as_u16());
