@@ -153,6 +153,11 @@ async fn no_secret_reaches_logs_or_responses() {
         identity_url.clone(),
         format!("{identity_url}/"),
         format!("{identity_url}/x"),
+        // Unmatched paths naming the identities: a base URL with a trailing slash, the wrong
+        // case, an escaped slash.
+        format!("{}//identities/{reference}", env.broker_url),
+        format!("{}/Identities/{reference}", env.broker_url),
+        format!("{}/identities%2F{reference}", env.broker_url),
     ] {
         answers
             .record(env.http.get(&url).send().await.unwrap())

@@ -125,6 +125,29 @@ impl Drop for InFlight {
     }
 }
 
+/// Writes the `request finished` line of a request whose future is dropped before it has an
+/// answer (its client went away, or shutdown cut it off), with status 499 as nginx logs it:
+/// every request ends in one such line.
+struct Unanswered<'a> {
+    span: &'a tracing::Span,
+    started: Instant,
+    answered: bool,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.span.in_scope(|| {
+                tracing::info!(
+                    status = 499u16,
+                    latency_ms = self.started.elapsed().as_secs_f64() * 1e3,
+                    "request finished"
+                );
+            });
+        }
+    }
+}
+
 /// Middleware: assigns the id, opens the request span, logs the finished request.
 pub async fn middleware(mut request: Request, next: Next) -> Response {
     let given = request
@@ -147,11 +170,14 @@ pub async fn middleware(mut request: Request, next: Next) -> Response {
     request.extensions_mut().insert(RequestId(id.clone()));
     let route = route_label(request.uri().path());
     // An identity's path holds the caller's raw client reference, which no log may hold: the
-    // route's template stands in, for any path below it (a trailing slash, an extra segment).
-    let path = if request.uri().path().starts_with("/identities/") {
+    // route's template stands in, also for an unmatched path that names the identities
+    // (`//identities/…` from a base URL with a trailing slash, `/Identities/…`, `%2F`).
+    let path = request.uri().path();
+    let path = if route == super::IDENTITY_ROUTE || (route == "unmatched" && names_identities(path))
+    {
         super::IDENTITY_ROUTE
     } else {
-        request.uri().path()
+        path
     };
     // Strings, not `%` (Display): a string is copied into the log line as it is.
     let span = tracing::info_span!(
@@ -177,6 +203,11 @@ pub async fn middleware(mut request: Request, next: Next) -> Response {
     }
     let started = Instant::now();
     let in_flight = InFlight::enter();
+    let unanswered = Unanswered {
+        span: &span,
+        started,
+        answered: false,
+    };
     let current = Current {
         id,
         trace_id: trace.map(|(trace_id, _)| trace_id),
@@ -191,6 +222,8 @@ pub async fn middleware(mut request: Request, next: Next) -> Response {
         .scope(CURRENT.scope(current, run).instrument(span.clone()))
         .await;
     drop(in_flight);
+    let mut unanswered = unanswered;
+    unanswered.answered = true;
     let elapsed = started.elapsed();
     crate::telemetry::otel::end_server_span(&mut server_span, response.status().as_u16());
     drop(server_span);
@@ -247,6 +280,29 @@ fn route_label(path: &str) -> &'static str {
         .unwrap_or("unmatched")
 }
 
+/// Whether `path`, its percent escapes decoded, holds `identities` in any case.
+fn names_identities(path: &str) -> bool {
+    let bytes = path.as_bytes();
+    let hex = |at: usize| bytes.get(at).and_then(|b| char::from(*b).to_digit(16));
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut at = 0;
+    while let Some(&b) = bytes.get(at) {
+        match (b, hex(at + 1), hex(at + 2)) {
+            (b'%', Some(hi), Some(lo)) => {
+                decoded.push(u8::try_from(hi * 16 + lo).unwrap_or(b'%'));
+                at += 3;
+            }
+            _ => {
+                decoded.push(b);
+                at += 1;
+            }
+        }
+    }
+    decoded
+        .windows(b"identities".len())
+        .any(|w| w.eq_ignore_ascii_case(b"identities"))
+}
+
 fn method_label(method: &axum::http::Method) -> &'static str {
     use axum::http::Method;
     match *method {
@@ -274,5 +330,20 @@ mod tests {
         assert!(!is_acceptable("has space"));
         assert!(!is_acceptable("crlf\r\nx"));
         assert!(!is_acceptable("ümlaut"));
+    }
+
+    #[test]
+    fn paths_naming_the_identities_are_found_in_any_case_and_escape() {
+        for path in [
+            "//identities/ref",
+            "/Identities/ref",
+            "/identities%2Fref",
+            "/%69DENTITIES/ref",
+        ] {
+            assert!(names_identities(path), "{path}");
+        }
+        for path in ["/kyc-sessions", "/identitie", "/%6", "/%zz/identitie", "/"] {
+            assert!(!names_identities(path), "{path}");
+        }
     }
 }

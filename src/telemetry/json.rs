@@ -13,6 +13,7 @@ use std::fmt::{self, Write as _};
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
+use tracing_log::NormalizeEvent;
 use tracing_subscriber::field::RecordFields;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
@@ -57,13 +58,17 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
-        let meta = event.metadata();
+        // A `log` crate record (a dependency's) arrives with the target `log` and its real
+        // target, module and file as `log.*` fields: written with its own target, without them.
+        let normalized = event.normalized_metadata();
+        let meta = normalized.as_ref().unwrap_or_else(|| event.metadata());
         writer.write_str("{\"timestamp\":\"")?;
         SystemTime.format_time(&mut writer)?;
         writer.write_str("\",\"level\":\"")?;
         writer.write_str(meta.level().as_str())?;
         writer.write_char('"')?;
         let mut visitor = Members::new(writer.by_ref(), false);
+        visitor.skip_log_fields = normalized.is_some();
         event.record(&mut visitor);
         visitor.result?;
         writer.write_str(",\"target\":")?;
@@ -93,6 +98,8 @@ where
 struct Members<'w> {
     writer: Writer<'w>,
     first: bool,
+    /// Whether the `log.*` fields of a `log` record are left out.
+    skip_log_fields: bool,
     result: fmt::Result,
 }
 
@@ -101,13 +108,14 @@ impl<'w> Members<'w> {
         Self {
             writer,
             first,
+            skip_log_fields: false,
             result: Ok(()),
         }
     }
 
     /// Writes `,"name":` (no comma before the first member), then the value with `value`.
     fn member(&mut self, field: &Field, value: impl FnOnce(&mut Writer<'w>) -> fmt::Result) {
-        if self.result.is_err() {
+        if self.result.is_err() || (self.skip_log_fields && field.name().starts_with("log.")) {
             return;
         }
         if !self.first {
@@ -293,6 +301,32 @@ mod tests {
         );
         assert_eq!(line["negative"], -7);
         assert_eq!(line["span"], json!({"name": "s"}));
+    }
+
+    #[test]
+    fn a_log_crate_record_keeps_its_own_target_and_no_log_fields() {
+        let got = lines(|| {
+            tracing_log::format_trace(
+                &log::Record::builder()
+                    .args(format_args!("pooling idle connection"))
+                    .level(log::Level::Debug)
+                    .target("hyper_util::client::pool")
+                    .module_path_static(Some("hyper_util::client::pool"))
+                    .file_static(Some("pool.rs"))
+                    .line(Some(7))
+                    .build(),
+            )
+            .unwrap();
+        });
+        assert_eq!(
+            got[0],
+            json!({
+                "timestamp": got[0]["timestamp"],
+                "level": "DEBUG",
+                "message": "pooling idle connection",
+                "target": "hyper_util::client::pool",
+            })
+        );
     }
 
     #[test]
