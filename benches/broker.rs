@@ -14,7 +14,8 @@
 //! access|standalone` and `--concurrency N` (sweep, ledger and far points), `--far-seconds S`,
 //! `--latency MS` (50 or 200: one far latency) and `--alpn h2|http1` (one far ALPN offer).
 //! The far and memory sections start the broker at its defaults but for the caller's rate
-//! limit (a per-caller policy); the others raise its limits above the load. Environment:
+//! limit (a per-caller policy); the others raise its limits above the load, and log at
+//! `BENCH_BROKER_LOG` (default `info`, the broker's default). Environment:
 //! `BENCH_BROKER_WORKER_THREADS` (the broker's `server.worker_threads`), `BENCH_BROKER_PRELOAD`
 //! (an `LD_PRELOAD` for the broker), `BENCH_LEDGER` (`sqlite`, the default: a fresh file per
 //! broker, removed after; `postgres`: a throwaway PostgreSQL server started by the bench, a
@@ -182,8 +183,8 @@ fn broker_env(
             "GIROIDENT_BROKER_FINAPI__CLIENT_SECRET",
             CLIENT_SECRET.into(),
         ),
-        ("GIROIDENT_BROKER_LOG__FILTER", "warn".into()),
-        ("RUST_LOG", "warn".into()),
+        ("GIROIDENT_BROKER_LOG__FILTER", broker_log_level()),
+        ("RUST_LOG", broker_log_level()),
     ];
     if let Some(url) = ledger_url {
         env.push(("GIROIDENT_BROKER_IDENTITIES__DATABASE_URL", url.into()));
@@ -205,6 +206,13 @@ fn broker_env(
         env.push(("LD_PRELOAD", preload));
     }
     env
+}
+
+/// The log filter of the brokers [`broker_env`] configures: `BENCH_BROKER_LOG`, by default
+/// `info`, the broker's own default (issue 15: measure the broker as deployed; `warn` gives
+/// the figures of the runs before it, which logged nothing per session).
+fn broker_log_level() -> String {
+    std::env::var("BENCH_BROKER_LOG").unwrap_or_else(|_| "info".into())
 }
 
 /// Headers of every request the load generator sends to the broker: the caller's API key.
@@ -364,8 +372,19 @@ fn spawn_broker_with(
         .env_clear()
         .envs(broker_env(addr, &sim.url(), url.as_deref()))
         .envs(extra.iter().map(|(k, v)| (*k, v.as_str())))
-        .arg("serve");
-    let mut proc = spawn_ready(&mut command, addr, "/readyz");
+        .arg("serve")
+        // Its log lines are written as they would be in a deployment, read by nobody; its
+        // warnings and errors still reach the terminal when it logs at `warn` or above.
+        .stderr(
+            if matches!(broker_log_level().as_str(), "warn" | "error" | "off") {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            },
+        );
+    let mut proc = spawn_until(&mut command, addr, "/readyz", || {
+        answers_200(addr, "/readyz")
+    });
     proc._ledger_files = files;
     proc
 }
