@@ -221,8 +221,30 @@ async fn run_writer(pool: WritePool, queue: Arc<Mutex<mpsc::UnboundedReceiver<Re
     }
 }
 
-/// Commits `batch` and answers every request in it.
+/// Commits `batch` and answers every request in it. Under [`SqliteSync::Intents`] a batch that
+/// holds both kinds is committed in two transactions: first the writes that need no sync (their
+/// sessions are answered without waiting for an fsync), then the intents, whose synced commit
+/// makes the first one's log frames durable too (sqlite.org/wal.html). Under load nearly every
+/// batch holds an intent, so without the split every activation would wait for an fsync all
+/// the same. No write in a batch depends on an intent of the same batch: a session writes
+/// anything else about its identity only after its intent was answered.
 async fn commit(pool: &WritePool, batch: Vec<Request>) {
+    if let WritePool::Sqlite(_, SqliteSync::Intents) = pool {
+        let refs: Vec<&Request> = batch.iter().collect();
+        if needs_sync(&refs) && batch.iter().any(|r| !matches!(r, Request::Intent(..))) {
+            let (synced, relaxed): (Vec<Request>, Vec<Request>) = batch
+                .into_iter()
+                .partition(|r| matches!(r, Request::Intent(..)));
+            commit_group(pool, relaxed).await;
+            commit_group(pool, synced).await;
+            return;
+        }
+    }
+    commit_group(pool, batch).await;
+}
+
+/// Commits `batch` in one transaction and answers every request in it.
+async fn commit_group(pool: &WritePool, batch: Vec<Request>) {
     let refs: Vec<&Request> = batch.iter().collect();
     let error = match pool.run(&refs).await {
         Ok(outcomes) => {
@@ -573,14 +595,14 @@ async fn run_sqlite(
             // The statement that failed left the transaction open: roll it back, and if that
             // fails too, let the pool open a fresh connection (at the configured FULL).
             if sqlx::query("ROLLBACK").execute(&mut *conn).await.is_err()
-                || (relax && set_synchronous(&mut *conn, false).await.is_err())
+                || (relax && set_synchronous(&mut conn, false).await.is_err())
             {
                 let _ = conn.close().await;
             }
             return Err(e);
         }
     };
-    if relax && set_synchronous(&mut *conn, false).await.is_err() {
+    if relax && set_synchronous(&mut conn, false).await.is_err() {
         // The batch is committed and must not be reported failed (it would be run again); a
         // fresh connection opens at the configured FULL.
         let _ = conn.close().await;
