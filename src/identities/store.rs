@@ -1438,6 +1438,72 @@ mod tests {
         remove_sqlite(&path);
     }
 
+    #[tokio::test]
+    async fn a_batch_of_intents_and_activations_is_split_and_answers_every_write() {
+        let path =
+            std::env::temp_dir().join(format!("giroident-store-split-{}.db", Uuid::new_v4()));
+        let url = SecretString::from(format!("sqlite://{}", path.display()));
+        let store = IdentityStore::connect_with(&url, 2, SqliteSync::Intents)
+            .await
+            .expect("connects");
+        let first = Uuid::new_v4();
+        store
+            .insert_intent(&intent(first, "u-1"))
+            .await
+            .expect("intent");
+        let Pool::Sqlite { write, .. } = &store.pool else {
+            panic!("an SQLite store");
+        };
+        let second = Uuid::new_v4();
+        let (intent_tx, intent_rx) = oneshot::channel();
+        let (activation_tx, activation_rx) = oneshot::channel();
+        let batch = vec![
+            writer::Request::Intent(
+                IntentRow {
+                    id: second.to_string(),
+                    finapi_user_id: "u-2".into(),
+                    caller: "demo".into(),
+                    reference_digest: None,
+                    key_id: "k1".into(),
+                    finapi_client: "default".into(),
+                    now: 1,
+                    delete_after: 2,
+                },
+                intent_tx,
+            ),
+            writer::Request::Transition(
+                TransitionRow {
+                    change: Change::Activate,
+                    id: first.to_string(),
+                    now: 3,
+                    delete_after: 4,
+                    event: None,
+                    unchanged_detail: None,
+                },
+                activation_tx,
+            ),
+        ];
+        writer::commit(
+            &WritePool::Sqlite(write.clone(), SqliteSync::Intents),
+            batch,
+        )
+        .await;
+        assert!(matches!(intent_rx.await, Ok(Ok(IntentOutcome::New))));
+        assert!(matches!(activation_rx.await, Ok(Ok(true))));
+        for (id, expected) in [
+            (first, IdentityState::Active),
+            (second, IdentityState::Intent),
+        ] {
+            let record = store.get(id).await.expect("read").expect("a record");
+            assert_eq!(record.state, expected);
+        }
+        let mut conn = write.acquire().await.expect("the writer's connection");
+        assert_eq!(synchronous(&mut conn).await, 2, "back at FULL");
+        drop(conn);
+        store.close().await;
+        remove_sqlite(&path);
+    }
+
     #[test]
     fn states_and_kinds_round_trip_their_stored_form() {
         for state in IdentityState::ALL {

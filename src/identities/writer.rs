@@ -228,7 +228,7 @@ async fn run_writer(pool: WritePool, queue: Arc<Mutex<mpsc::UnboundedReceiver<Re
 /// batch holds an intent, so without the split every activation would wait for an fsync all
 /// the same. No write in a batch depends on an intent of the same batch: a session writes
 /// anything else about its identity only after its intent was answered.
-async fn commit(pool: &WritePool, batch: Vec<Request>) {
+pub(super) async fn commit(pool: &WritePool, batch: Vec<Request>) {
     if let WritePool::Sqlite(_, SqliteSync::Intents) = pool {
         let refs: Vec<&Request> = batch.iter().collect();
         if needs_sync(&refs) && batch.iter().any(|r| !matches!(r, Request::Intent(..))) {
