@@ -20,7 +20,8 @@
 //! (an `LD_PRELOAD` for the broker), `BENCH_LEDGER` (`sqlite`, the default: a fresh file per
 //! broker, removed after; `postgres`: a throwaway PostgreSQL server started by the bench, a
 //! fresh database per broker; `none`: a build without the identity ledger),
-//! `BENCH_LEDGER_MAX_CONNECTIONS` (the ledger's pool size for this build) and
+//! `BENCH_LEDGER_MAX_CONNECTIONS` (the ledger's pool size for this build),
+//! `BENCH_LEDGER_SYNCHRONOUS` (this build's `identities.sqlite_synchronous`) and
 //! `BENCH_BROKER_BIN` (another build of the broker, started against this build's simulator:
 //! the broker the other sections measure instead of this build, and the ledger section's
 //! baseline). Whether a build knows the ledger is asked of the build itself (`check-config`
@@ -195,6 +196,10 @@ fn broker_env(
         // The ledger's pool size (`identities.database_max_connections`, default 8).
         if let Ok(n) = std::env::var("BENCH_LEDGER_MAX_CONNECTIONS") {
             env.push(("GIROIDENT_BROKER_IDENTITIES__DATABASE_MAX_CONNECTIONS", n));
+        }
+        // How an SQLite ledger syncs (`identities.sqlite_synchronous`, default `full`).
+        if let Ok(sync) = std::env::var("BENCH_LEDGER_SYNCHRONOUS") {
+            env.push(("GIROIDENT_BROKER_IDENTITIES__SQLITE_SYNCHRONOUS", sync));
         }
     }
     // Lets a run try another runtime for the broker only (`server.worker_threads`).

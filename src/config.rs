@@ -296,7 +296,11 @@ pub struct IdentitiesSettings {
     /// the checkpoints (every second): commits cost no fsync, a committed write survives the
     /// broker's crash, but an OS crash or power loss can lose the commits since the last
     /// checkpoint, and with them the record of finAPI users created then
-    /// (sqlite.org/pragma.html#pragma_synchronous).
+    /// (sqlite.org/pragma.html#pragma_synchronous). `intents` syncs the commits that hold an
+    /// intent and leaves the others (activations, reuses, events) to the next synced commit or
+    /// checkpoint: the record of every finAPI user survives power loss, but an activation lost
+    /// with it turns the user back into an orphan, which the reaper deletes before the
+    /// `deleteAfter` its caller was told (README "Durability").
     pub sqlite_synchronous: String,
     /// The key user passwords are derived from (HMAC-SHA256, at least 32 bytes). Set it only
     /// through the environment (`GIROIDENT_BROKER_IDENTITIES__PASSWORD_KEY`), or use
@@ -1162,11 +1166,11 @@ impl Settings {
                 "must be at least 1".into(),
             );
         }
-        if !matches!(i.sqlite_synchronous.as_str(), "full" | "normal") {
+        if !matches!(i.sqlite_synchronous.as_str(), "full" | "intents" | "normal") {
             problem(
                 "identities.sqlite_synchronous",
                 format!(
-                    "{:?} is not a setting: use \"full\" or \"normal\"",
+                    "{:?} is not a setting: use \"full\", \"intents\" or \"normal\"",
                     i.sqlite_synchronous
                 ),
             );

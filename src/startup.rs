@@ -229,10 +229,10 @@ impl Application {
 /// Opens the ledger (migrating it) and reads the password keys of validated settings.
 async fn identity_settings(settings: &Settings) -> Result<IdentitySettings, StartupError> {
     let i = &settings.identities;
-    let sync = if i.sqlite_synchronous == "normal" {
-        SqliteSync::Normal
-    } else {
-        SqliteSync::Full
+    let sync = match i.sqlite_synchronous.as_str() {
+        "normal" => SqliteSync::Normal,
+        "intents" => SqliteSync::Intents,
+        _ => SqliteSync::Full,
     };
     let store = IdentityStore::connect_with(&i.database_url, i.database_max_connections, sync)
         .await

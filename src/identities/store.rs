@@ -52,6 +52,12 @@ pub enum SqliteSync {
     /// write survives an OS crash or power loss.
     #[default]
     Full,
+    /// `synchronous=FULL` for the commits that hold an intent, `NORMAL` for those that hold
+    /// only activations, touches and events: the intents (what guarantees that no finAPI user
+    /// exists the ledger does not know) survive power loss as under [`SqliteSync::Full`]; an
+    /// activation, touch or event survives the broker's crash, and power loss once the next
+    /// synced commit or checkpoint has made the log durable (sqlite.org/wal.html).
+    Intents,
     /// `synchronous=NORMAL`: only checkpoints sync; a committed write survives the broker's
     /// crash, but an OS crash or power loss can lose the commits since the last checkpoint.
     Normal,
@@ -600,7 +606,8 @@ impl IdentityStore {
         // inside the committing writer's COMMIT and stall every session queued behind it;
         // `checkpoints` runs them beside the writer instead.
         let synchronous = match sync {
-            SqliteSync::Full => SqliteSynchronous::Full,
+            // The writer relaxes single batches itself and restores FULL after each.
+            SqliteSync::Full | SqliteSync::Intents => SqliteSynchronous::Full,
             SqliteSync::Normal => SqliteSynchronous::Normal,
         };
         let options = SqliteConnectOptions::from_str(raw)
@@ -632,7 +639,7 @@ impl IdentityStore {
             .await
             .map_err(|e| classify(Backend::Sqlite, e))?;
         // One writer: SQLite serialises writers on the file anyway.
-        let writes = writer::spawn(WritePool::Sqlite(write.clone()), 1);
+        let writes = writer::spawn(WritePool::Sqlite(write.clone(), sync), 1);
         tokio::spawn(checkpoints(read.clone(), writes.downgrade()));
         Ok(Self {
             pool: Pool::Sqlite { read, write },
@@ -1327,6 +1334,174 @@ mod tests {
             store.close().await;
             remove_sqlite(&path);
         }
+    }
+
+    /// The level `identities.sqlite_synchronous = "intents"` commits each kind of write with.
+    #[test]
+    fn only_batches_holding_an_intent_need_a_synced_commit() {
+        let row = IntentRow {
+            id: "i".into(),
+            finapi_user_id: "u".into(),
+            caller: "demo".into(),
+            reference_digest: None,
+            key_id: "k1".into(),
+            finapi_client: "default".into(),
+            now: 1,
+            delete_after: 2,
+        };
+        let event = || EventRow {
+            identity_id: "i".into(),
+            kind: EventKind::Created,
+            caller: "demo".into(),
+            request_id: None,
+            at: 1,
+            detail: None,
+        };
+        let transition = |change| TransitionRow {
+            change,
+            id: "i".into(),
+            now: 1,
+            delete_after: 2,
+            event: Some(event()),
+            unchanged_detail: None,
+        };
+        let intent = writer::Request::Intent(row, oneshot::channel().0);
+        let activate =
+            writer::Request::Transition(transition(Change::Activate), oneshot::channel().0);
+        let touch = writer::Request::Transition(transition(Change::Touch), oneshot::channel().0);
+        let logged = writer::Request::Event(event(), oneshot::channel().0);
+        assert!(writer::needs_sync(&[&intent]));
+        assert!(writer::needs_sync(&[&activate, &intent, &logged]));
+        assert!(!writer::needs_sync(&[&activate]));
+        assert!(!writer::needs_sync(&[&touch]));
+        assert!(!writer::needs_sync(&[&logged]));
+        assert!(!writer::needs_sync(&[&activate, &touch, &logged]));
+    }
+
+    async fn synchronous(conn: &mut sqlx::SqliteConnection) -> i64 {
+        // sqlite.org/pragma.html#pragma_synchronous: 2 is FULL, 1 is NORMAL.
+        sqlx::query_scalar("PRAGMA synchronous")
+            .fetch_one(conn)
+            .await
+            .expect("pragma")
+    }
+
+    #[tokio::test]
+    async fn a_relaxed_batch_leaves_the_writer_at_full_and_the_level_applies_at_every_run() {
+        let path =
+            std::env::temp_dir().join(format!("giroident-store-relax-{}.db", Uuid::new_v4()));
+        let url = SecretString::from(format!("sqlite://{}", path.display()));
+        let store = IdentityStore::connect_with(&url, 2, SqliteSync::Intents)
+            .await
+            .expect("connects");
+        let id = Uuid::new_v4();
+        store
+            .insert_intent(&intent(id, "u-1"))
+            .await
+            .expect("intent");
+        // Twice: the second batch of the same shape runs from the statement cache.
+        assert!(store.activate(id, 3, 4).await.expect("activation"));
+        assert!(store.touch(id, 5, 6).await.expect("touch"));
+        assert!(store.touch(id, 7, 8).await.expect("touch"));
+        let Pool::Sqlite { write, .. } = &store.pool else {
+            panic!("an SQLite store");
+        };
+        let mut conn = write.acquire().await.expect("the writer's connection");
+        assert_eq!(
+            synchronous(&mut conn).await,
+            2,
+            "direct writes commit at FULL"
+        );
+        for _ in 0..2 {
+            writer::set_synchronous(&mut conn, true)
+                .await
+                .expect("NORMAL");
+            assert_eq!(synchronous(&mut conn).await, 1);
+            writer::set_synchronous(&mut conn, false)
+                .await
+                .expect("FULL");
+            assert_eq!(synchronous(&mut conn).await, 2);
+        }
+        // A relaxed batch sets NORMAL with a statement from the connection's cache: SQLite
+        // applies this pragma when it compiles it, and recompiles it at every run.
+        for (sql, expected) in [
+            ("PRAGMA synchronous = NORMAL", 1),
+            ("PRAGMA synchronous = FULL", 2),
+            ("PRAGMA synchronous = NORMAL", 1),
+            ("PRAGMA synchronous = FULL", 2),
+        ] {
+            sqlx::query(sql).execute(&mut *conn).await.expect("pragma");
+            assert_eq!(synchronous(&mut conn).await, expected, "after {sql}");
+        }
+        drop(conn);
+        store.close().await;
+        remove_sqlite(&path);
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_intents_and_activations_is_split_and_answers_every_write() {
+        let path =
+            std::env::temp_dir().join(format!("giroident-store-split-{}.db", Uuid::new_v4()));
+        let url = SecretString::from(format!("sqlite://{}", path.display()));
+        let store = IdentityStore::connect_with(&url, 2, SqliteSync::Intents)
+            .await
+            .expect("connects");
+        let first = Uuid::new_v4();
+        store
+            .insert_intent(&intent(first, "u-1"))
+            .await
+            .expect("intent");
+        let Pool::Sqlite { write, .. } = &store.pool else {
+            panic!("an SQLite store");
+        };
+        let second = Uuid::new_v4();
+        let (intent_tx, intent_rx) = oneshot::channel();
+        let (activation_tx, activation_rx) = oneshot::channel();
+        let batch = vec![
+            writer::Request::Intent(
+                IntentRow {
+                    id: second.to_string(),
+                    finapi_user_id: "u-2".into(),
+                    caller: "demo".into(),
+                    reference_digest: None,
+                    key_id: "k1".into(),
+                    finapi_client: "default".into(),
+                    now: 1,
+                    delete_after: 2,
+                },
+                intent_tx,
+            ),
+            writer::Request::Transition(
+                TransitionRow {
+                    change: Change::Activate,
+                    id: first.to_string(),
+                    now: 3,
+                    delete_after: 4,
+                    event: None,
+                    unchanged_detail: None,
+                },
+                activation_tx,
+            ),
+        ];
+        writer::commit(
+            &WritePool::Sqlite(write.clone(), SqliteSync::Intents),
+            batch,
+        )
+        .await;
+        assert!(matches!(intent_rx.await, Ok(Ok(IntentOutcome::New))));
+        assert!(matches!(activation_rx.await, Ok(Ok(true))));
+        for (id, expected) in [
+            (first, IdentityState::Active),
+            (second, IdentityState::Intent),
+        ] {
+            let record = store.get(id).await.expect("read").expect("a record");
+            assert_eq!(record.state, expected);
+        }
+        let mut conn = write.acquire().await.expect("the writer's connection");
+        assert_eq!(synchronous(&mut conn).await, 2, "back at FULL");
+        drop(conn);
+        store.close().await;
+        remove_sqlite(&path);
     }
 
     #[test]

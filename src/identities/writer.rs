@@ -18,7 +18,7 @@ use sqlx::sqlite::{Sqlite, SqlitePool};
 use sqlx::{FromRow, QueryBuilder, Row};
 use tokio::sync::{Mutex, mpsc, oneshot};
 
-use super::store::{Backend, RECORD_COLUMNS, RawRecord, StoreError, classify};
+use super::store::{Backend, RECORD_COLUMNS, RawRecord, SqliteSync, StoreError, classify};
 use super::{EventKind, Millis};
 
 /// Most requests in one batch. The largest statement then binds 128 × 8 values, well below
@@ -143,24 +143,47 @@ enum Outcome {
     Event,
 }
 
-/// Where a writer commits: SQLite's single writer connection, or the PostgreSQL pool.
+/// Where a writer commits: SQLite's single writer connection (with the configured
+/// [`SqliteSync`]), or the PostgreSQL pool.
 #[derive(Clone)]
 pub(super) enum WritePool {
-    Sqlite(SqlitePool),
+    Sqlite(SqlitePool, SqliteSync),
     Postgres(PgPool),
+}
+
+/// Whether a batch must be synced before its requesters are answered, i.e. whether it holds a
+/// write whose loss in a power failure would lose track of a finAPI user. Only
+/// [`SqliteSync::Intents`] asks; the writes that are not sent through this writer
+/// (`mark_deleting`, `mark_deleted`, `record_failure`, the reaper's leases) always commit with
+/// the connection's FULL.
+pub(super) fn needs_sync(writes: &[&Request]) -> bool {
+    writes.iter().any(|w| match w {
+        // Made durable before `POST /api/v2/users`: without it, power loss could leave a finAPI
+        // user the ledger does not know, which nothing would ever delete.
+        Request::Intent(..) => true,
+        // If power loss drops an activation, the durable intent stays and the reaper's orphan
+        // path still deletes the user (README "Durability" says what that costs); a dropped
+        // touch leaves the earlier `delete_after`, which the reaper still honours.
+        Request::Transition(..) => false,
+        // The audit log: no state the reaper or the API decides on.
+        Request::Event(..) => false,
+    })
 }
 
 impl WritePool {
     fn backend(&self) -> Backend {
         match self {
-            WritePool::Sqlite(_) => Backend::Sqlite,
+            WritePool::Sqlite(..) => Backend::Sqlite,
             WritePool::Postgres(_) => Backend::Postgres,
         }
     }
 
     async fn run(&self, writes: &[&Request]) -> Result<Vec<Outcome>, sqlx::Error> {
         match self {
-            WritePool::Sqlite(pool) => run_sqlite(pool, writes).await,
+            WritePool::Sqlite(pool, sync) => {
+                let relax = *sync == SqliteSync::Intents && !needs_sync(writes);
+                run_sqlite(pool, relax, writes).await
+            }
             WritePool::Postgres(pool) => run_postgres(pool, writes).await,
         }
     }
@@ -198,8 +221,30 @@ async fn run_writer(pool: WritePool, queue: Arc<Mutex<mpsc::UnboundedReceiver<Re
     }
 }
 
-/// Commits `batch` and answers every request in it.
-async fn commit(pool: &WritePool, batch: Vec<Request>) {
+/// Commits `batch` and answers every request in it. Under [`SqliteSync::Intents`] a batch that
+/// holds both kinds is committed in two transactions: first the writes that need no sync (their
+/// sessions are answered without waiting for an fsync), then the intents, whose synced commit
+/// makes the first one's log frames durable too (sqlite.org/wal.html). Under load nearly every
+/// batch holds an intent, so without the split every activation would wait for an fsync all
+/// the same. No write in a batch depends on an intent of the same batch: a session writes
+/// anything else about its identity only after its intent was answered.
+pub(super) async fn commit(pool: &WritePool, batch: Vec<Request>) {
+    if let WritePool::Sqlite(_, SqliteSync::Intents) = pool {
+        let refs: Vec<&Request> = batch.iter().collect();
+        if needs_sync(&refs) && batch.iter().any(|r| !matches!(r, Request::Intent(..))) {
+            let (synced, relaxed): (Vec<Request>, Vec<Request>) = batch
+                .into_iter()
+                .partition(|r| matches!(r, Request::Intent(..)));
+            commit_group(pool, relaxed).await;
+            commit_group(pool, synced).await;
+            return;
+        }
+    }
+    commit_group(pool, batch).await;
+}
+
+/// Commits `batch` in one transaction and answers every request in it.
+async fn commit_group(pool: &WritePool, batch: Vec<Request>) {
     let refs: Vec<&Request> = batch.iter().collect();
     let error = match pool.run(&refs).await {
         Ok(outcomes) => {
@@ -420,7 +465,15 @@ async fn run_postgres(pool: &PgPool, writes: &[&Request]) -> Result<Vec<Outcome>
 /// changes, chosen by the records' states *before* the changes (the write lock is held, so the
 /// `UPDATE`s that follow see the same states); the activations and the touches in one
 /// `UPDATE … FROM (VALUES …)` each; the plain events in one `INSERT`.
-async fn run_sqlite(pool: &SqlitePool, writes: &[&Request]) -> Result<Vec<Outcome>, sqlx::Error> {
+///
+/// `relax`: the batch commits with `synchronous=NORMAL` (no fsync; see [`needs_sync`]), and
+/// the connection is back at FULL before it is released, for the writes made on it directly
+/// (a separate command: an error there must not report the committed batch failed).
+async fn run_sqlite(
+    pool: &SqlitePool,
+    relax: bool,
+    writes: &[&Request],
+) -> Result<Vec<Outcome>, sqlx::Error> {
     let intents: Vec<&IntentRow> = writes
         .iter()
         .filter_map(|w| match w {
@@ -456,7 +509,14 @@ async fn run_sqlite(pool: &SqlitePool, writes: &[&Request]) -> Result<Vec<Outcom
         .copied()
         .partition(|row| row.reference_digest.is_some());
 
-    let mut query = QueryBuilder::<Sqlite>::new("BEGIN IMMEDIATE; ");
+    // SQLite refuses the level's change inside a transaction, so it comes first. A pragma
+    // statement expires itself when run (sqlite3.c, `sqlite3VdbeRunOnlyOnce`), so the cached
+    // batch recompiles it, and applies it, at every run.
+    let mut query = QueryBuilder::<Sqlite>::new(if relax {
+        "PRAGMA synchronous = NORMAL; BEGIN IMMEDIATE; "
+    } else {
+        "BEGIN IMMEDIATE; "
+    });
     // Two statements, so that the intents without a reference (which no live record can
     // hold) skip `RETURNING`: SQLite collects a statement's `RETURNING` rows in a temporary
     // table first, a cost per statement that a plain `INSERT` does not pay.
@@ -533,13 +593,20 @@ async fn run_sqlite(pool: &SqlitePool, writes: &[&Request]) -> Result<Vec<Outcom
         Ok(rows) => rows,
         Err(e) => {
             // The statement that failed left the transaction open: roll it back, and if that
-            // fails too, let the pool open a fresh connection.
-            if sqlx::query("ROLLBACK").execute(&mut *conn).await.is_err() {
+            // fails too, let the pool open a fresh connection (at the configured FULL).
+            if sqlx::query("ROLLBACK").execute(&mut *conn).await.is_err()
+                || (relax && set_synchronous(&mut conn, false).await.is_err())
+            {
                 let _ = conn.close().await;
             }
             return Err(e);
         }
     };
+    if relax && set_synchronous(&mut conn, false).await.is_err() {
+        // The batch is committed and must not be reported failed (it would be run again); a
+        // fresh connection opens at the configured FULL.
+        let _ = conn.close().await;
+    }
 
     let mut new = HashSet::new();
     let mut live = Vec::new();
@@ -584,6 +651,23 @@ async fn run_sqlite(pool: &SqlitePool, writes: &[&Request]) -> Result<Vec<Outcom
             Request::Event(..) => Outcome::Event,
         })
         .collect())
+}
+
+/// Sets the connection's `PRAGMA synchronous` (NORMAL or FULL) for the transactions that
+/// follow; outside a transaction only (SQLite refuses the change inside one). Unprepared
+/// (`raw_sql`): SQLite recompiles a pragma at every run anyway, so caching it gains nothing.
+pub(super) async fn set_synchronous(
+    conn: &mut sqlx::SqliteConnection,
+    normal: bool,
+) -> Result<(), sqlx::Error> {
+    let sql = if normal {
+        "PRAGMA synchronous = NORMAL"
+    } else {
+        "PRAGMA synchronous = FULL"
+    };
+    sqlx::Executor::execute(conn, sqlx::raw_sql(sql))
+        .await
+        .map(drop)
 }
 
 /// The state a change applies to.
