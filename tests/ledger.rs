@@ -185,6 +185,7 @@ on_both_backends!(
     writes_queued_together_are_committed_together_and_each_answered_as_alone,
     a_bad_write_in_a_batch_fails_alone,
     one_reference_at_two_finapi_clients_is_two_identities_within_one_batch,
+    more_batch_shapes_than_the_writer_keeps_prepared_are_all_committed,
 );
 
 const T0: Millis = 1_800_000_000_000;
@@ -1002,6 +1003,40 @@ async fn writes_queued_together_are_committed_together_and_each_answered_as_alon
     }
     let counts = store.counts_by_state().await.expect("counts");
     assert_eq!(counts[1], (IdentityState::Active, 66));
+}
+
+/// The SQLite writer keeps only a few batch statements prepared (issue 15: memory), so batches
+/// of 40 sizes, twice, make it evict statements and prepare evicted shapes again.
+async fn more_batch_shapes_than_the_writer_keeps_prepared_are_all_committed(db: Db) {
+    let store = db.store().await;
+    let mut written = 0;
+    for size in (1..=40).chain(1..=40) {
+        let ids: Vec<Uuid> = (0..size).map(|_| Uuid::new_v4()).collect();
+        let users: Vec<String> = ids
+            .iter()
+            .map(|id| format!("user-{}", id.simple()))
+            .collect();
+        let digests: Vec<Option<String>> = ids
+            .iter()
+            .enumerate()
+            .map(|(n, id)| (n % 2 == 0).then(|| format!("ref-{}", id.simple())))
+            .collect();
+        let intents: Vec<NewIdentity> = (0..size)
+            .map(|n| new_identity(ids[n], &users[n], "demo", digests[n].as_deref(), T0))
+            .collect();
+        let answers =
+            queued_together(intents.iter().map(|i| store.insert_intent(i)).collect()).await;
+        for (id, answer) in ids.iter().zip(answers) {
+            assert!(
+                matches!(answer, Ok(Inserted::New)),
+                "batch of {size}: {answer:?}"
+            );
+            assert_eq!(get(&store, *id).await.state, IdentityState::Intent);
+        }
+        written += size;
+    }
+    let counts = store.counts_by_state().await.expect("counts");
+    assert_eq!(counts[0], (IdentityState::Intent, written as u64));
 }
 
 async fn a_bad_write_in_a_batch_fails_alone(db: Db) {

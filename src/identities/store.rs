@@ -620,7 +620,7 @@ impl IdentityStore {
             .pragma("wal_autocheckpoint", "0");
         // The writer first: it creates the file and sets WAL before readers open it. Its one
         // connection is only ever used by this process, so it is not pinged before each use,
-        // and it keeps the batches' multi-row statements prepared.
+        // and it keeps the most recent batch shapes prepared (`WRITER_STATEMENT_CACHE`).
         let write = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(ACQUIRE_TIMEOUT)

@@ -22,12 +22,16 @@ use super::store::{Backend, RECORD_COLUMNS, RawRecord, SqliteSync, StoreError, c
 use super::{EventKind, Millis};
 
 /// Most requests in one batch. The largest statement then binds 128 × 8 values, well below
-/// SQLite's 32766 and PostgreSQL's 65535 parameters, and the distinct multi-row statements stay
-/// within the writer connections' statement caches ([`WRITER_STATEMENT_CACHE`]).
+/// SQLite's 32766 and PostgreSQL's 65535 parameters.
 const MAX_BATCH: usize = 128;
 
-/// Prepared statements each writer connection keeps: one per statement kind and row count.
-pub(super) const WRITER_STATEMENT_CACHE: usize = 4 * MAX_BATCH + 16;
+/// Prepared statements the SQLite writer connection keeps (sqlx's per-connection LRU cache,
+/// keyed by the SQL text). A batch's SQL depends on how many rows of each kind it holds, so
+/// under load nearly every batch has a shape of its own, and SQLite keeps a compiled program
+/// with a register per bound value for each cached one. A cache of 4 × [`MAX_BATCH`] + 16
+/// held about 34 MiB more after 100,000 sessions at concurrency 64 (≈ 70 KiB per statement;
+/// docs/BENCHMARKS.md, issue 15); 32 keeps the shapes a quiet broker repeats prepared.
+pub(super) const WRITER_STATEMENT_CACHE: usize = 32;
 
 /// An intent row ([`super::NewIdentity`], owned).
 pub(super) struct IntentRow {
