@@ -338,8 +338,8 @@ fn answers_200(addr: SocketAddr, path: &str) -> bool {
         && head.ends_with(b" 200")
 }
 
-fn spawn_sim(client_token_ttl_secs: u64) -> Proc {
-    let addr = free_addr();
+/// `giroident-broker sim` on `addr` with the bench's finAPI client, logging at `warn`.
+fn sim_command(addr: SocketAddr) -> Command {
     let mut command = Command::new(BIN);
     command
         .env_clear()
@@ -351,11 +351,17 @@ fn spawn_sim(client_token_ttl_secs: u64) -> Proc {
             &addr.to_string(),
             "--client-id",
             CLIENT_ID,
-        ])
-        .args([
-            "--client-token-ttl-secs",
-            &client_token_ttl_secs.to_string(),
         ]);
+    command
+}
+
+fn spawn_sim(client_token_ttl_secs: u64) -> Proc {
+    let addr = free_addr();
+    let mut command = sim_command(addr);
+    command.args([
+        "--client-token-ttl-secs",
+        &client_token_ttl_secs.to_string(),
+    ]);
     spawn_ready(&mut command, addr, "/__sim/stats")
 }
 
@@ -1982,18 +1988,8 @@ impl FarSim {
         let ca_file = dir.path().join("ca.pem");
         let addr = free_addr();
         let fault = format!(r#"{{"endpoint":"*","latencyMs":{latency_ms}}}"#);
-        let mut command = Command::new(BIN);
+        let mut command = sim_command(addr);
         command
-            .env_clear()
-            .env("RUST_LOG", "warn")
-            .env("GIROIDENT_SIM_CLIENT_SECRET", CLIENT_SECRET)
-            .args([
-                "sim",
-                "--listen",
-                &addr.to_string(),
-                "--client-id",
-                CLIENT_ID,
-            ])
             .args(["--fault", &fault, "--tls-alpn", alpn])
             .arg("--tls-self-signed-ca")
             .arg(&ca_file);

@@ -1245,9 +1245,16 @@ mod tests {
     /// A store on a fresh SQLite file in the temp dir, with the file's path (removed by the
     /// caller).
     async fn sqlite_store() -> (IdentityStore, std::path::PathBuf) {
+        sqlite_store_with(SqliteSync::Full).await
+    }
+
+    /// [`sqlite_store`] with the writer's `sync` setting (`identities.sqlite_synchronous`).
+    async fn sqlite_store_with(sync: SqliteSync) -> (IdentityStore, std::path::PathBuf) {
         let path = std::env::temp_dir().join(format!("giroident-store-unit-{}.db", Uuid::new_v4()));
         let url = SecretString::from(format!("sqlite://{}", path.display()));
-        let store = IdentityStore::connect(&url, 2).await.expect("connects");
+        let store = IdentityStore::connect_with(&url, 2, sync)
+            .await
+            .expect("connects");
         (store, path)
     }
 
@@ -1388,12 +1395,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_relaxed_batch_leaves_the_writer_at_full_and_the_level_applies_at_every_run() {
-        let path =
-            std::env::temp_dir().join(format!("giroident-store-relax-{}.db", Uuid::new_v4()));
-        let url = SecretString::from(format!("sqlite://{}", path.display()));
-        let store = IdentityStore::connect_with(&url, 2, SqliteSync::Intents)
-            .await
-            .expect("connects");
+        let (store, path) = sqlite_store_with(SqliteSync::Intents).await;
         let id = Uuid::new_v4();
         store
             .insert_intent(&intent(id, "u-1"))
@@ -1440,12 +1442,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_batch_of_intents_and_activations_is_split_and_answers_every_write() {
-        let path =
-            std::env::temp_dir().join(format!("giroident-store-split-{}.db", Uuid::new_v4()));
-        let url = SecretString::from(format!("sqlite://{}", path.display()));
-        let store = IdentityStore::connect_with(&url, 2, SqliteSync::Intents)
-            .await
-            .expect("connects");
+        let (store, path) = sqlite_store_with(SqliteSync::Intents).await;
         let first = Uuid::new_v4();
         store
             .insert_intent(&intent(first, "u-1"))
