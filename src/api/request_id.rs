@@ -203,7 +203,7 @@ pub async fn middleware(mut request: Request, next: Next) -> Response {
     }
     let started = Instant::now();
     let in_flight = InFlight::enter();
-    let unanswered = Unanswered {
+    let mut unanswered = Unanswered {
         span: &span,
         started,
         answered: false,
@@ -222,7 +222,6 @@ pub async fn middleware(mut request: Request, next: Next) -> Response {
         .scope(CURRENT.scope(current, run).instrument(span.clone()))
         .await;
     drop(in_flight);
-    let mut unanswered = unanswered;
     unanswered.answered = true;
     let elapsed = started.elapsed();
     crate::telemetry::otel::end_server_span(&mut server_span, response.status().as_u16());
