@@ -234,11 +234,10 @@ async fn run_writer(pool: WritePool, queue: Arc<Mutex<mpsc::UnboundedReceiver<Re
 /// anything else about its identity only after its intent was answered.
 pub(super) async fn commit(pool: &WritePool, batch: Vec<Request>) {
     if let WritePool::Sqlite(_, SqliteSync::Intents) = pool {
-        let refs: Vec<&Request> = batch.iter().collect();
-        if needs_sync(&refs) && batch.iter().any(|r| !matches!(r, Request::Intent(..))) {
-            let (synced, relaxed): (Vec<Request>, Vec<Request>) = batch
-                .into_iter()
-                .partition(|r| matches!(r, Request::Intent(..)));
+        let must_sync = |r: &Request| needs_sync(&[r]);
+        if batch.iter().any(must_sync) && !batch.iter().all(must_sync) {
+            let (synced, relaxed): (Vec<Request>, Vec<Request>) =
+                batch.into_iter().partition(|r| must_sync(r));
             commit_group(pool, relaxed).await;
             commit_group(pool, synced).await;
             return;
