@@ -247,6 +247,37 @@ async fn metrics_name_routes_callers_steps_and_outcomes() {
     env.stop().await;
 }
 
+/// The admin listener keeps the error contract too: a monitoring system that probes it with
+/// the wrong method gets the same problem document as on the main listener, not an empty body.
+#[tokio::test]
+async fn admin_listener_answers_errors_as_problems() {
+    let env = TestEnv::start().await;
+    for method in [reqwest::Method::POST, reqwest::Method::DELETE] {
+        for path in ["/metrics", "/livez", "/readyz"] {
+            let response = env
+                .http
+                .request(method.clone(), format!("{}{path}", env.admin_url))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(
+                response.headers().get("allow").map(|v| v.to_str().unwrap()),
+                Some("GET,HEAD"),
+                "{method} {path}"
+            );
+            expect_problem(response, 405, "METHOD_NOT_ALLOWED").await;
+        }
+    }
+    let unknown = env
+        .http
+        .get(format!("{}/kyc-sessions", env.admin_url))
+        .send()
+        .await
+        .unwrap();
+    expect_problem(unknown, 404, "NOT_FOUND").await;
+    env.stop().await;
+}
+
 #[tokio::test]
 async fn upstream_failures_are_counted_by_outcome() {
     let env = TestEnv::with(SimConfig::default(), |s| s.resilience.max_attempts = 1).await;

@@ -17,6 +17,8 @@ pub fn admin_router(state: AppState) -> Router {
     health::router()
         .route("/metrics", get(render_metrics))
         .fallback(|| async { ApiError::NotFound })
+        // Without it axum answers a wrong method with an empty 405, outside the error contract.
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .with_state(state)
 }
 
