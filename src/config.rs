@@ -1159,6 +1159,8 @@ impl Settings {
                 url_key,
                 "must be sqlite://PATH or postgres://… (the value is not shown)".into(),
             );
+        } else if let Some(reason) = unreadable_database_url(url) {
+            problem(url_key, format!("{reason} (the URL is not shown)"));
         }
         if i.database_max_connections == 0 {
             problem(
@@ -1768,6 +1770,25 @@ fn check_base_url(url: &str, allow_http: bool) -> Result<(), String> {
         return Err("must not carry credentials".into());
     }
     Ok(())
+}
+
+/// Why sqlx could not read `url` as the ledger's connection options, parsed as the store
+/// parses it at start but without connecting, so that `check-config` refuses what `serve`
+/// would. The reason never holds the URL's password: the URL parser's errors are fixed texts,
+/// and of the query parameters sqlx repeats only a bad `sslmode` value.
+fn unreadable_database_url(url: &str) -> Option<String> {
+    use std::str::FromStr;
+    let url = url.trim();
+    let parsed = if url.starts_with("sqlite:") {
+        sqlx::sqlite::SqliteConnectOptions::from_str(url).map(drop)
+    } else {
+        sqlx::postgres::PgConnectOptions::from_str(url).map(drop)
+    };
+    parsed.err().map(|error| {
+        let reason = error.to_string();
+        let reason = reason.trim_start_matches("error with configuration: ");
+        format!("cannot be read as a database URL: {reason}")
+    })
 }
 
 /// `identities.database_url` as `config/default.toml` sets it: `identities.database_url_file`

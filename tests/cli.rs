@@ -46,6 +46,32 @@ fn check_config_reports_every_problem_with_its_key_and_exits_2() {
     assert!(!stderr.contains("cli-test-secret"), "{stderr}");
 }
 
+/// A ledger URL the database driver cannot read was accepted by `check-config` and refused
+/// only by `serve` (exit 1, after the start had begun): both now refuse it as a configuration
+/// problem naming the key, never its password.
+#[test]
+fn check_config_refuses_a_database_url_the_ledger_cannot_read() {
+    for url in [
+        "postgres://ledger:cli-db-password@[not-an-address/ledger",
+        "postgres://ledger:cli-db-password@127.0.0.1:5432/ledger?sslmode=sometimes",
+        "postgresql://ledger:cli-db-password@127.0.0.1:notaport/ledger",
+        "sqlite:///var/lib/giroident-broker/identities.db?mode=bogus",
+    ] {
+        let mut env = VALID.to_vec();
+        env.push(("GIROIDENT_BROKER_IDENTITIES__DATABASE_URL", url));
+        for command in ["check-config", "serve"] {
+            let out = broker(&[command], &env);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{command} {url}: {stderr}");
+            assert!(
+                stderr.contains("identities.database_url:"),
+                "{command} {url}: {stderr}"
+            );
+            assert!(!stderr.contains("cli-db-password"), "{stderr}");
+        }
+    }
+}
+
 #[test]
 fn serve_refuses_to_start_on_a_bad_configuration() {
     let out = broker(&["serve"], &[]);
