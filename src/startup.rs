@@ -10,6 +10,7 @@ use std::time::Duration;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
@@ -47,6 +48,13 @@ pub enum StartupError {
     /// binary).
     #[error("cannot open the identity ledger (identities.database_url)")]
     Store(#[source] crate::identities::StoreError),
+    /// The SQLite ledger's directory does not exist: SQLite creates the file, never its
+    /// directory, and says only "unable to open database file".
+    #[error(
+        "cannot open the identity ledger (identities.database_url): the directory of its SQLite \
+         file does not exist; create it, or mount the volume there"
+    )]
+    SqliteDirectoryMissing(#[source] crate::identities::StoreError),
     /// The listener could not be bound.
     #[error("cannot listen on {addr}")]
     Bind {
@@ -226,6 +234,19 @@ impl Application {
     }
 }
 
+/// Whether `url` names an SQLite file whose directory does not exist. Asked only after the
+/// ledger failed to open, to say why; a relative path's directory is the working directory.
+fn sqlite_directory_missing(url: &str) -> bool {
+    let Some(rest) = url.trim().strip_prefix("sqlite:") else {
+        return false;
+    };
+    let path = rest.trim_start_matches("//");
+    let path = path.split_once('?').map_or(path, |(path, _)| path);
+    std::path::Path::new(path)
+        .parent()
+        .is_some_and(|dir| !dir.as_os_str().is_empty() && !dir.exists())
+}
+
 /// Opens the ledger (migrating it) and reads the password keys of validated settings.
 async fn identity_settings(settings: &Settings) -> Result<IdentitySettings, StartupError> {
     let i = &settings.identities;
@@ -236,7 +257,13 @@ async fn identity_settings(settings: &Settings) -> Result<IdentitySettings, Star
     };
     let store = IdentityStore::connect_with(&i.database_url, i.database_max_connections, sync)
         .await
-        .map_err(StartupError::Store)?;
+        .map_err(|error| {
+            if sqlite_directory_missing(i.database_url.expose_secret()) {
+                StartupError::SqliteDirectoryMissing(error)
+            } else {
+                StartupError::Store(error)
+            }
+        })?;
     let keys = password_keys(settings)?;
     Ok(IdentitySettings {
         store,

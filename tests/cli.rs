@@ -72,6 +72,30 @@ fn check_config_refuses_a_database_url_the_ledger_cannot_read() {
     }
 }
 
+/// SQLite creates its file but not the file's directory; the broker said only "unable to open
+/// database file", twice, which sends a newcomer (the default path is under /var/lib) looking
+/// at permissions and URLs instead of at the missing directory or volume.
+#[test]
+fn serve_says_when_the_sqlite_ledgers_directory_does_not_exist() {
+    let missing = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("no-such-dir-{}", std::process::id()))
+        .join("identities.db");
+    let url = format!("sqlite://{}", missing.display());
+    let mut env = VALID.to_vec();
+    env.push(("GIROIDENT_BROKER_IDENTITIES__DATABASE_URL", &url));
+    env.push(("GIROIDENT_BROKER_SERVER__LISTEN", "127.0.0.1:0"));
+    env.push(("GIROIDENT_BROKER_ADMIN__LISTEN", "127.0.0.1:0"));
+    let out = broker(&["serve"], &env);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("identities.database_url"), "{stderr}");
+    assert!(
+        stderr.contains("the directory of its SQLite file does not exist"),
+        "{stderr}"
+    );
+    assert!(!missing.parent().unwrap().exists());
+}
+
 #[test]
 fn serve_refuses_to_start_on_a_bad_configuration() {
     let out = broker(&["serve"], &[]);
