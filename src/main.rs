@@ -49,8 +49,9 @@ enum Tool {
         /// Simulator address (port 0: any free port).
         #[arg(long, default_value = "127.0.0.1:0")]
         sim_listen: SocketAddr,
-        /// API key of the demo caller (default: a random one, printed at start).
-        #[arg(long)]
+        /// API key of the demo caller (default: a random one, printed at start): visible
+        /// ASCII, as an `X-Api-Key` header carries it unchanged.
+        #[arg(long, value_parser = demo_api_key)]
         api_key: Option<String>,
     },
     /// Run the finAPI simulator alone. The client secret comes from the environment variable
@@ -370,6 +371,17 @@ fn sim_secret(file: Option<PathBuf>) -> Result<String, String> {
 
 /// `ID=SECRET_FILE[,CLIENT_TOKEN_TTL_SECS[,USER_TOKEN_TTL_SECS]]`; the secret file is read at
 /// once (one trailing newline ignored), and only its path is named in an error.
+/// The demo caller's `--api-key`: 1 or more visible ASCII characters. An empty key is a
+/// missing `X-Api-Key`, white space at its ends is dropped by HTTP (RFC 9110, 5.5), and other
+/// bytes do not survive every client, so the curls the demo prints would all answer `401`.
+fn demo_api_key(key: &str) -> Result<String, String> {
+    if !key.is_empty() && key.bytes().all(|b| b.is_ascii_graphic()) {
+        Ok(key.to_owned())
+    } else {
+        Err("an API key is 1 or more visible ASCII characters (no spaces)".to_owned())
+    }
+}
+
 fn parse_extra_client(spec: &str) -> Result<sim::SimClient, String> {
     let (id, rest) = spec
         .split_once('=')

@@ -116,6 +116,37 @@ async fn demo_without_configuration_keeps_the_default_burst() {
     assert!(rate_limited_of(&demo, 100).await > 0);
 }
 
+/// `--api-key ''` started a demo whose printed key no request can carry (an empty
+/// `X-Api-Key` is a missing one): every curl it printed answered `401`. A key must be what a
+/// header carries unchanged: visible ASCII.
+#[test]
+fn demo_refuses_an_api_key_no_client_can_send() {
+    for key in ["", " ", "two words", "tab\there", "schlüssel"] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_giroident-broker"))
+            .args(["demo", "--listen", "127.0.0.1:0", "--api-key", key])
+            .env_clear()
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the binary runs");
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let started = BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .any(|line| line.contains("API key:"));
+        if started {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the demo started with --api-key {key:?}");
+        }
+        let out = child.wait_with_output().expect("the demo ends");
+        assert_eq!(out.status.code(), Some(2), "{key:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("--api-key"), "{key:?}: {stderr}");
+    }
+}
+
 #[test]
 fn demo_reports_a_bad_configuration_with_its_key_and_exits_2() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_giroident-broker"))
