@@ -228,11 +228,21 @@ pub async fn run(
         &ledger,
     );
     let mut ledger_note = ledger_path.display().to_string();
+    let mut demo_key_works = true;
     let built = match Settings::load_layered(preset, options.config.as_deref(), env) {
         Ok(mut settings) => {
             if let Some(listen) = options.listen {
                 settings.server.listen = listen.to_string();
             }
+            // Callers from the file or the environment replace the demo caller, and its key
+            // with it: printing that key would hand out curls that all answer 401.
+            let digest = sha256(options.api_key.expose_secret().as_bytes());
+            demo_key_works = settings.auth.disabled
+                || settings
+                    .auth
+                    .callers
+                    .iter()
+                    .any(|caller| caller.key_digest() == Some(digest));
             if settings.identities.database_url.expose_secret()
                 != ledger.database_url.expose_secret()
             {
@@ -257,7 +267,7 @@ pub async fn run(
             app.admin_addr(),
             &sim.base_url(),
             &authority.ca_file,
-            options.api_key.expose_secret(),
+            demo_key_works.then(|| options.api_key.expose_secret()),
             &ledger_note,
         )
     );
@@ -317,7 +327,7 @@ fn instructions(
     admin: SocketAddr,
     sim_url: &str,
     ca_file: &Path,
-    api_key: &str,
+    api_key: Option<&str>,
     ledger: &str,
 ) -> String {
     let b = format!("http://{broker}");
@@ -325,10 +335,19 @@ fn instructions(
     let mut text = String::new();
     let _ = writeln!(text, "giroident-broker demo");
     let _ = writeln!(text, "  broker:    {b}");
-    let _ = writeln!(
-        text,
-        "  API key:   {api_key}   (caller \"demo\", both flows)"
-    );
+    let key_header = match api_key {
+        Some(key) => {
+            let _ = writeln!(text, "  API key:   {key}   (caller \"demo\", both flows)");
+            format!("'X-Api-Key: {key}'")
+        }
+        None => {
+            let _ = writeln!(
+                text,
+                "  API key:   a key of the callers you configured (auth.callers replaces the demo caller): set API_KEY"
+            );
+            "\"X-Api-Key: $API_KEY\"".to_owned()
+        }
+    };
     let _ = writeln!(
         text,
         "  simulator: {sim_url}   (finAPI stand-in over HTTPS; call counts at {sim_url}/__sim/stats)"
@@ -345,7 +364,7 @@ fn instructions(
     let _ = writeln!(text, "\nStandalone flow (Process Controller):");
     let _ = writeln!(
         text,
-        "  curl -s -X POST {b}/kyc-sessions -H 'X-Api-Key: {api_key}' -H 'Content-Type: application/json' \\\n    -d '{{\"flow\":\"standalone\",\"clientReference\":\"customer-4711\"}}'"
+        "  curl -s -X POST {b}/kyc-sessions -H {key_header} -H 'Content-Type: application/json' \\\n    -d '{{\"flow\":\"standalone\",\"clientReference\":\"customer-4711\"}}'"
     );
     let _ = writeln!(
         text,
@@ -353,15 +372,15 @@ fn instructions(
     );
     let _ = writeln!(
         text,
-        "  curl -s -X POST {b}/kyc-sessions -H 'X-Api-Key: {api_key}' -H 'Content-Type: application/json' \\\n    -d '{{\"flow\":\"access\",\"clientReference\":\"customer-4711\",\"email\":\"jane@example.com\"}}'"
+        "  curl -s -X POST {b}/kyc-sessions -H {key_header} -H 'Content-Type: application/json' \\\n    -d '{{\"flow\":\"access\",\"clientReference\":\"customer-4711\",\"email\":\"jane@example.com\"}}'"
     );
     let _ = writeln!(
         text,
-        "  curl -s {b}/identities/customer-4711 -H 'X-Api-Key: {api_key}'            # its record"
+        "  curl -s {b}/identities/customer-4711 -H {key_header}            # its record"
     );
     let _ = writeln!(
         text,
-        "  curl -s -i -X DELETE {b}/identities/customer-4711 -H 'X-Api-Key: {api_key}'  # delete it"
+        "  curl -s -i -X DELETE {b}/identities/customer-4711 -H {key_header}  # delete it"
     );
     let _ = writeln!(
         text,
@@ -373,7 +392,7 @@ fn instructions(
     );
     let _ = writeln!(
         text,
-        "  curl -s -i -X DELETE {b}/kyc-sessions/current -H 'X-Api-Key: {api_key}' -H \"Authorization: Bearer $TOKEN\""
+        "  curl -s -i -X DELETE {b}/kyc-sessions/current -H {key_header} -H \"Authorization: Bearer $TOKEN\""
     );
     let _ = write!(text, "\nPress Ctrl-C to stop.");
     text

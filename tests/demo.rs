@@ -147,6 +147,51 @@ fn demo_refuses_an_api_key_no_client_can_send() {
     }
 }
 
+/// Callers from a file or variable replace the demo caller (README, Configuration), yet the
+/// demo still printed its own key as "caller \"demo\", both flows" in every curl, each of
+/// which then answered `401 INVALID_API_KEY`. It says so instead, and prints no key that
+/// does not work.
+#[tokio::test]
+async fn demo_with_configured_callers_prints_no_key_that_does_not_work() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_giroident-broker"))
+        .args(["demo", "--listen", "127.0.0.1:0", "--api-key", API_KEY])
+        .env_clear()
+        .env(
+            "GIROIDENT_BROKER_AUTH__CALLERS",
+            r#"[{name = "mine", key_env = "MY_KEY", flows = ["access"]}]"#,
+        )
+        .env("MY_KEY", "my-own-key-0123456789")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the binary runs");
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let mut printed = Vec::new();
+    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+        let last = line.starts_with("Press Ctrl-C");
+        printed.push(line);
+        if last {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = printed.join("\n");
+    assert!(
+        text.contains("Press Ctrl-C"),
+        "the demo did not start: {text}"
+    );
+    assert!(!text.contains(API_KEY), "{text}");
+    assert!(!text.contains("caller \"demo\""), "{text}");
+    let key_line = printed
+        .iter()
+        .find(|l| l.trim().starts_with("API key:"))
+        .expect("an API key line");
+    assert!(key_line.contains("auth.callers"), "{key_line}");
+    assert!(text.contains("X-Api-Key: $API_KEY"), "{text}");
+}
+
 #[test]
 fn demo_reports_a_bad_configuration_with_its_key_and_exits_2() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_giroident-broker"))
