@@ -25,12 +25,23 @@ impl Drop for Demo {
     }
 }
 
+/// The binary, with its temporary files (the simulator's authority, the fresh ledger) in
+/// Cargo's directory for test files: these tests end most demos with SIGKILL, which leaves
+/// them behind, and the system's temporary directory would collect them run after run.
+/// Its environment is cleared, as each test sets what it needs.
+fn demo_command() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_giroident-broker"));
+    command
+        .env_clear()
+        .env("TMPDIR", env!("CARGO_TARGET_TMPDIR"));
+    command
+}
+
 /// Starts the demo on a free port and waits for it to print its address.
 fn start_demo(args: &[&str], env: &[(&str, &str)]) -> Demo {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_giroident-broker"))
+    let mut child = demo_command()
         .args(["demo", "--listen", "127.0.0.1:0", "--api-key", API_KEY])
         .args(args)
-        .env_clear()
         .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -122,9 +133,8 @@ async fn demo_without_configuration_keeps_the_default_burst() {
 #[test]
 fn demo_refuses_an_api_key_no_client_can_send() {
     for key in ["", " ", "two words", "tab\there", "schlüssel"] {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_giroident-broker"))
+        let mut child = demo_command()
             .args(["demo", "--listen", "127.0.0.1:0", "--api-key", key])
-            .env_clear()
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -153,9 +163,8 @@ fn demo_refuses_an_api_key_no_client_can_send() {
 /// does not work.
 #[tokio::test]
 async fn demo_with_configured_callers_prints_no_key_that_does_not_work() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_giroident-broker"))
+    let mut child = demo_command()
         .args(["demo", "--listen", "127.0.0.1:0", "--api-key", API_KEY])
-        .env_clear()
         .env(
             "GIROIDENT_BROKER_AUTH__CALLERS",
             r#"[{name = "mine", key_env = "MY_KEY", flows = ["access"]}]"#,
@@ -194,9 +203,8 @@ async fn demo_with_configured_callers_prints_no_key_that_does_not_work() {
 
 #[test]
 fn demo_reports_a_bad_configuration_with_its_key_and_exits_2() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_giroident-broker"))
+    let mut child = demo_command()
         .args(["demo", "--listen", "127.0.0.1:0"])
-        .env_clear()
         .env("GIROIDENT_BROKER_LIMITS__CALLER_BURST", "many")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -221,9 +229,8 @@ fn demo_reports_a_bad_configuration_with_its_key_and_exits_2() {
 
 #[test]
 fn demo_logs_as_its_configuration_says() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_giroident-broker"))
+    let mut child = demo_command()
         .args(["demo", "--listen", "127.0.0.1:0", "--api-key", API_KEY])
-        .env_clear()
         .env("GIROIDENT_BROKER_LOG__FORMAT", "json")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
