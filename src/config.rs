@@ -874,6 +874,22 @@ impl Settings {
                 ),
             );
         }
+        if let (Ok(server), Ok(admin)) = (
+            self.server.listen.parse::<SocketAddr>(),
+            self.admin.listen.parse::<SocketAddr>(),
+        ) {
+            // Otherwise the second bind fails with "Address already in use", as if another
+            // process held the port. An unspecified address (0.0.0.0) overlaps every other.
+            let overlap = server.ip() == admin.ip()
+                || server.ip().is_unspecified()
+                || admin.ip().is_unspecified();
+            if server.port() != 0 && server.port() == admin.port() && overlap {
+                problem(
+                    "admin.listen",
+                    "must not share server.listen's port: the broker binds both".into(),
+                );
+            }
+        }
         if self.server.worker_threads > 256 {
             problem("server.worker_threads", "must be at most 256".into());
         }

@@ -96,6 +96,41 @@ fn serve_says_when_the_sqlite_ledgers_directory_does_not_exist() {
     assert!(!missing.parent().unwrap().exists());
 }
 
+/// `server.listen` and `admin.listen` on one port passed `check-config`, and `serve` then
+/// failed with "Address already in use", which sends an operator looking for another process
+/// when the broker's own admin listener holds the port.
+#[test]
+fn check_config_refuses_the_admin_listener_on_the_brokers_port() {
+    for (server, admin) in [
+        ("127.0.0.1:18090", "127.0.0.1:18090"),
+        ("0.0.0.0:18090", "127.0.0.1:18090"),
+        ("127.0.0.1:18090", "0.0.0.0:18090"),
+    ] {
+        let mut env = VALID.to_vec();
+        env.push(("GIROIDENT_BROKER_SERVER__LISTEN", server));
+        env.push(("GIROIDENT_BROKER_ADMIN__LISTEN", admin));
+        let out = broker(&["check-config"], &env);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{server} {admin}: {stderr}");
+        assert!(stderr.contains("admin.listen"), "{stderr}");
+    }
+    // Port 0 (any free port) twice, and one port on two different addresses, are fine.
+    for (server, admin) in [
+        ("127.0.0.1:0", "127.0.0.1:0"),
+        ("127.0.0.1:18090", "127.0.0.2:18090"),
+    ] {
+        let mut env = VALID.to_vec();
+        env.push(("GIROIDENT_BROKER_SERVER__LISTEN", server));
+        env.push(("GIROIDENT_BROKER_ADMIN__LISTEN", admin));
+        let out = broker(&["check-config"], &env);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 #[test]
 fn serve_refuses_to_start_on_a_bad_configuration() {
     let out = broker(&["serve"], &[]);
