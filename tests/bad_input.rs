@@ -358,6 +358,27 @@ fn cases() -> Vec<Case> {
             path: "/api/v2/users",
             ..case("finAPI path on the broker", "", 404, "NOT_FOUND")
         },
+        // finapiClient picks the client in the query of DELETE /kyc-sessions/current and the
+        // identity endpoints, but in the body here: a query was ignored, and the session ran
+        // at the caller's default client instead of the one the query named.
+        Case {
+            path: "/kyc-sessions?finapiClient=default",
+            ..case(
+                "finapiClient in the query of POST",
+                r#"{"flow":"standalone","clientReference":"q-1"}"#,
+                422,
+                "INVALID_FIELD",
+            )
+        },
+        Case {
+            path: "/kyc-sessions?debug=1",
+            ..case(
+                "any query on POST",
+                r#"{"flow":"standalone","clientReference":"q-2"}"#,
+                422,
+                "INVALID_FIELD",
+            )
+        },
     ];
     // Keys are compared exactly: no case folding.
     cases.push(Case {

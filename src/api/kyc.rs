@@ -1,6 +1,6 @@
 //! `POST /kyc-sessions` and `DELETE /kyc-sessions/current`.
 
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, post};
@@ -368,8 +368,17 @@ pub(super) async fn create_session(
     Extension(RequestId(request_id)): Extension<RequestId>,
     Extension(CallerExt(caller)): Extension<CallerExt>,
     headers: HeaderMap,
+    RawQuery(query): RawQuery,
     ApiJson(mut body): ApiJson<CreateSessionBody>,
 ) -> Result<Response, ApiError> {
+    // The other endpoints take `?finapiClient=`; ignoring it here would run the session at
+    // the caller's default client instead of the one the query names.
+    if query.is_some_and(|q| !q.is_empty()) {
+        return Err(ApiError::InvalidField(InvalidInput {
+            field: "finapiClient",
+            rule: "goes in the body: POST /kyc-sessions takes no query parameters",
+        }));
+    }
     let end_user = end_user(&headers)?;
     let requested_client = body.finapi_client.take();
     let request = body
