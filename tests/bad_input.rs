@@ -371,9 +371,9 @@ fn cases() -> Vec<Case> {
             )
         },
         Case {
-            path: "/kyc-sessions?debug=1",
+            path: "/kyc-sessions?n=7&finapiClient=",
             ..case(
-                "any query on POST",
+                "finapiClient among other query parameters of POST",
                 r#"{"flow":"standalone","clientReference":"q-2"}"#,
                 422,
                 "INVALID_FIELD",

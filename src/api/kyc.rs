@@ -372,11 +372,16 @@ pub(super) async fn create_session(
     ApiJson(mut body): ApiJson<CreateSessionBody>,
 ) -> Result<Response, ApiError> {
     // The other endpoints take `?finapiClient=`; ignoring it here would run the session at
-    // the caller's default client instead of the one the query names.
-    if query.is_some_and(|q| !q.is_empty()) {
+    // the caller's default client instead of the one the query names. Other parameters stay
+    // ignored (load generators number their requests with one).
+    let names_client = |q: &str| {
+        q.split('&')
+            .any(|pair| pair.split('=').next() == Some("finapiClient"))
+    };
+    if query.as_deref().is_some_and(names_client) {
         return Err(ApiError::InvalidField(InvalidInput {
             field: "finapiClient",
-            rule: "goes in the body: POST /kyc-sessions takes no query parameters",
+            rule: "goes in the body of POST /kyc-sessions, not in its query",
         }));
     }
     let end_user = end_user(&headers)?;
