@@ -966,6 +966,12 @@ impl Settings {
         if let Err(e) = self.log.filter.parse::<tracing_subscriber::EnvFilter>() {
             problem("log.filter", format!("not a valid filter: {e}"));
         }
+        // RUST_LOG wins over log.filter (telemetry), so its mistakes are this file's too.
+        if let Some(rust_log) = env("RUST_LOG").filter(|f| !f.trim().is_empty()) {
+            if let Err(e) = rust_log.parse::<tracing_subscriber::EnvFilter>() {
+                problem("RUST_LOG", format!("not a valid filter: {e}"));
+            }
+        }
 
         if problems.is_empty() {
             Ok(())

@@ -78,8 +78,11 @@ pub fn install<W>(
 where
     W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
 {
+    // An empty RUST_LOG parses as a filter that enables nothing: it counts as unset. One
+    // that does not parse is refused by the configuration before this runs.
     let filter = std::env::var("RUST_LOG")
         .ok()
+        .filter(|f| !f.trim().is_empty())
         .and_then(|f| f.parse::<EnvFilter>().ok())
         .unwrap_or_else(|| EnvFilter::new(filter));
     let json = match format {

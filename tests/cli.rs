@@ -131,6 +131,70 @@ fn check_config_refuses_the_admin_listener_on_the_brokers_port() {
     }
 }
 
+/// `RUST_LOG` wins over `log.filter`, but a value that does not parse was dropped without a
+/// word (the broker logged at `log.filter`), while the same mistake in `log.filter` is a
+/// configuration error: both are now.
+#[test]
+fn check_config_refuses_a_rust_log_that_does_not_parse() {
+    for value in ["[[[", "giroident_broker=loud"] {
+        let mut env = VALID.to_vec();
+        env.push(("RUST_LOG", value));
+        let out = broker(&["check-config"], &env);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{value}: {stderr}");
+        assert!(stderr.contains("RUST_LOG: not a valid filter"), "{stderr}");
+    }
+}
+
+/// An empty `RUST_LOG` (a compose file's `RUST_LOG=${RUST_LOG}` with the variable unset)
+/// parsed as a filter that enables nothing: the broker ran without a single log line, its
+/// errors included. Empty counts as unset, as `log.filter`'s documentation implies.
+#[test]
+fn an_empty_rust_log_leaves_the_configured_filter_in_force() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let db = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("cli-empty-rust-log-{}.db", std::process::id()));
+    let url = format!("sqlite://{}", db.display());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_giroident-broker"))
+        .arg("serve")
+        .env_clear()
+        .envs(VALID.iter().copied())
+        .env("RUST_LOG", "")
+        .env("GIROIDENT_BROKER_SERVER__LISTEN", "127.0.0.1:0")
+        .env("GIROIDENT_BROKER_ADMIN__LISTEN", "127.0.0.1:0")
+        .env("GIROIDENT_BROKER_IDENTITIES__DATABASE_URL", &url)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the binary runs");
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // The start-up lines come within milliseconds; a silent broker sends none at all.
+    let mut seen = Vec::new();
+    let listening = loop {
+        match rx.recv_timeout(std::time::Duration::from_secs(10)) {
+            Ok(line) if line.contains("broker listening") => break true,
+            Ok(line) => seen.push(line),
+            Err(_) => break false,
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
+    }
+    assert!(listening, "no 'broker listening' line: {seen:?}");
+}
+
 #[test]
 fn serve_refuses_to_start_on_a_bad_configuration() {
     let out = broker(&["serve"], &[]);
