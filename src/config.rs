@@ -967,10 +967,10 @@ impl Settings {
             problem("log.filter", format!("not a valid filter: {e}"));
         }
         // RUST_LOG wins over log.filter (telemetry), so its mistakes are this file's too.
-        if let Some(rust_log) = env("RUST_LOG").filter(|f| !f.trim().is_empty()) {
-            if let Err(e) = rust_log.parse::<tracing_subscriber::EnvFilter>() {
-                problem("RUST_LOG", format!("not a valid filter: {e}"));
-            }
+        if let Some(rust_log) = env("RUST_LOG").filter(|f| !f.trim().is_empty())
+            && let Err(e) = rust_log.parse::<tracing_subscriber::EnvFilter>()
+        {
+            problem("RUST_LOG", format!("not a valid filter: {e}"));
         }
 
         if problems.is_empty() {
