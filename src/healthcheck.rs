@@ -61,7 +61,13 @@ pub async fn check_trusting(
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .map_err(HealthcheckError::Client)?;
-    let response = match client.get(url.clone()).send().await {
+    let response = client.get(url.clone()).send().await;
+    // The errors print the URL: never its password.
+    let mut url = url;
+    if url.password().is_some() {
+        let _ = url.set_password(None);
+    }
+    let response = match response {
         Ok(response) => response,
         Err(source) => {
             return Err(HealthcheckError::NoAnswer {

@@ -70,3 +70,37 @@ async fn a_server_that_never_answers_is_unhealthy_within_the_timeout() {
     );
     drop(listener);
 }
+
+/// A URL's password (basic auth at a proxy in front of the broker, say) was printed with
+/// every unhealthy result: the messages name the URL without it.
+#[tokio::test]
+async fn an_unhealthy_result_never_shows_the_urls_password() {
+    let env = TestEnv::start().await;
+    let with_password = |base: &str, path: &str| {
+        let mut url = url(base, path);
+        url.set_username("probe").unwrap();
+        url.set_password(Some("hc-secret-pw")).unwrap();
+        url
+    };
+    let unhealthy = healthcheck::check(
+        with_password(&env.broker_url, "/no-such-path"),
+        healthcheck::TIMEOUT,
+    )
+    .await
+    .unwrap_err();
+    env.stop().await;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed = format!("http://{}", listener.local_addr().unwrap());
+    drop(listener);
+    let no_answer = healthcheck::check(with_password(&closed, "/livez"), healthcheck::TIMEOUT)
+        .await
+        .unwrap_err();
+    for err in [unhealthy, no_answer] {
+        let shown = format!("{} {err:?}", giroident_broker::telemetry::cause_chain(&err));
+        assert!(!shown.contains("hc-secret-pw"), "{shown}");
+        assert!(
+            shown.contains("no-such-path") || shown.contains("livez"),
+            "{shown}"
+        );
+    }
+}
