@@ -567,7 +567,11 @@ async fn under_steady_load_client_tokens_are_refreshed_in_the_background() {
 
 /// The broker binary, started with `serve` and configured through the environment; returns the
 /// child and its address, read from its "broker listening" log line.
-fn spawn_broker(sim_url: &str, drain_secs: u64) -> (std::process::Child, String) {
+fn spawn_broker(
+    sim_url: &str,
+    drain_secs: u64,
+    lines: Option<std::sync::mpsc::Sender<String>>,
+) -> (std::process::Child, String) {
     let digest = giroident_broker::config::to_hex(&giroident_broker::config::sha256(
         TEST_API_KEY.as_bytes(),
     ));
@@ -596,7 +600,55 @@ fn spawn_broker(sim_url: &str, drain_secs: u64) -> (std::process::Child, String)
         ("GIROIDENT_BROKER_LIMITS__CALLER_BURST", "100000"),
         ("GIROIDENT_BROKER_LIMITS__MAX_IN_FLIGHT", "10000"),
     ]);
-    spawn_broker_binary(command, None)
+    spawn_broker_binary(command, lines)
+}
+
+/// During a drain the load balancer probes `/readyz` on every replica, and each `503
+/// NOT_READY` was logged at warn as "request failed upstream", though finAPI has no part in
+/// it and refusing is what the drain is for: a rolling update filled the logs with false
+/// upstream warnings. It is a refusal, at info.
+#[tokio::test]
+async fn readyz_while_draining_is_logged_as_a_refusal_not_an_upstream_failure() {
+    let sim = sim::start(SimConfig::default()).await.unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (mut child, url) = spawn_broker(&sim.base_url(), 1, Some(tx));
+    let http = client_with_key(TEST_API_KEY);
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let mut not_ready = 0;
+    while not_ready < 3 {
+        let ready = http.get(format!("{url}/readyz")).send().await.unwrap();
+        if ready.status() == 503 {
+            expect_problem(ready, 503, "NOT_READY").await;
+            not_ready += 1;
+        }
+    }
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    // The reader thread may still be behind the exited process: read up to its last line.
+    let mut lines = Vec::new();
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(10)) {
+        let Ok(log) = serde_json::from_str::<Value>(&line) else {
+            continue;
+        };
+        if log["message"] == "broker stopped" {
+            break;
+        }
+        if log["code"] == "NOT_READY" {
+            lines.push(log);
+        }
+    }
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    for line in &lines {
+        assert_eq!(line["level"], "INFO", "{line}");
+        assert_eq!(line["message"], "request refused", "{line}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -610,7 +662,7 @@ async fn sigterm_under_load_drains_without_a_failed_request_and_exits_0() {
         latency_ms: Some(100),
         ..FaultRule::default()
     });
-    let (mut child, url) = spawn_broker(&sim.base_url(), drain.as_secs());
+    let (mut child, url) = spawn_broker(&sim.base_url(), drain.as_secs(), None);
     let http = client_with_key(TEST_API_KEY);
 
     let sending = Arc::new(AtomicBool::new(true));

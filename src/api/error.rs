@@ -433,7 +433,8 @@ fn log(err: &ApiError, kind: &Kind) {
             "finAPI refused the broker's client credentials or token: check the broker's finAPI client configuration");
     } else if kind.status == StatusCode::INTERNAL_SERVER_ERROR {
         tracing::error!(code = kind.code, error = %chain, step, "internal error");
-    } else if kind.status.is_server_error() {
+    } else if kind.status.is_server_error() && !matches!(err, ApiError::NotReady) {
+        // NOT_READY is the drain doing its job (a probe told to look elsewhere), not a failure.
         tracing::warn!(code = kind.code, error = %chain, step, "request failed upstream");
     } else {
         tracing::info!(code = kind.code, error = %chain, "request refused");
