@@ -127,30 +127,37 @@ async fn demo_without_configuration_keeps_the_default_burst() {
     assert!(rate_limited_of(&demo, 100).await > 0);
 }
 
+/// Runs a demo that must refuse to start and returns its output; panics (after killing it)
+/// if it printed its "API key:" line, i.e. started despite `what`.
+fn refused_demo(mut command: std::process::Command, what: &str) -> std::process::Output {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the binary runs");
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let started = BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .any(|line| line.contains("API key:"));
+    if started {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("the demo started despite {what}");
+    }
+    child.wait_with_output().expect("the demo ends")
+}
+
 /// `--api-key ''` started a demo whose printed key no request can carry (an empty
 /// `X-Api-Key` is a missing one): every curl it printed answered `401`. A key must be what a
 /// header carries unchanged: visible ASCII.
 #[test]
 fn demo_refuses_an_api_key_no_client_can_send() {
     for key in ["", " ", "two words", "tab\there", "schlüssel"] {
-        let mut child = demo_command()
-            .args(["demo", "--listen", "127.0.0.1:0", "--api-key", key])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the binary runs");
-        let stdout = child.stdout.take().expect("stdout is piped");
-        let started = BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-            .any(|line| line.contains("API key:"));
-        if started {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("the demo started with --api-key {key:?}");
-        }
-        let out = child.wait_with_output().expect("the demo ends");
+        let mut command = demo_command();
+        command.args(["demo", "--listen", "127.0.0.1:0", "--api-key", key]);
+        let out = refused_demo(command, &format!("--api-key {key:?}"));
         assert_eq!(out.status.code(), Some(2), "{key:?}");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains("--api-key"), "{key:?}: {stderr}");
@@ -203,25 +210,11 @@ async fn demo_with_configured_callers_prints_no_key_that_does_not_work() {
 
 #[test]
 fn demo_reports_a_bad_configuration_with_its_key_and_exits_2() {
-    let mut child = demo_command()
+    let mut command = demo_command();
+    command
         .args(["demo", "--listen", "127.0.0.1:0"])
-        .env("GIROIDENT_BROKER_LIMITS__CALLER_BURST", "many")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the binary runs");
-    let stdout = child.stdout.take().expect("stdout is piped");
-    let started = BufReader::new(stdout)
-        .lines()
-        .map_while(Result::ok)
-        .any(|line| line.contains("API key:"));
-    if started {
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("the demo started despite GIROIDENT_BROKER_LIMITS__CALLER_BURST=many");
-    }
-    let out = child.wait_with_output().expect("the demo ends");
+        .env("GIROIDENT_BROKER_LIMITS__CALLER_BURST", "many");
+    let out = refused_demo(command, "GIROIDENT_BROKER_LIMITS__CALLER_BURST=many");
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("limits.caller_burst"), "{stderr}");
