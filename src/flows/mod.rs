@@ -409,8 +409,9 @@ impl Flows {
                 email,
                 phone,
             } => {
-                self.access(client_reference.as_ref(), email, phone, ctx, &deadline)
-                    .await
+                // Boxed: the access flow's future (the ledger's steps) is more than twice the
+                // standalone flow's, and would set the size of every session's future.
+                Box::pin(self.access(client_reference.as_ref(), email, phone, ctx, &deadline)).await
             }
         }
     }
