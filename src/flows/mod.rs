@@ -456,3 +456,26 @@ fn user_call_error(err: UpstreamError) -> FlowError {
 fn is_unauthorized(err: &UpstreamError) -> bool {
     err.status() == Some(reqwest::StatusCode::UNAUTHORIZED)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resilience::Deadline;
+
+    /// The bytes of the future of a flow method `f`, without running it.
+    fn future_size<'a, A, Fut>(
+        _f: fn(&'a Flows, &'a A, &'a RequestContext, &'a Deadline) -> Fut,
+    ) -> usize {
+        std::mem::size_of::<Fut>()
+    }
+
+    /// Every layer of axum and tower copies the handler's future as it wraps it, and async fns
+    /// that took a future argument held it twice: nested in the flow, that made a standalone
+    /// session's future 15 KiB (docs/BENCHMARKS.md, "Issue 15: the request path and the
+    /// standalone flow, fourth pass").
+    #[test]
+    fn a_standalone_session_future_stays_small() {
+        let size = future_size(Flows::standalone);
+        assert!(size <= 8 * 1024, "{size} bytes");
+    }
+}
