@@ -45,10 +45,17 @@ impl Deadline {
     }
 
     /// Runs `work`, cutting it off at the deadline.
-    pub async fn run<T>(&self, work: impl Future<Output = T>) -> Result<T, BudgetExhausted> {
-        tokio::time::timeout_at(self.0, work)
-            .await
-            .map_err(|_| BudgetExhausted)
+    ///
+    /// A plain function returning a combinator, not an `async fn`: an `async fn` keeps its
+    /// future argument twice in its state (once as the argument, once being awaited), and the
+    /// flows nest these wrappers, so each level would double the session's future
+    /// (docs/BENCHMARKS.md, "Issue 15: the request path and the standalone flow, fourth pass").
+    pub fn run<F: Future>(
+        &self,
+        work: F,
+    ) -> impl Future<Output = Result<F::Output, BudgetExhausted>> + use<F> {
+        use futures_util::FutureExt as _;
+        tokio::time::timeout_at(self.0, work).map(|done| done.map_err(|_| BudgetExhausted))
     }
 }
 

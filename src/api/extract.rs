@@ -38,6 +38,13 @@ where
             Ok(Err(_)) => return Err(ApiError::MalformedJson("the body could not be read".into())),
             Ok(Ok(bytes)) => bytes,
         };
+        // serde_json alone first: axum's parser tracks the path of every field for its error
+        // message, which a valid body never needs; an invalid one is parsed again below for it.
+        if bytes.trim_ascii_start().first() == Some(&b'{')
+            && let Ok(value) = serde_json::from_slice::<T>(&bytes)
+        {
+            return Ok(Self(value));
+        }
         match axum::Json::<T>::from_bytes(&bytes) {
             // serde also fills a struct from a JSON array, by position: only objects are bodies.
             Ok(_) if bytes.trim_ascii_start().first() != Some(&b'{') => Err(ApiError::InvalidBody(

@@ -426,9 +426,12 @@ async fn start_session(
     if !caller.may_use(request.flow()) {
         return Err(ApiError::FlowNotAllowed(request.flow()));
     }
+    // Boxed: the flows' future is several KiB, and every layer between hyper and this handler
+    // would otherwise copy it when it wraps the handler's future (docs/BENCHMARKS.md, "Issue 15:
+    // the request path and the standalone flow, fourth pass").
     let session = tokio::time::timeout(
         state.request_timeout,
-        state.flows.start_session(request, &ctx),
+        Box::pin(state.flows.start_session(request, &ctx)),
     )
     .await
     .map_err(|_| ApiError::Timeout)??;

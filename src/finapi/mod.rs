@@ -498,9 +498,14 @@ tokio::task_local! {
 }
 
 /// Runs `call` as attempt number `attempt` of its step, `retry_reason` being the outcome of
-/// the attempt before (see [`UpstreamError::outcome`]); the call's span says both.
-pub async fn as_attempt<F: Future>(attempt: u32, retry_reason: &'static str, call: F) -> F::Output {
-    ATTEMPT.scope((attempt, retry_reason), call).await
+/// the attempt before (see [`UpstreamError::outcome`]); the call's span says both. Not an
+/// `async fn`, which would hold `call` twice in its state (see `Deadline::run`).
+pub fn as_attempt<F: Future>(
+    attempt: u32,
+    retry_reason: &'static str,
+    call: F,
+) -> impl Future<Output = F::Output> {
+    ATTEMPT.scope((attempt, retry_reason), call)
 }
 
 /// The span of one finAPI call: step, attempt, method, path template and host, in

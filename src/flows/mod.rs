@@ -409,8 +409,9 @@ impl Flows {
                 email,
                 phone,
             } => {
-                self.access(client_reference.as_ref(), email, phone, ctx, &deadline)
-                    .await
+                // Boxed: the access flow's future (the ledger's steps) is more than twice the
+                // standalone flow's, and would set the size of every session's future.
+                Box::pin(self.access(client_reference.as_ref(), email, phone, ctx, &deadline)).await
             }
         }
     }
@@ -454,4 +455,27 @@ fn user_call_error(err: UpstreamError) -> FlowError {
 /// Whether an error is finAPI refusing the bearer token of a call.
 fn is_unauthorized(err: &UpstreamError) -> bool {
     err.status() == Some(reqwest::StatusCode::UNAUTHORIZED)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resilience::Deadline;
+
+    /// The bytes of the future of a flow method `f`, without running it.
+    fn future_size<'a, A, Fut>(
+        _f: fn(&'a Flows, &'a A, &'a RequestContext, &'a Deadline) -> Fut,
+    ) -> usize {
+        std::mem::size_of::<Fut>()
+    }
+
+    /// Every layer of axum and tower copies the handler's future as it wraps it, and async fns
+    /// that took a future argument held it twice: nested in the flow, that made a standalone
+    /// session's future 15 KiB (docs/BENCHMARKS.md, "Issue 15: the request path and the
+    /// standalone flow, fourth pass").
+    #[test]
+    fn a_standalone_session_future_stays_small() {
+        let size = future_size(Flows::standalone);
+        assert!(size <= 8 * 1024, "{size} bytes");
+    }
 }

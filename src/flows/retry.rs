@@ -112,15 +112,19 @@ impl ResilienceStats {
 
 impl Flows {
     /// Runs one attempt of `step`, cut off at the session's deadline.
-    pub(super) async fn attempt<T>(
+    /// Not an `async fn`, which would hold `call` twice in its state (see `Deadline::run`).
+    pub(super) fn attempt<F: Future>(
         &self,
         step: Step,
         deadline: &Deadline,
-        call: impl Future<Output = T>,
-    ) -> Result<T, FlowError> {
-        deadline.run(call).await.map_err(|_| {
-            bump(&self.stats.budget_exhausted);
-            FlowError::BudgetExhausted(step)
+        call: F,
+    ) -> impl Future<Output = Result<F::Output, FlowError>> {
+        use futures_util::FutureExt as _;
+        deadline.run(call).map(move |done| {
+            done.map_err(|_| {
+                bump(&self.stats.budget_exhausted);
+                FlowError::BudgetExhausted(step)
+            })
         })
     }
 
