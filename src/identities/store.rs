@@ -21,7 +21,9 @@ use sqlx::sqlite::{
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use super::writer::{self, Change, EventRow, IntentOutcome, IntentRow, TransitionRow, WritePool};
+use super::writer::{
+    self, Change, EventRow, IntentOutcome, IntentRow, SqliteWriter, TransitionRow,
+};
 
 /// Unix time in milliseconds (UTC); the store's only time type.
 pub type Millis = i64;
@@ -32,7 +34,7 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long SQLite waits for another writer's lock (another connection or process on the
 /// same file) before it reports the database busy.
-const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+pub(super) const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Group-commit writers on PostgreSQL at most (SQLite has one).
 const POSTGRES_WRITERS: usize = 4;
@@ -335,13 +337,16 @@ pub(super) enum Backend {
 
 #[derive(Clone)]
 enum Pool {
-    /// SQLite takes one writer at a time: writes go through a pool of one connection (the group
-    /// commit writer's, shared with the reaper's rare writes), so that they queue in the broker
-    /// instead of meeting a held lock and sleeping in SQLite's busy handler; reads (never
-    /// blocked under WAL) use the other connections.
+    /// SQLite takes one writer at a time. The sessions' writes go to the group-commit writer
+    /// thread and its own connection ([`SqliteWriter`]), where they queue in the broker instead
+    /// of meeting a held lock. The migrations and the rare writes outside the group commit
+    /// (deletions, the reaper's leases) use `write`, a pool of one connection; when one of them
+    /// meets the writer thread's lock, or the thread meets it, SQLite's busy handler waits (up
+    /// to [`SQLITE_BUSY_TIMEOUT`]). Reads (never blocked under WAL) use `read`.
     Sqlite {
         read: SqlitePool,
         write: SqlitePool,
+        writer: SqliteWriter,
     },
     Postgres(PgPool),
 }
@@ -421,6 +426,26 @@ fn decode_error(column: &str, value: &str) -> StoreError {
 }
 
 impl RawRecord {
+    /// The record from a row of `SELECT {RECORD_COLUMNS}` on the SQLite writer's connection.
+    pub(super) fn from_sqlite_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        Ok(Self {
+            id: row.get(0)?,
+            finapi_user_id: row.get(1)?,
+            caller: row.get(2)?,
+            reference_digest: row.get(3)?,
+            key_id: row.get(4)?,
+            finapi_client: row.get(5)?,
+            state: row.get(6)?,
+            created_at: row.get(7)?,
+            last_session_at: row.get(8)?,
+            delete_after: row.get(9)?,
+            deleted_at: row.get(10)?,
+            deletion_attempts: row.get(11)?,
+            last_error: row.get(12)?,
+            next_attempt_at: row.get(13)?,
+        })
+    }
+
     fn into_record(self) -> Result<IdentityRecord, StoreError> {
         let id = Uuid::parse_str(&self.id).map_err(|_| decode_error("id", &self.id))?;
         let state =
@@ -618,20 +643,17 @@ impl IdentityStore {
             .busy_timeout(SQLITE_BUSY_TIMEOUT)
             .foreign_keys(true)
             .pragma("wal_autocheckpoint", "0");
-        // The writer first: it creates the file and sets WAL before readers open it. Its one
-        // connection is only ever used by this process, so it is not pinged before each use,
-        // and it keeps the most recent batch shapes prepared (`WRITER_STATEMENT_CACHE`).
+        // The sqlx writer first: it creates the file and sets WAL before the others open it.
+        // Its one connection is only ever used by this process, so it is not pinged before each
+        // use.
         let write = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .test_before_acquire(false)
-            .connect_with(
-                options
-                    .clone()
-                    .statement_cache_capacity(writer::WRITER_STATEMENT_CACHE),
-            )
+            .connect_with(options.clone())
             .await
             .map_err(|e| classify(Backend::Sqlite, e))?;
+        let path = options.get_filename().to_owned();
         let read = SqlitePoolOptions::new()
             .max_connections(max_connections.saturating_sub(1).max(1))
             .acquire_timeout(ACQUIRE_TIMEOUT)
@@ -639,10 +661,14 @@ impl IdentityStore {
             .await
             .map_err(|e| classify(Backend::Sqlite, e))?;
         // One writer: SQLite serialises writers on the file anyway.
-        let writes = writer::spawn(WritePool::Sqlite(write.clone(), sync), 1);
+        let (writes, writer) = SqliteWriter::spawn(path, sync).await?;
         tokio::spawn(checkpoints(read.clone(), writes.downgrade()));
         Ok(Self {
-            pool: Pool::Sqlite { read, write },
+            pool: Pool::Sqlite {
+                read,
+                write,
+                writer,
+            },
             writes,
         })
     }
@@ -660,7 +686,7 @@ impl IdentityStore {
         let writers = usize::try_from(max_connections.div_ceil(2))
             .unwrap_or(1)
             .min(POSTGRES_WRITERS);
-        let writes = writer::spawn(WritePool::Postgres(pool.clone()), writers);
+        let writes = writer::spawn_postgres(pool.clone(), writers);
         Ok(Self {
             pool: Pool::Postgres(pool),
             writes,
@@ -733,9 +759,14 @@ impl IdentityStore {
     /// leaves one self-contained file.
     pub async fn close(&self) {
         match &self.pool {
-            Pool::Sqlite { read, write } => {
+            Pool::Sqlite {
+                read,
+                write,
+                writer,
+            } => {
                 read.close().await;
                 write.close().await;
+                writer.close().await;
             }
             Pool::Postgres(pool) => pool.close().await,
         }
@@ -1329,15 +1360,20 @@ mod tests {
                 Some(sync) => IdentityStore::connect_with(&url, 2, sync).await,
             }
             .expect("connects");
-            let Pool::Sqlite { write, .. } = &store.pool else {
+            let Pool::Sqlite { write, writer, .. } = &store.pool else {
                 panic!("an SQLite store");
             };
             // sqlite.org/pragma.html#pragma_synchronous: 2 is FULL, 1 is NORMAL.
+            assert_eq!(
+                writer.synchronous(),
+                Some(expected),
+                "writer thread, {sync:?}"
+            );
             let level: i64 = sqlx::query_scalar("PRAGMA synchronous")
                 .fetch_one(write)
                 .await
                 .expect("pragma");
-            assert_eq!(level, expected, "{sync:?}");
+            assert_eq!(level, expected, "direct writes, {sync:?}");
             store.close().await;
             remove_sqlite(&path);
         }
@@ -1385,58 +1421,39 @@ mod tests {
         assert!(!writer::needs_sync(&[&activate, &touch, &logged]));
     }
 
-    async fn synchronous(conn: &mut sqlx::SqliteConnection) -> i64 {
-        // sqlite.org/pragma.html#pragma_synchronous: 2 is FULL, 1 is NORMAL.
-        sqlx::query_scalar("PRAGMA synchronous")
-            .fetch_one(conn)
-            .await
-            .expect("pragma")
+    /// The writer thread's connection level, read between batches.
+    fn writer_level(store: &IdentityStore) -> Option<i64> {
+        let Pool::Sqlite { writer, .. } = &store.pool else {
+            panic!("an SQLite store");
+        };
+        writer.synchronous()
     }
 
     #[tokio::test]
-    async fn a_relaxed_batch_leaves_the_writer_at_full_and_the_level_applies_at_every_run() {
+    async fn a_relaxed_batch_leaves_the_writer_at_full() {
         let (store, path) = sqlite_store_with(SqliteSync::Intents).await;
         let id = Uuid::new_v4();
         store
             .insert_intent(&intent(id, "u-1"))
             .await
             .expect("intent");
-        // Twice: the second batch of the same shape runs from the statement cache.
+        assert_eq!(writer_level(&store), Some(2), "after a synced batch");
+        // Twice: the second relaxed batch of the same kind runs cached statements.
         assert!(store.activate(id, 3, 4).await.expect("activation"));
+        assert_eq!(writer_level(&store), Some(2), "after a relaxed batch");
         assert!(store.touch(id, 5, 6).await.expect("touch"));
         assert!(store.touch(id, 7, 8).await.expect("touch"));
+        assert_eq!(writer_level(&store), Some(2), "after relaxed batches");
         let Pool::Sqlite { write, .. } = &store.pool else {
             panic!("an SQLite store");
         };
-        let mut conn = write.acquire().await.expect("the writer's connection");
-        assert_eq!(
-            synchronous(&mut conn).await,
-            2,
-            "direct writes commit at FULL"
-        );
-        for _ in 0..2 {
-            writer::set_synchronous(&mut conn, true)
-                .await
-                .expect("NORMAL");
-            assert_eq!(synchronous(&mut conn).await, 1);
-            writer::set_synchronous(&mut conn, false)
-                .await
-                .expect("FULL");
-            assert_eq!(synchronous(&mut conn).await, 2);
-        }
-        // A relaxed batch sets NORMAL with a statement from the connection's cache: SQLite
-        // applies this pragma when it compiles it, and recompiles it at every run.
-        for (sql, expected) in [
-            ("PRAGMA synchronous = NORMAL", 1),
-            ("PRAGMA synchronous = FULL", 2),
-            ("PRAGMA synchronous = NORMAL", 1),
-            ("PRAGMA synchronous = FULL", 2),
-        ] {
-            sqlx::query(sql).execute(&mut *conn).await.expect("pragma");
-            assert_eq!(synchronous(&mut conn).await, expected, "after {sql}");
-        }
-        drop(conn);
+        let level: i64 = sqlx::query_scalar("PRAGMA synchronous")
+            .fetch_one(write)
+            .await
+            .expect("pragma");
+        assert_eq!(level, 2, "direct writes commit at FULL");
         store.close().await;
+        assert_eq!(writer_level(&store), None, "closed with the store");
         remove_sqlite(&path);
     }
 
@@ -1448,7 +1465,7 @@ mod tests {
             .insert_intent(&intent(first, "u-1"))
             .await
             .expect("intent");
-        let Pool::Sqlite { write, .. } = &store.pool else {
+        let Pool::Sqlite { writer, .. } = &store.pool else {
             panic!("an SQLite store");
         };
         let second = Uuid::new_v4();
@@ -1480,11 +1497,11 @@ mod tests {
                 activation_tx,
             ),
         ];
-        writer::commit(
-            &WritePool::Sqlite(write.clone(), SqliteSync::Intents),
-            batch,
-        )
-        .await;
+        // The batch as the writer thread takes it from the queue, on its connection.
+        let writer = writer.clone();
+        tokio::task::spawn_blocking(move || writer.commit(batch))
+            .await
+            .expect("committed");
         assert!(matches!(intent_rx.await, Ok(Ok(IntentOutcome::New))));
         assert!(matches!(activation_rx.await, Ok(Ok(true))));
         for (id, expected) in [
@@ -1494,9 +1511,7 @@ mod tests {
             let record = store.get(id).await.expect("read").expect("a record");
             assert_eq!(record.state, expected);
         }
-        let mut conn = write.acquire().await.expect("the writer's connection");
-        assert_eq!(synchronous(&mut conn).await, 2, "back at FULL");
-        drop(conn);
+        assert_eq!(writer_level(&store), Some(2), "back at FULL");
         store.close().await;
         remove_sqlite(&path);
     }
