@@ -1516,6 +1516,39 @@ mod tests {
         remove_sqlite(&path);
     }
 
+    #[tokio::test]
+    async fn the_writer_thread_answers_unavailable_when_its_file_becomes_unusable() {
+        use std::io::Write;
+        let (store, path) = sqlite_store().await;
+        store
+            .insert_intent(&intent(Uuid::new_v4(), "u-1"))
+            .await
+            .expect("intent");
+        // Overwritten in place, as a failing disk or another program might: no valid log, and
+        // a first page that is not SQLite's.
+        for suffix in ["", "-wal", "-shm"] {
+            let file = format!("{}{suffix}", path.display());
+            let len = std::fs::metadata(&file).expect("ledger file").len();
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&file)
+                .and_then(|mut f| f.write_all(&vec![0x5a; len as usize]))
+                .expect("overwritten");
+        }
+        let written = store.insert_intent(&intent(Uuid::new_v4(), "u-2")).await;
+        let Err(StoreError::Unavailable(sqlx::Error::Database(error))) = &written else {
+            panic!("unavailable with SQLite's failure: {written:?}");
+        };
+        // sqlite.org/rescode.html: 26 NOTADB, 11 CORRUPT.
+        let code = error
+            .code()
+            .and_then(|c| c.parse::<i32>().ok())
+            .unwrap_or(0);
+        assert!(matches!(code & 0xff, 11 | 26), "{error}");
+        store.close().await;
+        remove_sqlite(&path);
+    }
+
     #[test]
     fn states_and_kinds_round_trip_their_stored_form() {
         for state in IdentityState::ALL {

@@ -831,3 +831,63 @@ fn sqlite_error(error: rusqlite::Error) -> sqlx::Error {
     };
     sqlx::Error::Protocol(format!("identity store writer: {kind}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_failures_are_classified_as_the_sqlx_ones_and_quote_no_value() {
+        let failure = |code: i32, message: &str| {
+            rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(code),
+                Some(message.to_owned()),
+            )
+        };
+        // sqlite.org/rescode.html: BUSY 5, IOERR_FSYNC 1034, READONLY 8, CORRUPT 11, NOTADB 26.
+        for code in [5, 1034, 8, 11, 26] {
+            let error = classify(Backend::Sqlite, sqlite_error(failure(code, "no")));
+            assert!(
+                matches!(error, StoreError::Unavailable(_)),
+                "{code}: {error:?}"
+            );
+        }
+        // SQLITE_CONSTRAINT_UNIQUE, SQLITE_CONSTRAINT_FOREIGNKEY: a bad row, not a bad database.
+        for code in [2067, 787] {
+            let error = classify(Backend::Sqlite, sqlite_error(failure(code, "constraint")));
+            assert!(matches!(error, StoreError::Other(_)), "{code}: {error:?}");
+        }
+        let StoreError::Other(sqlx::Error::Database(unique)) = classify(
+            Backend::Sqlite,
+            sqlite_error(failure(2067, "UNIQUE constraint failed: identities.id")),
+        ) else {
+            panic!("a database error");
+        };
+        assert!(unique.is_unique_violation());
+        assert_eq!(unique.message(), "UNIQUE constraint failed: identities.id");
+        // rusqlite's own errors may quote a value: only their kind is kept.
+        const VALUE: i64 = 4_711_000_042;
+        let shown = sqlite_error(rusqlite::Error::IntegralValueOutOfRange(3, VALUE));
+        let shown = format!("{shown} / {shown:?}");
+        assert!(!shown.contains(&VALUE.to_string()), "{shown}");
+    }
+
+    #[test]
+    fn the_level_is_set_again_at_every_call() {
+        let path =
+            std::env::temp_dir().join(format!("giroident-writer-unit-{}.db", uuid::Uuid::new_v4()));
+        let conn = Connection::open(&path).expect("opens");
+        let level = |conn: &Connection| -> i64 {
+            conn.query_row("PRAGMA synchronous", [], |row| row.get(0))
+                .expect("pragma")
+        };
+        for _ in 0..2 {
+            set_synchronous(&conn, true).expect("NORMAL");
+            assert_eq!(level(&conn), 1);
+            set_synchronous(&conn, false).expect("FULL");
+            assert_eq!(level(&conn), 2);
+        }
+        drop(conn);
+        let _ = std::fs::remove_file(&path);
+    }
+}
