@@ -4,7 +4,8 @@
 //! The store knows no HTTP and no finAPI wire type. It never holds a token, a password, an
 //! e-mail, a phone number or a caller's raw reference: the caller's reference arrives as a keyed
 //! digest. Both backends run the same SQL (sqlx binds `$N` positionally on SQLite too), except
-//! where PostgreSQL needs row locks to share work between replicas ([`IdentityStore::claim_due`]).
+//! where PostgreSQL needs row locks to share work between replicas ([`IdentityStore::claim_due`])
+//! and in the group commit (`writer.rs`), which writes SQLite through rusqlite.
 //! Migrations are versioned per backend in `migrations/sqlite/` and `migrations/postgres/` and
 //! applied by [`IdentityStore::connect`].
 
