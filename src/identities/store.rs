@@ -339,11 +339,11 @@ pub(super) enum Backend {
 #[derive(Clone)]
 enum Pool {
     /// SQLite takes one writer at a time. The sessions' writes go to the group-commit writer
-    /// thread and its own connection ([`SqliteWriter`]), where they queue in the broker instead
-    /// of meeting a held lock. The migrations and the rare writes outside the group commit
-    /// (deletions, the reaper's leases) use `write`, a pool of one connection; when one of them
-    /// meets the writer thread's lock, or the thread meets it, SQLite's busy handler waits (up
-    /// to [`SQLITE_BUSY_TIMEOUT`]). Reads (never blocked under WAL) use `read`.
+    /// thread and its own connection ([`SqliteWriter`]); the migrations and the rare writes
+    /// outside the group commit (deletions, the reaper's leases) use `write`, a pool of one
+    /// connection, each in its turn with the thread ([`SqliteWriter::turn`]), so that writes
+    /// queue in the broker instead of meeting a held lock and sleeping in SQLite's busy
+    /// handler. Reads (never blocked under WAL) use `read`.
     Sqlite {
         read: SqlitePool,
         write: SqlitePool,
@@ -386,11 +386,19 @@ macro_rules! with_pool {
     };
 }
 
-/// Like `with_pool!`, for statements that write: SQLite's writer connection.
+/// Like `with_pool!`, for statements that write: SQLite's sqlx writer connection, in turn with
+/// the group-commit writer thread.
 macro_rules! with_writer {
     ($store:expr, |$pool:ident| $body:expr) => {
         match &$store.pool {
-            Pool::Sqlite { write: $pool, .. } => ($body).map_err(|e| classify(Backend::Sqlite, e)),
+            Pool::Sqlite {
+                write: $pool,
+                writer,
+                ..
+            } => {
+                let _turn = writer.turn().await;
+                ($body).map_err(|e| classify(Backend::Sqlite, e))
+            }
             Pool::Postgres($pool) => ($body).map_err(|e| classify(Backend::Postgres, e)),
         }
     };
@@ -1366,7 +1374,7 @@ mod tests {
             };
             // sqlite.org/pragma.html#pragma_synchronous: 2 is FULL, 1 is NORMAL.
             assert_eq!(
-                writer.synchronous(),
+                writer.synchronous().await,
                 Some(expected),
                 "writer thread, {sync:?}"
             );
@@ -1423,11 +1431,11 @@ mod tests {
     }
 
     /// The writer thread's connection level, read between batches.
-    fn writer_level(store: &IdentityStore) -> Option<i64> {
+    async fn writer_level(store: &IdentityStore) -> Option<i64> {
         let Pool::Sqlite { writer, .. } = &store.pool else {
             panic!("an SQLite store");
         };
-        writer.synchronous()
+        writer.synchronous().await
     }
 
     #[tokio::test]
@@ -1438,13 +1446,13 @@ mod tests {
             .insert_intent(&intent(id, "u-1"))
             .await
             .expect("intent");
-        assert_eq!(writer_level(&store), Some(2), "after a synced batch");
+        assert_eq!(writer_level(&store).await, Some(2), "after a synced batch");
         // Twice: the second relaxed batch of the same kind runs cached statements.
         assert!(store.activate(id, 3, 4).await.expect("activation"));
-        assert_eq!(writer_level(&store), Some(2), "after a relaxed batch");
+        assert_eq!(writer_level(&store).await, Some(2), "after a relaxed batch");
         assert!(store.touch(id, 5, 6).await.expect("touch"));
         assert!(store.touch(id, 7, 8).await.expect("touch"));
-        assert_eq!(writer_level(&store), Some(2), "after relaxed batches");
+        assert_eq!(writer_level(&store).await, Some(2), "after relaxed batches");
         let Pool::Sqlite { write, .. } = &store.pool else {
             panic!("an SQLite store");
         };
@@ -1454,7 +1462,7 @@ mod tests {
             .expect("pragma");
         assert_eq!(level, 2, "direct writes commit at FULL");
         store.close().await;
-        assert_eq!(writer_level(&store), None, "closed with the store");
+        assert_eq!(writer_level(&store).await, None, "closed with the store");
         remove_sqlite(&path);
     }
 
@@ -1512,7 +1520,36 @@ mod tests {
             let record = store.get(id).await.expect("read").expect("a record");
             assert_eq!(record.state, expected);
         }
-        assert_eq!(writer_level(&store), Some(2), "back at FULL");
+        assert_eq!(writer_level(&store).await, Some(2), "back at FULL");
+        store.close().await;
+        remove_sqlite(&path);
+    }
+
+    #[tokio::test]
+    async fn a_direct_write_waits_for_its_turn_with_the_writer_thread() {
+        let (store, path) = sqlite_store().await;
+        let id = Uuid::new_v4();
+        store
+            .insert_intent(&intent(id, "u-1"))
+            .await
+            .expect("intent");
+        let Pool::Sqlite { writer, .. } = &store.pool else {
+            panic!("an SQLite store");
+        };
+        // Held as the thread holds it while it commits a batch.
+        let turn = writer.turn().await;
+        let deleting = store.mark_deleting(id, 5);
+        tokio::pin!(deleting);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), &mut deleting)
+                .await
+                .is_err(),
+            "the direct write waits while the writer holds its turn"
+        );
+        drop(turn);
+        deleting.await.expect("written once the turn is free");
+        let record = store.get(id).await.expect("read").expect("a record");
+        assert_eq!(record.state, IdentityState::Deleting);
         store.close().await;
         remove_sqlite(&path);
     }

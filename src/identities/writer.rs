@@ -26,12 +26,12 @@
 use std::borrow::Cow;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, LazyLock, MutexGuard, PoisonError};
+use std::sync::{Arc, LazyLock};
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use sqlx::QueryBuilder;
 use sqlx::postgres::{PgPool, Postgres};
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::{Mutex, MutexGuard, mpsc, oneshot};
 
 use super::store::{
     Backend, RECORD_COLUMNS, RawRecord, SQLITE_BUSY_TIMEOUT, SqliteSync, StoreError, classify,
@@ -432,11 +432,12 @@ async fn run_postgres(pool: &PgPool, writes: &[&Request]) -> Result<Vec<Outcome>
 /// connection. Cheap to clone.
 #[derive(Clone)]
 pub(super) struct SqliteWriter {
-    slot: Arc<std::sync::Mutex<Slot>>,
+    /// A tokio mutex: the thread takes it blocking, the store's direct writes wait for it.
+    slot: Arc<Mutex<Slot>>,
 }
 
-/// The writer's connection and settings, locked by the thread for each batch and by
-/// [`SqliteWriter::close`].
+/// The writer's connection and settings, locked by the thread for each batch, by
+/// [`SqliteWriter::turn`] and by [`SqliteWriter::close`].
 struct Slot {
     path: PathBuf,
     sync: SqliteSync,
@@ -465,7 +466,7 @@ impl SqliteWriter {
         .map_err(|e| StoreError::Unavailable(sqlx::Error::Io(std::io::Error::other(e))))?;
         let conn = opened.map_err(|e| classify(Backend::Sqlite, sqlite_error(e)))?;
         let writer = SqliteWriter {
-            slot: Arc::new(std::sync::Mutex::new(Slot {
+            slot: Arc::new(Mutex::new(Slot {
                 path,
                 sync,
                 conn: Some(conn),
@@ -495,23 +496,28 @@ impl SqliteWriter {
         }
     }
 
-    /// Commits `batch` and answers every request in it, on the calling thread (blocking).
+    /// Commits `batch` and answers every request in it, on the calling thread (blocking; not
+    /// on a runtime thread).
     pub(super) fn commit(&self, batch: Vec<Request>) {
-        self.lock().commit(batch);
+        self.slot.blocking_lock().commit(batch);
+    }
+
+    /// Waits until no batch is being committed and keeps the writer from starting one while
+    /// the turn is held: the store's direct writes on its sqlx connection take it, so that
+    /// they and the writer thread take turns in the broker (FIFO) instead of meeting each
+    /// other's lock in SQLite's busy handler, which sleeps 1, 2, 5, 10 … ms between tries
+    /// (sqlite3.c, `sqliteDefaultBusyCallback`).
+    pub(super) async fn turn(&self) -> WriterTurn<'_> {
+        WriterTurn(self.slot.lock().await)
     }
 
     /// Closes the connection once the batch in progress is committed; the writes queued after
     /// it answer [`StoreError::Unavailable`]. As the last connection to the file it copies the
     /// write-ahead log back into the database file (sqlite.org/wal.html).
     pub(super) async fn close(&self) {
-        let writer = self.clone();
-        let closed = tokio::task::spawn_blocking(move || {
-            let mut slot = writer.lock();
-            slot.closed = true;
-            slot.conn.take().map(Connection::close)
-        })
-        .await;
-        if let Ok(Some(Err((_, error)))) = closed {
+        let mut slot = self.slot.lock().await;
+        slot.closed = true;
+        if let Some(Err((_, error))) = slot.conn.take().map(Connection::close) {
             tracing::debug!(error = %sqlite_error(error), "ledger writer connection did not close cleanly");
         }
     }
@@ -519,19 +525,16 @@ impl SqliteWriter {
     /// The connection's `PRAGMA synchronous` (sqlite.org/pragma.html#pragma_synchronous: 2 is
     /// FULL, 1 is NORMAL), for tests; `None` when it is closed.
     #[cfg(test)]
-    pub(super) fn synchronous(&self) -> Option<i64> {
-        let slot = self.lock();
+    pub(super) async fn synchronous(&self) -> Option<i64> {
+        let slot = self.slot.lock().await;
         let conn = slot.conn.as_ref()?;
         conn.query_row("PRAGMA synchronous", [], |row| row.get(0))
             .ok()
     }
-
-    fn lock(&self) -> MutexGuard<'_, Slot> {
-        // A panic while the lock was held leaves no half-done state behind: a transaction it
-        // left open is rolled back by the next batch's error path or by SQLite at close.
-        self.slot.lock().unwrap_or_else(PoisonError::into_inner)
-    }
 }
+
+/// The writer kept idle while held ([`SqliteWriter::turn`]).
+pub(super) struct WriterTurn<'a>(#[allow(dead_code)] MutexGuard<'a, Slot>);
 
 /// Opens the writer's connection with the pragmas the sqlx connections of the store get
 /// (`IdentityStore::connect`): WAL, the busy timeout, foreign keys, no automatic checkpoints
