@@ -688,3 +688,41 @@ async fn a_reference_that_does_not_decode_is_an_invalid_field() {
     }
     env.stop().await;
 }
+
+/// The ledger's file, its write-ahead log and its shared-memory index overwritten in place
+/// (same size, no truncation) while the broker holds them open: the writer thread's next
+/// transaction finds no valid log and a first page that is not SQLite's, and the session is
+/// refused as the ledger being unavailable, with no finAPI user created.
+#[tokio::test]
+async fn a_ledger_file_that_becomes_unusable_refuses_sessions_with_store_unavailable() {
+    use std::io::Write;
+    let ledger = common::sqlite_ledger();
+    let env = env_with(&ledger, |_| {}).await;
+    common::expect_created(env.start_session(json!({"flow": "access"})).await).await;
+    let path = ledger
+        .database_url
+        .expose_secret()
+        .strip_prefix("sqlite://")
+        .expect("a sqlite:// URL")
+        .to_owned();
+    for file in [path.clone(), format!("{path}-wal"), format!("{path}-shm")] {
+        let len = std::fs::metadata(&file).expect("ledger file").len();
+        let junk = vec![0x5a; usize::try_from(len).expect("size")];
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&file)
+            .and_then(|mut f| f.write_all(&junk))
+            .expect("overwritten");
+    }
+    let users_before = env.all_calls(CREATE_USER);
+    // No reference: nothing is read first, the intent goes straight to the writer thread.
+    let refused = env.start_session(json!({"flow": "access"})).await;
+    let problem = common::expect_problem(refused, 503, "STORE_UNAVAILABLE").await;
+    assert!(!problem.to_string().contains(&path), "{problem}");
+    assert_eq!(
+        env.all_calls(CREATE_USER),
+        users_before,
+        "no finAPI user without a durable intent"
+    );
+    env.stop().await;
+}

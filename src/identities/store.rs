@@ -4,7 +4,8 @@
 //! The store knows no HTTP and no finAPI wire type. It never holds a token, a password, an
 //! e-mail, a phone number or a caller's raw reference: the caller's reference arrives as a keyed
 //! digest. Both backends run the same SQL (sqlx binds `$N` positionally on SQLite too), except
-//! where PostgreSQL needs row locks to share work between replicas ([`IdentityStore::claim_due`]).
+//! where PostgreSQL needs row locks to share work between replicas ([`IdentityStore::claim_due`])
+//! and in the group commit (`writer.rs`), which writes SQLite through rusqlite.
 //! Migrations are versioned per backend in `migrations/sqlite/` and `migrations/postgres/` and
 //! applied by [`IdentityStore::connect`].
 
@@ -21,7 +22,9 @@ use sqlx::sqlite::{
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use super::writer::{self, Change, EventRow, IntentOutcome, IntentRow, TransitionRow, WritePool};
+use super::writer::{
+    self, Change, EventRow, IntentOutcome, IntentRow, SqliteWriter, TransitionRow,
+};
 
 /// Unix time in milliseconds (UTC); the store's only time type.
 pub type Millis = i64;
@@ -32,7 +35,7 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long SQLite waits for another writer's lock (another connection or process on the
 /// same file) before it reports the database busy.
-const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+pub(super) const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Group-commit writers on PostgreSQL at most (SQLite has one).
 const POSTGRES_WRITERS: usize = 4;
@@ -335,13 +338,16 @@ pub(super) enum Backend {
 
 #[derive(Clone)]
 enum Pool {
-    /// SQLite takes one writer at a time: writes go through a pool of one connection (the group
-    /// commit writer's, shared with the reaper's rare writes), so that they queue in the broker
-    /// instead of meeting a held lock and sleeping in SQLite's busy handler; reads (never
-    /// blocked under WAL) use the other connections.
+    /// SQLite takes one writer at a time. The sessions' writes go to the group-commit writer
+    /// thread and its own connection ([`SqliteWriter`]); the migrations and the rare writes
+    /// outside the group commit (deletions, the reaper's leases) use `write`, a pool of one
+    /// connection, each in its turn with the thread ([`SqliteWriter::turn`]), so that writes
+    /// queue in the broker instead of meeting a held lock and sleeping in SQLite's busy
+    /// handler. Reads (never blocked under WAL) use `read`.
     Sqlite {
         read: SqlitePool,
         write: SqlitePool,
+        writer: SqliteWriter,
     },
     Postgres(PgPool),
 }
@@ -380,11 +386,19 @@ macro_rules! with_pool {
     };
 }
 
-/// Like `with_pool!`, for statements that write: SQLite's writer connection.
+/// Like `with_pool!`, for statements that write: SQLite's sqlx writer connection, in turn with
+/// the group-commit writer thread.
 macro_rules! with_writer {
     ($store:expr, |$pool:ident| $body:expr) => {
         match &$store.pool {
-            Pool::Sqlite { write: $pool, .. } => ($body).map_err(|e| classify(Backend::Sqlite, e)),
+            Pool::Sqlite {
+                write: $pool,
+                writer,
+                ..
+            } => {
+                let _turn = writer.turn().await;
+                ($body).map_err(|e| classify(Backend::Sqlite, e))
+            }
             Pool::Postgres($pool) => ($body).map_err(|e| classify(Backend::Postgres, e)),
         }
     };
@@ -421,6 +435,26 @@ fn decode_error(column: &str, value: &str) -> StoreError {
 }
 
 impl RawRecord {
+    /// The record from a row of `SELECT {RECORD_COLUMNS}` on the SQLite writer's connection.
+    pub(super) fn from_sqlite_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        Ok(Self {
+            id: row.get(0)?,
+            finapi_user_id: row.get(1)?,
+            caller: row.get(2)?,
+            reference_digest: row.get(3)?,
+            key_id: row.get(4)?,
+            finapi_client: row.get(5)?,
+            state: row.get(6)?,
+            created_at: row.get(7)?,
+            last_session_at: row.get(8)?,
+            delete_after: row.get(9)?,
+            deleted_at: row.get(10)?,
+            deletion_attempts: row.get(11)?,
+            last_error: row.get(12)?,
+            next_attempt_at: row.get(13)?,
+        })
+    }
+
     fn into_record(self) -> Result<IdentityRecord, StoreError> {
         let id = Uuid::parse_str(&self.id).map_err(|_| decode_error("id", &self.id))?;
         let state =
@@ -618,20 +652,17 @@ impl IdentityStore {
             .busy_timeout(SQLITE_BUSY_TIMEOUT)
             .foreign_keys(true)
             .pragma("wal_autocheckpoint", "0");
-        // The writer first: it creates the file and sets WAL before readers open it. Its one
-        // connection is only ever used by this process, so it is not pinged before each use,
-        // and it keeps the most recent batch shapes prepared (`WRITER_STATEMENT_CACHE`).
+        // The sqlx writer first: it creates the file and sets WAL before the others open it.
+        // Its one connection is only ever used by this process, so it is not pinged before each
+        // use.
         let write = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .test_before_acquire(false)
-            .connect_with(
-                options
-                    .clone()
-                    .statement_cache_capacity(writer::WRITER_STATEMENT_CACHE),
-            )
+            .connect_with(options.clone())
             .await
             .map_err(|e| classify(Backend::Sqlite, e))?;
+        let path = options.get_filename().to_owned();
         let read = SqlitePoolOptions::new()
             .max_connections(max_connections.saturating_sub(1).max(1))
             .acquire_timeout(ACQUIRE_TIMEOUT)
@@ -639,10 +670,14 @@ impl IdentityStore {
             .await
             .map_err(|e| classify(Backend::Sqlite, e))?;
         // One writer: SQLite serialises writers on the file anyway.
-        let writes = writer::spawn(WritePool::Sqlite(write.clone(), sync), 1);
+        let (writes, writer) = SqliteWriter::spawn(path, sync).await?;
         tokio::spawn(checkpoints(read.clone(), writes.downgrade()));
         Ok(Self {
-            pool: Pool::Sqlite { read, write },
+            pool: Pool::Sqlite {
+                read,
+                write,
+                writer,
+            },
             writes,
         })
     }
@@ -660,7 +695,7 @@ impl IdentityStore {
         let writers = usize::try_from(max_connections.div_ceil(2))
             .unwrap_or(1)
             .min(POSTGRES_WRITERS);
-        let writes = writer::spawn(WritePool::Postgres(pool.clone()), writers);
+        let writes = writer::spawn_postgres(pool.clone(), writers);
         Ok(Self {
             pool: Pool::Postgres(pool),
             writes,
@@ -733,9 +768,14 @@ impl IdentityStore {
     /// leaves one self-contained file.
     pub async fn close(&self) {
         match &self.pool {
-            Pool::Sqlite { read, write } => {
+            Pool::Sqlite {
+                read,
+                write,
+                writer,
+            } => {
                 read.close().await;
                 write.close().await;
+                writer.close().await;
             }
             Pool::Postgres(pool) => pool.close().await,
         }
@@ -1329,15 +1369,20 @@ mod tests {
                 Some(sync) => IdentityStore::connect_with(&url, 2, sync).await,
             }
             .expect("connects");
-            let Pool::Sqlite { write, .. } = &store.pool else {
+            let Pool::Sqlite { write, writer, .. } = &store.pool else {
                 panic!("an SQLite store");
             };
             // sqlite.org/pragma.html#pragma_synchronous: 2 is FULL, 1 is NORMAL.
+            assert_eq!(
+                writer.synchronous().await,
+                Some(expected),
+                "writer thread, {sync:?}"
+            );
             let level: i64 = sqlx::query_scalar("PRAGMA synchronous")
                 .fetch_one(write)
                 .await
                 .expect("pragma");
-            assert_eq!(level, expected, "{sync:?}");
+            assert_eq!(level, expected, "direct writes, {sync:?}");
             store.close().await;
             remove_sqlite(&path);
         }
@@ -1385,58 +1430,39 @@ mod tests {
         assert!(!writer::needs_sync(&[&activate, &touch, &logged]));
     }
 
-    async fn synchronous(conn: &mut sqlx::SqliteConnection) -> i64 {
-        // sqlite.org/pragma.html#pragma_synchronous: 2 is FULL, 1 is NORMAL.
-        sqlx::query_scalar("PRAGMA synchronous")
-            .fetch_one(conn)
-            .await
-            .expect("pragma")
+    /// The writer thread's connection level, read between batches.
+    async fn writer_level(store: &IdentityStore) -> Option<i64> {
+        let Pool::Sqlite { writer, .. } = &store.pool else {
+            panic!("an SQLite store");
+        };
+        writer.synchronous().await
     }
 
     #[tokio::test]
-    async fn a_relaxed_batch_leaves_the_writer_at_full_and_the_level_applies_at_every_run() {
+    async fn a_relaxed_batch_leaves_the_writer_at_full() {
         let (store, path) = sqlite_store_with(SqliteSync::Intents).await;
         let id = Uuid::new_v4();
         store
             .insert_intent(&intent(id, "u-1"))
             .await
             .expect("intent");
-        // Twice: the second batch of the same shape runs from the statement cache.
+        assert_eq!(writer_level(&store).await, Some(2), "after a synced batch");
+        // Twice: the second relaxed batch of the same kind runs cached statements.
         assert!(store.activate(id, 3, 4).await.expect("activation"));
+        assert_eq!(writer_level(&store).await, Some(2), "after a relaxed batch");
         assert!(store.touch(id, 5, 6).await.expect("touch"));
         assert!(store.touch(id, 7, 8).await.expect("touch"));
+        assert_eq!(writer_level(&store).await, Some(2), "after relaxed batches");
         let Pool::Sqlite { write, .. } = &store.pool else {
             panic!("an SQLite store");
         };
-        let mut conn = write.acquire().await.expect("the writer's connection");
-        assert_eq!(
-            synchronous(&mut conn).await,
-            2,
-            "direct writes commit at FULL"
-        );
-        for _ in 0..2 {
-            writer::set_synchronous(&mut conn, true)
-                .await
-                .expect("NORMAL");
-            assert_eq!(synchronous(&mut conn).await, 1);
-            writer::set_synchronous(&mut conn, false)
-                .await
-                .expect("FULL");
-            assert_eq!(synchronous(&mut conn).await, 2);
-        }
-        // A relaxed batch sets NORMAL with a statement from the connection's cache: SQLite
-        // applies this pragma when it compiles it, and recompiles it at every run.
-        for (sql, expected) in [
-            ("PRAGMA synchronous = NORMAL", 1),
-            ("PRAGMA synchronous = FULL", 2),
-            ("PRAGMA synchronous = NORMAL", 1),
-            ("PRAGMA synchronous = FULL", 2),
-        ] {
-            sqlx::query(sql).execute(&mut *conn).await.expect("pragma");
-            assert_eq!(synchronous(&mut conn).await, expected, "after {sql}");
-        }
-        drop(conn);
+        let level: i64 = sqlx::query_scalar("PRAGMA synchronous")
+            .fetch_one(write)
+            .await
+            .expect("pragma");
+        assert_eq!(level, 2, "direct writes commit at FULL");
         store.close().await;
+        assert_eq!(writer_level(&store).await, None, "closed with the store");
         remove_sqlite(&path);
     }
 
@@ -1448,7 +1474,7 @@ mod tests {
             .insert_intent(&intent(first, "u-1"))
             .await
             .expect("intent");
-        let Pool::Sqlite { write, .. } = &store.pool else {
+        let Pool::Sqlite { writer, .. } = &store.pool else {
             panic!("an SQLite store");
         };
         let second = Uuid::new_v4();
@@ -1480,11 +1506,11 @@ mod tests {
                 activation_tx,
             ),
         ];
-        writer::commit(
-            &WritePool::Sqlite(write.clone(), SqliteSync::Intents),
-            batch,
-        )
-        .await;
+        // The batch as the writer thread takes it from the queue, on its connection.
+        let writer = writer.clone();
+        tokio::task::spawn_blocking(move || writer.commit(batch))
+            .await
+            .expect("committed");
         assert!(matches!(intent_rx.await, Ok(Ok(IntentOutcome::New))));
         assert!(matches!(activation_rx.await, Ok(Ok(true))));
         for (id, expected) in [
@@ -1494,9 +1520,69 @@ mod tests {
             let record = store.get(id).await.expect("read").expect("a record");
             assert_eq!(record.state, expected);
         }
-        let mut conn = write.acquire().await.expect("the writer's connection");
-        assert_eq!(synchronous(&mut conn).await, 2, "back at FULL");
-        drop(conn);
+        assert_eq!(writer_level(&store).await, Some(2), "back at FULL");
+        store.close().await;
+        remove_sqlite(&path);
+    }
+
+    #[tokio::test]
+    async fn a_direct_write_waits_for_its_turn_with_the_writer_thread() {
+        let (store, path) = sqlite_store().await;
+        let id = Uuid::new_v4();
+        store
+            .insert_intent(&intent(id, "u-1"))
+            .await
+            .expect("intent");
+        let Pool::Sqlite { writer, .. } = &store.pool else {
+            panic!("an SQLite store");
+        };
+        // Held as the thread holds it while it commits a batch.
+        let turn = writer.turn().await;
+        let deleting = store.mark_deleting(id, 5);
+        tokio::pin!(deleting);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), &mut deleting)
+                .await
+                .is_err(),
+            "the direct write waits while the writer holds its turn"
+        );
+        drop(turn);
+        deleting.await.expect("written once the turn is free");
+        let record = store.get(id).await.expect("read").expect("a record");
+        assert_eq!(record.state, IdentityState::Deleting);
+        store.close().await;
+        remove_sqlite(&path);
+    }
+
+    #[tokio::test]
+    async fn the_writer_thread_answers_unavailable_when_its_file_becomes_unusable() {
+        use std::io::Write;
+        let (store, path) = sqlite_store().await;
+        store
+            .insert_intent(&intent(Uuid::new_v4(), "u-1"))
+            .await
+            .expect("intent");
+        // Overwritten in place, as a failing disk or another program might: no valid log, and
+        // a first page that is not SQLite's.
+        for suffix in ["", "-wal", "-shm"] {
+            let file = format!("{}{suffix}", path.display());
+            let len = std::fs::metadata(&file).expect("ledger file").len();
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&file)
+                .and_then(|mut f| f.write_all(&vec![0x5a; len as usize]))
+                .expect("overwritten");
+        }
+        let written = store.insert_intent(&intent(Uuid::new_v4(), "u-2")).await;
+        let Err(StoreError::Unavailable(sqlx::Error::Database(error))) = &written else {
+            panic!("unavailable with SQLite's failure: {written:?}");
+        };
+        // sqlite.org/rescode.html: 26 NOTADB, 11 CORRUPT.
+        let code = error
+            .code()
+            .and_then(|c| c.parse::<i32>().ok())
+            .unwrap_or(0);
+        assert!(matches!(code & 0xff, 11 | 26), "{error}");
         store.close().await;
         remove_sqlite(&path);
     }

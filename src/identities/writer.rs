@@ -1,37 +1,52 @@
 //! Group commit for the ledger's per-session writes (intents, activations, touches and
-//! events): requests from concurrent sessions queue on a channel, a writer task takes every
-//! request pending, commits them together in one transaction with one multi-row statement per
-//! kind, and only then answers each requester. A session therefore still learns that its intent
-//! is durable before it calls `POST /api/v2/users`, but concurrent sessions share one commit
-//! (one SQLite write lock and WAL append, one PostgreSQL `fsync`) instead of taking turns.
+//! events): requests from concurrent sessions queue on a channel, a writer takes every request
+//! pending, commits them together in one transaction, and only then answers each requester. A
+//! session therefore still learns that its intent is durable before it calls
+//! `POST /api/v2/users`, but concurrent sessions share one commit (one SQLite write lock and WAL
+//! append, one PostgreSQL `fsync`) instead of taking turns.
 //!
 //! A batch that fails on a database that is not usable (see `classify`) fails every request in
 //! it with [`StoreError::Unavailable`]. A batch that fails otherwise (one bad row, e.g. an event
 //! for an unknown identity) is run again one request at a time, so that only the culprit fails.
 //! A writer that is gone answers nothing: its requesters see [`StoreError::Unavailable`].
+//!
+//! PostgreSQL: writer tasks on the sqlx pool, one multi-row statement per kind of write.
+//!
+//! SQLite: a thread of its own (`ledger-writer`) that owns one connection opened with rusqlite,
+//! blocks on the queue, and runs each batch as `BEGIN IMMEDIATE`, one cached prepared statement
+//! per row, `COMMIT`. SQLite writes bypass sqlx because sqlx ran them on the connection's worker
+//! thread: every batch crossed threads twice (futex wake-ups, context switches), was built as one
+//! SQL text per shape of batch and parsed again whenever that shape had left the connection's
+//! statement cache, and collected its `RETURNING` rows in temporary tables. With SQLite a
+//! statement is a function call, not a round trip, so the writer thread runs per-row statements
+//! that are compiled once: an access session costs 15 % fewer instructions (402.7k → 340.2k Ir
+//! at `warn`; SQL compilation 14.1k → 0.1k of them; docs/BENCHMARKS.md, "Issue 12 and 15: a
+//! writer thread that owns its SQLite connection").
+//! Migrations, reads and the rare writes outside the group commit stay on sqlx; those writes
+//! take turns with the thread ([`SqliteWriter::turn`]).
 
+use std::borrow::Cow;
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, LazyLock};
 
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use sqlx::QueryBuilder;
 use sqlx::postgres::{PgPool, Postgres};
-use sqlx::sqlite::{Sqlite, SqlitePool};
-use sqlx::{FromRow, QueryBuilder, Row};
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::{Mutex, MutexGuard, mpsc, oneshot};
 
-use super::store::{Backend, RECORD_COLUMNS, RawRecord, SqliteSync, StoreError, classify};
+use super::store::{
+    Backend, RECORD_COLUMNS, RawRecord, SQLITE_BUSY_TIMEOUT, SqliteSync, StoreError, classify,
+};
 use super::{EventKind, Millis};
 
-/// Most requests in one batch. The largest statement then binds 128 × 8 values, well below
-/// SQLite's 32766 and PostgreSQL's 65535 parameters.
+/// Most requests in one batch. The largest PostgreSQL statement then binds 128 × 8 values, well
+/// below its 65535 parameters.
 const MAX_BATCH: usize = 128;
 
-/// Prepared statements the SQLite writer connection keeps (sqlx's per-connection LRU cache,
-/// keyed by the SQL text). A batch's SQL depends on how many rows of each kind it holds, so
-/// under load nearly every batch has a shape of its own, and SQLite keeps a compiled program
-/// with a register per bound value for each cached one. A cache of 4 × [`MAX_BATCH`] + 16
-/// held about 34 MiB more after 100,000 sessions at concurrency 64 (≈ 70 KiB per statement;
-/// docs/BENCHMARKS.md, issue 15); 32 keeps the shapes a quiet broker repeats prepared.
-pub(super) const WRITER_STATEMENT_CACHE: usize = 32;
+/// Prepared statements the SQLite writer connection keeps (rusqlite's per-connection LRU cache,
+/// keyed by the SQL text): the writer runs 9 statements of fixed text, whatever its batches hold.
+const WRITER_STATEMENT_CACHE: usize = 16;
 
 /// An intent row ([`super::NewIdentity`], owned).
 pub(super) struct IntentRow {
@@ -147,14 +162,6 @@ enum Outcome {
     Event,
 }
 
-/// Where a writer commits: SQLite's single writer connection (with the configured
-/// [`SqliteSync`]), or the PostgreSQL pool.
-#[derive(Clone)]
-pub(super) enum WritePool {
-    Sqlite(SqlitePool, SqliteSync),
-    Postgres(PgPool),
-}
-
 /// Whether a batch must be synced before its requesters are answered, i.e. whether it holds a
 /// write whose loss in a power failure would lose track of a finAPI user. Only
 /// [`SqliteSync::Intents`] asks; the writes that are not sent through this writer
@@ -174,37 +181,18 @@ pub(super) fn needs_sync(writes: &[&Request]) -> bool {
     })
 }
 
-impl WritePool {
-    fn backend(&self) -> Backend {
-        match self {
-            WritePool::Sqlite(..) => Backend::Sqlite,
-            WritePool::Postgres(_) => Backend::Postgres,
-        }
-    }
-
-    async fn run(&self, writes: &[&Request]) -> Result<Vec<Outcome>, sqlx::Error> {
-        match self {
-            WritePool::Sqlite(pool, sync) => {
-                let relax = *sync == SqliteSync::Intents && !needs_sync(writes);
-                run_sqlite(pool, relax, writes).await
-            }
-            WritePool::Postgres(pool) => run_postgres(pool, writes).await,
-        }
-    }
-}
-
-/// Starts `writers` writer tasks sharing one queue and returns the queue's sending end. The
-/// tasks end when every sender is dropped (the last clone of the store).
-pub(super) fn spawn(pool: WritePool, writers: usize) -> mpsc::UnboundedSender<Request> {
+/// Starts `writers` PostgreSQL writer tasks sharing one queue and returns the queue's sending
+/// end. The tasks end when every sender is dropped (the last clone of the store).
+pub(super) fn spawn_postgres(pool: PgPool, writers: usize) -> mpsc::UnboundedSender<Request> {
     let (tx, rx) = mpsc::unbounded_channel();
     let rx = Arc::new(Mutex::new(rx));
     for _ in 0..writers.max(1) {
-        tokio::spawn(run_writer(pool.clone(), Arc::clone(&rx)));
+        tokio::spawn(run_postgres_writer(pool.clone(), Arc::clone(&rx)));
     }
     tx
 }
 
-async fn run_writer(pool: WritePool, queue: Arc<Mutex<mpsc::UnboundedReceiver<Request>>>) {
+async fn run_postgres_writer(pool: PgPool, queue: Arc<Mutex<mpsc::UnboundedReceiver<Request>>>) {
     loop {
         let batch = {
             // One writer at a time takes what is pending; the others commit meanwhile.
@@ -221,76 +209,66 @@ async fn run_writer(pool: WritePool, queue: Arc<Mutex<mpsc::UnboundedReceiver<Re
             }
             batch
         };
-        commit(&pool, batch).await;
+        commit_postgres(&pool, batch).await;
     }
-}
-
-/// Commits `batch` and answers every request in it. Under [`SqliteSync::Intents`] a batch that
-/// holds both kinds is committed in two transactions: first the writes that need no sync (their
-/// sessions are answered without waiting for an fsync), then the intents, whose synced commit
-/// makes the first one's log frames durable too (sqlite.org/wal.html). Under load nearly every
-/// batch holds an intent, so without the split every activation would wait for an fsync all
-/// the same. No write in a batch depends on an intent of the same batch: a session writes
-/// anything else about its identity only after its intent was answered.
-pub(super) async fn commit(pool: &WritePool, batch: Vec<Request>) {
-    if let WritePool::Sqlite(_, SqliteSync::Intents) = pool {
-        let must_sync = |r: &Request| needs_sync(&[r]);
-        if batch.iter().any(must_sync) && !batch.iter().all(must_sync) {
-            let (synced, relaxed): (Vec<Request>, Vec<Request>) =
-                batch.into_iter().partition(|r| must_sync(r));
-            commit_group(pool, relaxed).await;
-            commit_group(pool, synced).await;
-            return;
-        }
-    }
-    commit_group(pool, batch).await;
 }
 
 /// Commits `batch` in one transaction and answers every request in it.
-async fn commit_group(pool: &WritePool, batch: Vec<Request>) {
+async fn commit_postgres(pool: &PgPool, batch: Vec<Request>) {
     let refs: Vec<&Request> = batch.iter().collect();
-    let error = match pool.run(&refs).await {
-        Ok(outcomes) => {
-            for (request, outcome) in batch.into_iter().zip(outcomes) {
-                answer(request, Ok(outcome));
-            }
-            return;
-        }
-        Err(e) => classify(pool.backend(), e),
-    };
-    match error {
-        StoreError::Other(_) if batch.len() > 1 => {
+    let result = run_postgres(pool, &refs)
+        .await
+        .map_err(|e| classify(Backend::Postgres, e));
+    drop(refs);
+    match result {
+        Ok(outcomes) => answer_all(batch, outcomes),
+        Err(StoreError::Other(_)) if batch.len() > 1 => {
             // One bad row spoils the statement it is in: find it by going one by one.
             for request in batch {
-                let result = pool
-                    .run(&[&request])
+                let result = run_postgres(pool, &[&request])
                     .await
-                    .map(|mut outcomes| outcomes.remove(0))
-                    .map_err(|e| classify(pool.backend(), e));
+                    .map_err(|e| classify(Backend::Postgres, e))
+                    .and_then(single);
                 answer(request, result);
             }
         }
-        StoreError::Unavailable(source) => {
-            // The first requester gets the cause itself, the others its description.
-            let mut first = Some(source);
-            for request in batch {
-                let source = first.take().unwrap_or_else(|| {
-                    sqlx::Error::Io(std::io::Error::other("identity store unavailable"))
-                });
-                answer(request, Err(StoreError::Unavailable(source)));
+        Err(error) => fail_all(batch, error),
+    }
+}
+
+/// The one outcome of a batch of one request.
+fn single(outcomes: Vec<Outcome>) -> Result<Outcome, StoreError> {
+    outcomes
+        .into_iter()
+        .next()
+        .ok_or_else(|| StoreError::Other(sqlx::Error::Protocol("write left unanswered".to_owned())))
+}
+
+/// Answers each request with its outcome, in order.
+fn answer_all(batch: Vec<Request>, outcomes: Vec<Outcome>) {
+    for (request, outcome) in batch.into_iter().zip(outcomes) {
+        answer(request, Ok(outcome));
+    }
+}
+
+/// Answers every request of a failed batch: the first requester gets `error` itself, the others
+/// an error of the same class (`Unavailable` or `Other`) with its description.
+fn fail_all(batch: Vec<Request>, error: StoreError) {
+    let unavailable = matches!(error, StoreError::Unavailable(_));
+    let mut first = Some(error);
+    for request in batch {
+        let error = first.take().unwrap_or_else(|| {
+            if unavailable {
+                StoreError::Unavailable(sqlx::Error::Io(std::io::Error::other(
+                    "identity store unavailable",
+                )))
+            } else {
+                StoreError::Other(sqlx::Error::Protocol(
+                    "identity store batch failed".to_owned(),
+                ))
             }
-        }
-        other => {
-            let mut first = Some(other);
-            for request in batch {
-                let err = first.take().unwrap_or_else(|| {
-                    StoreError::Other(sqlx::Error::Protocol(
-                        "identity store batch failed".to_owned(),
-                    ))
-                });
-                answer(request, Err(err));
-            }
-        }
+        });
+        answer(request, Err(error));
     }
 }
 
@@ -326,9 +304,6 @@ const INSERT_INTENTS: &str = "INSERT INTO identities (id, finapi_user_id, caller
      reference_digest, key_id, finapi_client, state, created_at, delete_after, next_attempt_at) ";
 const ON_LIVE_REFERENCE: &str = " ON CONFLICT (caller, finapi_client, reference_digest) \
      WHERE reference_digest IS NOT NULL AND state IN ('intent', 'active') DO NOTHING RETURNING id";
-const ON_LIVE_REFERENCE_TAGGED: &str = " ON CONFLICT (caller, finapi_client, reference_digest) \
-     WHERE reference_digest IS NOT NULL AND state IN ('intent', 'active') DO NOTHING \
-     RETURNING 'new' AS tag, id; ";
 const ACTIVATE: &str = "UPDATE identities SET state = 'active', last_session_at = v.column2, \
      delete_after = v.column3 FROM (";
 const TOUCH: &str =
@@ -455,228 +430,469 @@ async fn run_postgres(pool: &PgPool, writes: &[&Request]) -> Result<Vec<Outcome>
         .collect()
 }
 
-/// Runs one batch on SQLite as ONE command to the connection's worker thread: `BEGIN
-/// IMMEDIATE`, the statements, `COMMIT`, in one multi-statement string. sqlx runs every SQLite
-/// statement on a worker thread of the connection and hands each command and its answer across
-/// threads; one command per batch instead of one per statement is most of what group commit
-/// saves on SQLite. Each statement's rows carry a `tag` column saying which statement they
-/// come from.
-///
-/// The statements: the intents without a reference in one plain multi-row `INSERT`, those with
-/// one in one `INSERT … ON CONFLICT DO NOTHING RETURNING`; the live
-/// records of the batch's references (for the intents that lost); the events of the state
-/// changes, chosen by the records' states *before* the changes (the write lock is held, so the
-/// `UPDATE`s that follow see the same states); the activations and the touches in one
-/// `UPDATE … FROM (VALUES …)` each; the plain events in one `INSERT`.
-///
-/// `relax`: the batch commits with `synchronous=NORMAL` (no fsync; see [`needs_sync`]), and
-/// the connection is back at FULL before it is released, for the writes made on it directly
-/// (a separate command: an error there must not report the committed batch failed).
-async fn run_sqlite(
-    pool: &SqlitePool,
-    relax: bool,
-    writes: &[&Request],
-) -> Result<Vec<Outcome>, sqlx::Error> {
-    let intents: Vec<&IntentRow> = writes
-        .iter()
-        .filter_map(|w| match w {
-            Request::Intent(row, _) => Some(row),
-            _ => None,
-        })
-        .collect();
-    let transitions = |change: Change| -> Vec<&TransitionRow> {
-        writes
-            .iter()
-            .filter_map(|w| match w {
-                Request::Transition(row, _) if row.change == change => Some(row),
-                _ => None,
-            })
-            .collect()
-    };
-    let activations = transitions(Change::Activate);
-    let touches = transitions(Change::Touch);
-    let logged: Vec<(&TransitionRow, &EventRow)> = activations
-        .iter()
-        .chain(&touches)
-        .filter_map(|row| row.event.as_ref().map(|event| (*row, event)))
-        .collect();
-    let events: Vec<&EventRow> = writes
-        .iter()
-        .filter_map(|w| match w {
-            Request::Event(row, _) => Some(row),
-            _ => None,
-        })
-        .collect();
-    let (referenced, unreferenced): (Vec<&IntentRow>, Vec<&IntentRow>) = intents
-        .iter()
-        .copied()
-        .partition(|row| row.reference_digest.is_some());
-
-    // SQLite refuses the level's change inside a transaction, so it comes first. A pragma
-    // statement expires itself when run (sqlite3.c, `sqlite3VdbeRunOnlyOnce`), so the cached
-    // batch recompiles it, and applies it, at every run.
-    let mut query = QueryBuilder::<Sqlite>::new(if relax {
-        "PRAGMA synchronous = NORMAL; BEGIN IMMEDIATE; "
-    } else {
-        "BEGIN IMMEDIATE; "
-    });
-    // Two statements, so that the intents without a reference (which no live record can
-    // hold) skip `RETURNING`: SQLite collects a statement's `RETURNING` rows in a temporary
-    // table first, a cost per statement that a plain `INSERT` does not pay.
-    for (rows, conflict) in [
-        (&unreferenced, "; "),
-        (&referenced, ON_LIVE_REFERENCE_TAGGED),
-    ] {
-        if rows.is_empty() {
-            continue;
-        }
-        query.push(INSERT_INTENTS);
-        query.push_values(rows.iter(), |mut b, row| row.push_values(&mut b));
-        query.push(conflict);
-    }
-    if !referenced.is_empty() {
-        query.push(format_args!(
-            "SELECT 'live' AS tag, {RECORD_COLUMNS} FROM identities \
-             WHERE state IN ('intent', 'active') AND reference_digest IS NOT NULL \
-             AND (caller, finapi_client, reference_digest) IN ("
-        ));
-        query.push_values(&referenced, |mut b, row| {
-            b.push_bind(row.caller.as_str())
-                .push_bind(row.finapi_client.as_str())
-                .push_bind(row.reference_digest.as_deref());
-        });
-        query.push("); ");
-    }
-    if !logged.is_empty() {
-        query.push(INSERT_EVENTS);
-        query.push(
-            "SELECT v.column1, v.column2, v.column3, v.column4, v.column5, \
-             CASE WHEN i.state = v.column6 THEN v.column7 ELSE v.column8 END FROM (",
-        );
-        query.push_values(&logged, |mut b, (row, event)| {
-            b.push_bind(event.identity_id.as_str())
-                .push_bind(event.kind.as_str())
-                .push_bind(event.caller.as_str())
-                .push_bind(event.request_id.as_deref())
-                .push_bind(event.at)
-                .push_bind(from_state(row.change))
-                .push_bind(event.detail.as_deref())
-                .push_bind(row.unchanged_detail.clone().flatten())
-                .push_bind(row.unchanged_detail.is_some());
-        });
-        query.push(
-            ") AS v JOIN identities AS i ON i.id = v.column1 \
-             WHERE i.state = v.column6 OR v.column9; ",
-        );
-    }
-    for (rows, head, tag) in [(&activations, ACTIVATE, "a"), (&touches, TOUCH, "t")] {
-        if rows.is_empty() {
-            continue;
-        }
-        query.push(head);
-        query.push_values(rows.iter(), |mut b, row| {
-            b.push_bind(row.id.as_str())
-                .push_bind(row.now)
-                .push_bind(row.delete_after);
-        });
-        let state = from_state(rows[0].change);
-        query.push(format_args!(
-            ") AS v WHERE id = v.column1 AND state = '{state}' RETURNING '{tag}' AS tag, id; "
-        ));
-    }
-    if !events.is_empty() {
-        query.push(INSERT_EVENTS);
-        query.push_values(&events, |mut b, event| event.push_values(&mut b));
-        query.push("; ");
-    }
-    query.push("COMMIT");
-
-    let mut conn = pool.acquire().await?;
-    let rows = match query.build().fetch_all(&mut *conn).await {
-        Ok(rows) => rows,
-        Err(e) => {
-            // The statement that failed left the transaction open: roll it back, and if that
-            // fails too, let the pool open a fresh connection (at the configured FULL).
-            if sqlx::query("ROLLBACK").execute(&mut *conn).await.is_err()
-                || (relax && set_synchronous(&mut conn, false).await.is_err())
-            {
-                let _ = conn.close().await;
-            }
-            return Err(e);
-        }
-    };
-    if relax && set_synchronous(&mut conn, false).await.is_err() {
-        // The batch is committed and must not be reported failed (it would be run again); a
-        // fresh connection opens at the configured FULL.
-        let _ = conn.close().await;
-    }
-
-    let mut new = HashSet::new();
-    let mut live = Vec::new();
-    let mut changed = HashSet::new();
-    for row in rows {
-        let tag: String = row.try_get("tag")?;
-        match tag.as_str() {
-            "new" => {
-                new.insert(row.try_get::<String, _>("id")?);
-            }
-            "live" => live.push(RawRecord::from_row(&row)?),
-            change => {
-                changed.insert((change == "a", row.try_get::<String, _>("id")?));
-            }
-        }
-    }
-    Ok(writes
-        .iter()
-        .map(|w| match w {
-            // Without a reference the intent was written: the command succeeded.
-            Request::Intent(row, _) => {
-                Outcome::Intent(if row.reference_digest.is_none() || new.contains(&row.id) {
-                    IntentOutcome::New
-                } else {
-                    // Lost to a live record of an earlier batch, or of this one.
-                    let index = live.iter().position(|r| {
-                        r.caller == row.caller
-                            && r.finapi_client == row.finapi_client
-                            && r.reference_digest == row.reference_digest
-                    });
-                    match index {
-                        Some(i) if row.reference_digest.is_some() => {
-                            IntentOutcome::Existing(Box::new(live[i].clone()))
-                        }
-                        _ => IntentOutcome::Gone,
-                    }
-                })
-            }
-            Request::Transition(row, _) => Outcome::Transition(
-                changed.contains(&(row.change == Change::Activate, row.id.clone())),
-            ),
-            Request::Event(..) => Outcome::Event,
-        })
-        .collect())
+/// The SQLite group-commit writer: the `ledger-writer` thread, and the handle that closes its
+/// connection. Cheap to clone.
+#[derive(Clone)]
+pub(super) struct SqliteWriter {
+    /// A tokio mutex: the thread takes it blocking, the store's direct writes wait for it.
+    slot: Arc<Mutex<Slot>>,
 }
 
-/// Sets the connection's `PRAGMA synchronous` (NORMAL or FULL) for the transactions that
-/// follow; outside a transaction only (SQLite refuses the change inside one). Unprepared
-/// (`raw_sql`): SQLite recompiles a pragma at every run anyway, so caching it gains nothing.
-pub(super) async fn set_synchronous(
-    conn: &mut sqlx::SqliteConnection,
-    normal: bool,
-) -> Result<(), sqlx::Error> {
-    let sql = if normal {
+/// The writer's connection and settings, locked by the thread for each batch, by
+/// [`SqliteWriter::turn`] and by [`SqliteWriter::close`].
+struct Slot {
+    path: PathBuf,
+    sync: SqliteSync,
+    /// `None` once an error left the connection in an unknown state (a failed `ROLLBACK`, or
+    /// the level not restored to FULL): the next batch opens a fresh one.
+    conn: Option<Connection>,
+    /// Set by [`SqliteWriter::close`]: no connection is opened again.
+    closed: bool,
+}
+
+impl SqliteWriter {
+    /// Opens the writer's connection to the SQLite file at `path` (created, migrated or not, in
+    /// WAL mode) with `sync`, and starts the `ledger-writer` thread. Returns the queue's sending
+    /// end and the writer; the thread ends when every sender is dropped (the last clone of the
+    /// store). Errors: [`StoreError::Unavailable`] when the file cannot be opened as a database
+    /// or the thread cannot be started.
+    pub(super) async fn spawn(
+        path: PathBuf,
+        sync: SqliteSync,
+    ) -> Result<(mpsc::UnboundedSender<Request>, SqliteWriter), StoreError> {
+        let (path, opened) = tokio::task::spawn_blocking(move || {
+            let opened = open(&path, sync);
+            (path, opened)
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(sqlx::Error::Io(std::io::Error::other(e))))?;
+        let conn = opened.map_err(|e| classify(Backend::Sqlite, sqlite_error(e)))?;
+        let writer = SqliteWriter {
+            slot: Arc::new(Mutex::new(Slot {
+                path,
+                sync,
+                conn: Some(conn),
+                closed: false,
+            })),
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let thread = writer.clone();
+        std::thread::Builder::new()
+            .name("ledger-writer".to_owned())
+            .spawn(move || thread.run(rx))
+            .map_err(|e| StoreError::Unavailable(sqlx::Error::Io(e)))?;
+        Ok((tx, writer))
+    }
+
+    /// The thread: takes every request pending (up to [`MAX_BATCH`]), commits them, answers.
+    fn run(&self, mut queue: mpsc::UnboundedReceiver<Request>) {
+        while let Some(first) = queue.blocking_recv() {
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match queue.try_recv() {
+                    Ok(request) => batch.push(request),
+                    Err(_) => break,
+                }
+            }
+            self.commit(batch);
+        }
+    }
+
+    /// Commits `batch` and answers every request in it, on the calling thread (blocking; not
+    /// on a runtime thread).
+    pub(super) fn commit(&self, batch: Vec<Request>) {
+        self.slot.blocking_lock().commit(batch);
+    }
+
+    /// Waits until no batch is being committed and keeps the writer from starting one while
+    /// the turn is held: the store's direct writes on its sqlx connection take it, so that
+    /// they and the writer thread take turns in the broker (FIFO) instead of meeting each
+    /// other's lock in SQLite's busy handler, which sleeps 1, 2, 5, 10 … ms between tries
+    /// (sqlite3.c, `sqliteDefaultBusyCallback`).
+    pub(super) async fn turn(&self) -> WriterTurn<'_> {
+        WriterTurn(self.slot.lock().await)
+    }
+
+    /// Closes the connection once the batch in progress is committed; the writes queued after
+    /// it answer [`StoreError::Unavailable`]. As the last connection to the file it copies the
+    /// write-ahead log back into the database file (sqlite.org/wal.html).
+    pub(super) async fn close(&self) {
+        let mut slot = self.slot.lock().await;
+        slot.closed = true;
+        if let Some(Err((_, error))) = slot.conn.take().map(Connection::close) {
+            tracing::debug!(error = %sqlite_error(error), "ledger writer connection did not close cleanly");
+        }
+    }
+
+    /// The connection's `PRAGMA synchronous` (sqlite.org/pragma.html#pragma_synchronous: 2 is
+    /// FULL, 1 is NORMAL), for tests; `None` when it is closed.
+    #[cfg(test)]
+    pub(super) async fn synchronous(&self) -> Option<i64> {
+        let slot = self.slot.lock().await;
+        let conn = slot.conn.as_ref()?;
+        conn.query_row("PRAGMA synchronous", [], |row| row.get(0))
+            .ok()
+    }
+}
+
+/// The writer kept idle while held ([`SqliteWriter::turn`]).
+pub(super) struct WriterTurn<'a>(#[allow(dead_code)] MutexGuard<'a, Slot>);
+
+/// Opens the writer's connection with the pragmas the sqlx connections of the store get
+/// (`IdentityStore::connect`): WAL, the busy timeout, foreign keys, no automatic checkpoints
+/// (the store's `checkpoints` task runs them beside the writer), and the level of `sync`.
+fn open(path: &Path, sync: SqliteSync) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(SQLITE_BUSY_TIMEOUT)?;
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA foreign_keys = ON; PRAGMA wal_autocheckpoint = 0",
+    )?;
+    // `Intents` relaxes single batches and restores FULL after each.
+    set_synchronous(&conn, sync == SqliteSync::Normal)?;
+    conn.set_prepared_statement_cache_capacity(WRITER_STATEMENT_CACHE);
+    Ok(conn)
+}
+
+impl Slot {
+    /// Commits `batch` and answers every request in it. Under [`SqliteSync::Intents`] a batch
+    /// that holds both kinds is committed in two transactions: first the writes that need no
+    /// sync (their sessions are answered without waiting for an fsync), then the intents, whose
+    /// synced commit makes the first one's log frames durable too (sqlite.org/wal.html). Under
+    /// load nearly every batch holds an intent, so without the split every activation would
+    /// wait for an fsync all the same. No write in a batch depends on an intent of the same
+    /// batch: a session writes anything else about its identity only after its intent was
+    /// answered.
+    fn commit(&mut self, batch: Vec<Request>) {
+        if self.sync == SqliteSync::Intents {
+            let must_sync = |r: &Request| needs_sync(&[r]);
+            if batch.iter().any(must_sync) && !batch.iter().all(must_sync) {
+                let (synced, relaxed): (Vec<Request>, Vec<Request>) =
+                    batch.into_iter().partition(|r| must_sync(r));
+                self.commit_group(relaxed);
+                self.commit_group(synced);
+                return;
+            }
+        }
+        self.commit_group(batch);
+    }
+
+    /// Commits `batch` in one transaction and answers every request in it.
+    fn commit_group(&mut self, batch: Vec<Request>) {
+        let refs: Vec<&Request> = batch.iter().collect();
+        let result = self.run(&refs);
+        drop(refs);
+        match result {
+            Ok(outcomes) => answer_all(batch, outcomes),
+            Err(StoreError::Other(_)) if batch.len() > 1 => {
+                // One bad row aborts the transaction it is in: find it by going one by one.
+                for request in batch {
+                    let result = self.run(&[&request]).and_then(single);
+                    answer(request, result);
+                }
+            }
+            Err(error) => fail_all(batch, error),
+        }
+    }
+
+    /// Runs `writes` in one transaction (see [`transact`]), on the open connection or a fresh
+    /// one. `relax` ([`needs_sync`]): the transaction commits at NORMAL, and the connection is
+    /// back at FULL before the next one, for the level of every other write; a connection whose
+    /// state is in doubt after an error is dropped (a committed batch is still reported
+    /// committed: run again, it would fail).
+    fn run(&mut self, writes: &[&Request]) -> Result<Vec<Outcome>, StoreError> {
+        if self.closed {
+            return Err(StoreError::Unavailable(sqlx::Error::PoolClosed));
+        }
+        let conn = match &mut self.conn {
+            Some(conn) => conn,
+            None => {
+                let conn = open(&self.path, self.sync)
+                    .map_err(|e| classify(Backend::Sqlite, sqlite_error(e)))?;
+                self.conn.insert(conn)
+            }
+        };
+        let relax = self.sync == SqliteSync::Intents && !needs_sync(writes);
+        let result = transact(conn, relax, writes);
+        // An error may leave the transaction open (SQLite rolls some back itself).
+        let rolled_back = result.is_ok()
+            || conn.is_autocommit()
+            || conn
+                .prepare_cached("ROLLBACK")
+                .and_then(|mut s| s.execute([]))
+                .is_ok();
+        let healthy = rolled_back && (!relax || set_synchronous(conn, false).is_ok());
+        if !healthy {
+            self.conn = None;
+        }
+        result.map_err(|e| classify(Backend::Sqlite, sqlite_error(e)))
+    }
+}
+
+/// Sets the connection's `PRAGMA synchronous` to NORMAL or FULL for the transactions that
+/// follow; outside a transaction only (SQLite refuses the change inside one). Not cached: a
+/// pragma statement expires itself when run (sqlite3.c, `sqlite3VdbeRunOnlyOnce`).
+fn set_synchronous(conn: &Connection, normal: bool) -> rusqlite::Result<()> {
+    conn.execute_batch(if normal {
         "PRAGMA synchronous = NORMAL"
     } else {
         "PRAGMA synchronous = FULL"
-    };
-    sqlx::Executor::execute(conn, sqlx::raw_sql(sql))
-        .await
-        .map(drop)
+    })
 }
 
-/// The state a change applies to.
-fn from_state(change: Change) -> &'static str {
-    match change {
-        Change::Activate => "intent",
-        Change::Touch => "active",
+const BEGIN: &str = "BEGIN IMMEDIATE";
+const COMMIT: &str = "COMMIT";
+/// An intent; the live-reference index swallows it (no row changed) when a live record holds
+/// its reference already. Without a reference it cannot conflict there.
+const INSERT_INTENT: &str = "INSERT INTO identities (id, finapi_user_id, caller, \
+     reference_digest, key_id, finapi_client, state, created_at, delete_after, next_attempt_at) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'intent', ?7, ?8, ?7) \
+     ON CONFLICT (caller, finapi_client, reference_digest) \
+     WHERE reference_digest IS NOT NULL AND state IN ('intent', 'active') DO NOTHING";
+static FIND_LIVE: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT {RECORD_COLUMNS} FROM identities WHERE caller = ?1 AND finapi_client = ?2 \
+         AND reference_digest = ?3 AND state IN ('intent', 'active')"
+    )
+});
+const ACTIVATE_ONE: &str = "UPDATE identities SET state = 'active', last_session_at = ?2, \
+     delete_after = ?3 WHERE id = ?1 AND state = 'intent'";
+const TOUCH_ONE: &str = "UPDATE identities SET last_session_at = ?2, delete_after = ?3 \
+     WHERE id = ?1 AND state = 'active'";
+const INSERT_EVENT: &str = "INSERT INTO identity_events \
+     (identity_id, kind, caller, request_id, at, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
+/// The event of a change that did not apply: only for a record that exists (a change of an
+/// unknown record is not an error, and logs nothing).
+const INSERT_EVENT_IF_KNOWN: &str = "INSERT INTO identity_events \
+     (identity_id, kind, caller, request_id, at, detail) \
+     SELECT ?1, ?2, ?3, ?4, ?5, ?6 WHERE EXISTS (SELECT 1 FROM identities WHERE id = ?1)";
+
+/// Runs `writes` in one `BEGIN IMMEDIATE … COMMIT`, one statement per row in the writes' order,
+/// each prepared once per connection. The write lock is taken at `BEGIN`, so each row sees the
+/// rows before it, of this batch and of earlier ones: an intent that loses to a live record
+/// reads that record, and a change's event is chosen by whether the change applied. On an
+/// error the transaction may still be open; [`Slot::run`] rolls it back.
+fn transact(conn: &Connection, relax: bool, writes: &[&Request]) -> rusqlite::Result<Vec<Outcome>> {
+    // SQLite refuses the level's change inside a transaction, so it comes first.
+    if relax {
+        set_synchronous(conn, true)?;
+    }
+    conn.prepare_cached(BEGIN)?.execute([])?;
+    let outcomes = writes
+        .iter()
+        .map(|write| write_one(conn, write))
+        .collect::<rusqlite::Result<Vec<Outcome>>>()?;
+    conn.prepare_cached(COMMIT)?.execute([])?;
+    Ok(outcomes)
+}
+
+fn write_one(conn: &Connection, write: &Request) -> rusqlite::Result<Outcome> {
+    Ok(match write {
+        Request::Intent(row, _) => {
+            let written = conn.prepare_cached(INSERT_INTENT)?.execute(params![
+                row.id,
+                row.finapi_user_id,
+                row.caller,
+                row.reference_digest,
+                row.key_id,
+                row.finapi_client,
+                row.now,
+                row.delete_after,
+            ])?;
+            Outcome::Intent(match &row.reference_digest {
+                _ if written > 0 => IntentOutcome::New,
+                Some(digest) => conn
+                    .prepare_cached(&FIND_LIVE)?
+                    .query_row(
+                        params![row.caller, row.finapi_client, digest],
+                        RawRecord::from_sqlite_row,
+                    )
+                    .optional()?
+                    .map_or(IntentOutcome::Gone, |live| {
+                        IntentOutcome::Existing(Box::new(live))
+                    }),
+                None => IntentOutcome::Gone,
+            })
+        }
+        Request::Transition(row, _) => {
+            let change = match row.change {
+                Change::Activate => ACTIVATE_ONE,
+                Change::Touch => TOUCH_ONE,
+            };
+            let applied =
+                conn.prepare_cached(change)?
+                    .execute(params![row.id, row.now, row.delete_after])?
+                    > 0;
+            match (&row.event, &row.unchanged_detail) {
+                (Some(event), _) if applied => {
+                    insert_event(conn, INSERT_EVENT, event, event.detail.as_deref())?;
+                }
+                (Some(event), Some(detail)) => {
+                    insert_event(conn, INSERT_EVENT_IF_KNOWN, event, detail.as_deref())?;
+                }
+                _ => {}
+            }
+            Outcome::Transition(applied)
+        }
+        Request::Event(row, _) => {
+            insert_event(conn, INSERT_EVENT, row, row.detail.as_deref())?;
+            Outcome::Event
+        }
+    })
+}
+
+fn insert_event(
+    conn: &Connection,
+    sql: &str,
+    event: &EventRow,
+    detail: Option<&str>,
+) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute(params![
+        event.identity_id,
+        event.kind.as_str(),
+        event.caller,
+        event.request_id,
+        event.at,
+        detail,
+    ])?;
+    Ok(())
+}
+
+/// A failure SQLite reported to the writer thread, as a [`sqlx::error::DatabaseError`] so that
+/// `classify` sorts it like the failures of the store's sqlx connections: SQLite's extended
+/// result code (sqlite.org/rescode.html) and `sqlite3_errmsg`, which names a constraint or a
+/// column but never quotes a bound value.
+#[derive(Debug)]
+struct SqliteFailure {
+    code: i32,
+    message: String,
+}
+
+impl std::fmt::Display for SqliteFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (SQLite code {})", self.message, self.code)
+    }
+}
+
+impl std::error::Error for SqliteFailure {}
+
+impl sqlx::error::DatabaseError for SqliteFailure {
+    fn message(&self) -> &str {
+        &self.message
+    }
+
+    fn code(&self) -> Option<Cow<'_, str>> {
+        Some(Cow::Owned(self.code.to_string()))
+    }
+
+    fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        self
+    }
+
+    fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+        self
+    }
+
+    fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+        self
+    }
+
+    fn kind(&self) -> sqlx::error::ErrorKind {
+        use sqlx::error::ErrorKind;
+        // Extended codes of SQLITE_CONSTRAINT (19), sqlite.org/rescode.html.
+        match self.code {
+            // SQLITE_CONSTRAINT_PRIMARYKEY, SQLITE_CONSTRAINT_UNIQUE
+            1555 | 2067 => ErrorKind::UniqueViolation,
+            // SQLITE_CONSTRAINT_FOREIGNKEY
+            787 => ErrorKind::ForeignKeyViolation,
+            // SQLITE_CONSTRAINT_NOTNULL
+            1299 => ErrorKind::NotNullViolation,
+            // SQLITE_CONSTRAINT_CHECK
+            275 => ErrorKind::CheckViolation,
+            _ => ErrorKind::Other,
+        }
+    }
+}
+
+/// A rusqlite error in the store's error type. SQLite's own failures keep their code and
+/// message; rusqlite's other errors concern a value read or bound (some quote it), so only
+/// their kind is kept.
+fn sqlite_error(error: rusqlite::Error) -> sqlx::Error {
+    let kind = match error {
+        rusqlite::Error::SqliteFailure(failure, message) => {
+            return sqlx::Error::Database(Box::new(SqliteFailure {
+                code: failure.extended_code,
+                message: message.unwrap_or_else(|| failure.to_string()),
+            }));
+        }
+        rusqlite::Error::InvalidColumnType(..)
+        | rusqlite::Error::FromSqlConversionFailure(..)
+        | rusqlite::Error::IntegralValueOutOfRange(..)
+        | rusqlite::Error::Utf8Error(..) => "a stored value does not decode",
+        rusqlite::Error::ToSqlConversionFailure(..) => "a value does not encode",
+        _ => "the SQLite API refused a call",
+    };
+    sqlx::Error::Protocol(format!("identity store writer: {kind}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_failures_are_classified_as_the_sqlx_ones_and_quote_no_value() {
+        let failure = |code: i32, message: &str| {
+            rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(code),
+                Some(message.to_owned()),
+            )
+        };
+        // sqlite.org/rescode.html: BUSY 5, IOERR_FSYNC 1034, READONLY 8, CORRUPT 11, NOTADB 26.
+        for code in [5, 1034, 8, 11, 26] {
+            let error = classify(Backend::Sqlite, sqlite_error(failure(code, "no")));
+            assert!(
+                matches!(error, StoreError::Unavailable(_)),
+                "{code}: {error:?}"
+            );
+        }
+        // SQLITE_CONSTRAINT_UNIQUE, SQLITE_CONSTRAINT_FOREIGNKEY: a bad row, not a bad database.
+        for code in [2067, 787] {
+            let error = classify(Backend::Sqlite, sqlite_error(failure(code, "constraint")));
+            assert!(matches!(error, StoreError::Other(_)), "{code}: {error:?}");
+        }
+        let StoreError::Other(sqlx::Error::Database(unique)) = classify(
+            Backend::Sqlite,
+            sqlite_error(failure(2067, "UNIQUE constraint failed: identities.id")),
+        ) else {
+            panic!("a database error");
+        };
+        assert!(unique.is_unique_violation());
+        assert_eq!(unique.message(), "UNIQUE constraint failed: identities.id");
+        // rusqlite's own errors may quote a value: only their kind is kept.
+        const VALUE: i64 = 4_711_000_042;
+        let shown = sqlite_error(rusqlite::Error::IntegralValueOutOfRange(3, VALUE));
+        let shown = format!("{shown} / {shown:?}");
+        assert!(!shown.contains(&VALUE.to_string()), "{shown}");
+    }
+
+    #[test]
+    fn the_level_is_set_again_at_every_call() {
+        let path =
+            std::env::temp_dir().join(format!("giroident-writer-unit-{}.db", uuid::Uuid::new_v4()));
+        let conn = Connection::open(&path).expect("opens");
+        let level = |conn: &Connection| -> i64 {
+            conn.query_row("PRAGMA synchronous", [], |row| row.get(0))
+                .expect("pragma")
+        };
+        for _ in 0..2 {
+            set_synchronous(&conn, true).expect("NORMAL");
+            assert_eq!(level(&conn), 1);
+            set_synchronous(&conn, false).expect("FULL");
+            assert_eq!(level(&conn), 2);
+        }
+        drop(conn);
+        let _ = std::fs::remove_file(&path);
     }
 }
