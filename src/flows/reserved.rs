@@ -34,10 +34,10 @@
 //! - **Adaptive, no waste at low traffic.** A session that finds the pool empty writes its own
 //!   intent as before. It asks for a refill only when the pool's previous session came less
 //!   than `max_age` before (an entry reserved now would likely be taken in time), so a quiet
-//!   broker reserves nothing. Each miss doubles the refill size, up to
-//!   `identities.reserved_intents`; a sweep that discards expired entries halves it. While a
-//!   refill is in flight no second one starts for the pool; a pool below half its refill size
-//!   is topped up ahead of the next miss.
+//!   broker reserves nothing. A refill that follows such misses is twice the size of the one
+//!   before, up to `identities.reserved_intents`; a sweep that discards expired entries halves
+//!   it. While a refill is in flight no second one starts for the pool; a pool below half its
+//!   refill size is topped up ahead of the next miss.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -75,6 +75,8 @@ struct Pool {
     batch: usize,
     /// A refill is in flight.
     refilling: bool,
+    /// A session found the pool empty since the last refill began: the next one is larger.
+    short: bool,
     /// The last session that looked here, Unix ms (0: none yet).
     last_demand: Millis,
 }
@@ -105,8 +107,8 @@ pub struct ReservedIntents {
     /// Age from which an entry is not used, in ms ([`max_age`]).
     max_age: Millis,
     pools: Mutex<Pools>,
-    /// Refills in flight; shutdown waits for none.
-    refills: watch::Sender<usize>,
+    /// Refills and discards in flight; shutdown waits for none.
+    background: watch::Sender<usize>,
     reserved: AtomicU64,
     taken: AtomicU64,
     discarded: AtomicU64,
@@ -133,7 +135,7 @@ impl ReservedIntents {
             cap,
             max_age: millis(max_age),
             pools: Mutex::new(Pools::default()),
-            refills: watch::Sender::new(0),
+            background: watch::Sender::new(0),
             reserved: AtomicU64::new(0),
             taken: AtomicU64::new(0),
             discarded: AtomicU64::new(0),
@@ -186,23 +188,25 @@ impl ReservedIntents {
         }
         let recent = pool.last_demand > 0 && now - pool.last_demand < self.max_age;
         pool.last_demand = now;
-        let count = if closed || pool.refilling {
+        if taken.is_none() && recent {
+            pool.short = true;
+        }
+        let wanted = match &taken {
+            None => pool.short,
+            Some(_) => pool.ready.len() < pool.batch / 2,
+        };
+        let count = if closed || pool.refilling || !wanted {
             0
-        } else if taken.is_none() {
-            if recent {
-                pool.batch = (pool.batch * 2).clamp(1, self.cap);
-                pool.batch
-            } else {
-                0
-            }
-        } else if pool.ready.len() < pool.batch / 2 {
-            pool.batch - pool.ready.len()
         } else {
-            0
+            if pool.short {
+                pool.batch = (pool.batch * 2).clamp(1, self.cap);
+                pool.short = false;
+            }
+            pool.batch.saturating_sub(pool.ready.len())
         };
         let refill = (count > 0).then(|| {
             pool.refilling = true;
-            self.refills.send_modify(|n| *n += 1);
+            self.background.send_modify(|n| *n += 1);
             Refill {
                 caller: ctx.caller.clone(),
                 finapi_client: ctx.finapi_client.clone(),
@@ -231,6 +235,7 @@ impl ReservedIntents {
             });
             if ids.len() > before {
                 pool.batch /= 2;
+                pool.short = false;
             }
         }
         ids
@@ -242,8 +247,6 @@ impl ReservedIntents {
         if ids.is_empty() {
             return;
         }
-        self.discarded
-            .fetch_add(ids.len() as u64, Ordering::Relaxed);
         // One statement per 128 ids keeps the bound values far below either backend's limit.
         for chunk in ids.chunks(128) {
             if let Err(err) = store.delete_unused_intents(chunk).await {
@@ -251,6 +254,8 @@ impl ReservedIntents {
                     "could not delete unused reserved intents; the reaper closes them");
             }
         }
+        self.discarded
+            .fetch_add(ids.len() as u64, Ordering::Relaxed);
     }
 }
 
@@ -286,7 +291,14 @@ impl Flows {
         if !ids.is_empty() {
             let reserved = self.reserved().clone();
             let store = self.identities.store.clone();
-            tokio::spawn(async move { reserved.discard(&store, &ids).await });
+            // Counted like a refill, so that shutdown closes the ledger only after it.
+            reserved.background.send_modify(|n| *n += 1);
+            tokio::spawn(async move {
+                reserved.discard(&store, &ids).await;
+                reserved
+                    .background
+                    .send_modify(|n| *n = n.saturating_sub(1));
+            });
         }
     }
 
@@ -306,8 +318,9 @@ impl Flows {
         self.reserved().discard(&self.identities.store, &ids).await;
     }
 
-    /// At shutdown, once no request runs: no more refills, waits for those in flight (they
-    /// delete what they wrote), and deletes every entry still ready from the ledger.
+    /// At shutdown, once no request runs: no more refills, deletes every entry still ready
+    /// from the ledger, and waits for the refills and discards in flight (a refill deletes
+    /// what it wrote).
     pub async fn release_reserved_intents(&self) {
         let reserved = self.reserved();
         let ids: Vec<Uuid> = {
@@ -321,8 +334,8 @@ impl Flows {
                 .collect()
         };
         reserved.discard(&self.identities.store, &ids).await;
-        let mut refills = reserved.refills.subscribe();
-        let _ = refills.wait_for(|n| *n == 0).await;
+        let mut background = reserved.background.subscribe();
+        let _ = background.wait_for(|n| *n == 0).await;
     }
 
     /// The reserved intents' counts since start.
@@ -403,7 +416,9 @@ async fn run_refill(
         }
     };
     reserved.discard(&store, &leftover).await;
-    reserved.refills.send_modify(|n| *n = n.saturating_sub(1));
+    reserved
+        .background
+        .send_modify(|n| *n = n.saturating_sub(1));
 }
 
 /// Sweeps the reserved intents every `max_age / 2` (at most every 100 ms) until `stop` turns
