@@ -299,3 +299,38 @@ async fn a_broker_killed_with_reserved_intents_leaves_them_to_the_reaper_as_neve
     assert_eq!(sim.state().user_passwords().len(), 2);
     store.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_password_key_retires_the_reserved_intents_of_the_old_one() {
+    use giroident_broker::identities::keys::{PasswordKey, PasswordKeys};
+    let ledger = common::sqlite_ledger();
+    // Entries usable for (60 s − 2 s) / 2 = 29 s: the sweep does not come first.
+    let env = env_on(&ledger, |s| s.identities.orphan_min_age_secs = 60).await;
+    let store = store(&ledger).await;
+    warm_up(&env).await;
+    let ready = env.flows.reserved_intents_ready() as u64;
+    let key = |k: &str| PasswordKey::new(k.to_owned().into()).expect("a long key");
+    let newest = key("reserved-test-password-key-B-0123456789abcdef");
+    let newest_id = newest.id().to_owned();
+    // What a reload (SIGHUP) with a new key, the old one kept as previous, swaps in.
+    env.flows.replace_password_keys(PasswordKeys::new(
+        newest,
+        vec![key(common::TEST_PASSWORD_KEY)],
+    ));
+    let discarded = common::eventually(Duration::from_secs(5), || {
+        env.flows.reserved_intent_counts().discarded == ready
+    })
+    .await;
+    assert!(discarded, "{:?}", env.flows.reserved_intent_counts());
+    assert_eq!(counts(&store).await, [0, 2, 0, 0]);
+    let session = env.access_session().await;
+    let record = store
+        .find_by_finapi_user(session["userId"].as_str().unwrap())
+        .await
+        .expect("find")
+        .expect("recorded");
+    assert_eq!(record.key_id, newest_id);
+    assert_eq!(env.flows.reserved_intent_counts().taken, 0);
+    env.stop().await;
+    store.close().await;
+}
