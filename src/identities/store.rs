@@ -1353,6 +1353,43 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn intents_written_ahead_commit_together_and_only_unused_unleased_ones_are_deleted() {
+        let (store, path) = sqlite_store().await;
+        let ids: Vec<Uuid> = (0..4).map(|_| Uuid::now_v7()).collect();
+        let users: Vec<String> = (0..4).map(|n| format!("gib-ahead-{n}")).collect();
+        let mut intents: Vec<NewIdentity<'_>> = ids
+            .iter()
+            .zip(&users)
+            .map(|(id, u)| intent(*id, u))
+            .collect();
+        let with_digest = NewIdentity {
+            reference_digest: Some("d"),
+            ..intent(Uuid::now_v7(), "gib-ahead-digest")
+        };
+        intents.push(with_digest);
+        let results = store.insert_intents(&intents).await;
+        assert!(results[..4].iter().all(Result::is_ok));
+        assert!(matches!(results[4], Err(StoreError::Other(_))));
+        assert_eq!(store.counts_by_state().await.unwrap()[0].1, 4);
+
+        // One taken by a session (active), one held by a reaper: those stay.
+        assert!(store.activate(ids[0], 5, 10).await.unwrap());
+        store
+            .claim_due(i64::MAX / 2, 0, "reaper", 1_000, 1)
+            .await
+            .unwrap();
+        let leased = store.get(ids[1]).await.unwrap().unwrap();
+        assert_eq!(leased.state, IdentityState::Intent);
+        assert_eq!(store.delete_unused_intents(&ids).await.unwrap(), 2);
+        for (n, id) in ids.iter().enumerate() {
+            assert_eq!(store.get(*id).await.unwrap().is_some(), n < 2, "{n}");
+        }
+        assert_eq!(store.delete_unused_intents(&[]).await.unwrap(), 0);
+        store.close().await;
+        remove_sqlite(&path);
+    }
+
+    #[tokio::test]
     async fn writes_answer_unavailable_at_once_when_the_writer_is_gone() {
         let (mut store, path) = sqlite_store().await;
         let (closed, _) = mpsc::unbounded_channel();
