@@ -307,8 +307,8 @@ impl Flows {
     }
 
     /// Records an intent (or takes one written ahead, without a reference), creates the finAPI
-    /// user and gets its token. The intent is durable before finAPI hears of the user; whatever fails afterwards leaves a record the reaper
-    /// resolves.
+    /// user and gets its token. The intent is durable before finAPI hears of the user; whatever
+    /// fails afterwards leaves a record the reaper resolves.
     async fn create_identity(
         &self,
         reference: Option<&ClientReference>,

@@ -6,9 +6,9 @@
 //! Why each rule holds (README "Managed identities" and "Durability" say it for operators):
 //!
 //! - **Durable before finAPI hears of the user.** An entry enters the pool only once the writer
-//!   answered its intent, i.e. after the commit (synced under every `sqlite_synchronous`, since
-//!   it is an intent). The rule of issue 12 asks that the intent be durable, not that the
-//!   session write it.
+//!   answered its intent, i.e. after its commit, as durable as any intent under the configured
+//!   `sqlite_synchronous` (synced under `full` and `intents`). The rule of issue 12 asks that
+//!   the intent be durable, not that the session write it.
 //! - **Only without a reference.** An intent with a reference carries its digest, and the
 //!   ledger's unique index on it is what makes concurrent first sessions for one reference
 //!   create one user; it is written by its session, as before.
@@ -29,8 +29,8 @@
 //!   finAPI call is needed. A sweep every `max_age / 2` discards the expired ones, so that they
 //!   are gone long before the reaper's orphan age. After a crash (SIGKILL, power loss) the
 //!   entries in memory stay intents: the next reaper resolves each as an orphan (finAPI does
-//!   not know the user: closed as never created), correct, at the cost of a failed password
-//!   grant each, at most `identities.reserved_intents` per (caller, finAPI client).
+//!   not know the user: closed as never created), correct, at the cost of two failed password
+//!   grants each (`UNKNOWN_CONFIRMATIONS`), at most `identities.reserved_intents` per (caller, finAPI client).
 //! - **Adaptive, no waste at low traffic.** A session that finds the pool empty writes its own
 //!   intent as before. It asks for a refill only when the pool's previous session came less
 //!   than `max_age` before (an entry reserved now would likely be taken in time), so a quiet
