@@ -321,6 +321,10 @@ pub struct IdentitiesSettings {
     /// reaper; longer than any request (`server.request_timeout_secs`), so that no lost call
     /// can still create the user.
     pub orphan_min_age_secs: u64,
+    /// Most intents of one (caller, finAPI client) written ahead of time for sessions without
+    /// a `clientReference` (reserved intents: README "Managed identities"); `0` writes every
+    /// intent in its own session. At most 128 (one group commit of the ledger's writer).
+    pub reserved_intents: u64,
     /// The earlier password keys, read from `previous_password_key_files`.
     #[serde(skip)]
     pub previous_password_keys: Vec<SecretString>,
@@ -1226,6 +1230,12 @@ impl Settings {
                 ),
             );
         }
+        if i.reserved_intents > MAX_RESERVED_INTENTS {
+            problem(
+                "identities.reserved_intents",
+                format!("must be at most {MAX_RESERVED_INTENTS}"),
+            );
+        }
         for (n, caller) in self.auth.callers.iter().enumerate() {
             if caller
                 .retention_secs
@@ -1390,6 +1400,10 @@ impl Settings {
 }
 
 type Table = toml::Table;
+
+/// Most reserved intents per (caller, finAPI client): one refill is one batch of the ledger's
+/// group-commit writer, which takes 128 writes at most.
+pub const MAX_RESERVED_INTENTS: u64 = 128;
 
 /// Longest identity retention, in seconds (ten years): far beyond any GiroIdent check, and
 /// within every date the ledger and the API can write.
@@ -2067,6 +2081,7 @@ mod tests {
             ("IDENTITIES__REAPER_INTERVAL_SECS", "0"),
             ("IDENTITIES__ORPHAN_MIN_AGE_SECS", "10"),
             ("IDENTITIES__SQLITE_SYNCHRONOUS", "off"),
+            ("IDENTITIES__RESERVED_INTENTS", "129"),
         ] {
             vars.push((format!("{ENV_PREFIX}{key}"), value.into()));
         }
@@ -2076,6 +2091,7 @@ mod tests {
             "identities.reaper_interval_secs",
             "identities.orphan_min_age_secs",
             "identities.sqlite_synchronous",
+            "identities.reserved_intents",
         ] {
             assert!(err.mentions(key), "{err}");
         }

@@ -332,7 +332,7 @@ pub fn restart_needed(running: &Settings, loaded: &Settings) -> Vec<String> {
     compare!(resilience: max_attempts, base_backoff_ms, max_backoff_ms, max_retry_after_ms,
         session_budget_ms, breaker_failure_threshold, breaker_cooldown_ms);
     compare!(identities: database_url_file, database_max_connections, sqlite_synchronous, retention_secs,
-        reaper_interval_secs, orphan_min_age_secs);
+        reaper_interval_secs, orphan_min_age_secs, reserved_intents);
     compare!(tracing: endpoint, traces_endpoint, service_name, sampler, sampler_arg, timeout_ms,
         max_queue_size, propagate_to_finapi);
     for (key, old, new) in [

@@ -20,6 +20,7 @@ use crate::config::{ConfigError, Settings};
 use crate::finapi::{self, InvalidBaseUrl};
 use crate::flows::Flows;
 use crate::flows::identities::IdentitySettings;
+use crate::flows::reserved::{self, ReservedIntents};
 use crate::identities::keys::{PasswordKey, PasswordKeys, SharedPasswordKeys};
 use crate::identities::{IdentityStore, SqliteSync};
 use crate::reload::Reloader;
@@ -221,6 +222,7 @@ impl Application {
             self.flows.clone(),
             stop_rx.clone(),
         ));
+        let sweeper = tokio::spawn(reserved::run_sweeper(self.flows.clone(), stop_rx.clone()));
         tokio::join!(
             serve(self.listener, self.router, timeout, stop_rx.clone()),
             serve(self.admin_listener, self.admin_router, timeout, stop_rx),
@@ -229,6 +231,9 @@ impl Application {
         // lease, which expires for the next broker.
         reaper.abort();
         let _ = reaper.await;
+        let _ = sweeper.await;
+        // No session runs any more: the intents written ahead leave the ledger with the broker.
+        self.flows.release_reserved_intents().await;
         self.flows.close_ledger().await;
         tracing::info!("broker stopped");
     }
@@ -272,6 +277,13 @@ async fn identity_settings(settings: &Settings) -> Result<IdentitySettings, Star
         retention_by_caller: std::sync::RwLock::new(retention_by_caller(settings)),
         orphan_min_age: Duration::from_secs(i.orphan_min_age_secs),
         reaper_interval: Duration::from_secs(i.reaper_interval_secs),
+        reserved: Arc::new(ReservedIntents::new(
+            usize::try_from(i.reserved_intents).unwrap_or(0),
+            reserved::max_age(
+                Duration::from_secs(i.orphan_min_age_secs),
+                Duration::from_secs(settings.server.request_timeout_secs),
+            ),
+        )),
     })
 }
 

@@ -170,6 +170,9 @@ pub mod metrics {
     pub const IDENTITY_OLDEST_OVERDUE: &str = "broker_identity_oldest_overdue_seconds";
     /// Gauge: 1 while the identity ledger answers, 0 while it does not.
     pub const IDENTITY_STORE_UP: &str = "broker_identity_store_up";
+    /// Counter: intents written ahead for sessions without a reference, by `outcome`
+    /// (`reserved`, `taken`, `discarded`).
+    pub const RESERVED_INTENTS: &str = "broker_reserved_intents_total";
     /// Counter: reloads of the secrets and callers (`SIGHUP`), by `outcome` (`ok`, `rejected`).
     pub const CONFIG_RELOADS: &str = "broker_config_reloads_total";
     /// Counter: a finAPI client's secret file read again after finAPI refused the secret, by
@@ -209,6 +212,14 @@ pub mod metrics {
             (TOKEN_WAITS, s.client_token_waits_for_refresh),
         ] {
             ::metrics::counter!(name).absolute(value);
+        }
+        let r = flows.reserved_intent_counts();
+        for (outcome, value) in [
+            ("reserved", r.reserved),
+            ("taken", r.taken),
+            ("discarded", r.discarded),
+        ] {
+            ::metrics::counter!(RESERVED_INTENTS, "outcome" => outcome).absolute(value);
         }
         for (client, service, opened, rejected) in flows.circuit_counts() {
             let client = client.to_string();
@@ -347,6 +358,10 @@ pub mod metrics {
             "Managed finAPI identities in the ledger by state"
         );
         describe_counter!(IDENTITY_DELETIONS, "Identity deletion attempts by outcome");
+        describe_counter!(
+            RESERVED_INTENTS,
+            "Intents written ahead for sessions without a reference, by outcome"
+        );
         describe_gauge!(
             IDENTITY_OLDEST_OVERDUE,
             Unit::Seconds,

@@ -114,6 +114,8 @@ pub struct IdentitySettings {
     pub orphan_min_age: Duration,
     /// The reaper's period.
     pub reaper_interval: Duration,
+    /// Intents written ahead for sessions without a reference (`super::reserved`).
+    pub reserved: Arc<super::reserved::ReservedIntents>,
 }
 
 impl IdentitySettings {
@@ -158,6 +160,8 @@ impl Flows {
     /// a key left out ([`Flows::password_keys_in_use`]).
     pub fn replace_password_keys(&self, keys: crate::identities::keys::PasswordKeys) {
         self.ids().keys.replace(keys);
+        // Reserved intents name the key of their reservation: a new newest key retires them.
+        self.discard_unusable_reserved();
     }
 
     /// The ids of the password keys live identities were made with, and how many each.
@@ -302,9 +306,9 @@ impl Flows {
         Ok(Some(IdentityView { record, events }))
     }
 
-    /// Records an intent, creates the finAPI user and gets its token. The intent is durable
-    /// before finAPI hears of the user; whatever fails afterwards leaves a record the reaper
-    /// resolves.
+    /// Records an intent (or takes one written ahead, without a reference), creates the finAPI
+    /// user and gets its token. The intent is durable before finAPI hears of the user; whatever
+    /// fails afterwards leaves a record the reaper resolves.
     async fn create_identity(
         &self,
         reference: Option<&ClientReference>,
@@ -316,28 +320,41 @@ impl Flows {
         let ids = self.ids();
         let keys = ids.keys.current();
         let key = keys.newest();
-        let user_id = generate_user_id();
-        // Time-ordered (UUID v7, RFC 9562), like the user id: the ledger's primary key and the
-        // events' index grow at their ends rather than on a random page per insert.
-        let id = Uuid::now_v7();
-        let digest = reference.map(|r| key.reference_digest(&ctx.caller, r.as_str()));
-        let created_at = now_millis();
-        let inserted = ids
-            .store
-            .insert_intent(&NewIdentity {
-                id,
-                finapi_user_id: &user_id,
-                caller: &ctx.caller,
-                reference_digest: digest.as_deref(),
-                key_id: key.id(),
-                finapi_client: &ctx.finapi_client,
-                now: created_at,
-                delete_after: created_at + millis(ids.orphan_min_age),
-            })
-            .await?;
-        if let Inserted::Existing(_) = inserted {
-            return Ok(Creation::Taken);
-        }
+        // Without a reference, an intent written ahead (already durable) serves as well as
+        // one written now, and saves this session a group commit.
+        let reserved = match reference {
+            None => self.take_reserved(ctx, key.id()),
+            Some(_) => None,
+        };
+        let (id, user_id, created_at) = match reserved {
+            Some(r) => (r.id, r.finapi_user_id, r.created_at),
+            None => {
+                let user_id = generate_user_id();
+                // Time-ordered (UUID v7, RFC 9562), like the user id: the ledger's primary key
+                // and the events' index grow at their ends rather than on a random page per
+                // insert.
+                let id = Uuid::now_v7();
+                let digest = reference.map(|r| key.reference_digest(&ctx.caller, r.as_str()));
+                let created_at = now_millis();
+                let inserted = ids
+                    .store
+                    .insert_intent(&NewIdentity {
+                        id,
+                        finapi_user_id: &user_id,
+                        caller: &ctx.caller,
+                        reference_digest: digest.as_deref(),
+                        key_id: key.id(),
+                        finapi_client: &ctx.finapi_client,
+                        now: created_at,
+                        delete_after: created_at + millis(ids.orphan_min_age),
+                    })
+                    .await?;
+                if let Inserted::Existing(_) = inserted {
+                    return Ok(Creation::Taken);
+                }
+                (id, user_id, created_at)
+            }
+        };
         let password = key.password(&user_id);
         let user = NewUser {
             id: user_id,

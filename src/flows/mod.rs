@@ -5,6 +5,7 @@ mod access;
 pub mod identities;
 pub mod input;
 pub mod reaper;
+pub mod reserved;
 mod retry;
 mod standalone;
 

@@ -828,6 +828,81 @@ impl IdentityStore {
         Err(StoreError::Other(sqlx::Error::RowNotFound))
     }
 
+    /// Writes `intents`, none of which may carry a `reference_digest`, as
+    /// [`IdentityStore::insert_intent`] would, but queued all at once, so that the group-commit
+    /// writer takes them into one batch (one transaction, one synced commit) when it is idle,
+    /// and at worst into a few. Answers each intent in its place: `Ok(())` once committed.
+    /// Errors per intent: [`StoreError::Other`] for one with a digest (not written), or as
+    /// [`IdentityStore::insert_intent`].
+    pub async fn insert_intents(&self, intents: &[NewIdentity<'_>]) -> Vec<Result<(), StoreError>> {
+        let _span = crate::telemetry::otel::ledger_span!("insert_intents");
+        let pending: Vec<Result<oneshot::Receiver<_>, StoreError>> = intents
+            .iter()
+            .map(|new| {
+                if new.reference_digest.is_some() {
+                    // A digest needs the conflict handling of `insert_intent`.
+                    return Err(StoreError::Other(sqlx::Error::Protocol(
+                        "an intent written ahead carries no reference".to_owned(),
+                    )));
+                }
+                let row = IntentRow {
+                    id: new.id.to_string(),
+                    finapi_user_id: new.finapi_user_id.to_owned(),
+                    caller: new.caller.to_owned(),
+                    reference_digest: None,
+                    key_id: new.key_id.to_owned(),
+                    finapi_client: new.finapi_client.to_owned(),
+                    now: new.now,
+                    delete_after: new.delete_after,
+                };
+                let (tx, rx) = oneshot::channel();
+                self.writes
+                    .send(writer::Request::Intent(row, tx))
+                    .map_err(|_| writer_gone())?;
+                Ok(rx)
+            })
+            .collect();
+        let mut results = Vec::with_capacity(pending.len());
+        for rx in pending {
+            results.push(match rx {
+                Ok(rx) => match rx.await {
+                    // Without a digest no live record can take an intent's place.
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => Err(writer_gone()),
+                },
+                Err(e) => Err(e),
+            });
+        }
+        results
+    }
+
+    /// Deletes the records `ids` that are still unleased intents: intents the broker wrote
+    /// ahead and knows it never sent `POST /api/v2/users` for, so no finAPI user can exist for
+    /// them and nothing needs recording (they have no events). A record the reaper holds or
+    /// that moved on is left alone. Returns how many were deleted.
+    /// Errors: [`StoreError::Unavailable`], [`StoreError::Other`].
+    pub async fn delete_unused_intents(&self, ids: &[Uuid]) -> Result<u64, StoreError> {
+        let _span = crate::telemetry::otel::ledger_span!("delete_unused_intents");
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let ids: Vec<String> = ids.iter().map(Uuid::to_string).collect();
+        let placeholders: Vec<String> = (1..=ids.len()).map(|n| format!("${n}")).collect();
+        let sql = format!(
+            "DELETE FROM identities WHERE state = 'intent' AND lease_owner IS NULL \
+             AND id IN ({})",
+            placeholders.join(", ")
+        );
+        with_writer!(self, |pool| {
+            let mut query = sqlx::query(&sql);
+            for id in &ids {
+                query = query.bind(id);
+            }
+            query.execute(pool).await.map(|done| done.rows_affected())
+        })
+    }
+
     /// Queues a write for the group-commit writers and waits for its commit.
     async fn submit<T>(
         &self,
@@ -1315,6 +1390,43 @@ mod tests {
             now: 1,
             delete_after: 2,
         }
+    }
+
+    #[tokio::test]
+    async fn intents_written_ahead_commit_together_and_only_unused_unleased_ones_are_deleted() {
+        let (store, path) = sqlite_store().await;
+        let ids: Vec<Uuid> = (0..4).map(|_| Uuid::now_v7()).collect();
+        let users: Vec<String> = (0..4).map(|n| format!("gib-ahead-{n}")).collect();
+        let mut intents: Vec<NewIdentity<'_>> = ids
+            .iter()
+            .zip(&users)
+            .map(|(id, u)| intent(*id, u))
+            .collect();
+        let with_digest = NewIdentity {
+            reference_digest: Some("d"),
+            ..intent(Uuid::now_v7(), "gib-ahead-digest")
+        };
+        intents.push(with_digest);
+        let results = store.insert_intents(&intents).await;
+        assert!(results[..4].iter().all(Result::is_ok));
+        assert!(matches!(results[4], Err(StoreError::Other(_))));
+        assert_eq!(store.counts_by_state().await.unwrap()[0].1, 4);
+
+        // One taken by a session (active), one held by a reaper: those stay.
+        assert!(store.activate(ids[0], 5, 10).await.unwrap());
+        store
+            .claim_due(i64::MAX / 2, 0, "reaper", 1_000, 1)
+            .await
+            .unwrap();
+        let leased = store.get(ids[1]).await.unwrap().unwrap();
+        assert_eq!(leased.state, IdentityState::Intent);
+        assert_eq!(store.delete_unused_intents(&ids).await.unwrap(), 2);
+        for (n, id) in ids.iter().enumerate() {
+            assert_eq!(store.get(*id).await.unwrap().is_some(), n < 2, "{n}");
+        }
+        assert_eq!(store.delete_unused_intents(&[]).await.unwrap(), 0);
+        store.close().await;
+        remove_sqlite(&path);
     }
 
     #[tokio::test]
