@@ -10,7 +10,8 @@
 #   The word `otel-receiver` among them starts a local OTLP/HTTP receiver (python3, answers 200
 #   to every POST) and points OTEL_EXPORTER_OTLP_ENDPOINT at it.
 # Environment: SESSIONS (default 1000), WARMUP (200), BIN (target/release/giroident-broker),
-#   OUT (directory for callgrind.out files; default a temp dir, kept), FLOW (`access`, the
+#   SIM_BIN (the simulator's binary, BIN by default: set it to the broker when BIN is the
+#   floor of the stack, `target/release/examples/floor`), OUT (directory for callgrind.out files; default a temp dir, kept), FLOW (`access`, the
 #   default, or `standalone`: each session creates a process for one fixed client reference
 #   and exchanges its token).
 # Everything listens on 127.0.0.1. Needs valgrind, curl, python3, sha256sum.
@@ -19,6 +20,7 @@ set -euo pipefail
 SESSIONS=${SESSIONS:-1000}
 WARMUP=${WARMUP:-200}
 BIN=${BIN:-target/release/giroident-broker}
+SIM_BIN=${SIM_BIN:-$BIN}
 FLOW=${FLOW:-access}
 case "$FLOW" in
   access) BODY='{"flow":"access"}' ;;
@@ -67,7 +69,7 @@ done
 
 sport=$(free_port)
 env -i RUST_LOG=warn GIROIDENT_SIM_CLIENT_SECRET=demo-client-secret \
-  "$BIN" sim --listen "127.0.0.1:$sport" --client-id demo-client --client-token-ttl-secs 3600 &
+  "$SIM_BIN" sim --listen "127.0.0.1:$sport" --client-id demo-client --client-token-ttl-secs 3600 &
 PIDS+=($!)
 wait_200 "http://127.0.0.1:$sport/__sim/stats" 10
 
