@@ -32,7 +32,6 @@ use opentelemetry::trace::SpanKind;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-use tracing::Instrument;
 
 use moka::Expiry;
 use moka::future::Cache;
@@ -373,11 +372,10 @@ impl ClientTokenCache {
         let request_id = request_id.to_owned();
         // The shared fetch belongs to the trace of the request that started it, and its log
         // lines show the request's fields.
-        let span = tracing::Span::current();
         let parent = otel::current_parent();
         tokio::spawn(otel::in_parent(
             parent,
-            async move {
+            crate::api::request_id::in_current_request(async move {
                 let key = this.access.client_id().to_owned();
                 this.cache
                     .try_get_with(key, async {
@@ -390,8 +388,7 @@ impl ClientTokenCache {
                     })
                     .await
                     .map_err(TokenError::Fetch)
-            }
-            .instrument(span),
+            }),
         ))
         .await
         .map_err(|_| TokenError::Aborted)?

@@ -12,7 +12,6 @@ use axum::extract::Request;
 use axum::http::{HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::Response;
-use tracing::Instrument;
 
 use super::auth::CallerExt;
 use crate::telemetry::metrics::{
@@ -24,13 +23,64 @@ pub const HEADER: HeaderName = HeaderName::from_static("x-request-id");
 /// Longest request id taken from a caller (finAPI's limit).
 pub const MAX_LEN: usize = 255;
 
-/// The ids of the request a task serves.
+/// The request a task serves: what its log lines show, and what handlers note for its
+/// `request finished` line. A task-local rather than a `tracing` span: a span costs its
+/// creation, an enter and an exit at every poll, and a close, each a call into the subscriber
+/// (about 8,500 instructions per request; docs/BENCHMARKS.md, "Issue 15: the request's log
+/// fields without a span").
 struct Current {
-    id: Arc<str>,
-    /// The W3C trace id, while spans are exported (formatted only for a problem body).
-    trace_id: Option<opentelemetry::trace::TraceId>,
+    fields: Arc<RequestFields>,
     /// For the request's `request finished` line.
     notes: RefCell<Notes>,
+}
+
+/// What every log line of a request shows under `span` (README "Logging"): the request id,
+/// method and path, and while traces are exported the W3C trace and span ids of the request's
+/// server span.
+pub struct RequestFields {
+    id: Arc<str>,
+    method: axum::http::Method,
+    /// The request's path, or its route where the path holds a client reference.
+    path: Box<str>,
+    trace: Option<(opentelemetry::trace::TraceId, opentelemetry::trace::SpanId)>,
+}
+
+impl RequestFields {
+    /// Calls `member(name, value)` for each field, in the order of the log line.
+    pub fn visit(
+        &self,
+        mut member: impl FnMut(&'static str, &dyn std::fmt::Display) -> std::fmt::Result,
+    ) -> std::fmt::Result {
+        member("request_id", &self.id)?;
+        member("method", &self.method)?;
+        member("path", &self.path)?;
+        if let Some((trace_id, span_id)) = &self.trace {
+            member("trace_id", trace_id)?;
+            member("span_id", span_id)?;
+        }
+        Ok(())
+    }
+}
+
+/// The fields of the request the calling task serves, given to `f`; `None` outside a request.
+pub fn with_fields<R>(f: impl FnOnce(&RequestFields) -> R) -> Option<R> {
+    CURRENT.try_with(|c| f(&c.fields)).ok()
+}
+
+/// `future`, run as part of the request the calling task serves (if any): its log lines show
+/// that request's fields, as when a task spawned for the request does work on its behalf. What
+/// it notes is not shown in the request's `request finished` line.
+pub fn in_current_request<F: Future>(future: F) -> impl Future<Output = F::Output> {
+    match CURRENT.try_with(|c| c.fields.clone()) {
+        Ok(fields) => futures_util::future::Either::Left(CURRENT.scope(
+            Current {
+                fields,
+                notes: RefCell::default(),
+            },
+            future,
+        )),
+        Err(_) => futures_util::future::Either::Right(future),
+    }
 }
 
 /// What handlers say about a request for its `request finished` line. Kept here rather than
@@ -69,14 +119,14 @@ tokio::task_local! {
 
 /// The request id of the request this task serves, if any.
 pub fn current() -> Option<String> {
-    CURRENT.try_with(|c| c.id.to_string()).ok()
+    CURRENT.try_with(|c| c.fields.id.to_string()).ok()
 }
 
 /// The trace id of the request this task serves, while spans are exported: the caller's when
 /// it sent a `traceparent` (W3C Trace Context), a new one otherwise.
 pub fn current_trace_id() -> Option<String> {
     CURRENT
-        .try_with(|c| c.trace_id.map(|id| id.to_string()))
+        .try_with(|c| c.fields.trace.map(|(id, _)| id.to_string()))
         .ok()
         .flatten()
 }
@@ -127,28 +177,27 @@ impl Drop for InFlight {
 
 /// Writes the `request finished` line of a request whose future is dropped before it has an
 /// answer (its client went away, or shutdown cut it off), with status 499 as nginx logs it:
-/// every request ends in one such line.
-struct Unanswered<'a> {
-    span: &'a tracing::Span,
+/// every request ends in one such line. Dropped inside the request's task-local scope (tokio
+/// drops a scoped future with its value set), so the line shows the request's fields.
+struct Unanswered {
     started: Instant,
     answered: bool,
 }
 
-impl Drop for Unanswered<'_> {
+impl Drop for Unanswered {
     fn drop(&mut self) {
         if !self.answered {
-            self.span.in_scope(|| {
-                tracing::info!(
-                    status = 499u16,
-                    latency_ms = self.started.elapsed().as_secs_f64() * 1e3,
-                    "request finished"
-                );
-            });
+            tracing::info!(
+                status = 499u16,
+                latency_ms = self.started.elapsed().as_secs_f64() * 1e3,
+                "request finished"
+            );
         }
     }
 }
 
-/// Middleware: assigns the id, opens the request span, logs the finished request.
+/// Middleware: assigns the id, serves the request in its [`RequestFields`], logs the finished
+/// request.
 pub async fn middleware(mut request: Request, next: Next) -> Response {
     let given = request
         .headers()
@@ -179,58 +228,38 @@ pub async fn middleware(mut request: Request, next: Next) -> Response {
     } else {
         path
     };
-    // Strings, not `%` (Display): a string is copied into the log line as it is.
-    let span = tracing::info_span!(
-        "request",
-        request_id = &*id,
-        method = request.method().as_str(),
-        path = path,
-        trace_id = tracing::field::Empty,
-        span_id = tracing::field::Empty,
-    );
-    // The exported server span is a span of its own beside the logging span, so that the
-    // logging span's fields (request id, path, caller, the ids below) are not exported as
-    // attributes too: each would cost conversion and encoding per request (docs/BENCHMARKS.md,
-    // "Tracing (issue 14)"). It is the parent of every span the request opens. The caller's
-    // trace continues here (W3C Trace Context); the ids go into the log lines.
+    // The exported server span is a span of its own, so that the log fields (request id, path,
+    // caller, the ids below) are not exported as attributes too: each would cost conversion
+    // and encoding per request (docs/BENCHMARKS.md, "Tracing (issue 14)"). It is the parent of
+    // every span the request opens. The caller's trace continues here (W3C Trace Context); the
+    // ids go into the log lines.
     let method = method_label(request.method());
     let (mut server_span, trace) =
         crate::telemetry::otel::server_span(request.headers(), method, route);
-    if let Some((trace_id, span_id)) = trace {
-        // Formatted by the log line that shows them, if any (none at `warn`).
-        span.record("trace_id", tracing::field::display(trace_id));
-        span.record("span_id", tracing::field::display(span_id));
-    }
-    let started = Instant::now();
-    let in_flight = InFlight::enter();
-    let mut unanswered = Unanswered {
-        span: &span,
-        started,
-        answered: false,
-    };
     let current = Current {
-        id,
-        trace_id: trace.map(|(trace_id, _)| trace_id),
+        fields: Arc::new(RequestFields {
+            id,
+            method: request.method().clone(),
+            path: path.into(),
+            trace,
+        }),
         notes: RefCell::default(),
     };
+    let started = Instant::now();
+    let in_flight = InFlight::enter();
     let run = async move {
+        let mut unanswered = Unanswered {
+            started,
+            answered: false,
+        };
         let response = next.run(request).await;
+        unanswered.answered = true;
+        let elapsed = started.elapsed();
+        let caller: Option<Arc<str>> = response
+            .extensions()
+            .get::<CallerExt>()
+            .map(|c| c.0.name.clone());
         let notes = CURRENT.try_with(|c| c.notes.take()).unwrap_or_default();
-        (response, notes)
-    };
-    let (mut response, notes) = server_span
-        .scope(CURRENT.scope(current, run).instrument(span.clone()))
-        .await;
-    drop(in_flight);
-    unanswered.answered = true;
-    let elapsed = started.elapsed();
-    crate::telemetry::otel::end_server_span(&mut server_span, response.status().as_u16());
-    drop(server_span);
-    let caller: Option<Arc<str>> = response
-        .extensions()
-        .get::<CallerExt>()
-        .map(|c| c.0.name.clone());
-    span.in_scope(|| {
         tracing::info!(
             status = response.status().as_u16(),
             latency_ms = elapsed.as_secs_f64() * 1e3,
@@ -240,7 +269,12 @@ pub async fn middleware(mut request: Request, next: Next) -> Response {
             user_id = notes.user_id.as_deref(),
             "request finished"
         );
-    });
+        (response, elapsed, caller)
+    };
+    let (mut response, elapsed, caller) = server_span.scope(CURRENT.scope(current, run)).await;
+    drop(in_flight);
+    crate::telemetry::otel::end_server_span(&mut server_span, response.status().as_u16());
+    drop(server_span);
     let status = status_label(response.status().as_u16());
     static HANDLES: HandleCache<RequestLabels, RequestMetrics> = HandleCache::new();
     HANDLES.with(
@@ -318,7 +352,53 @@ fn method_label(method: &axum::http::Method) -> &'static str {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
+
+    #[test]
+    fn lines_of_the_request_and_of_work_spawned_for_it_show_its_fields() {
+        let got = crate::telemetry::json::tests::lines(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let current = Current {
+                    fields: Arc::new(RequestFields {
+                        id: "req-7".into(),
+                        method: axum::http::Method::POST,
+                        path: "/kyc-sessions".into(),
+                        trace: None,
+                    }),
+                    notes: RefCell::default(),
+                };
+                CURRENT
+                    .scope(current, async {
+                        tracing::info!("in the request");
+                        let spawned = in_current_request(async {
+                            tracing::info!("spawned for it");
+                            // What it notes is its own.
+                            note_flow("access");
+                        });
+                        tokio::spawn(spawned).await.unwrap();
+                        tokio::spawn(async { tracing::info!("spawned apart") })
+                            .await
+                            .unwrap();
+                        assert!(CURRENT.with(|c| c.notes.borrow().flow.is_none()));
+                    })
+                    .await;
+            });
+        });
+        let request = json!({
+            "request_id": "req-7", "method": "POST", "path": "/kyc-sessions", "name": "request"
+        });
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert_eq!(got[0]["span"], request, "{}", got[0]);
+        assert_eq!(got[1]["message"], "spawned for it");
+        assert_eq!(got[1]["span"], request, "{}", got[1]);
+        assert_eq!(got[2]["message"], "spawned apart");
+        assert!(got[2].get("span").is_none(), "{}", got[2]);
+    }
 
     #[test]
     fn safe_ids_are_kept_and_others_refused() {

@@ -1,6 +1,7 @@
 //! JSON log lines, written directly: one object per event with `timestamp`, `level`, the
-//! event's fields (`message` among them), `target`, and `span`, the fields of the event's span
-//! with its `name`. The shape of tracing-subscriber's JSON format with `flatten_event` and
+//! event's fields (`message` among them), `target`, and `span`: the fields of the request the
+//! event belongs to ([`crate::api::request_id::RequestFields`], named `request`), or else those
+//! of the event's `tracing` span with its `name`. The shape of tracing-subscriber's JSON format with `flatten_event` and
 //! `with_current_span`, at a fraction of its cost: that format keeps each span's fields as a
 //! JSON object, re-parses and re-writes it on every `record` and on every event inside the
 //! span (docs/BENCHMARKS.md, "Issue 15: logging at info and the request path"). Here a span's
@@ -73,11 +74,25 @@ where
         visitor.result?;
         writer.write_str(",\"target\":")?;
         json_string(&mut writer, meta.target())?;
-        let span = event
+        // A request's lines show its fields as the span they were in before (README
+        // "Logging"); they are kept by the task that serves it, not in a `tracing` span.
+        let request = crate::api::request_id::with_fields(|fields| {
+            writer.write_str(",\"span\":{")?;
+            fields.visit(|name, value| {
+                json_string(&mut writer, name)?;
+                writer.write_str(":\"")?;
+                write!(Escaped(&mut writer), "{value}")?;
+                writer.write_str("\",")
+            })?;
+            writer.write_str("\"name\":\"request\"}")
+        });
+        if let Some(written) = request {
+            written?;
+        } else if let Some(span) = event
             .parent()
             .and_then(|id| ctx.span(id))
-            .or_else(|| ctx.lookup_current());
-        if let Some(span) = span {
+            .or_else(|| ctx.lookup_current())
+        {
             writer.write_str(",\"span\":{")?;
             let extensions = span.extensions();
             if let Some(fields) = extensions.get::<FormattedFields<JsonFields>>()
@@ -199,7 +214,7 @@ impl fmt::Write for Escaped<'_, '_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::{Arc, Mutex};
 
     use serde_json::{Value, json};
@@ -208,7 +223,7 @@ mod tests {
     use super::*;
 
     /// Runs `f` under a subscriber writing [`JsonLine`]s; returns the lines, parsed.
-    fn lines(f: impl FnOnce()) -> Vec<Value> {
+    pub(crate) fn lines(f: impl FnOnce()) -> Vec<Value> {
         let buffer = Arc::new(Mutex::new(Vec::<u8>::new()));
         let sink = buffer.clone();
         let layer = tracing_subscriber::fmt::layer()
