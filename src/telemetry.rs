@@ -1,6 +1,7 @@
 //! Logging: JSON lines or human-readable text, filtered in `RUST_LOG` syntax.
 
 use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 pub mod json;
 pub mod otel;
@@ -32,6 +33,16 @@ const LOG_QUEUE_LINES: usize = 8_192;
 pub struct Telemetry {
     _logs: Option<WorkerGuard>,
     _spans: Option<otel::OtelGuard>,
+}
+
+/// Whether requests run in a `tracing` span named `request`: only for the human-readable
+/// format, which shows a request's fields through its span. JSON lines take them from the
+/// request's task (`crate::api::request_id::RequestFields`), which costs far less.
+static REQUEST_SPANS: AtomicBool = AtomicBool::new(false);
+
+/// Whether requests run in a `tracing` span (see [`REQUEST_SPANS`]).
+pub fn request_spans() -> bool {
+    REQUEST_SPANS.load(Ordering::Relaxed)
 }
 
 /// Installs the global subscriber writing to standard error through a background thread, so
@@ -107,6 +118,9 @@ where
         .with(lines)
         .try_init()
         .is_ok();
+    if installed {
+        REQUEST_SPANS.store(!json, Ordering::Relaxed);
+    }
     let guard = match export {
         Some((tracer, guard)) if installed => {
             otel::activate(tracer);

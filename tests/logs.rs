@@ -1,5 +1,6 @@
 //! Logs are JSON lines naming the request id, the caller and the flow, with one line per
-//! finished request, also for one its client abandoned. One test per binary: a process has one global subscriber.
+//! finished request, also for one its client abandoned. One test per binary runs in this process
+//! (a process has one global subscriber); another runs the broker binary.
 
 mod common;
 
@@ -93,4 +94,85 @@ async fn a_successful_session_at_info_is_one_line_with_everything_an_operator_ne
         !text.contains("customer-one-line"),
         "a raw client reference was logged: {text}"
     );
+}
+
+/// The human-readable format (`log.format = "pretty"`) shows a request's fields through the
+/// `tracing` span `request` around it. The real binary, so that this test's process keeps its
+/// one JSON subscriber.
+#[tokio::test]
+async fn in_the_human_readable_format_each_line_of_a_request_names_it() {
+    use std::io::{BufRead, BufReader};
+    let ledger = sqlite_ledger();
+    let sim = giroident_broker::sim::start(giroident_broker::sim::SimConfig::default())
+        .await
+        .expect("simulator");
+    let digest = giroident_broker::config::to_hex(&giroident_broker::config::sha256(
+        TEST_API_KEY.as_bytes(),
+    ));
+    let callers = format!(r#"[{{name = "pretty", key_sha256 = "{digest}", flows = ["access"]}}]"#);
+    let mut command = broker_command(&ledger);
+    command.envs([
+        ("GIROIDENT_BROKER_LOG__FORMAT", "pretty"),
+        ("GIROIDENT_BROKER_LOG__FILTER", "info"),
+        ("GIROIDENT_BROKER_SERVER__LISTEN", "127.0.0.1:0"),
+        ("GIROIDENT_BROKER_ADMIN__LISTEN", "127.0.0.1:0"),
+        ("GIROIDENT_BROKER_FINAPI__ACCESS_URL", &sim.base_url()),
+        (
+            "GIROIDENT_BROKER_FINAPI__PROCESS_CONTROLLER_URL",
+            &sim.base_url(),
+        ),
+        ("GIROIDENT_BROKER_FINAPI__ALLOW_INSECURE_HTTP", "true"),
+        (
+            "GIROIDENT_BROKER_FINAPI__CLIENT_ID",
+            giroident_broker::sim::DEMO_CLIENT_ID,
+        ),
+        (
+            "GIROIDENT_BROKER_FINAPI__CLIENT_SECRET",
+            giroident_broker::sim::DEMO_CLIENT_SECRET,
+        ),
+        ("GIROIDENT_BROKER_AUTH__CALLERS", &callers),
+    ]);
+    let mut child = command
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the broker binary starts");
+    let stderr = child.stderr.take().expect("stderr");
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let next_line = |what: &str| loop {
+        let line = lines_rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("no line with {what}"));
+        if line.contains(what) {
+            return line;
+        }
+    };
+    let listening = next_line("broker listening");
+    let addr = listening
+        .split_whitespace()
+        .find_map(|word| word.strip_prefix("addr="))
+        .expect("the address")
+        .to_owned();
+    let response = client_with_key(TEST_API_KEY)
+        .post(format!("http://{addr}/kyc-sessions"))
+        .header("x-request-id", "pretty-line-1")
+        .json(&json!({"flow": "access"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let finished = next_line("request finished");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        finished
+            .contains(r#"request{request_id="pretty-line-1" method="POST" path="/kyc-sessions"}"#),
+        "{finished}"
+    );
+    assert!(finished.contains("status=201"), "{finished}");
 }

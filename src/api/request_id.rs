@@ -12,6 +12,7 @@ use axum::extract::Request;
 use axum::http::{HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::Response;
+use tracing::Instrument;
 
 use super::auth::CallerExt;
 use crate::telemetry::metrics::{
@@ -24,10 +25,10 @@ pub const HEADER: HeaderName = HeaderName::from_static("x-request-id");
 pub const MAX_LEN: usize = 255;
 
 /// The request a task serves: what its log lines show, and what handlers note for its
-/// `request finished` line. A task-local rather than a `tracing` span: a span costs its
-/// creation, an enter and an exit at every poll, and a close, each a call into the subscriber
-/// (about 8,500 instructions per request; docs/BENCHMARKS.md, "Issue 15: the request's log
-/// fields without a span").
+/// `request finished` line. A task-local rather than a `tracing` span for JSON lines: a span
+/// costs its creation, an enter and an exit at every poll, and a close, each a call into the
+/// subscriber (about 8,000 instructions per request; docs/BENCHMARKS.md, "Issue 15: the floor
+/// of the stack, and the request's log fields without a span").
 struct Current {
     fields: Arc<RequestFields>,
     /// For the request's `request finished` line.
@@ -71,6 +72,8 @@ pub fn with_fields<R>(f: impl FnOnce(&RequestFields) -> R) -> Option<R> {
 /// that request's fields, as when a task spawned for the request does work on its behalf. What
 /// it notes is not shown in the request's `request finished` line.
 pub fn in_current_request<F: Future>(future: F) -> impl Future<Output = F::Output> {
+    // The request's span too, for the human-readable format (none for JSON lines).
+    let future = future.instrument(tracing::Span::current());
     match CURRENT.try_with(|c| c.fields.clone()) {
         Ok(fields) => futures_util::future::Either::Left(CURRENT.scope(
             Current {
@@ -236,6 +239,25 @@ pub async fn middleware(mut request: Request, next: Next) -> Response {
     let method = method_label(request.method());
     let (mut server_span, trace) =
         crate::telemetry::otel::server_span(request.headers(), method, route);
+    // The human-readable format shows the request's fields through a span (`tracing`'s own
+    // formatter); JSON lines take them from `current`, and the span is none.
+    let span = if crate::telemetry::request_spans() {
+        let span = tracing::info_span!(
+            "request",
+            request_id = &*id,
+            method = request.method().as_str(),
+            path = path,
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
+        );
+        if let Some((trace_id, span_id)) = trace {
+            span.record("trace_id", tracing::field::display(trace_id));
+            span.record("span_id", tracing::field::display(span_id));
+        }
+        span
+    } else {
+        tracing::Span::none()
+    };
     let current = Current {
         fields: Arc::new(RequestFields {
             id,
@@ -271,7 +293,9 @@ pub async fn middleware(mut request: Request, next: Next) -> Response {
         );
         (response, elapsed, caller)
     };
-    let (mut response, elapsed, caller) = server_span.scope(CURRENT.scope(current, run)).await;
+    let (mut response, elapsed, caller) = server_span
+        .scope(CURRENT.scope(current, run).instrument(span))
+        .await;
     drop(in_flight);
     crate::telemetry::otel::end_server_span(&mut server_span, response.status().as_u16());
     drop(server_span);
