@@ -373,6 +373,17 @@ async fn the_identity_endpoints_show_and_delete_only_the_callers_own() {
     env.stop().await;
 }
 
+/// Four concurrent `DELETE`s of one identity answered `404 204 404 204`: two of them deleted
+/// the user at finAPI and the ledger recorded two `deleted` events. The first claims the record;
+/// the others leave it to that request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_deletions_of_one_identity_delete_it_once() {
+    let ledger = common::sqlite_ledger();
+    let env = env_with(&ledger, |_| {}).await;
+    common::concurrent_deletes_delete_once(&env, "race-1").await;
+    env.stop().await;
+}
+
 #[tokio::test]
 async fn a_locked_user_is_scheduled_for_deletion_and_the_reaper_deletes_it_later() {
     let ledger = common::sqlite_ledger();

@@ -15,7 +15,7 @@ use crate::config::FlowKind;
 use crate::finapi::EndUserMetadata;
 use crate::flows::identities::{Deletion, IdentityView};
 use crate::flows::{ClientReference, RequestContext};
-use crate::identities::Millis;
+use crate::identities::{IdentityState, Millis};
 
 use super::AppState;
 use super::auth::{Caller, CallerExt};
@@ -198,7 +198,9 @@ pub(super) async fn get_identity(
 ///
 /// Logs in as the finAPI user with its derived password and deletes it. Delete only after the
 /// GiroIdent check's final result is in. When finAPI cannot delete it now (locked,
-/// unavailable), the deletion is scheduled and retried until it succeeds.
+/// unavailable), the deletion is scheduled and retried until it succeeds. Of concurrent
+/// deletions of one identity exactly one is carried out: a request that finds another request
+/// (or the reaper) deleting it answers `202` with the record, or `204` once it is deleted.
 #[utoipa::path(
     delete,
     path = "/identities/{clientReference}",
@@ -212,8 +214,8 @@ pub(super) async fn get_identity(
         FinapiClientQuery,
     ),
     responses(
-        (status = 204, description = "The finAPI user is deleted (or finAPI no longer knew it)"),
-        (status = 202, description = "finAPI cannot delete it now: the deletion is scheduled", body = IdentityBody),
+        (status = 204, description = "The finAPI user is deleted (or finAPI no longer knew it), by this request or by a concurrent one"),
+        (status = 202, description = "Not deleted yet: finAPI cannot delete it now and the deletion is scheduled, or another request or the reaper is deleting it at this moment (state `deleting`)", body = IdentityBody),
         (status = 401, description = "MISSING_API_KEY, INVALID_API_KEY", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "FLOW_NOT_ALLOWED (the caller may not use the access flow), FINAPI_CLIENT_NOT_ALLOWED", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "IDENTITY_NOT_FOUND (none, or already deleted)", body = Problem, content_type = "application/problem+json"),
@@ -243,7 +245,11 @@ pub(super) async fn delete_identity(
     .ok_or(ApiError::IdentityNotFound)?;
     Ok(match deletion {
         Deletion::Deleted | Deletion::Unknown => StatusCode::NO_CONTENT.into_response(),
-        Deletion::Scheduled { .. } => {
+        // A concurrent request's deletion that has ended: the identity is deleted all the same.
+        Deletion::InProgress if view.record.state == IdentityState::Deleted => {
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Deletion::Scheduled { .. } | Deletion::InProgress => {
             (StatusCode::ACCEPTED, Json(IdentityBody::from_view(view))).into_response()
         }
     })
