@@ -436,3 +436,59 @@ async fn every_bad_request_gets_its_documented_problem() {
     assert!(env.sim.stats().is_empty(), "{:?}", env.sim.stats());
     env.stop().await;
 }
+
+/// A body that is not a JSON object was answered with serde's message, which names the
+/// broker's Rust type (`invalid type: integer `5`, expected struct CreateSessionBody`). A field
+/// of the wrong type is explained by its name and the JSON expected; a body that is not an
+/// object says so. `POST /kyc-sessions` is the one endpoint that takes a JSON body.
+#[tokio::test]
+async fn wrong_types_are_explained_by_field_without_the_brokers_type_names() {
+    let env = TestEnv::start().await;
+    let cases = [
+        (r#"{"flow":5}"#, Some("flow")),
+        (r#"{"flow":{}}"#, Some("flow")),
+        (r#"{"clientReference":[]}"#, Some("clientReference")),
+        (r#"{"flow":"access","email":{}}"#, Some("email")),
+        (r#"{"flow":"access","phone":true}"#, Some("phone")),
+        (
+            r#"{"flow":"access","finapiClient":1}"#,
+            Some("finapiClient"),
+        ),
+        (r#"{"flow":"video"}"#, Some("flow")),
+        (r#"{"flow":"access","password":"x"}"#, Some("password")),
+        ("5", None),
+        ("null", None),
+        ("true", None),
+        (r#""access""#, None),
+        ("[]", None),
+        (r#"[{"flow":"access"}]"#, None),
+        (r#"["access"]"#, None),
+    ];
+    for (body, field) in cases {
+        let response = env
+            .http
+            .post(format!("{}/kyc-sessions", env.broker_url))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("broker answers");
+        let problem = expect_problem(response, 400, "INVALID_BODY").await;
+        let detail = problem["detail"].as_str().expect("a detail");
+        match field {
+            Some(field) => assert!(detail.contains(field), "{body}: {detail}"),
+            None => assert_eq!(detail, "the body must be a JSON object", "{body}"),
+        }
+        for rust in [
+            "CreateSessionBody",
+            "FlowKind",
+            "struct",
+            "enum ",
+            "Option",
+            "String",
+        ] {
+            assert!(!detail.contains(rust), "{body}: {detail}");
+        }
+    }
+    env.stop().await;
+}

@@ -373,6 +373,45 @@ async fn the_identity_endpoints_show_and_delete_only_the_callers_own() {
     env.stop().await;
 }
 
+/// Four concurrent `DELETE`s of one identity answered `404 204 404 204`: two of them deleted
+/// the user at finAPI and the ledger recorded two `deleted` events. The first claims the record;
+/// the others leave it to that request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_deletions_of_one_identity_delete_it_once() {
+    let ledger = common::sqlite_ledger();
+    let env = env_with(&ledger, |_| {}).await;
+    common::concurrent_deletes_delete_once(&env, "race-1").await;
+    env.stop().await;
+}
+
+/// An identity record is per-caller data, but `GET` answered it (and `DELETE` its `202`)
+/// without `Cache-Control`, so a shared cache on the way could keep it and show it to others.
+#[tokio::test]
+async fn answers_that_carry_an_identity_record_are_not_stored_by_caches() {
+    let ledger = common::sqlite_ledger();
+    let env = env_with(&ledger, |_| {}).await;
+    common::expect_created(env.start_session(access("customer-c")).await).await;
+    let cache_control = |answer: &reqwest::Response| {
+        answer
+            .headers()
+            .get("cache-control")
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+    let shown = get_identity(&env, &env.http, "customer-c").await;
+    assert_eq!(shown.status(), 200);
+    assert_eq!(cache_control(&shown).as_deref(), Some("no-store"));
+    env.sim.add_fault(FaultRule {
+        endpoint: DELETE_USER.into(),
+        status: Some(423),
+        count: Some(1),
+        ..FaultRule::default()
+    });
+    let scheduled = delete_identity(&env, &env.http, "customer-c").await;
+    assert_eq!(scheduled.status(), 202);
+    assert_eq!(cache_control(&scheduled).as_deref(), Some("no-store"));
+    env.stop().await;
+}
+
 #[tokio::test]
 async fn a_locked_user_is_scheduled_for_deletion_and_the_reaper_deletes_it_later() {
     let ledger = common::sqlite_ledger();

@@ -80,6 +80,19 @@ async fn two_replicas_delete_each_due_identity_exactly_once() {
     env.stop().await;
 }
 
+/// As `concurrent_deletions_of_one_identity_delete_it_once` in `tests/identities.rs`, where
+/// the claim is PostgreSQL's row lock and re-check rather than SQLite's one writer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_deletions_of_one_identity_on_postgresql_delete_it_once() {
+    let db = pg::database().await;
+    let sim = sim::start(SimConfig::default()).await.expect("simulator");
+    let mut settings = common::settings_with_ledger(&sim, &common::ledger_at(&db.url()));
+    quick(&mut settings);
+    let env = TestEnv::with_settings(sim, &settings).await;
+    common::concurrent_deletes_delete_once(&env, "race-1").await;
+    env.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ledger_that_goes_away_stops_the_access_flow_before_finapi_but_not_standalone() {
     let mut server = pg::start().await;

@@ -1,16 +1,35 @@
 //! Logs are JSON lines naming the request id, the caller and the flow, with one line per
-//! finished request, also for one its client abandoned. One test per binary runs in this process
-//! (a process has one global subscriber); another runs the broker binary.
+//! finished request, also for one its client abandoned. A process has one global subscriber:
+//! the tests of this binary share it, and each reads the lines of its own request ids; the
+//! human-readable format is checked on the broker binary.
 
 mod common;
+
+use std::sync::OnceLock;
 
 use common::*;
 use giroident_broker::config::LogFormat;
 use serde_json::{Value, json};
 
+/// The captured JSON lines at `info`, installed by the first test that asks.
+fn logs() -> &'static CapturedLogs {
+    static LOGS: OnceLock<CapturedLogs> = OnceLock::new();
+    LOGS.get_or_init(|| CapturedLogs::install(LogFormat::Json, "info"))
+}
+
+/// The lines logged in the request `request_id`.
+fn lines_of(request_id: &str) -> Vec<Value> {
+    logs()
+        .text()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|line| line["span"]["request_id"] == request_id)
+        .collect()
+}
+
 #[tokio::test]
 async fn a_successful_session_at_info_is_one_line_with_everything_an_operator_needs() {
-    let logs = CapturedLogs::install(LogFormat::Json, "info");
+    let logs = logs();
     // The level filter's maximum is the global one: `debug!` and dependencies' `log` records
     // are skipped where they are written.
     assert_eq!(
@@ -54,12 +73,12 @@ async fn a_successful_session_at_info_is_one_line_with_everything_an_operator_ne
             .count()
     };
     assert!(
-        eventually(std::time::Duration::from_secs(5), || finished(&logs) > 0).await,
+        eventually(std::time::Duration::from_secs(5), || finished(logs) > 0).await,
         "an abandoned request wrote no request finished line: {}",
         logs.text()
     );
     env.stop().await;
-    assert_eq!(finished(&logs), 1);
+    assert_eq!(finished(logs), 1);
     let abandoned: Value = logs
         .text()
         .lines()
@@ -93,6 +112,115 @@ async fn a_successful_session_at_info_is_one_line_with_everything_an_operator_ne
     assert!(
         !text.contains("customer-one-line"),
         "a raw client reference was logged: {text}"
+    );
+}
+
+/// `503 OVERLOADED`, `503 STORE_UNAVAILABLE` and `504 REQUEST_TIMEOUT` were logged at warn as
+/// "request failed upstream", though finAPI had no part in them: an operator chasing finAPI
+/// found the broker shedding load or its ledger down. Shedding load is a refusal (info), as
+/// draining is; the ledger's failure says so; finAPI's own failures stay "request failed
+/// upstream". (`REQUEST_TIMEOUT` has no reliable trigger here; `src/api/error.rs` tests it.)
+#[tokio::test]
+async fn failures_that_are_not_finapis_are_not_logged_as_upstream_failures() {
+    use secrecy::ExposeSecret;
+    use std::io::Write;
+    let logs = logs();
+    let ledger = sqlite_ledger();
+    let sim = giroident_broker::sim::start(giroident_broker::sim::SimConfig::default())
+        .await
+        .expect("simulator");
+    let mut settings = settings_with_ledger(&sim, &ledger);
+    settings.limits.max_in_flight = 1;
+    let env = TestEnv::with_settings(sim, &settings).await;
+    let post = |request_id: &str, body: Value| {
+        env.http
+            .post(format!("{}/kyc-sessions", env.broker_url))
+            .header("x-request-id", request_id)
+            .json(&body)
+            .send()
+    };
+
+    // One slow session holds the only place in flight; the next one is shed.
+    env.sim.add_fault(giroident_broker::sim::FaultRule {
+        endpoint: CREATE_PROCESS.into(),
+        latency_ms: Some(1_000),
+        count: Some(1),
+        ..Default::default()
+    });
+    let slow = tokio::spawn(post(
+        "log-test-slow",
+        json!({"flow": "standalone", "clientReference": "c-slow"}),
+    ));
+    let seen = || {
+        env.sim
+            .state()
+            .seen_request_ids()
+            .iter()
+            .any(|id| id == "log-test-slow")
+    };
+    assert!(eventually(std::time::Duration::from_secs(5), seen).await);
+    let shed = post("log-test-shed", json!({"flow": "access"}))
+        .await
+        .unwrap();
+    expect_problem(shed, 503, "OVERLOADED").await;
+    assert_eq!(slow.await.unwrap().unwrap().status(), 201);
+
+    // finAPI refuses: an upstream failure.
+    env.sim.add_fault(giroident_broker::sim::FaultRule {
+        endpoint: CREATE_PROCESS.into(),
+        status: Some(400),
+        count: Some(1),
+        ..Default::default()
+    });
+    let refused = post(
+        "log-test-upstream",
+        json!({"flow": "standalone", "clientReference": "c-up"}),
+    )
+    .await
+    .unwrap();
+    expect_problem(refused, 502, "UPSTREAM_REJECTED").await;
+
+    // The ledger's files overwritten in place: the ledger fails, finAPI is never asked.
+    let path = ledger
+        .database_url
+        .expose_secret()
+        .strip_prefix("sqlite://")
+        .expect("a sqlite:// URL")
+        .to_owned();
+    for file in [path.clone(), format!("{path}-wal"), format!("{path}-shm")] {
+        let len = std::fs::metadata(&file).map_or(0, |m| m.len());
+        let junk = vec![0x5a; usize::try_from(len).expect("size")];
+        if let Ok(mut f) = std::fs::OpenOptions::new().write(true).open(&file) {
+            f.write_all(&junk).expect("overwritten");
+        }
+    }
+    let unavailable = post("log-test-ledger", json!({"flow": "access"}))
+        .await
+        .unwrap();
+    expect_problem(unavailable, 503, "STORE_UNAVAILABLE").await;
+    env.stop().await;
+
+    let error_line = |request_id: &str| {
+        let lines: Vec<Value> = lines_of(request_id)
+            .into_iter()
+            .filter(|line| line["code"].is_string())
+            .collect();
+        assert_eq!(lines.len(), 1, "{request_id}: {lines:?}\n{}", logs.text());
+        lines[0].clone()
+    };
+    let shed = error_line("log-test-shed");
+    assert_eq!(shed["code"], "OVERLOADED");
+    assert_eq!(shed["level"], "INFO", "{shed}");
+    assert_eq!(shed["message"], "request refused", "{shed}");
+    let upstream = error_line("log-test-upstream");
+    assert_eq!(upstream["level"], "WARN", "{upstream}");
+    assert_eq!(upstream["message"], "request failed upstream", "{upstream}");
+    let ledger = error_line("log-test-ledger");
+    assert_eq!(ledger["code"], "STORE_UNAVAILABLE");
+    assert_eq!(ledger["level"], "WARN", "{ledger}");
+    assert_eq!(
+        ledger["message"], "request failed: the identity ledger is unavailable",
+        "{ledger}"
     );
 }
 

@@ -278,6 +278,52 @@ async fn admin_listener_answers_errors_as_problems() {
     env.stop().await;
 }
 
+/// A request its client abandoned wrote its `request finished` line with status 499, but the
+/// request metrics never counted it: dashboards lost exactly the requests that took too long.
+/// It counts with `status="499"` and its caller, like every other.
+#[tokio::test]
+async fn a_request_its_client_abandons_is_counted_with_status_499() {
+    let env = TestEnv::start().await;
+    // Its own method, so that no other test of this binary counts under the same labels.
+    const ABANDONED: &str = r#"broker_http_requests_total{route="/identities/{clientReference}",method="DELETE",status="499",caller="demo"}"#;
+    let counted = |text: &str| {
+        text.lines()
+            .find_map(|line| line.strip_prefix(ABANDONED))
+            .and_then(|value| value.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = counted(&env.metrics_text().await);
+    common::expect_created(
+        env.start_session(json!({"flow": "access", "clientReference": "m-499"}))
+            .await,
+    )
+    .await;
+    env.sim.add_fault(FaultRule {
+        endpoint: common::PASSWORD_TOKEN.into(),
+        latency_ms: Some(2_000),
+        count: Some(1),
+        ..FaultRule::default()
+    });
+    let abandoned = tokio::time::timeout(
+        std::time::Duration::from_millis(300),
+        env.http
+            .delete(format!("{}/identities/m-499", env.broker_url))
+            .send(),
+    )
+    .await;
+    assert!(abandoned.is_err(), "the request was still waiting");
+    let mut text = String::new();
+    for _ in 0..250 {
+        text = env.metrics_text().await;
+        if counted(&text) > before {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(counted(&text), before + 1, "{ABANDONED} missing:\n{text}");
+    env.stop().await;
+}
+
 #[tokio::test]
 async fn upstream_failures_are_counted_by_outcome() {
     let env = TestEnv::with(SimConfig::default(), |s| s.resilience.max_attempts = 1).await;

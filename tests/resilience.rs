@@ -42,14 +42,19 @@ fn session_body(flow: &str, n: usize) -> Value {
     }
 }
 
-/// Outcome of one session: the token, or the problem's status.
+/// Outcome of one session: the token, or the problem's status with the session's request id
+/// and how long it took.
 enum Outcome {
     Token(String),
-    Failed(u16),
+    Failed {
+        status: u16,
+        request_id: String,
+        elapsed: Duration,
+    },
 }
 
-/// Runs `n` sessions of `flow`, `CONCURRENCY` at a time; checks every failure is a
-/// problem+json 502, 503 or 504.
+/// Runs `n` sessions of `flow`, `CONCURRENCY` at a time, each with its own `X-Request-Id`
+/// (`chaos-{flow}-{i}`); checks every failure is a problem+json 502, 503 or 504.
 async fn run_sessions(env: &TestEnv, flow: &'static str, n: usize) -> Vec<Outcome> {
     let next = Arc::new(AtomicU64::new(0));
     let mut workers = tokio::task::JoinSet::new();
@@ -62,8 +67,11 @@ async fn run_sessions(env: &TestEnv, flow: &'static str, n: usize) -> Vec<Outcom
                 if i >= n {
                     return outcomes;
                 }
+                let request_id = format!("chaos-{flow}-{i}");
+                let started = Instant::now();
                 let response = http
                     .post(format!("{url}/kyc-sessions"))
+                    .header("x-request-id", &request_id)
                     .json(&session_body(flow, i))
                     .send()
                     .await
@@ -85,12 +93,76 @@ async fn run_sessions(env: &TestEnv, flow: &'static str, n: usize) -> Vec<Outcom
                         "application/problem+json"
                     );
                     assert_eq!(body["status"], status, "{body}");
-                    outcomes.push(Outcome::Failed(status));
+                    outcomes.push(Outcome::Failed {
+                        status,
+                        request_id,
+                        elapsed: started.elapsed(),
+                    });
                 }
             }
         });
     }
     workers.join_all().await.into_iter().flatten().collect()
+}
+
+/// The settings of the fault scenario: [`fast_retries`], but with a call timeout and a budget
+/// (the defaults') that no call of a loaded test machine comes near. The scenario injects no
+/// latency, so timeouts play no part in what it proves; with 2 s, a call that a busy machine
+/// answered late counted as a lost answer, which the simulator's record of the call cannot
+/// show, and an exchange's second lost answer failed a session that the test could not explain.
+fn chaos_settings(s: &mut Settings) {
+    fast_retries(s);
+    s.finapi.request_timeout_ms = 10_000;
+    s.resilience.session_budget_ms = 30_000;
+}
+
+/// Why a session of the fault scenario failed, by the rules of README "Resilience", from the
+/// calls finAPI answered under its request id (in order) and how long it took; `None` when the
+/// rules should have carried it through. A failed call is a `5xx`, a `429` or a dropped
+/// connection (the scenario injects nothing else).
+fn failure_reason(
+    calls: &[(String, String)],
+    elapsed: Duration,
+    settings: &Settings,
+) -> Option<&'static str> {
+    let max_attempts = settings.resilience.max_attempts as usize;
+    let failed =
+        |outcome: &str| outcome == "dropped" || outcome == "429" || outcome.starts_with('5');
+    let (last_endpoint, last_outcome) = calls.last()?;
+    if !failed(last_outcome) {
+        return None;
+    }
+    // Each retry needs a whole call timeout and finAPI's `Retry-After` (or a backoff) left in
+    // the session's budget.
+    let attempt_room = Duration::from_millis(
+        settings.finapi.request_timeout_ms + settings.resilience.max_retry_after_ms,
+    );
+    if elapsed + attempt_room > Duration::from_millis(settings.resilience.session_budget_ms) {
+        return Some("the budget could not fit another attempt");
+    }
+    if last_endpoint == EXCHANGE {
+        let exchanges: Vec<&str> = calls
+            .iter()
+            .filter(|(endpoint, _)| endpoint == EXCHANGE)
+            .map(|(_, outcome)| outcome.as_str())
+            .collect();
+        // A new process at most once after a lost answer.
+        if last_outcome == "dropped" && exchanges.iter().filter(|o| **o == "dropped").count() >= 2 {
+            return Some("a second exchange answer was lost");
+        }
+        // At most `max_attempts` processes.
+        if exchanges.len() >= max_attempts {
+            return Some("the exchange failed with every process");
+        }
+        return None;
+    }
+    // A step that may be retried failed `max_attempts` times in a row.
+    let in_a_row = calls
+        .iter()
+        .rev()
+        .take_while(|(endpoint, outcome)| endpoint == last_endpoint && failed(outcome))
+        .count();
+    (in_a_row >= max_attempts).then_some("a step failed on every attempt")
 }
 
 /// 5% `500`, 5% `503` with `Retry-After: 1`, 2% dropped connections, on every endpoint.
@@ -140,7 +212,10 @@ async fn most_sessions_succeed_through_faults_on_every_endpoint() {
     let _serial = one_at_a_time().await;
     let n = sessions_per_flow();
     for flow in ["standalone", "access"] {
-        let env = TestEnv::with(SimConfig::default(), fast_retries).await;
+        let sim = sim::start(SimConfig::default()).await.expect("simulator");
+        let mut settings = settings_for(&sim);
+        chaos_settings(&mut settings);
+        let env = TestEnv::with_settings(sim, &settings).await;
         // Warm the client token before the faults, as a running broker would have it.
         if flow == "access" {
             env.access_session().await;
@@ -156,17 +231,30 @@ async fn most_sessions_succeed_through_faults_on_every_endpoint() {
         let after = env.resilience();
 
         let mut failures: BTreeMap<u16, usize> = BTreeMap::new();
+        let mut reasons: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut unexplained = Vec::new();
         let mut tokens = Vec::new();
         for outcome in outcomes {
             match outcome {
                 Outcome::Token(t) => tokens.push(t),
-                Outcome::Failed(status) => *failures.entry(status).or_default() += 1,
+                Outcome::Failed {
+                    status,
+                    request_id,
+                    elapsed,
+                } => {
+                    *failures.entry(status).or_default() += 1;
+                    let calls = env.sim.calls_of(&request_id);
+                    match failure_reason(&calls, elapsed, &settings) {
+                        Some(reason) => *reasons.entry(reason).or_default() += 1,
+                        None => unexplained.push((request_id, status, elapsed, calls)),
+                    }
+                }
             }
         }
         let upstream_calls =
             calls_total(&stats, "POST /api/v") + calls_total(&stats, "GET /api/v1");
         println!(
-            "scenario 1 flow={flow} sessions={n} successes={} failures={failures:?} \
+            "scenario 1 flow={flow} sessions={n} successes={} failures={failures:?} reasons={reasons:?} \
              retries={} process_restarts={} processes_possibly_abandoned={} \
              users_found_on_retry={} orphaned_users={} upstream_calls={upstream_calls} \
              calls_per_session={:.2} elapsed_ms={} sim_stats={stats:?}",
@@ -179,9 +267,20 @@ async fn most_sessions_succeed_through_faults_on_every_endpoint() {
             upstream_calls as f64 / n as f64,
             elapsed.as_millis(),
         );
+        // Every session the rules can carry through the faults succeeds; one that fails, fails
+        // for a reason the rules state (a step's attempts used up, a second lost exchange, ...),
+        // as the simulator's record of its calls shows. How many fail so depends on the dice:
+        // with 11.6 % of calls failing, four in a row come about once in 5,600 calls, a few
+        // sessions in 10,000. A fixed 99.5 % of 300 allowed one such failure, and two came
+        // now and then.
         assert!(
-            tokens.len() * 1000 >= n * 995,
-            "{flow}: only {} of {n} sessions succeeded: {failures:?}",
+            unexplained.is_empty(),
+            "{flow}: sessions failed that the rules should have carried through: {unexplained:?}"
+        );
+        // A coarse guard on top, should the faults stop being what this scenario says.
+        assert!(
+            tokens.len() * 100 >= n * 95,
+            "{flow}: only {} of {n} sessions succeeded: {failures:?} {reasons:?}",
             tokens.len()
         );
         // Every token handed out works.

@@ -301,7 +301,8 @@ impl Callers {
 pub struct CallerExt(pub Arc<Caller>);
 
 /// Middleware in front of the KYC routes: authenticates the caller (named in the request's
-/// `request finished` line through [`CallerExt`] on the response), applies its rate limit, then
+/// `request finished` line and metrics through [`super::request_id::note_caller`], refusals
+/// and dropped requests included), applies its rate limit, then
 /// takes a place among the requests in flight or refuses at once with 503
 /// (`limits.max_in_flight`; load is shed, not queued). Unknown callers never take a place.
 pub async fn admit(
@@ -314,6 +315,7 @@ pub async fn admit(
         .get(API_KEY_HEADER)
         .map(|value| value.as_bytes());
     let caller = state.callers.authenticate(key)?;
+    super::request_id::note_caller(&caller.name);
     let admitted = match caller.try_acquire() {
         Err(wait) => Err(ApiError::RateLimited { retry_after: wait }),
         Ok(()) => state
@@ -322,16 +324,13 @@ pub async fn admit(
             .try_acquire_owned()
             .map_err(|_| ApiError::Overloaded),
     };
-    let mut response = match admitted {
+    Ok(match admitted {
         Ok(_permit) => {
-            request.extensions_mut().insert(CallerExt(caller.clone()));
+            request.extensions_mut().insert(CallerExt(caller));
             next.run(request).await
         }
         Err(refused) => refused.into_response(),
-    };
-    // For the request metrics, recorded further out: refusals count for their caller too.
-    response.extensions_mut().insert(CallerExt(caller));
-    Ok(response)
+    })
 }
 
 #[cfg(test)]

@@ -417,6 +417,54 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// The line an error answer adds to the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Line {
+    /// `error`: finAPI refused the broker's own client credentials or token.
+    Misconfigured,
+    /// `error`: `500 INTERNAL`, a bug.
+    Internal,
+    /// `warn` "request failed upstream": finAPI failed (the `UPSTREAM_*` codes).
+    Upstream,
+    /// `warn`: `503 STORE_UNAVAILABLE`, the identity ledger did not answer.
+    LedgerUnavailable,
+    /// `warn`: `504 REQUEST_TIMEOUT`, the request's own time ran out.
+    TimedOut,
+    /// `warn` "request failed": any other server error.
+    Failed,
+    /// `info` "request refused": the caller's input or standing, or the broker refusing by
+    /// design (`429 RATE_LIMITED`, `503 OVERLOADED` shedding load, `503 NOT_READY` draining).
+    Refused,
+}
+
+impl Line {
+    fn of(err: &ApiError, kind: &Kind) -> Self {
+        let misconfigured = matches!(
+            err,
+            ApiError::Flow(
+                FlowError::ClientCredentialsRejected(_) | FlowError::ClientTokenRejected(_)
+            )
+        );
+        if misconfigured {
+            Self::Misconfigured
+        } else if kind.status == StatusCode::INTERNAL_SERVER_ERROR {
+            Self::Internal
+        } else if !kind.status.is_server_error()
+            || matches!(err, ApiError::NotReady | ApiError::Overloaded)
+        {
+            Self::Refused
+        } else if kind.code.starts_with("UPSTREAM_") {
+            Self::Upstream
+        } else if kind.code == "STORE_UNAVAILABLE" {
+            Self::LedgerUnavailable
+        } else if matches!(err, ApiError::Timeout) {
+            Self::TimedOut
+        } else {
+            Self::Failed
+        }
+    }
+}
+
 /// Logs the error once, with its cause chain, where it is turned into a response.
 fn log(err: &ApiError, kind: &Kind) {
     let chain = crate::telemetry::cause_chain(err);
@@ -424,19 +472,52 @@ fn log(err: &ApiError, kind: &Kind) {
         ApiError::Flow(e) => e.upstream().map(|u| u.step().as_str()),
         _ => None,
     };
-    let misconfigured = matches!(
-        err,
-        ApiError::Flow(FlowError::ClientCredentialsRejected(_) | FlowError::ClientTokenRejected(_))
-    );
-    if misconfigured {
-        tracing::error!(code = kind.code, error = %chain, step,
-            "finAPI refused the broker's client credentials or token: check the broker's finAPI client configuration");
-    } else if kind.status == StatusCode::INTERNAL_SERVER_ERROR {
-        tracing::error!(code = kind.code, error = %chain, step, "internal error");
-    } else if kind.status.is_server_error() && !matches!(err, ApiError::NotReady) {
-        // NOT_READY is the drain doing its job (a probe told to look elsewhere), not a failure.
-        tracing::warn!(code = kind.code, error = %chain, step, "request failed upstream");
-    } else {
-        tracing::info!(code = kind.code, error = %chain, "request refused");
+    let code = kind.code;
+    match Line::of(err, kind) {
+        Line::Misconfigured => tracing::error!(code, error = %chain, step,
+            "finAPI refused the broker's client credentials or token: check the broker's finAPI client configuration"),
+        Line::Internal => tracing::error!(code, error = %chain, step, "internal error"),
+        Line::Upstream => {
+            tracing::warn!(code, error = %chain, step, "request failed upstream");
+        }
+        Line::LedgerUnavailable => tracing::warn!(code, error = %chain,
+            "request failed: the identity ledger is unavailable"),
+        Line::TimedOut => tracing::warn!(code, error = %chain, "request timed out"),
+        Line::Failed => tracing::warn!(code, error = %chain, step, "request failed"),
+        Line::Refused => tracing::info!(code, error = %chain, "request refused"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::identities::StoreError;
+
+    fn line(err: ApiError) -> Line {
+        let kind = err.kind();
+        Line::of(&err, &kind)
+    }
+
+    /// Only finAPI's failures are logged as upstream failures; the broker's own refusals are
+    /// refusals, its own failures say what failed.
+    #[test]
+    fn each_error_answer_is_logged_for_what_it_is() {
+        assert_eq!(line(ApiError::Overloaded), Line::Refused);
+        assert_eq!(line(ApiError::NotReady), Line::Refused);
+        assert_eq!(
+            line(ApiError::RateLimited {
+                retry_after: Duration::from_secs(1)
+            }),
+            Line::Refused
+        );
+        assert_eq!(line(ApiError::IdentityNotFound), Line::Refused);
+        assert_eq!(line(ApiError::Timeout), Line::TimedOut);
+        assert_eq!(line(ApiError::Internal), Line::Internal);
+        let ledger = FlowError::Store(Arc::new(StoreError::Unavailable(sqlx::Error::PoolTimedOut)));
+        assert_eq!(line(ApiError::Flow(ledger)), Line::LedgerUnavailable);
+        let budget = FlowError::BudgetExhausted(crate::finapi::Step::CreateUser);
+        assert_eq!(line(ApiError::Flow(budget)), Line::Upstream);
     }
 }

@@ -38,19 +38,21 @@ where
             Ok(Err(_)) => return Err(ApiError::MalformedJson("the body could not be read".into())),
             Ok(Ok(bytes)) => bytes,
         };
+        let object = bytes.trim_ascii_start().first() == Some(&b'{');
         // serde_json alone first: axum's parser tracks the path of every field for its error
         // message, which a valid body never needs; an invalid one is parsed again below for it.
-        if bytes.trim_ascii_start().first() == Some(&b'{')
-            && let Ok(value) = serde_json::from_slice::<T>(&bytes)
-        {
+        if object && let Ok(value) = serde_json::from_slice::<T>(&bytes) {
             return Ok(Self(value));
         }
         match axum::Json::<T>::from_bytes(&bytes) {
             // serde also fills a struct from a JSON array, by position: only objects are bodies.
-            Ok(_) if bytes.trim_ascii_start().first() != Some(&b'{') => Err(ApiError::InvalidBody(
-                "the body must be a JSON object".to_owned(),
-            )),
+            Ok(_) if !object => Err(not_an_object()),
             Ok(axum::Json(value)) => Ok(Self(value)),
+            // serde's message for a value that is not an object names the Rust type it expected
+            // ("expected struct CreateSessionBody"), which is no business of the caller's.
+            Err(JsonRejection::JsonDataError(_)) if !object => Err(not_an_object()),
+            // For a field, serde names the field and the JSON it expected ("flow: invalid type:
+            // integer `5`, expected a string").
             Err(JsonRejection::JsonDataError(e)) => {
                 Err(ApiError::InvalidBody(serde_detail(&e.body_text())))
             }
@@ -98,6 +100,10 @@ fn serde_detail(text: &str) -> String {
     text.split_once(": ")
         .map_or(text, |(_, rest)| rest)
         .to_owned()
+}
+
+fn not_an_object() -> ApiError {
+    ApiError::InvalidBody("the body must be a JSON object".to_owned())
 }
 
 #[cfg(test)]

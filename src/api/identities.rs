@@ -4,7 +4,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Json, Router};
@@ -15,7 +15,7 @@ use crate::config::FlowKind;
 use crate::finapi::EndUserMetadata;
 use crate::flows::identities::{Deletion, IdentityView};
 use crate::flows::{ClientReference, RequestContext};
-use crate::identities::Millis;
+use crate::identities::{IdentityState, Millis};
 
 use super::AppState;
 use super::auth::{Caller, CallerExt};
@@ -28,6 +28,17 @@ pub fn router() -> Router<AppState> {
         "/identities/{client_reference}",
         get(get_identity).delete(delete_identity),
     )
+}
+
+/// An identity record as an answer: per-caller data, which no shared cache may keep
+/// (`Cache-Control: no-store`, RFC 9111 section 5.2.2.5), as the session answers are not.
+fn record_answer(status: StatusCode, view: IdentityView) -> Response {
+    (
+        status,
+        [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))],
+        Json(IdentityBody::from_view(view)),
+    )
+        .into_response()
 }
 
 /// Latest time [`rfc3339`] writes: the end of year 9999, RFC 3339's last.
@@ -161,7 +172,7 @@ fn context(
         FinapiClientQuery,
     ),
     responses(
-        (status = 200, description = "The identity", body = IdentityBody),
+        (status = 200, description = "The identity; `Cache-Control: no-store`", body = IdentityBody),
         (status = 401, description = "MISSING_API_KEY, INVALID_API_KEY", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "FLOW_NOT_ALLOWED (the caller may not use the access flow), FINAPI_CLIENT_NOT_ALLOWED", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "IDENTITY_NOT_FOUND", body = Problem, content_type = "application/problem+json"),
@@ -177,7 +188,7 @@ pub(super) async fn get_identity(
     Extension(CallerExt(caller)): Extension<CallerExt>,
     reference: Result<Path<String>, PathRejection>,
     query: Result<Query<FinapiClientQuery>, QueryRejection>,
-) -> Result<Json<IdentityBody>, ApiError> {
+) -> Result<Response, ApiError> {
     let (reference, ctx) = context(
         &state,
         &caller,
@@ -191,14 +202,16 @@ pub(super) async fn get_identity(
         .find_identity(&ctx.caller, &ctx.finapi_client, &reference)
         .await?
         .ok_or(ApiError::IdentityNotFound)?;
-    Ok(Json(IdentityBody::from_view(view)))
+    Ok(record_answer(StatusCode::OK, view))
 }
 
 /// Delete the caller's identity for a client reference.
 ///
 /// Logs in as the finAPI user with its derived password and deletes it. Delete only after the
 /// GiroIdent check's final result is in. When finAPI cannot delete it now (locked,
-/// unavailable), the deletion is scheduled and retried until it succeeds.
+/// unavailable), the deletion is scheduled and retried until it succeeds. Of concurrent
+/// deletions of one identity exactly one is carried out: a request that finds another request
+/// (or the reaper) deleting it answers `202` with the record, or `204` once it is deleted.
 #[utoipa::path(
     delete,
     path = "/identities/{clientReference}",
@@ -212,8 +225,8 @@ pub(super) async fn get_identity(
         FinapiClientQuery,
     ),
     responses(
-        (status = 204, description = "The finAPI user is deleted (or finAPI no longer knew it)"),
-        (status = 202, description = "finAPI cannot delete it now: the deletion is scheduled", body = IdentityBody),
+        (status = 204, description = "The finAPI user is deleted (or finAPI no longer knew it), by this request or by a concurrent one"),
+        (status = 202, description = "Not deleted yet: finAPI cannot delete it now and the deletion is scheduled, or another request or the reaper is deleting it at this moment (state `deleting`); `Cache-Control: no-store`", body = IdentityBody),
         (status = 401, description = "MISSING_API_KEY, INVALID_API_KEY", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "FLOW_NOT_ALLOWED (the caller may not use the access flow), FINAPI_CLIENT_NOT_ALLOWED", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "IDENTITY_NOT_FOUND (none, or already deleted)", body = Problem, content_type = "application/problem+json"),
@@ -243,8 +256,12 @@ pub(super) async fn delete_identity(
     .ok_or(ApiError::IdentityNotFound)?;
     Ok(match deletion {
         Deletion::Deleted | Deletion::Unknown => StatusCode::NO_CONTENT.into_response(),
-        Deletion::Scheduled { .. } => {
-            (StatusCode::ACCEPTED, Json(IdentityBody::from_view(view))).into_response()
+        // A concurrent request's deletion that has ended: the identity is deleted all the same.
+        Deletion::InProgress if view.record.state == IdentityState::Deleted => {
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Deletion::Scheduled { .. } | Deletion::InProgress => {
+            record_answer(StatusCode::ACCEPTED, view)
         }
     })
 }

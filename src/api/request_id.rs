@@ -14,7 +14,6 @@ use axum::middleware::Next;
 use axum::response::Response;
 use tracing::Instrument;
 
-use super::auth::CallerExt;
 use crate::telemetry::metrics::{
     HTTP_DURATION, HTTP_IN_FLIGHT, HTTP_REQUESTS, HandleCache, status_label,
 };
@@ -92,6 +91,7 @@ pub fn in_current_request<F: Future>(future: F) -> impl Future<Output = F::Outpu
 /// "Issue 15: logging at info and the request path").
 #[derive(Default)]
 struct Notes {
+    caller: Option<Arc<str>>,
     flow: Option<&'static str>,
     finapi_client: Option<Arc<str>>,
     user_id: Option<Box<str>>,
@@ -99,6 +99,11 @@ struct Notes {
 
 fn note(f: impl FnOnce(&mut Notes)) {
     let _ = CURRENT.try_with(|c| f(&mut c.notes.borrow_mut()));
+}
+
+/// Names the authenticated caller in the request's `request finished` line and metrics.
+pub fn note_caller(caller: &Arc<str>) {
+    note(|n| n.caller = Some(caller.clone()));
 }
 
 /// Names the flow (`standalone`, `access`) in the request's `request finished` line.
@@ -179,10 +184,14 @@ impl Drop for InFlight {
 }
 
 /// Writes the `request finished` line of a request whose future is dropped before it has an
-/// answer (its client went away, or shutdown cut it off), with status 499 as nginx logs it:
-/// every request ends in one such line. Dropped inside the request's task-local scope (tokio
-/// drops a scoped future with its value set), so the line shows the request's fields.
+/// answer (its client went away, or shutdown cut it off), with status 499 as nginx logs it, and
+/// counts it in the request metrics so: every request ends in one such line and is counted.
+/// Dropped inside the request's future, where its task-local (fields and notes) is set and its
+/// span (if any) entered: tokio's task-local and tracing's `Instrumented` both drop their
+/// future in scope.
 struct Unanswered {
+    route: &'static str,
+    method: &'static str,
     started: Instant,
     answered: bool,
 }
@@ -190,13 +199,46 @@ struct Unanswered {
 impl Drop for Unanswered {
     fn drop(&mut self) {
         if !self.answered {
+            let elapsed = self.started.elapsed();
             tracing::info!(
                 status = 499u16,
-                latency_ms = self.started.elapsed().as_secs_f64() * 1e3,
+                latency_ms = elapsed.as_secs_f64() * 1e3,
                 "request finished"
             );
+            let caller = CURRENT
+                .try_with(|c| c.notes.borrow().caller.clone())
+                .ok()
+                .flatten();
+            count(self.route, self.method, status_label(499), caller, elapsed);
         }
     }
+}
+
+/// Counts a finished request in `broker_http_requests_total` and its duration.
+fn count(
+    route: &'static str,
+    method: &'static str,
+    status: &'static str,
+    caller: Option<Arc<str>>,
+    elapsed: std::time::Duration,
+) {
+    static HANDLES: HandleCache<RequestLabels, RequestMetrics> = HandleCache::new();
+    HANDLES.with(
+        (route, method, status, caller),
+        |(route, method, status, caller)| {
+            let (route, method, status) = (*route, *method, *status);
+            let caller: metrics::SharedString =
+                caller.as_ref().map_or_else(|| "none".into(), |c| c.to_string().into());
+            RequestMetrics {
+                requests: metrics::counter!(HTTP_REQUESTS, "route" => route, "method" => method, "status" => status, "caller" => caller.clone()),
+                duration: metrics::histogram!(HTTP_DURATION, "route" => route, "method" => method, "status" => status, "caller" => caller),
+            }
+        },
+        |m| {
+            m.requests.increment(1);
+            m.duration.record(elapsed.as_secs_f64());
+        },
+    );
 }
 
 /// Middleware: assigns the id, serves the request in its [`RequestFields`], logs the finished
@@ -271,27 +313,25 @@ pub async fn middleware(mut request: Request, next: Next) -> Response {
     let in_flight = InFlight::enter();
     let run = async move {
         let mut unanswered = Unanswered {
+            route,
+            method,
             started,
             answered: false,
         };
         let response = next.run(request).await;
         unanswered.answered = true;
         let elapsed = started.elapsed();
-        let caller: Option<Arc<str>> = response
-            .extensions()
-            .get::<CallerExt>()
-            .map(|c| c.0.name.clone());
         let notes = CURRENT.try_with(|c| c.notes.take()).unwrap_or_default();
         tracing::info!(
             status = response.status().as_u16(),
             latency_ms = elapsed.as_secs_f64() * 1e3,
-            caller = caller.as_deref(),
+            caller = notes.caller.as_deref(),
             flow = notes.flow,
             finapi_client = notes.finapi_client.as_deref(),
             user_id = notes.user_id.as_deref(),
             "request finished"
         );
-        (response, elapsed, caller)
+        (response, elapsed, notes.caller)
     };
     let (mut response, elapsed, caller) = server_span
         .scope(CURRENT.scope(current, run).instrument(span))
@@ -300,23 +340,7 @@ pub async fn middleware(mut request: Request, next: Next) -> Response {
     crate::telemetry::otel::end_server_span(&mut server_span, response.status().as_u16());
     drop(server_span);
     let status = status_label(response.status().as_u16());
-    static HANDLES: HandleCache<RequestLabels, RequestMetrics> = HandleCache::new();
-    HANDLES.with(
-        (route, method, status, caller),
-        |(route, method, status, caller)| {
-            let (route, method, status) = (*route, *method, *status);
-            let caller: metrics::SharedString =
-                caller.as_ref().map_or_else(|| "none".into(), |c| c.to_string().into());
-            RequestMetrics {
-                requests: metrics::counter!(HTTP_REQUESTS, "route" => route, "method" => method, "status" => status, "caller" => caller.clone()),
-                duration: metrics::histogram!(HTTP_DURATION, "route" => route, "method" => method, "status" => status, "caller" => caller),
-            }
-        },
-        |m| {
-            m.requests.increment(1);
-            m.duration.record(elapsed.as_secs_f64());
-        },
-    );
+    count(route, method, status, caller, elapsed);
     response.headers_mut().insert(HEADER, header);
     response
 }

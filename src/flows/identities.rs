@@ -33,7 +33,8 @@ use super::{ClientReference, Email, FlowError, Flows, KycSession, Phone, Request
 
 /// How often a session waiting for a concurrent session's identity looks again.
 const INTENT_POLL: Duration = Duration::from_millis(25);
-/// How long a deletion in progress holds its record against the reaper.
+/// How long a caller's deletion in progress holds its record against the reaper and other
+/// requests (a lease, as the reaper's claims).
 const DELETION_LEASE: Duration = Duration::from_secs(120);
 /// Longest wait between two deletion attempts of one identity.
 const MAX_DELETION_BACKOFF: Duration = Duration::from_secs(3600);
@@ -98,6 +99,9 @@ pub enum Deletion {
         /// Unix ms of the next attempt.
         retry_at: Millis,
     },
+    /// Another request or a reaper holds the identity's deletion (its lease): this request
+    /// did nothing, and the record shows how far that deletion is.
+    InProgress,
 }
 
 /// The ledger settings and the password keys, built once at start-up.
@@ -547,11 +551,14 @@ impl Flows {
                 Deletion::Scheduled { code, retry_at }
             }
         };
-        crate::telemetry::metrics::count_identity_deletion(match &deletion {
+        let outcome = match &deletion {
             Deletion::Deleted => "deleted",
             Deletion::Unknown => "unknown",
             Deletion::Scheduled { code, .. } => code,
-        });
+            // Only a request that left the deletion to another says so, not this one.
+            Deletion::InProgress => return deletion,
+        };
+        crate::telemetry::metrics::count_identity_deletion(outcome);
         deletion
     }
 
@@ -622,7 +629,8 @@ impl Flows {
     }
 
     /// Starts the deletion of the caller's identity for `reference`: `None` when there is no
-    /// live one. A deletion that cannot be done now is left to the reaper.
+    /// live one. A deletion that cannot be done now is left to the reaper; one that another
+    /// request or a reaper is doing is left to it ([`Deletion::InProgress`]).
     pub async fn delete_identity_of(
         &self,
         reference: &ClientReference,
@@ -654,10 +662,18 @@ impl Flows {
                 }
             }
             IdentityState::Active | IdentityState::Deleting => {
-                // Held against the reaper while this request works on it.
-                let lease_end = now.saturating_add(millis(DELETION_LEASE));
-                self.ids().store.mark_deleting(record.id, lease_end).await?;
-                self.delete_identity(&record, ctx).await
+                // Claimed with a lease, as the reaper claims: of concurrent deletions (other
+                // requests, the reaper of any replica) one works on it, the others leave it.
+                let owner = Uuid::new_v4().to_string();
+                let claimed = self
+                    .ids()
+                    .store
+                    .claim_for_deletion(record.id, &owner, now, millis(DELETION_LEASE))
+                    .await?;
+                match claimed {
+                    Some(claimed) => self.delete_identity(&claimed, ctx).await,
+                    None => Deletion::InProgress,
+                }
             }
         };
         let store = &self.ids().store;

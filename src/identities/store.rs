@@ -1230,6 +1230,44 @@ impl IdentityStore {
         Ok(())
     }
 
+    /// Claims the record `id` for a deletion on behalf of `owner` (one request), as
+    /// [`IdentityStore::claim_due`] claims for the reaper: `lease_owner = owner`,
+    /// `lease_until = now + lease`, and an `active` record turns `deleting` (`next_attempt_at =
+    /// now`, so that the reaper takes it over once the lease expires, should the request die).
+    /// Only an `active` or `deleting` record that nobody holds (no lease, or an expired one) is
+    /// claimed; returns it as claimed, or `None` when another request or a reaper holds it, or
+    /// it is an intent or deleted. One statement, so that of concurrent claims exactly one
+    /// wins: SQLite serialises writers on one file, and PostgreSQL re-checks the `WHERE` of an
+    /// `UPDATE` that waited for a concurrent one on the row's new version (READ COMMITTED).
+    ///
+    /// Errors: [`StoreError::Unavailable`], [`StoreError::Other`].
+    pub async fn claim_for_deletion(
+        &self,
+        id: Uuid,
+        owner: &str,
+        now: Millis,
+        lease: Millis,
+    ) -> Result<Option<IdentityRecord>, StoreError> {
+        let _span = crate::telemetry::otel::ledger_span!("claim_for_deletion");
+        let sql = format!(
+            "UPDATE identities SET state = 'deleting', \
+             next_attempt_at = CASE WHEN state = 'active' THEN $3 ELSE next_attempt_at END, \
+             lease_owner = $2, lease_until = $4 \
+             WHERE id = $1 AND state IN ('active', 'deleting') \
+             AND (lease_until IS NULL OR lease_until <= $3) \
+             RETURNING {RECORD_COLUMNS}"
+        );
+        let id = id.to_string();
+        let raw = with_writer!(self, |pool| sqlx::query_as::<_, RawRecord>(&sql)
+            .bind(&id)
+            .bind(owner)
+            .bind(now)
+            .bind(now.saturating_add(lease))
+            .fetch_optional(pool)
+            .await)?;
+        record(raw)
+    }
+
     /// Appends an event to the identity's log. `detail` is a short code or note, never a
     /// finAPI message or anything secret.
     /// Errors: [`StoreError::Other`] when no identity `identity_id` exists (foreign key);

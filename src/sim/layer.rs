@@ -126,7 +126,8 @@ async fn handle(state: SimState, request: Request, next: Next) -> Response {
         Ok(id) => (id, None),
         Err(error) => (selfgen_request_id(), Some(error)),
     };
-    if endpoint.is_some() && id_error.is_none() && !request_id.starts_with("selfgen-") {
+    let given_id = id_error.is_none() && !request_id.starts_with("selfgen-");
+    if endpoint.is_some() && given_id {
         // Remembered on arrival, so that tests can tell a request is being handled.
         state.remember_request_id(&request_id);
     }
@@ -155,6 +156,11 @@ async fn handle(state: SimState, request: Request, next: Next) -> Response {
             Outcome::Status(response.status().as_u16())
         };
         state.counters().record(endpoint.key(), outcome);
+        if given_id {
+            state
+                .call_log()
+                .record(&request_id, endpoint.key(), outcome);
+        }
         if let Some(psu) = psu {
             state.psu_log().record(endpoint.key(), psu);
         }

@@ -59,7 +59,9 @@ pub(crate) use layer::Endpoint;
 #[cfg(test)]
 pub(crate) use layer::Grant;
 pub use state::SimState;
-pub use stats::{ConnectionStats, PSU_LOG_PER_ENDPOINT, PsuHeaders, PsuRecord, Stats};
+pub use stats::{
+    CALL_LOG_REQUEST_IDS, ConnectionStats, PSU_LOG_PER_ENDPOINT, PsuHeaders, PsuRecord, Stats,
+};
 pub use tls::{LOCAL_NAMES, SimCa, SimTls, SimTlsError};
 
 /// Id of the client a default [`SimConfig`] knows.
@@ -354,7 +356,12 @@ impl SimHandle {
         self.state.stats()
     }
 
-    /// Sets all counters (calls and connections) back to zero.
+    /// The calls made under a caller-given request id: see [`SimState::calls_of`].
+    pub fn calls_of(&self, request_id: &str) -> Vec<(String, String)> {
+        self.state.calls_of(request_id)
+    }
+
+    /// Sets all counters (calls and connections) back to zero and empties the call log.
     pub fn reset_stats(&self) {
         self.state.reset_stats();
     }

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use super::SimConfig;
 use super::faults::{FaultRule, Faults};
-use super::stats::{ConnectionCounters, ConnectionStats, Counters, PsuHeaders, PsuLog, Stats};
+use super::stats::{
+    CallLog, ConnectionCounters, ConnectionStats, Counters, PsuHeaders, PsuLog, Stats,
+};
 use super::wire::{ApiError, UserOut};
 
 /// finAPI deletes the hidden user of a process one day after an exchange with `invalidate=true`
@@ -266,6 +268,8 @@ struct Inner {
     tables: Mutex<Tables>,
     faults: Faults,
     stats: Counters,
+    /// The calls of each caller-given request id.
+    calls: CallLog,
     /// Connections and handshakes; `None` when serving plain HTTP, where nobody counts them.
     connections: Option<ConnectionCounters>,
     /// The `PSU-*` headers of the last calls.
@@ -310,6 +314,7 @@ impl SimState {
                 }),
                 faults: Faults::new(config.faults.clone()),
                 stats: Counters::default(),
+                calls: CallLog::default(),
                 connections: config.tls.as_ref().map(|_| ConnectionCounters::default()),
                 psu: PsuLog::default(),
                 recent_request_ids: Mutex::new(VecDeque::with_capacity(RECENT_REQUEST_IDS)),
@@ -323,6 +328,18 @@ impl SimState {
 
     pub(crate) fn counters(&self) -> &Counters {
         &self.inner.stats
+    }
+
+    pub(crate) fn call_log(&self) -> &CallLog {
+        &self.inner.calls
+    }
+
+    /// The calls made under the caller-given request id `request_id` since start or the last
+    /// reset, in the order they were answered: each as its endpoint key and outcome, as
+    /// [`SimState::stats`] names them (`("POST /api/v2/users", "201")`, `"dropped"`). Only the
+    /// newest [`super::CALL_LOG_REQUEST_IDS`] request ids are kept.
+    pub fn calls_of(&self, request_id: &str) -> Vec<(String, String)> {
+        self.inner.calls.calls_of(request_id)
     }
 
     pub(crate) fn psu_log(&self) -> &PsuLog {
@@ -359,9 +376,10 @@ impl SimState {
             .map(ConnectionCounters::snapshot)
     }
 
-    /// Sets all counters (calls and connections) back to zero.
+    /// Sets all counters (calls and connections) back to zero and empties the call log.
     pub fn reset_stats(&self) {
         self.inner.stats.reset();
+        self.inner.calls.reset();
         if let Some(connections) = &self.inner.connections {
             connections.reset();
         }

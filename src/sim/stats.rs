@@ -1,6 +1,6 @@
 //! Per-endpoint response counters and connection counters behind `GET /__sim/stats`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -39,10 +39,7 @@ impl Counters {
             .clone();
         let mut stats = Stats::new();
         for ((endpoint, outcome), count) in counts {
-            let outcome = match outcome {
-                Outcome::Status(code) => code.to_string(),
-                Outcome::Dropped => "dropped".to_owned(),
-            };
+            let outcome = outcome.label();
             stats
                 .entry(endpoint.to_owned())
                 .or_default()
@@ -56,6 +53,77 @@ impl Counters {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .clear();
+    }
+}
+
+/// Request ids whose calls [`CallLog`] keeps at most; the oldest is forgotten first.
+pub const CALL_LOG_REQUEST_IDS: usize = 8192;
+
+/// The calls made under each caller-given request id (`X-Request-Id`), in the order they were
+/// answered, each as its endpoint key and outcome (as in [`Stats`]: `"201"`, `"dropped"`): for
+/// tests that must tell what happened to one request among many.
+#[derive(Default)]
+pub(crate) struct CallLog {
+    calls: Mutex<CallLogEntries>,
+}
+
+#[derive(Default)]
+struct CallLogEntries {
+    by_id: HashMap<String, Vec<(&'static str, Outcome)>>,
+    order: VecDeque<String>,
+}
+
+impl CallLog {
+    pub(crate) fn record(&self, request_id: &str, endpoint: &'static str, outcome: Outcome) {
+        let mut log = self
+            .calls
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(calls) = log.by_id.get_mut(request_id) {
+            calls.push((endpoint, outcome));
+            return;
+        }
+        if log.order.len() == CALL_LOG_REQUEST_IDS
+            && let Some(oldest) = log.order.pop_front()
+        {
+            log.by_id.remove(&oldest);
+        }
+        log.order.push_back(request_id.to_owned());
+        log.by_id
+            .insert(request_id.to_owned(), vec![(endpoint, outcome)]);
+    }
+
+    pub(crate) fn calls_of(&self, request_id: &str) -> Vec<(String, String)> {
+        let log = self
+            .calls
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        log.by_id
+            .get(request_id)
+            .map(|calls| {
+                calls
+                    .iter()
+                    .map(|(endpoint, outcome)| ((*endpoint).to_owned(), outcome.label()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub(crate) fn reset(&self) {
+        *self
+            .calls
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = CallLogEntries::default();
+    }
+}
+
+impl Outcome {
+    /// As [`Stats`] names it: the status code, or `dropped`.
+    fn label(self) -> String {
+        match self {
+            Self::Status(code) => code.to_string(),
+            Self::Dropped => "dropped".to_owned(),
+        }
     }
 }
 

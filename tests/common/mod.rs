@@ -526,3 +526,67 @@ pub fn spawn_broker_binary(
         .expect("the broker logs its address");
     (child, format!("http://{addr}"))
 }
+
+/// `DELETE /api/v2/users`, as the simulator's stats name it.
+pub const DELETE_USER: &str = "DELETE /api/v2/users";
+
+/// Creates the caller's identity for `reference`, then sends four `DELETE
+/// /identities/{reference}` at once while finAPI takes 300 ms per deletion, so that all four
+/// find it live. Asserts that finAPI is asked to delete the user once, that the ledger records
+/// one `deleted` event, and that every answer is one the README's table allows: `204`, `202`
+/// with the record in `deleting` (another request is deleting it), or `404 IDENTITY_NOT_FOUND`
+/// (it was deleted before the request looked).
+pub async fn concurrent_deletes_delete_once(env: &TestEnv, reference: &str) {
+    let created = env
+        .start_session(json!({"flow": "access", "clientReference": reference}))
+        .await;
+    expect_created(created).await;
+    env.sim.add_fault(sim::FaultRule {
+        endpoint: DELETE_USER.into(),
+        latency_ms: Some(300),
+        ..sim::FaultRule::default()
+    });
+    let url = format!("{}/identities/{reference}", env.broker_url);
+    let deletes = (0..4).map(|_| env.http.delete(&url).send());
+    let mut statuses = Vec::new();
+    for answer in futures_util::future::join_all(deletes).await {
+        let answer = answer.expect("broker answers");
+        let status = answer.status().as_u16();
+        statuses.push(status);
+        match status {
+            204 => {}
+            202 => {
+                let record: Value = answer.json().await.expect("a record");
+                assert_eq!(record["state"], "deleting", "{record}");
+            }
+            _ => {
+                expect_problem(answer, 404, "IDENTITY_NOT_FOUND").await;
+            }
+        }
+    }
+    env.sim.clear_faults();
+    assert!(statuses.contains(&204), "{statuses:?}");
+    assert_eq!(
+        env.all_calls(DELETE_USER),
+        1,
+        "{statuses:?} {:?}",
+        env.sim.stats()
+    );
+    let record: Value = env
+        .http
+        .get(&url)
+        .send()
+        .await
+        .expect("broker answers")
+        .json()
+        .await
+        .expect("a record");
+    assert_eq!(record["state"], "deleted", "{record}");
+    let deleted = record["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|e| e["kind"] == "deleted")
+        .count();
+    assert_eq!(deleted, 1, "{statuses:?} {record}");
+}
