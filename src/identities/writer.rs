@@ -649,6 +649,10 @@ impl Slot {
         let conn = match &mut self.conn {
             Some(conn) => conn,
             None => {
+                // A file put in the ledger's place gets no write either.
+                if !self.file_in_place() {
+                    return Err(file_gone());
+                }
                 let conn = open(&self.path, self.sync)
                     .map_err(|e| classify(Backend::Sqlite, sqlite_error(e)))?;
                 self.conn.insert(conn)
@@ -670,17 +674,25 @@ impl Slot {
         let outcomes = result.map_err(|e| classify(Backend::Sqlite, sqlite_error(e)))?;
         // Checked after the commit, so that no write is reported durable unless the file it
         // went into was still the ledger when it was synced.
-        if self.file.is_none() || FileId::of(&self.path) != self.file {
+        if !self.file_in_place() {
             self.conn = None;
-            return Err(StoreError::Unavailable(sqlx::Error::Io(
-                std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    "the ledger file was removed or replaced since the broker started",
-                ),
-            )));
+            return Err(file_gone());
         }
         Ok(outcomes)
     }
+
+    /// Whether `path` still names the file the writer started with.
+    fn file_in_place(&self) -> bool {
+        self.file.is_some() && FileId::of(&self.path) == self.file
+    }
+}
+
+/// The error of a write refused because the ledger's file was removed or replaced ([`FileId`]).
+fn file_gone() -> StoreError {
+    StoreError::Unavailable(sqlx::Error::Io(std::io::Error::new(
+        std::io::ErrorKind::NotFound,
+        "the ledger file was removed or replaced since the broker started",
+    )))
 }
 
 /// Sets the connection's `PRAGMA synchronous` to NORMAL or FULL for the transactions that
