@@ -156,12 +156,15 @@ impl ReservedIntents {
         self.lock().by_owner.values().map(|p| p.ready.len()).sum()
     }
 
-    /// The entries ready now, in all pools: each one's id and password key id.
-    fn ready_keys(&self) -> HashMap<Uuid, String> {
+    /// The entries ready now and younger than [`max_age`], in all pools: each one's id and
+    /// password key id. Only those: an older one the sweep has not yet removed may already be
+    /// the reaper's.
+    fn ready_keys(&self, now: Millis) -> HashMap<Uuid, String> {
         self.lock()
             .by_owner
             .values()
             .flat_map(|pool| pool.ready.iter())
+            .filter(|entry| now - entry.created_at < self.max_age)
             .map(|entry| (entry.id, entry.key_id.clone()))
             .collect()
     }
@@ -356,9 +359,9 @@ impl Flows {
         &self,
         count: impl Future<Output = Result<Vec<(String, u64)>, E>>,
     ) -> Result<Vec<(String, u64)>, E> {
-        let before = self.reserved().ready_keys();
+        let before = self.reserved().ready_keys(now_millis());
         let mut in_use = count.await?;
-        let after = self.reserved().ready_keys();
+        let after = self.reserved().ready_keys(now_millis());
         for (id, key_id) in &before {
             if after.contains_key(id)
                 && let Some((_, n)) = in_use.iter_mut().find(|(k, _)| k == key_id)
