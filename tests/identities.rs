@@ -767,3 +767,36 @@ async fn a_ledger_file_that_becomes_unusable_refuses_sessions_with_store_unavail
     );
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ledger_file_deleted_under_the_broker_makes_it_unavailable_not_forgetful() {
+    let dir = common::pg::TempDir::new("giroident-deleted-ledger");
+    let ledger = common::ledger_at(&format!(
+        "sqlite://{}",
+        dir.path().join("ledger.db").display()
+    ));
+    let env = env_with(&ledger, |_| {}).await;
+    common::expect_created(env.start_session(json!({"flow": "access"})).await).await;
+    // The open connections keep the unlinked file: SQLite would go on committing into it, and
+    // every record made from now on would vanish with the process.
+    std::fs::remove_dir_all(dir.path()).expect("ledger directory removed");
+    let users_before = env.all_calls(CREATE_USER);
+    for _ in 0..3 {
+        let refused = env.start_session(json!({"flow": "access"})).await;
+        common::expect_problem(refused, 503, "STORE_UNAVAILABLE").await;
+    }
+    assert_eq!(
+        env.all_calls(CREATE_USER),
+        users_before,
+        "no finAPI user whose intent is only in a deleted file"
+    );
+    let ready = env
+        .http
+        .get(format!("{}/readyz", env.broker_url))
+        .send()
+        .await
+        .expect("readyz answers");
+    let ready: Value = ready.json().await.expect("readyz JSON");
+    assert_eq!(ready["identityStore"], "unavailable", "{ready}");
+    env.stop().await;
+}

@@ -334,3 +334,27 @@ async fn a_new_password_key_retires_the_reserved_intents_of_the_old_one() {
     env.stop().await;
     store.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn intents_written_ahead_do_not_keep_a_reload_from_dropping_their_key() {
+    let ledger = common::sqlite_ledger();
+    // Entries usable for (60 s − 2 s) / 2 = 29 s: they are still in the pool at the reload.
+    let env = env_on(&ledger, |s| s.identities.orphan_min_age_secs = 60).await;
+    let first = env.access_session().await;
+    let second = env.access_session().await;
+    let ready = common::eventually(Duration::from_secs(5), || {
+        env.flows.reserved_intents_ready() > 0
+    })
+    .await;
+    assert!(ready, "no intent was written ahead");
+    // The two identities made with the key are deleted: nothing that lives needs it.
+    for session in [first, second] {
+        let token = session["accessToken"].as_str().expect("a token");
+        assert_eq!(env.delete_current(token).await.status(), 204);
+    }
+    // What a reload that drops the key asks before it applies (`reload.rs`): unused entries,
+    // which the new key retires without a finAPI call, are no identity that needs it.
+    let in_use = env.flows.password_keys_in_use().await.expect("key counts");
+    assert!(in_use.iter().all(|(_, count)| *count == 0), "{in_use:?}");
+    env.stop().await;
+}

@@ -168,9 +168,12 @@ impl Flows {
         self.discard_unusable_reserved();
     }
 
-    /// The ids of the password keys live identities were made with, and how many each.
+    /// The ids of the password keys live identities were made with, and how many each
+    /// (intents written ahead and not taken are none: `super::reserved`).
     pub async fn password_keys_in_use(&self) -> Result<Vec<(String, u64)>, FlowError> {
-        Ok(self.ids().store.key_ids_in_use().await?)
+        Ok(self
+            .key_ids_needed(self.ids().store.key_ids_in_use())
+            .await?)
     }
 
     /// Uses the callers' own retentions `by_caller` from now on (a reload of the callers).

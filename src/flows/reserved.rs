@@ -156,6 +156,19 @@ impl ReservedIntents {
         self.lock().by_owner.values().map(|p| p.ready.len()).sum()
     }
 
+    /// The entries ready now and younger than [`max_age`], in all pools: each one's id and
+    /// password key id. Only those: an older one the sweep has not yet removed may already be
+    /// the reaper's.
+    fn ready_keys(&self, now: Millis) -> HashMap<Uuid, String> {
+        self.lock()
+            .by_owner
+            .values()
+            .flat_map(|pool| pool.ready.iter())
+            .filter(|entry| now - entry.created_at < self.max_age)
+            .map(|entry| (entry.id, entry.key_id.clone()))
+            .collect()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Pools> {
         // No code panics while holding it; a poisoned lock still holds consistent pools.
         self.pools.lock().unwrap_or_else(|p| p.into_inner())
@@ -336,6 +349,27 @@ impl Flows {
         reserved.discard(&self.identities.store, &ids).await;
         let mut background = reserved.background.subscribe();
         let _ = background.wait_for(|n| *n == 0).await;
+    }
+
+    /// `count`, the password key ids of the ledger's records not yet deleted (read by `count`),
+    /// less the entries that were ready in a pool throughout that read: those are intents no
+    /// session took, and a new newest key retires them without a finAPI call, so they need no
+    /// key to stay configured. An entry taken or written meanwhile stays counted.
+    pub(super) async fn key_ids_needed<E>(
+        &self,
+        count: impl Future<Output = Result<Vec<(String, u64)>, E>>,
+    ) -> Result<Vec<(String, u64)>, E> {
+        let before = self.reserved().ready_keys(now_millis());
+        let mut in_use = count.await?;
+        let after = self.reserved().ready_keys(now_millis());
+        for (id, key_id) in &before {
+            if after.contains_key(id)
+                && let Some((_, n)) = in_use.iter_mut().find(|(k, _)| k == key_id)
+            {
+                *n = n.saturating_sub(1);
+            }
+        }
+        Ok(in_use)
     }
 
     /// The reserved intents' counts since start.

@@ -781,10 +781,16 @@ impl IdentityStore {
         }
     }
 
-    /// Readiness: the group-commit writers are running, and one round trip to the database.
+    /// Readiness: the group-commit writers are running, an SQLite ledger's file is still the one
+    /// the broker opened (not removed or replaced), and one round trip to the database.
     /// Errors: [`StoreError::Unavailable`].
     pub async fn ping(&self) -> Result<(), StoreError> {
         if self.writes.is_closed() {
+            return Err(writer_gone());
+        }
+        if let Pool::Sqlite { writer, .. } = &self.pool
+            && !writer.file_in_place()
+        {
             return Err(writer_gone());
         }
         let _: i32 = with_pool!(self, |pool| sqlx::query_scalar("SELECT 1")

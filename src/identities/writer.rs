@@ -436,6 +436,35 @@ async fn run_postgres(pool: &PgPool, writes: &[&Request]) -> Result<Vec<Outcome>
 pub(super) struct SqliteWriter {
     /// A tokio mutex: the thread takes it blocking, the store's direct writes wait for it.
     slot: Arc<Mutex<Slot>>,
+    /// The ledger's path and the file it named at start, for readiness ([`SqliteWriter::file_in_place`]).
+    path: Arc<Path>,
+    file: Option<FileId>,
+}
+
+/// A file's device and inode number: which file a path names. Removing the ledger's directory
+/// (or replacing its file) does not disturb open SQLite connections: they go on committing into
+/// the unlinked file, and every record written from then on vanishes with the process, leaving
+/// finAPI users no ledger knows. So the writer checks after each commit that the path still
+/// names the file it started with.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct FileId(u64, u64);
+
+impl FileId {
+    /// The identity of the file at `path`; `None` when there is none.
+    fn of(path: &Path) -> Option<Self> {
+        let meta = std::fs::metadata(path).ok()?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            Some(Self(meta.dev(), meta.ino()))
+        }
+        #[cfg(not(unix))]
+        {
+            // Only whether a file is there.
+            let _ = meta;
+            Some(Self(0, 0))
+        }
+    }
 }
 
 /// The writer's connection and settings, locked by the thread for each batch, by
@@ -448,6 +477,8 @@ struct Slot {
     conn: Option<Connection>,
     /// Set by [`SqliteWriter::close`]: no connection is opened again.
     closed: bool,
+    /// The file `path` named when the writer started (see [`FileId`]).
+    file: Option<FileId>,
 }
 
 impl SqliteWriter {
@@ -467,12 +498,16 @@ impl SqliteWriter {
         .await
         .map_err(|e| StoreError::Unavailable(sqlx::Error::Io(std::io::Error::other(e))))?;
         let conn = opened.map_err(|e| classify(Backend::Sqlite, sqlite_error(e)))?;
+        let file = FileId::of(&path);
         let writer = SqliteWriter {
+            path: Arc::from(path.as_path()),
+            file,
             slot: Arc::new(Mutex::new(Slot {
                 path,
                 sync,
                 conn: Some(conn),
                 closed: false,
+                file,
             })),
         };
         let (tx, rx) = mpsc::unbounded_channel();
@@ -522,6 +557,11 @@ impl SqliteWriter {
         if let Some(Err((_, error))) = slot.conn.take().map(Connection::close) {
             tracing::debug!(error = %sqlite_error(error), "ledger writer connection did not close cleanly");
         }
+    }
+
+    /// Whether the ledger's path still names the file the writer started with (see [`FileId`]).
+    pub(super) fn file_in_place(&self) -> bool {
+        self.file.is_some() && FileId::of(&self.path) == self.file
     }
 
     /// The connection's `PRAGMA synchronous` (sqlite.org/pragma.html#pragma_synchronous: 2 is
@@ -609,6 +649,10 @@ impl Slot {
         let conn = match &mut self.conn {
             Some(conn) => conn,
             None => {
+                // A file put in the ledger's place gets no write either.
+                if !self.file_in_place() {
+                    return Err(file_gone());
+                }
                 let conn = open(&self.path, self.sync)
                     .map_err(|e| classify(Backend::Sqlite, sqlite_error(e)))?;
                 self.conn.insert(conn)
@@ -627,8 +671,28 @@ impl Slot {
         if !healthy {
             self.conn = None;
         }
-        result.map_err(|e| classify(Backend::Sqlite, sqlite_error(e)))
+        let outcomes = result.map_err(|e| classify(Backend::Sqlite, sqlite_error(e)))?;
+        // Checked after the commit, so that no write is reported durable unless the file it
+        // went into was still the ledger when it was synced.
+        if !self.file_in_place() {
+            self.conn = None;
+            return Err(file_gone());
+        }
+        Ok(outcomes)
     }
+
+    /// Whether `path` still names the file the writer started with.
+    fn file_in_place(&self) -> bool {
+        self.file.is_some() && FileId::of(&self.path) == self.file
+    }
+}
+
+/// The error of a write refused because the ledger's file was removed or replaced ([`FileId`]).
+fn file_gone() -> StoreError {
+    StoreError::Unavailable(sqlx::Error::Io(std::io::Error::new(
+        std::io::ErrorKind::NotFound,
+        "the ledger file was removed or replaced since the broker started",
+    )))
 }
 
 /// Sets the connection's `PRAGMA synchronous` to NORMAL or FULL for the transactions that
