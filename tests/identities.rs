@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::{CREATE_USER, PASSWORD_TOKEN, TestEnv};
 use giroident_broker::config::{CallerSettings, FlowKind, Settings};
 use giroident_broker::demo::Ledger;
-use giroident_broker::identities::{EventKind, IdentityState, IdentityStore};
+use giroident_broker::identities::{EventKind, IdentityState};
 use giroident_broker::sim::{self, FaultRule, SimConfig};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
@@ -55,11 +55,7 @@ async fn env_on(
     TestEnv::with_settings(sim, &settings).await
 }
 
-async fn store(ledger: &Ledger) -> IdentityStore {
-    IdentityStore::connect(&ledger.database_url, 2)
-        .await
-        .expect("ledger opens")
-}
+use common::ledger_store as store;
 
 fn access(reference: &str) -> Value {
     json!({"flow": "access", "clientReference": reference})
@@ -736,25 +732,10 @@ async fn a_reference_that_does_not_decode_is_an_invalid_field() {
 /// refused as the ledger being unavailable, with no finAPI user created.
 #[tokio::test]
 async fn a_ledger_file_that_becomes_unusable_refuses_sessions_with_store_unavailable() {
-    use std::io::Write;
     let ledger = common::sqlite_ledger();
     let env = env_with(&ledger, |_| {}).await;
     common::expect_created(env.start_session(json!({"flow": "access"})).await).await;
-    let path = ledger
-        .database_url
-        .expose_secret()
-        .strip_prefix("sqlite://")
-        .expect("a sqlite:// URL")
-        .to_owned();
-    for file in [path.clone(), format!("{path}-wal"), format!("{path}-shm")] {
-        let len = std::fs::metadata(&file).expect("ledger file").len();
-        let junk = vec![0x5a; usize::try_from(len).expect("size")];
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&file)
-            .and_then(|mut f| f.write_all(&junk))
-            .expect("overwritten");
-    }
+    let path = common::overwrite_sqlite_ledger(&ledger);
     let users_before = env.all_calls(CREATE_USER);
     // No reference: nothing is read first, the intent goes straight to the writer thread.
     let refused = env.start_session(json!({"flow": "access"})).await;

@@ -122,8 +122,6 @@ async fn a_successful_session_at_info_is_one_line_with_everything_an_operator_ne
 /// upstream". (`REQUEST_TIMEOUT` has no reliable trigger here; `src/api/error.rs` tests it.)
 #[tokio::test]
 async fn failures_that_are_not_finapis_are_not_logged_as_upstream_failures() {
-    use secrecy::ExposeSecret;
-    use std::io::Write;
     let logs = logs();
     let ledger = sqlite_ledger();
     let sim = giroident_broker::sim::start(giroident_broker::sim::SimConfig::default())
@@ -181,19 +179,7 @@ async fn failures_that_are_not_finapis_are_not_logged_as_upstream_failures() {
     expect_problem(refused, 502, "UPSTREAM_REJECTED").await;
 
     // The ledger's files overwritten in place: the ledger fails, finAPI is never asked.
-    let path = ledger
-        .database_url
-        .expose_secret()
-        .strip_prefix("sqlite://")
-        .expect("a sqlite:// URL")
-        .to_owned();
-    for file in [path.clone(), format!("{path}-wal"), format!("{path}-shm")] {
-        let len = std::fs::metadata(&file).map_or(0, |m| m.len());
-        let junk = vec![0x5a; usize::try_from(len).expect("size")];
-        if let Ok(mut f) = std::fs::OpenOptions::new().write(true).open(&file) {
-            f.write_all(&junk).expect("overwritten");
-        }
-    }
+    common::overwrite_sqlite_ledger(&ledger);
     let unavailable = post("log-test-ledger", json!({"flow": "access"}))
         .await
         .unwrap();
@@ -229,7 +215,6 @@ async fn failures_that_are_not_finapis_are_not_logged_as_upstream_failures() {
 /// one JSON subscriber.
 #[tokio::test]
 async fn in_the_human_readable_format_each_line_of_a_request_names_it() {
-    use std::io::{BufRead, BufReader};
     let ledger = sqlite_ledger();
     let sim = giroident_broker::sim::start(giroident_broker::sim::SimConfig::default())
         .await
@@ -260,18 +245,8 @@ async fn in_the_human_readable_format_each_line_of_a_request_names_it() {
         ),
         ("GIROIDENT_BROKER_AUTH__CALLERS", &callers),
     ]);
-    let mut child = command
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("the broker binary starts");
-    let stderr = child.stderr.take().expect("stderr");
     let (lines_tx, lines_rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = lines_tx.send(line);
-        }
-    });
+    let (mut child, url) = spawn_broker_binary(command, Some(lines_tx));
     let next_line = |what: &str| loop {
         let line = lines_rx
             .recv_timeout(std::time::Duration::from_secs(20))
@@ -280,14 +255,8 @@ async fn in_the_human_readable_format_each_line_of_a_request_names_it() {
             return line;
         }
     };
-    let listening = next_line("broker listening");
-    let addr = listening
-        .split_whitespace()
-        .find_map(|word| word.strip_prefix("addr="))
-        .expect("the address")
-        .to_owned();
     let response = client_with_key(TEST_API_KEY)
-        .post(format!("http://{addr}/kyc-sessions"))
+        .post(format!("{url}/kyc-sessions"))
         .header("x-request-id", "pretty-line-1")
         .json(&json!({"flow": "access"}))
         .send()

@@ -34,11 +34,7 @@ async fn env_on(ledger: &Ledger, tweak: impl FnOnce(&mut Settings)) -> TestEnv {
     TestEnv::with_settings(sim, &settings).await
 }
 
-async fn store(ledger: &Ledger) -> IdentityStore {
-    IdentityStore::connect(&ledger.database_url, 2)
-        .await
-        .expect("ledger opens")
-}
+use common::ledger_store as store;
 
 /// Records per state, the four states in life-cycle order.
 async fn counts(store: &IdentityStore) -> [u64; 4] {

@@ -476,6 +476,35 @@ impl std::io::Write for CapturedLogs {
     }
 }
 
+/// The ledger of `ledger`, opened beside the broker (two connections), for tests that read
+/// or change its records.
+pub async fn ledger_store(ledger: &Ledger) -> giroident_broker::identities::IdentityStore {
+    giroident_broker::identities::IdentityStore::connect(&ledger.database_url, 2)
+        .await
+        .expect("the ledger opens")
+}
+
+/// Overwrites the files of the SQLite ledger `ledger` (database, `-wal`, `-shm`) with junk of
+/// the same size, in place, while a broker holds them open; returns the database's path.
+pub fn overwrite_sqlite_ledger(ledger: &Ledger) -> String {
+    use secrecy::ExposeSecret;
+    use std::io::Write;
+    let path = ledger
+        .database_url
+        .expose_secret()
+        .strip_prefix("sqlite://")
+        .expect("a sqlite:// URL")
+        .to_owned();
+    for file in [path.clone(), format!("{path}-wal"), format!("{path}-shm")] {
+        let len = std::fs::metadata(&file).map_or(0, |m| m.len());
+        let junk = vec![0x5a; usize::try_from(len).expect("size")];
+        if let Ok(mut f) = std::fs::OpenOptions::new().write(true).open(&file) {
+            f.write_all(&junk).expect("overwritten");
+        }
+    }
+    path
+}
+
 /// The broker binary with `serve`, a clean environment, JSON logs and `ledger`'s variables;
 /// tests add the rest of their configuration as `GIROIDENT_BROKER_*` variables.
 pub fn broker_command(ledger: &Ledger) -> std::process::Command {
@@ -496,7 +525,8 @@ pub fn broker_command(ledger: &Ledger) -> std::process::Command {
 }
 
 /// Starts `command` (a [`broker_command`] listening on port 0) and returns the child and the
-/// base URL from its "broker listening" log line; its later log lines go to `lines`, if given.
+/// base URL from its "broker listening" log line (JSON or human-readable); its later log lines
+/// go to `lines`, if given.
 pub fn spawn_broker_binary(
     mut command: std::process::Command,
     lines: Option<std::sync::mpsc::Sender<String>>,
@@ -515,6 +545,12 @@ pub fn spawn_broker_binary(
                 && log["message"] == "broker listening"
             {
                 let _ = addr_tx.send(log["addr"].as_str().unwrap_or("").to_owned());
+            } else if line.contains("broker listening") {
+                // The human-readable format: `… broker listening addr=127.0.0.1:PORT …`.
+                let addr = line
+                    .split_whitespace()
+                    .find_map(|word| word.strip_prefix("addr="));
+                let _ = addr_tx.send(addr.unwrap_or("").to_owned());
             }
             if let Some(lines) = &lines {
                 let _ = lines.send(line);
