@@ -25,25 +25,14 @@ fn configured(
         TEST_API_KEY.as_bytes(),
     ));
     let callers = format!(r#"[{{name = "crash", key_sha256 = "{digest}", flows = ["access"]}}]"#);
-    let mut command = common::broker_command(ledger);
+    let mut command = common::broker_command_on(ledger, sim_url);
     command.envs([
-        ("GIROIDENT_BROKER_SERVER__LISTEN", "127.0.0.1:0"),
-        ("GIROIDENT_BROKER_ADMIN__LISTEN", "127.0.0.1:0"),
         ("GIROIDENT_BROKER_SERVER__REQUEST_TIMEOUT_SECS", "5"),
         ("GIROIDENT_BROKER_RESILIENCE__SESSION_BUDGET_MS", "5000"),
         ("GIROIDENT_BROKER_FINAPI__REQUEST_TIMEOUT_MS", "4000"),
-        ("GIROIDENT_BROKER_FINAPI__ACCESS_URL", sim_url),
-        ("GIROIDENT_BROKER_FINAPI__PROCESS_CONTROLLER_URL", sim_url),
-        ("GIROIDENT_BROKER_FINAPI__ALLOW_INSECURE_HTTP", "true"),
-        ("GIROIDENT_BROKER_FINAPI__CLIENT_ID", sim::DEMO_CLIENT_ID),
-        (
-            "GIROIDENT_BROKER_FINAPI__CLIENT_SECRET",
-            sim::DEMO_CLIENT_SECRET,
-        ),
         ("GIROIDENT_BROKER_AUTH__CALLERS", &callers),
         ("GIROIDENT_BROKER_IDENTITIES__REAPER_INTERVAL_SECS", "1"),
         ("GIROIDENT_BROKER_IDENTITIES__ORPHAN_MIN_AGE_SECS", "6"),
-        ("GIROIDENT_BROKER_LOG__FILTER", "info"),
         ("GIROIDENT_BROKER_IDENTITIES__SQLITE_SYNCHRONOUS", sync),
     ]);
     command

@@ -223,26 +223,9 @@ async fn in_the_human_readable_format_each_line_of_a_request_names_it() {
         TEST_API_KEY.as_bytes(),
     ));
     let callers = format!(r#"[{{name = "pretty", key_sha256 = "{digest}", flows = ["access"]}}]"#);
-    let mut command = broker_command(&ledger);
+    let mut command = broker_command_on(&ledger, &sim.base_url());
     command.envs([
         ("GIROIDENT_BROKER_LOG__FORMAT", "pretty"),
-        ("GIROIDENT_BROKER_LOG__FILTER", "info"),
-        ("GIROIDENT_BROKER_SERVER__LISTEN", "127.0.0.1:0"),
-        ("GIROIDENT_BROKER_ADMIN__LISTEN", "127.0.0.1:0"),
-        ("GIROIDENT_BROKER_FINAPI__ACCESS_URL", &sim.base_url()),
-        (
-            "GIROIDENT_BROKER_FINAPI__PROCESS_CONTROLLER_URL",
-            &sim.base_url(),
-        ),
-        ("GIROIDENT_BROKER_FINAPI__ALLOW_INSECURE_HTTP", "true"),
-        (
-            "GIROIDENT_BROKER_FINAPI__CLIENT_ID",
-            giroident_broker::sim::DEMO_CLIENT_ID,
-        ),
-        (
-            "GIROIDENT_BROKER_FINAPI__CLIENT_SECRET",
-            giroident_broker::sim::DEMO_CLIENT_SECRET,
-        ),
         ("GIROIDENT_BROKER_AUTH__CALLERS", &callers),
     ]);
     let (lines_tx, lines_rx) = std::sync::mpsc::channel::<String>();

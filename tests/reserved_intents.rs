@@ -211,25 +211,14 @@ async fn reserved_intents_zero_writes_every_intent_in_its_session() {
 /// The broker binary on `ledger` in front of the simulator at `sim_url`, with the bounds of
 /// [`quick`].
 fn broker_binary(ledger: &Ledger, sim_url: &str) -> std::process::Command {
-    let mut command = common::broker_command(ledger);
+    let mut command = common::broker_command_on(ledger, sim_url);
     command.envs([
-        ("GIROIDENT_BROKER_SERVER__LISTEN", "127.0.0.1:0"),
-        ("GIROIDENT_BROKER_ADMIN__LISTEN", "127.0.0.1:0"),
         ("GIROIDENT_BROKER_SERVER__REQUEST_TIMEOUT_SECS", "2"),
         ("GIROIDENT_BROKER_RESILIENCE__SESSION_BUDGET_MS", "2000"),
         ("GIROIDENT_BROKER_FINAPI__REQUEST_TIMEOUT_MS", "1000"),
-        ("GIROIDENT_BROKER_FINAPI__ACCESS_URL", sim_url),
-        ("GIROIDENT_BROKER_FINAPI__PROCESS_CONTROLLER_URL", sim_url),
-        ("GIROIDENT_BROKER_FINAPI__ALLOW_INSECURE_HTTP", "true"),
-        ("GIROIDENT_BROKER_FINAPI__CLIENT_ID", sim::DEMO_CLIENT_ID),
-        (
-            "GIROIDENT_BROKER_FINAPI__CLIENT_SECRET",
-            sim::DEMO_CLIENT_SECRET,
-        ),
         ("GIROIDENT_BROKER_AUTH__DISABLED", "true"),
         ("GIROIDENT_BROKER_IDENTITIES__REAPER_INTERVAL_SECS", "1"),
         ("GIROIDENT_BROKER_IDENTITIES__ORPHAN_MIN_AGE_SECS", "10"),
-        ("GIROIDENT_BROKER_LOG__FILTER", "info"),
     ]);
     command
 }

@@ -677,24 +677,11 @@ fn spawn_broker(
     let callers = format!(
         r#"[{{name = "load", key_sha256 = "{digest}", flows = ["standalone", "access"]}}]"#
     );
-    let mut command = broker_command(&sqlite_ledger());
+    let drain_secs = drain_secs.to_string();
+    let mut command = broker_command_on(&sqlite_ledger(), sim_url);
     command.envs([
-        ("GIROIDENT_BROKER_SERVER__LISTEN", "127.0.0.1:0"),
-        (
-            "GIROIDENT_BROKER_SERVER__DRAIN_SECS",
-            &drain_secs.to_string(),
-        ),
-        ("GIROIDENT_BROKER_FINAPI__ACCESS_URL", sim_url),
-        ("GIROIDENT_BROKER_FINAPI__PROCESS_CONTROLLER_URL", sim_url),
-        ("GIROIDENT_BROKER_FINAPI__ALLOW_INSECURE_HTTP", "true"),
-        ("GIROIDENT_BROKER_FINAPI__CLIENT_ID", sim::DEMO_CLIENT_ID),
-        (
-            "GIROIDENT_BROKER_FINAPI__CLIENT_SECRET",
-            sim::DEMO_CLIENT_SECRET,
-        ),
-        ("GIROIDENT_BROKER_LOG__FILTER", "info"),
-        ("GIROIDENT_BROKER_ADMIN__LISTEN", "127.0.0.1:0"),
-        ("GIROIDENT_BROKER_AUTH__CALLERS", &callers),
+        ("GIROIDENT_BROKER_SERVER__DRAIN_SECS", drain_secs.as_str()),
+        ("GIROIDENT_BROKER_AUTH__CALLERS", callers.as_str()),
         ("GIROIDENT_BROKER_LIMITS__CALLER_RATE_PER_SEC", "100000"),
         ("GIROIDENT_BROKER_LIMITS__CALLER_BURST", "100000"),
         ("GIROIDENT_BROKER_LIMITS__MAX_IN_FLIGHT", "10000"),

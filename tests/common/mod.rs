@@ -524,6 +524,26 @@ pub fn broker_command(ledger: &Ledger) -> std::process::Command {
     command
 }
 
+/// A [`broker_command`] in front of the simulator at `sim_url` (both finAPI URLs, plain HTTP,
+/// the simulator's demo client), listening on 127.0.0.1 port 0 (admin too), logging at info.
+pub fn broker_command_on(ledger: &Ledger, sim_url: &str) -> std::process::Command {
+    let mut command = broker_command(ledger);
+    command.envs([
+        ("GIROIDENT_BROKER_SERVER__LISTEN", "127.0.0.1:0"),
+        ("GIROIDENT_BROKER_ADMIN__LISTEN", "127.0.0.1:0"),
+        ("GIROIDENT_BROKER_FINAPI__ACCESS_URL", sim_url),
+        ("GIROIDENT_BROKER_FINAPI__PROCESS_CONTROLLER_URL", sim_url),
+        ("GIROIDENT_BROKER_FINAPI__ALLOW_INSECURE_HTTP", "true"),
+        ("GIROIDENT_BROKER_FINAPI__CLIENT_ID", sim::DEMO_CLIENT_ID),
+        (
+            "GIROIDENT_BROKER_FINAPI__CLIENT_SECRET",
+            sim::DEMO_CLIENT_SECRET,
+        ),
+        ("GIROIDENT_BROKER_LOG__FILTER", "info"),
+    ]);
+    command
+}
+
 /// Starts `command` (a [`broker_command`] listening on port 0) and returns the child and the
 /// base URL from its "broker listening" log line (JSON or human-readable); its later log lines
 /// go to `lines`, if given.
