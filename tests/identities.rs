@@ -20,13 +20,9 @@ const STANDALONE_ONLY_KEY: &str = "standalone-only-key-0123456789";
 /// Short timeouts, a reaper every second, and two more callers: `other` (both flows) and
 /// `standalone-only`.
 pub fn quick(s: &mut Settings) {
-    s.server.request_timeout_secs = 2;
-    s.finapi.request_timeout_ms = 1_000;
-    s.resilience.session_budget_ms = 2_000;
+    common::quick_ledger(s, 3);
     s.resilience.base_backoff_ms = 10;
     s.resilience.max_backoff_ms = 50;
-    s.identities.reaper_interval_secs = 1;
-    s.identities.orphan_min_age_secs = 3;
     s.auth.callers.push(CallerSettings::from_key(
         "other",
         OTHER_KEY.as_bytes(),

@@ -15,11 +15,7 @@ use tokio::sync::oneshot;
 const DELETE_USER: &str = "DELETE /api/v2/users";
 
 fn quick(s: &mut Settings) {
-    s.server.request_timeout_secs = 2;
-    s.finapi.request_timeout_ms = 1_000;
-    s.resilience.session_budget_ms = 2_000;
-    s.identities.reaper_interval_secs = 1;
-    s.identities.orphan_min_age_secs = 3;
+    common::quick_ledger(s, 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

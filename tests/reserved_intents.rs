@@ -19,11 +19,7 @@ const DELETE_USER: &str = "DELETE /api/v2/users";
 /// Short timeouts and a reaper every second; reserved intents are used while younger than
 /// (10 s − 2 s) / 2 = 4 s, and the reaper may touch them from 10 s on.
 fn quick(s: &mut Settings) {
-    s.server.request_timeout_secs = 2;
-    s.finapi.request_timeout_ms = 1_000;
-    s.resilience.session_budget_ms = 2_000;
-    s.identities.reaper_interval_secs = 1;
-    s.identities.orphan_min_age_secs = 10;
+    common::quick_ledger(s, 10);
 }
 
 async fn env_on(ledger: &Ledger, tweak: impl FnOnce(&mut Settings)) -> TestEnv {

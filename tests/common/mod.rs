@@ -476,6 +476,16 @@ impl std::io::Write for CapturedLogs {
     }
 }
 
+/// Bounds for the ledger's tests: a 2 s request timeout and session budget, 1 s finAPI calls,
+/// a reaper every second, and intents left to the reaper once older than `orphan_min_age_secs`.
+pub fn quick_ledger(s: &mut Settings, orphan_min_age_secs: u64) {
+    s.server.request_timeout_secs = 2;
+    s.finapi.request_timeout_ms = 1_000;
+    s.resilience.session_budget_ms = 2_000;
+    s.identities.reaper_interval_secs = 1;
+    s.identities.orphan_min_age_secs = orphan_min_age_secs;
+}
+
 /// The ledger of `ledger`, opened beside the broker (two connections), for tests that read
 /// or change its records.
 pub async fn ledger_store(ledger: &Ledger) -> giroident_broker::identities::IdentityStore {
