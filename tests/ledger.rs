@@ -1313,3 +1313,43 @@ async fn one_reference_at_two_finapi_clients_is_two_identities_within_one_batch(
         assert_eq!(live.map(|r| r.id), winners.get(client).copied());
     }
 }
+
+/// The page size of the SQLite file at `db` (`PRAGMA page_size`), read beside the store.
+async fn sqlite_page_size(db: &Db) -> i64 {
+    let pool = sqlx::SqlitePool::connect(&db.url)
+        .await
+        .expect("raw connect");
+    let size = sqlx::query_scalar("PRAGMA page_size")
+        .fetch_one(&pool)
+        .await
+        .expect("pragma");
+    pool.close().await;
+    size
+}
+
+/// A ledger the broker creates gets 2 KiB pages (fewer bytes per write-ahead-log frame); a
+/// ledger created by an earlier broker with SQLite's 4 KiB keeps them and is served as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_sqlite_ledger_gets_small_pages_and_an_existing_one_keeps_its_own() {
+    let fresh = Db::sqlite().await;
+    let store = fresh.store().await;
+    let id = intent(&store, "demo", Some("d1"), T0).await;
+    assert_eq!(get(&store, id).await.caller, "demo");
+    store.close().await;
+    assert_eq!(sqlite_page_size(&fresh).await, 2048);
+
+    let existing = Db::sqlite().await;
+    existing.migrate_to(4).await;
+    assert_eq!(sqlite_page_size(&existing).await, 4096);
+    let store = existing.store().await;
+    let id = intent(&store, "demo", Some("d1"), T0).await;
+    assert!(
+        store
+            .activate(id, T0 + 1, T0 + HOUR)
+            .await
+            .expect("activate")
+    );
+    assert_eq!(get(&store, id).await.state, IdentityState::Active);
+    store.close().await;
+    assert_eq!(sqlite_page_size(&existing).await, 4096);
+}
