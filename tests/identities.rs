@@ -472,6 +472,45 @@ async fn identities_are_deleted_by_the_reaper_after_their_retention() {
     env.stop().await;
 }
 
+/// The activation is written beside the token grant: a user finAPI created whose token could
+/// then not be had is recorded as created and is the reaper's at once, since no lost `POST` can
+/// still create it; the reaper does not wait for `orphan_min_age` (60 s here).
+#[tokio::test]
+async fn a_created_user_whose_token_failed_is_deleted_without_waiting_for_the_orphan_age() {
+    let ledger = common::sqlite_ledger();
+    let env = env_with(&ledger, |s| s.identities.orphan_min_age_secs = 60).await;
+    env.sim.add_fault(FaultRule {
+        endpoint: PASSWORD_TOKEN.into(),
+        status: Some(500),
+        count: Some(8),
+        ..FaultRule::default()
+    });
+    let failed = env.start_session(access("customer-grant")).await;
+    common::expect_problem(failed, 502, "UPSTREAM_ERROR").await;
+    assert_eq!(env.calls(CREATE_USER, "201"), 1);
+    env.sim.clear_faults();
+    let deleted = common::eventually(Duration::from_secs(10), || {
+        env.calls(DELETE_USER, "200") == 1
+    })
+    .await;
+    assert!(deleted, "not deleted: {:?}", env.sim.stats());
+    let state = state_within(&env, "customer-grant", "deleted", Duration::from_secs(5)).await;
+    assert_eq!(state, "deleted");
+    let record: Value = get_identity(&env, &env.http, "customer-grant")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let kinds: Vec<&str> = record["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["deleted", "created"], "{record}");
+    env.stop().await;
+}
+
 #[tokio::test]
 async fn a_user_whose_token_could_not_be_had_is_deleted_by_the_reaper() {
     let ledger = common::sqlite_ledger();

@@ -369,24 +369,8 @@ impl Flows {
             email: email.map(Email::into_string),
             phone: phone.map(Phone::into_string),
         };
-        let result = async {
-            let user_id = self.create_user(&user, ctx, deadline).await?;
-            let token = self
-                .user_token(&user_id, &user.password, ctx, deadline)
-                .await;
-            Ok::<_, FlowError>((user_id, token))
-        }
-        .await;
-        let (finapi_user_id, token) = match result {
-            Ok((finapi_user_id, Ok(token))) => (finapi_user_id, token),
-            Ok((finapi_user_id, Err(err))) => {
-                self.stats.user_orphaned();
-                self.abandon_intent(id, created_at, &err).await;
-                return Err(FlowError::OrphanedUser {
-                    user_id: finapi_user_id,
-                    source: Box::new(err),
-                });
-            }
+        let finapi_user_id = match self.create_user(&user, ctx, deadline).await {
+            Ok(finapi_user_id) => finapi_user_id,
             Err(err) => {
                 self.abandon_intent(id, created_at, &err).await;
                 return Err(err);
@@ -394,8 +378,10 @@ impl Flows {
         };
         let now = now_millis();
         let delete_after = now.saturating_add(millis(ids.retention_for(&ctx.caller)));
-        // The activation and its `created` event are one write, committed with those of
-        // concurrent sessions.
+        // The user exists: its activation and `created` event (one write, committed with
+        // those of concurrent sessions) are made durable while finAPI grants its token, not
+        // after: the session waits for the longer of the two, not for both (docs/BENCHMARKS.md,
+        // "Issue 12: the activation beside the token grant").
         let created = ChangeEvent {
             kind: EventKind::Created,
             caller: &ctx.caller,
@@ -404,15 +390,32 @@ impl Flows {
             detail: None,
             unchanged_detail: Some("deleted before its first session"),
         };
-        if !ids
-            .store
-            .activate_logged(id, now, delete_after, &created)
-            .await?
-        {
+        let (activated, token) = tokio::join!(
+            ids.store.activate_logged(id, now, delete_after, &created),
+            self.user_token(&finapi_user_id, &user.password, ctx, deadline),
+        );
+        let token = match (activated, token) {
+            (Ok(true), Ok(token)) => token,
             // Its deletion was asked for while it was being created: it is the reaper's now,
             // and this session gets an identity that will live.
-            return Ok(Creation::Taken);
-        }
+            (Ok(false), Ok(_)) => return Ok(Creation::Taken),
+            (activated, Err(err)) => {
+                self.stats.user_orphaned();
+                match activated {
+                    // Active, so no lost `POST` can still create it: due at once.
+                    Ok(true) => self.hand_to_reaper(id, now_millis(), &err).await,
+                    // Already the reaper's.
+                    Ok(false) => {}
+                    Err(_) => self.abandon_intent(id, created_at, &err).await,
+                }
+                return Err(FlowError::OrphanedUser {
+                    user_id: finapi_user_id,
+                    source: Box::new(err),
+                });
+            }
+            // The record stays an intent, which the reaper resolves: the user is deleted.
+            (Err(store_err), Ok(_)) => return Err(store_err.into()),
+        };
         Ok(Creation::Done(session(
             token,
             finapi_user_id,
@@ -427,12 +430,20 @@ impl Flows {
     /// the same reference.
     async fn abandon_intent(&self, id: Uuid, created_at: Millis, err: &FlowError) {
         let not_before = created_at.saturating_add(millis(self.ids().orphan_min_age));
+        self.hand_to_reaper(id, not_before, err).await;
+    }
+
+    /// A session that failed after its record was written: the record goes to the reaper, to
+    /// be deleted from `not_before` on. If that write fails, the record stays as it is (an
+    /// intent or an active identity), which the reaper resolves all the same.
+    async fn hand_to_reaper(&self, id: Uuid, not_before: Millis, err: &FlowError) {
         tracing::debug!(identity_id = %id, code = err.code(),
             "identity not completed; the reaper resolves it");
         if let Err(store_err) = self.ids().store.mark_deleting(id, not_before).await {
-            // The intent stays: the reaper resolves it all the same.
+            // The record stays: the reaper deletes an intent once `orphan_min_age` has passed,
+            // an active identity once its retention has.
             tracing::warn!(identity_id = %id, error = %store_err,
-                "could not hand a failed identity to the reaper; it stays an intent");
+                "could not hand a failed identity to the reaper; it stays as it was");
         }
     }
 
