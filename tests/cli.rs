@@ -31,6 +31,21 @@ fn check_config_accepts_a_valid_configuration() {
     );
 }
 
+/// The binary allocates with mimalloc (src/main.rs, issue 15): `MIMALLOC_VERBOSE`, which only
+/// mimalloc reads, makes it report its options on stderr when the process starts.
+#[test]
+fn the_binary_allocates_with_mimalloc() {
+    let mut env = VALID.to_vec();
+    env.push(("MIMALLOC_VERBOSE", "1"));
+    let out = broker(&["check-config"], &env);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("mimalloc: "),
+        "no word from mimalloc: {stderr}"
+    );
+}
+
 #[test]
 fn check_config_reports_every_problem_with_its_key_and_exits_2() {
     let mut env = VALID.to_vec();
