@@ -179,10 +179,10 @@ impl Visit for Members<'_> {
     }
 
     fn record_f64(&mut self, field: &Field, value: f64) {
-        // JSON has no NaN or infinity: serde_json writes those as null.
-        self.member(field, |w| match serde_json::to_string(&value) {
-            Ok(text) => w.write_str(&text),
-            Err(_) => w.write_str("null"),
+        // JSON has no NaN or infinity: serde_json writes those as null. Written straight into
+        // the line, not through a `String` of its own.
+        self.member(field, |w| {
+            serde_json::to_writer(FmtWriter(w), &value).map_err(|_| fmt::Error)
         });
     }
 }
@@ -226,6 +226,21 @@ fn write_timestamp(writer: &mut Writer<'_>) -> fmt::Result {
         }
         writer.write_str(&text)
     })
+}
+
+/// A log line's writer as an `io::Write`, for serde_json (which writes UTF-8 only).
+struct FmtWriter<'a, 'w>(&'a mut Writer<'w>);
+
+impl std::io::Write for FmtWriter<'_, '_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = std::str::from_utf8(buf).map_err(std::io::Error::other)?;
+        self.0.write_str(text).map_err(std::io::Error::other)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// `text` as a JSON string, quotes included.
