@@ -83,6 +83,18 @@ async fn state_within(env: &TestEnv, reference: &str, expected: &str, within: Du
     }
 }
 
+/// `DELETE /identities/{reference}` while finAPI answers the user's deletion `423` (locked,
+/// once): the deletion is scheduled.
+async fn delete_locked_identity(env: &TestEnv, reference: &str) -> reqwest::Response {
+    env.sim.add_fault(FaultRule {
+        endpoint: DELETE_USER.into(),
+        status: Some(423),
+        count: Some(1),
+        ..FaultRule::default()
+    });
+    delete_identity(env, &env.http, reference).await
+}
+
 async fn delete_identity(
     env: &TestEnv,
     http: &reqwest::Client,
@@ -392,13 +404,7 @@ async fn answers_that_carry_an_identity_record_are_not_stored_by_caches() {
     let shown = get_identity(&env, &env.http, "customer-c").await;
     assert_eq!(shown.status(), 200);
     assert_eq!(cache_control(&shown).as_deref(), Some("no-store"));
-    env.sim.add_fault(FaultRule {
-        endpoint: DELETE_USER.into(),
-        status: Some(423),
-        count: Some(1),
-        ..FaultRule::default()
-    });
-    let scheduled = delete_identity(&env, &env.http, "customer-c").await;
+    let scheduled = delete_locked_identity(&env, "customer-c").await;
     assert_eq!(scheduled.status(), 202);
     assert_eq!(cache_control(&scheduled).as_deref(), Some("no-store"));
     env.stop().await;
@@ -409,13 +415,7 @@ async fn a_locked_user_is_scheduled_for_deletion_and_the_reaper_deletes_it_later
     let ledger = common::sqlite_ledger();
     let env = env_with(&ledger, |_| {}).await;
     common::expect_created(env.start_session(access("customer-l")).await).await;
-    env.sim.add_fault(FaultRule {
-        endpoint: DELETE_USER.into(),
-        status: Some(423),
-        count: Some(1),
-        ..FaultRule::default()
-    });
-    let scheduled = delete_identity(&env, &env.http, "customer-l").await;
+    let scheduled = delete_locked_identity(&env, "customer-l").await;
     assert_eq!(scheduled.status(), 202);
     let record: Value = scheduled.json().await.unwrap();
     assert_eq!(record["state"], "deleting");
