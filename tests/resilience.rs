@@ -359,8 +359,8 @@ async fn a_user_whose_request_is_abandoned_during_its_grant_is_deleted_by_the_re
         count: Some(1),
         ..FaultRule::default()
     });
-    // The client gives up while the broker waits for the password grant: hyper drops the flow,
-    // and the identity stays an intent in the ledger.
+    // The client gives up while the broker waits for the password grant (its activation is
+    // committed beside it): hyper drops the flow, which hands the identity to the reaper.
     let abandoned = tokio::time::timeout(
         Duration::from_millis(500),
         env.start_session(json!({"flow": "access"})),
@@ -368,7 +368,7 @@ async fn a_user_whose_request_is_abandoned_during_its_grant_is_deleted_by_the_re
     .await;
     assert!(abandoned.is_err(), "the request was still waiting");
     assert_eq!(env.calls(CREATE_USER, "201"), 1);
-    // Once no lost call can still create it, the reaper finds the user and deletes it.
+    // The reaper finds the user and deletes it.
     assert!(
         eventually(Duration::from_secs(15), || env
             .calls("DELETE /api/v2/users", "200")

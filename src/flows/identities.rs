@@ -390,10 +390,17 @@ impl Flows {
             detail: None,
             unchanged_detail: Some("deleted before its first session"),
         };
+        // Until this session has settled the record, a drop (its client went away) hands the
+        // user to the reaper: its activation may be committed already.
+        let mut unsettled = Unsettled {
+            store: Some(ids.store.clone()),
+            id,
+        };
         let (activated, token) = tokio::join!(
             ids.store.activate_logged(id, now, delete_after, &created),
             self.user_token(&finapi_user_id, &user.password, ctx, deadline),
         );
+        unsettled.store = None;
         let token = match (activated, token) {
             (Ok(true), Ok(token)) => token,
             // Its deletion was asked for while it was being created: it is the reaper's now,
@@ -788,5 +795,35 @@ fn is_unknown_user(err: &FlowError) -> bool {
 impl From<StoreError> for FlowError {
     fn from(err: StoreError) -> Self {
         Self::Store(Arc::new(err))
+    }
+}
+
+/// The record of a user finAPI created for a session that has not settled it yet (active with a
+/// token, or handed to the reaper). If the session's future is dropped first (its client went
+/// away), the record goes to the reaper at once: no lost `POST` can still create the user, and
+/// an activation committed meanwhile would otherwise keep it until its retention ends.
+struct Unsettled {
+    /// `None` once the session has settled the record.
+    store: Option<IdentityStore>,
+    id: Uuid,
+}
+
+impl Drop for Unsettled {
+    fn drop(&mut self) {
+        let Some(store) = self.store.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return; // Shutting down: the reaper of the next start resolves the record.
+        };
+        let id = self.id;
+        runtime.spawn(async move {
+            // Ordered either way with a queued activation: `intent` or `active` → `deleting`;
+            // an activation that comes second finds it deleting and leaves it.
+            if let Err(err) = store.mark_deleting(id, now_millis()).await {
+                tracing::warn!(identity_id = %id, error = %err,
+                    "could not hand an abandoned identity to the reaper; it stays as it was");
+            }
+        });
     }
 }
