@@ -79,6 +79,12 @@ enum Tool {
         /// Lifetime of user tokens in seconds (0: never expire).
         #[arg(long, default_value_t = 3600)]
         user_token_ttl_secs: u64,
+        /// Most entries of each table (users, tokens, processes); a call that needs one more
+        /// in a full table answers `500 UNEXPECTED_ERROR`. Raise it for load runs of more than
+        /// a million finAPI users.
+        #[arg(long, default_value_t = sim::SimConfig::default().max_entries,
+            value_parser = parse_max_entries)]
+        max_entries: usize,
         /// A further finAPI client, as `ID=SECRET_FILE[,CLIENT_TOKEN_TTL_SECS[,USER_TOKEN_TTL_SECS]]`
         /// (the lifetimes default to the options above); may be repeated.
         #[arg(long = "extra-client", value_name = "SPEC", value_parser = parse_extra_client)]
@@ -261,6 +267,7 @@ async fn run(tool: Tool, config: Option<PathBuf>) -> ExitCode {
             client_secret_file,
             client_token_ttl_secs,
             user_token_ttl_secs,
+            max_entries,
             extra_clients,
             faults,
             tls,
@@ -287,6 +294,7 @@ async fn run(tool: Tool, config: Option<PathBuf>) -> ExitCode {
                 clients,
                 client_token_ttl: Duration::from_secs(client_token_ttl_secs),
                 user_token_ttl: Duration::from_secs(user_token_ttl_secs),
+                max_entries,
                 faults,
                 tls,
                 ..sim::SimConfig::default()
@@ -412,6 +420,16 @@ fn parse_extra_client(spec: &str) -> Result<sim::SimClient, String> {
     client.client_token_ttl = ttl("CLIENT_TOKEN_TTL_SECS")?;
     client.user_token_ttl = ttl("USER_TOKEN_TTL_SECS")?;
     Ok(client)
+}
+
+/// `--max-entries`: a whole number of at least 1 (a table of none could hold no user).
+fn parse_max_entries(value: &str) -> Result<usize, String> {
+    match value.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!(
+            "expected a whole number of at least 1, not {value:?}"
+        )),
+    }
 }
 
 fn parse_fault(json: &str) -> Result<sim::FaultRule, String> {

@@ -480,3 +480,89 @@ finapi_clients = ["live"]
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// `sim --max-entries N` bounds each of the simulator's tables (README "The finAPI simulator"):
+/// with 2, a third finAPI user is refused with `500 UNEXPECTED_ERROR` while the default bound
+/// takes it; a bound of 0 is refused at start.
+#[tokio::test]
+async fn the_simulator_holds_at_most_max_entries_per_table() {
+    let refused = broker(
+        &["sim", "--listen", "127.0.0.1:0", "--max-entries", "0"],
+        &[],
+    );
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("at least 1"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    // reqwest is built without a default TLS provider.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::new();
+    for (bound, third) in [(Some("2"), 500), (None, 201)] {
+        let (mut sim, addr) = spawn_plain_sim(bound);
+        let token: serde_json::Value = http
+            .post(format!("http://{addr}/api/v2/oauth/token"))
+            .form(&[
+                ("grant_type", "client_credentials"),
+                ("client_id", "demo-client"),
+                ("client_secret", "demo-client-secret"),
+            ])
+            .send()
+            .await
+            .expect("token request")
+            .json()
+            .await
+            .expect("token body");
+        let bearer = token["access_token"].as_str().expect("access_token");
+        let mut statuses = Vec::new();
+        let mut last = serde_json::Value::Null;
+        for n in 0..3 {
+            let response = http
+                .post(format!("http://{addr}/api/v2/users"))
+                .bearer_auth(bearer)
+                .json(
+                    &serde_json::json!({"id": format!("max-entries-{n}"), "password": "secret-1"}),
+                )
+                .send()
+                .await
+                .expect("create user");
+            statuses.push(response.status().as_u16());
+            last = response.json().await.unwrap_or_default();
+        }
+        let _ = sim.kill();
+        let _ = sim.wait();
+        assert_eq!(statuses, [201, 201, third], "bound {bound:?}: {last}");
+        if third == 500 {
+            assert_eq!(last["errors"][0]["code"], "UNEXPECTED_ERROR", "{last}");
+        }
+    }
+}
+
+/// `giroident-broker sim` on plain HTTP and port 0, with `--max-entries` if given; the child and
+/// its address, from its "finAPI simulator listening" log line.
+fn spawn_plain_sim(max_entries: Option<&str>) -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    let mut command = Command::new(env!("CARGO_BIN_EXE_giroident-broker"));
+    command.args(["sim", "--listen", "127.0.0.1:0"]);
+    if let Some(bound) = max_entries {
+        command.args(["--max-entries", bound]);
+    }
+    let mut child = command
+        .env_clear()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the binary runs");
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    for line in lines.by_ref().map_while(Result::ok) {
+        if let Ok(log) = serde_json::from_str::<serde_json::Value>(&line)
+            && log["message"] == "finAPI simulator listening"
+        {
+            let addr = log["addr"].as_str().expect("addr").to_owned();
+            std::thread::spawn(move || lines.for_each(drop));
+            return (child, addr);
+        }
+    }
+    panic!("the simulator exited without listening: {:?}", child.wait());
+}
