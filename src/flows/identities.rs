@@ -665,24 +665,35 @@ impl Flows {
         };
         let record = view.record;
         let now = now_millis();
+        let not_before = record
+            .created_at
+            .saturating_add(millis(self.ids().orphan_min_age));
+        // Never active and young: a `POST /api/v2/users` for it may still be under way (its
+        // session's, or a lost one), so a login now could find no user and close the record
+        // just before finAPI makes the user, which nothing would then delete. A record that
+        // left `intent` for `deleting` keeps `last_session_at` unset, so this cannot change
+        // between the read and the decision.
+        let creating = match record.state {
+            IdentityState::Intent => true,
+            IdentityState::Deleting => record.last_session_at.is_none() && now < not_before,
+            IdentityState::Active | IdentityState::Deleted => false,
+        };
         let deletion = match record.state {
             IdentityState::Deleted => return Ok(None),
-            IdentityState::Intent => {
-                // Its session may still be creating the user: the reaper deletes it once no
-                // lost call can still create it.
-                let not_before = record
-                    .created_at
-                    .saturating_add(millis(self.ids().orphan_min_age));
-                self.ids()
-                    .store
-                    .mark_deleting(record.id, not_before)
-                    .await?;
+            _ if creating => {
+                // The reaper deletes it once no lost call can still create it.
+                if record.state == IdentityState::Intent {
+                    self.ids()
+                        .store
+                        .mark_deleting(record.id, not_before)
+                        .await?;
+                }
                 Deletion::Scheduled {
                     code: "CREATION_IN_PROGRESS",
                     retry_at: not_before,
                 }
             }
-            IdentityState::Active | IdentityState::Deleting => {
+            IdentityState::Intent | IdentityState::Active | IdentityState::Deleting => {
                 // Claimed with a lease, as the reaper claims: of concurrent deletions (other
                 // requests, the reaper of any replica) one works on it, the others leave it.
                 let owner = Uuid::new_v4().to_string();
