@@ -911,3 +911,66 @@ async fn deletions_while_the_first_session_creates_the_user_lose_no_user() {
     assert_eq!(env.all_calls(DELETE_USER), 1, "{:?}", env.sim.stats());
     env.stop().await;
 }
+
+/// `DELETE /identities/{ref}` while the reference's first session waits for its new user's
+/// token: the activation, committed beside the grant, was in before the `DELETE` claimed the
+/// record, so the session answered `201 created` with the token of the user just deleted (the
+/// `DELETE` had answered `204`). Like a reuse whose deletion begins meanwhile, the session
+/// must get an identity that lives; the first user is deleted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deletion_while_a_new_users_token_is_granted_gives_the_session_a_live_identity() {
+    let ledger = common::sqlite_ledger();
+    let env = env_with(&ledger, |_| {}).await;
+    env.sim.add_fault(FaultRule {
+        endpoint: PASSWORD_TOKEN.into(),
+        stall_after_bytes: Some(10),
+        stall_ms: Some(600),
+        count: Some(1),
+        ..FaultRule::default()
+    });
+    let session = tokio::spawn({
+        let (http, url) = (env.http.clone(), env.broker_url.clone());
+        async move {
+            http.post(format!("{url}/kyc-sessions"))
+                .json(&access("customer-grant-held"))
+                .send()
+                .await
+                .unwrap()
+        }
+    });
+    // The user is made and activated; its token's answer stalls for 600 ms.
+    let mut first = Value::Null;
+    for _ in 0..100 {
+        first = get_identity(&env, &env.http, "customer-grant-held")
+            .await
+            .json()
+            .await
+            .unwrap();
+        if first["state"] == "active" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(first["state"], "active", "{first}");
+    let deleted = delete_identity(&env, &env.http, "customer-grant-held").await;
+    assert_eq!(deleted.status(), 204);
+    let second = common::expect_created(session.await.unwrap()).await;
+    assert_eq!(second["identity"], "created", "{second}");
+    assert_ne!(
+        second["userId"], first["userId"],
+        "the deleted user's token"
+    );
+    let token = second["accessToken"].as_str().unwrap();
+    assert_eq!(env.sim_user(token).await.status(), 200);
+    assert_eq!(env.calls(CREATE_USER, "201"), 2);
+    assert_eq!(env.all_calls(DELETE_USER), 1, "{:?}", env.sim.stats());
+    assert_eq!(env.sim.state().user_passwords().len(), 1);
+    let live: Value = get_identity(&env, &env.http, "customer-grant-held")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(live["state"], "active", "{live}");
+    assert_eq!(live["userId"], second["userId"], "{live}");
+    env.stop().await;
+}

@@ -16,6 +16,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use uuid::Uuid;
@@ -396,13 +397,37 @@ impl Flows {
             store: Some(ids.store.clone()),
             id,
         };
-        let (activated, token) = tokio::join!(
-            ids.store.activate_logged(id, now, delete_after, &created),
-            self.user_token(&finapi_user_id, &user.password, ctx, deadline),
+        // Whether the grant was answered before the activation: if not, a deletion may have
+        // claimed the active record while the grant ran, and the token would die with it.
+        let granted = AtomicBool::new(false);
+        let ((activated, granted_first), token) = tokio::join!(
+            async {
+                let activated = ids
+                    .store
+                    .activate_logged(id, now, delete_after, &created)
+                    .await;
+                (activated, granted.load(Ordering::Relaxed))
+            },
+            async {
+                let token = self
+                    .user_token(&finapi_user_id, &user.password, ctx, deadline)
+                    .await;
+                granted.store(true, Ordering::Relaxed);
+                token
+            },
         );
         unsettled.store = None;
         let token = match (activated, token) {
-            (Ok(true), Ok(token)) => token,
+            (Ok(true), Ok(token)) if granted_first => token,
+            (Ok(true), Ok(token)) => match ids.store.get(id).await {
+                // Its deletion began while the token was granted: as for a reuse, this
+                // session gets an identity that will live.
+                Ok(Some(record)) if record.state != IdentityState::Active => {
+                    return Ok(Creation::Taken);
+                }
+                // Still active; or unknown, and the token is more likely good than not.
+                _ => token,
+            },
             // Its deletion was asked for while it was being created: it is the reaper's now,
             // and this session gets an identity that will live.
             (Ok(false), Ok(_)) => return Ok(Creation::Taken),
