@@ -1694,6 +1694,50 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_batch_that_panics_fails_only_its_own_writes_and_the_writer_goes_on() {
+        let (store, path) = sqlite_store().await;
+        let Pool::Sqlite { writer, .. } = &store.pool else {
+            unreachable!("an SQLite store");
+        };
+        let id = Uuid::new_v4();
+        store
+            .insert_intent(&intent(id, "gib-before-the-bug"))
+            .await
+            .expect("written");
+        let (tx, rx) = oneshot::channel();
+        let batch = vec![writer::Request::Transition(
+            writer::TransitionRow {
+                change: writer::Change::Activate,
+                id: id.to_string(),
+                now: 3,
+                delete_after: 4,
+                event: None,
+                unchanged_detail: None,
+            },
+            tx,
+        )];
+        let panicking = writer.clone();
+        tokio::task::spawn_blocking(move || panicking.commit_panicking(batch))
+            .await
+            .expect("the panic stays inside the batch");
+        assert!(
+            rx.await.is_err(),
+            "its requester is answered, not left waiting"
+        );
+        assert_eq!(
+            writer.synchronous().await,
+            None,
+            "its connection is dropped"
+        );
+        // The writer thread and a fresh connection take the next writes.
+        assert!(store.activate(id, 3, 4).await.expect("activated"));
+        assert_eq!(writer_level(&store).await, Some(2));
+        store.ping().await.expect("ready");
+        store.close().await;
+        remove_sqlite(&path);
+    }
+
+    #[tokio::test]
     async fn a_direct_write_waits_for_its_turn_with_the_writer_thread() {
         let (store, path) = sqlite_store().await;
         let id = Uuid::new_v4();
