@@ -575,6 +575,15 @@ impl SqliteWriter {
         self.file.is_some() && FileId::of(&self.path) == self.file
     }
 
+    /// Runs `sql` on the writer's connection between batches, for tests that set a pragma
+    /// there (e.g. `max_page_count`, to fill the database without filling a disk).
+    #[cfg(test)]
+    pub(super) async fn execute(&self, sql: &str) {
+        let slot = self.slot.lock().await;
+        let conn = slot.conn.as_ref().expect("an open writer connection");
+        conn.execute_batch(sql).expect("the statement runs");
+    }
+
     /// The connection's `PRAGMA synchronous` (sqlite.org/pragma.html#pragma_synchronous: 2 is
     /// FULL, 1 is NORMAL), for tests; `None` when it is closed.
     #[cfg(test)]
