@@ -816,3 +816,161 @@ async fn a_ledger_file_deleted_under_the_broker_makes_it_unavailable_not_forgetf
     assert_eq!(ready["identityStore"], "unavailable", "{ready}");
     env.stop().await;
 }
+
+/// `DELETE /identities/{ref}` twice while the reference's first session is still creating its
+/// user (`POST /api/v2/users` held open by finAPI). The first `DELETE` found the intent and
+/// scheduled it; the second found it `deleting`, claimed it, logged in before finAPI had made
+/// the user, got "unknown" twice and closed the record as never created (`204`). finAPI then
+/// created the user: a live user whose record said `deleted`, which nothing would ever delete.
+/// Both must leave it to the reaper until no lost `POST` can still create it; the reaper then
+/// deletes it exactly once, and the session gets an identity of its own that lives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletions_while_the_first_session_creates_the_user_lose_no_user() {
+    let ledger = common::sqlite_ledger();
+    let env = env_with(&ledger, |_| {}).await;
+    env.sim.add_fault(FaultRule {
+        endpoint: CREATE_USER.into(),
+        latency_ms: Some(700),
+        count: Some(1),
+        ..FaultRule::default()
+    });
+    let session = tokio::spawn({
+        let (http, url) = (env.http.clone(), env.broker_url.clone());
+        async move {
+            http.post(format!("{url}/kyc-sessions"))
+                .json(&access("customer-mid"))
+                .send()
+                .await
+                .unwrap()
+        }
+    });
+    // The intent is written before finAPI is asked; the `POST` is then held for 700 ms.
+    let mut intent = Value::Null;
+    for _ in 0..100 {
+        let shown = get_identity(&env, &env.http, "customer-mid").await;
+        if shown.status() == 200 {
+            intent = shown.json().await.unwrap();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(intent["state"], "intent", "{intent}");
+    let first_user = intent["userId"].as_str().unwrap().to_owned();
+    for attempt in ["first", "second"] {
+        let answer = delete_identity(&env, &env.http, "customer-mid").await;
+        assert_eq!(answer.status(), 202, "{attempt} DELETE");
+        let record: Value = answer.json().await.unwrap();
+        assert_eq!(record["state"], "deleting", "{attempt} DELETE: {record}");
+        assert_eq!(record["userId"], first_user.as_str(), "{record}");
+    }
+    assert_eq!(env.calls(CREATE_USER, "201"), 0, "the POST was still held");
+    // The session's activation finds the record deleting: it gets a new identity that lives.
+    let second = common::expect_created(session.await.unwrap()).await;
+    assert_eq!(second["identity"], "created", "{second}");
+    assert_ne!(second["userId"], first_user.as_str());
+    let token = second["accessToken"].as_str().unwrap();
+    assert_eq!(env.sim_user(token).await.status(), 200);
+    assert_eq!(env.calls(CREATE_USER, "201"), 2);
+    // Once orphan_min_age (3 s) has passed, the reaper deletes the first user, once.
+    let deleted = common::eventually(Duration::from_secs(15), || {
+        env.calls(DELETE_USER, "200") == 1
+    })
+    .await;
+    assert!(deleted, "first user not deleted: {:?}", env.sim.stats());
+    let store = store(&ledger).await;
+    let mut first = None;
+    for _ in 0..250 {
+        first = store.find_by_finapi_user(&first_user).await.unwrap();
+        if first
+            .as_ref()
+            .is_some_and(|r| r.state == IdentityState::Deleted)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let first = first.expect("the first user's record");
+    assert_eq!(first.state, IdentityState::Deleted);
+    let kinds: Vec<EventKind> = store
+        .recent_events(first.id, 20)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(kinds, [EventKind::Deleted, EventKind::Created], "{kinds:?}");
+    // Only the session's own user lives at finAPI; its record is the reference's live one.
+    assert_eq!(env.sim.state().user_passwords().len(), 1);
+    let live: Value = get_identity(&env, &env.http, "customer-mid")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(live["state"], "active", "{live}");
+    assert_eq!(live["userId"], second["userId"], "{live}");
+    assert_eq!(env.all_calls(DELETE_USER), 1, "{:?}", env.sim.stats());
+    env.stop().await;
+}
+
+/// `DELETE /identities/{ref}` while the reference's first session waits for its new user's
+/// token: the activation, committed beside the grant, was in before the `DELETE` claimed the
+/// record, so the session answered `201 created` with the token of the user just deleted (the
+/// `DELETE` had answered `204`). Like a reuse whose deletion begins meanwhile, the session
+/// must get an identity that lives; the first user is deleted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deletion_while_a_new_users_token_is_granted_gives_the_session_a_live_identity() {
+    let ledger = common::sqlite_ledger();
+    let env = env_with(&ledger, |_| {}).await;
+    env.sim.add_fault(FaultRule {
+        endpoint: PASSWORD_TOKEN.into(),
+        stall_after_bytes: Some(10),
+        stall_ms: Some(600),
+        count: Some(1),
+        ..FaultRule::default()
+    });
+    let session = tokio::spawn({
+        let (http, url) = (env.http.clone(), env.broker_url.clone());
+        async move {
+            http.post(format!("{url}/kyc-sessions"))
+                .json(&access("customer-grant-held"))
+                .send()
+                .await
+                .unwrap()
+        }
+    });
+    // The user is made and activated; its token's answer stalls for 600 ms.
+    let mut first = Value::Null;
+    for _ in 0..100 {
+        first = get_identity(&env, &env.http, "customer-grant-held")
+            .await
+            .json()
+            .await
+            .unwrap();
+        if first["state"] == "active" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(first["state"], "active", "{first}");
+    let deleted = delete_identity(&env, &env.http, "customer-grant-held").await;
+    assert_eq!(deleted.status(), 204);
+    let second = common::expect_created(session.await.unwrap()).await;
+    assert_eq!(second["identity"], "created", "{second}");
+    assert_ne!(
+        second["userId"], first["userId"],
+        "the deleted user's token"
+    );
+    let token = second["accessToken"].as_str().unwrap();
+    assert_eq!(env.sim_user(token).await.status(), 200);
+    assert_eq!(env.calls(CREATE_USER, "201"), 2);
+    assert_eq!(env.all_calls(DELETE_USER), 1, "{:?}", env.sim.stats());
+    assert_eq!(env.sim.state().user_passwords().len(), 1);
+    let live: Value = get_identity(&env, &env.http, "customer-grant-held")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(live["state"], "active", "{live}");
+    assert_eq!(live["userId"], second["userId"], "{live}");
+    env.stop().await;
+}

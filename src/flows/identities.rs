@@ -16,6 +16,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use uuid::Uuid;
@@ -396,13 +397,37 @@ impl Flows {
             store: Some(ids.store.clone()),
             id,
         };
-        let (activated, token) = tokio::join!(
-            ids.store.activate_logged(id, now, delete_after, &created),
-            self.user_token(&finapi_user_id, &user.password, ctx, deadline),
+        // Whether the grant was answered before the activation: if not, a deletion may have
+        // claimed the active record while the grant ran, and the token would die with it.
+        let granted = AtomicBool::new(false);
+        let ((activated, granted_first), token) = tokio::join!(
+            async {
+                let activated = ids
+                    .store
+                    .activate_logged(id, now, delete_after, &created)
+                    .await;
+                (activated, granted.load(Ordering::Relaxed))
+            },
+            async {
+                let token = self
+                    .user_token(&finapi_user_id, &user.password, ctx, deadline)
+                    .await;
+                granted.store(true, Ordering::Relaxed);
+                token
+            },
         );
         unsettled.store = None;
         let token = match (activated, token) {
-            (Ok(true), Ok(token)) => token,
+            (Ok(true), Ok(token)) if granted_first => token,
+            (Ok(true), Ok(token)) => match ids.store.get(id).await {
+                // Its deletion began while the token was granted: as for a reuse, this
+                // session gets an identity that will live.
+                Ok(Some(record)) if record.state != IdentityState::Active => {
+                    return Ok(Creation::Taken);
+                }
+                // Still active; or unknown, and the token is more likely good than not.
+                _ => token,
+            },
             // Its deletion was asked for while it was being created: it is the reaper's now,
             // and this session gets an identity that will live.
             (Ok(false), Ok(_)) => return Ok(Creation::Taken),
@@ -665,24 +690,35 @@ impl Flows {
         };
         let record = view.record;
         let now = now_millis();
+        let not_before = record
+            .created_at
+            .saturating_add(millis(self.ids().orphan_min_age));
+        // Never active and young: a `POST /api/v2/users` for it may still be under way (its
+        // session's, or a lost one), so a login now could find no user and close the record
+        // just before finAPI makes the user, which nothing would then delete. A record that
+        // left `intent` for `deleting` keeps `last_session_at` unset, so this cannot change
+        // between the read and the decision.
+        let creating = match record.state {
+            IdentityState::Intent => true,
+            IdentityState::Deleting => record.last_session_at.is_none() && now < not_before,
+            IdentityState::Active | IdentityState::Deleted => false,
+        };
         let deletion = match record.state {
             IdentityState::Deleted => return Ok(None),
-            IdentityState::Intent => {
-                // Its session may still be creating the user: the reaper deletes it once no
-                // lost call can still create it.
-                let not_before = record
-                    .created_at
-                    .saturating_add(millis(self.ids().orphan_min_age));
-                self.ids()
-                    .store
-                    .mark_deleting(record.id, not_before)
-                    .await?;
+            _ if creating => {
+                // The reaper deletes it once no lost call can still create it.
+                if record.state == IdentityState::Intent {
+                    self.ids()
+                        .store
+                        .mark_deleting(record.id, not_before)
+                        .await?;
+                }
                 Deletion::Scheduled {
                     code: "CREATION_IN_PROGRESS",
                     retry_at: not_before,
                 }
             }
-            IdentityState::Active | IdentityState::Deleting => {
+            IdentityState::Intent | IdentityState::Active | IdentityState::Deleting => {
                 // Claimed with a lease, as the reaper claims: of concurrent deletions (other
                 // requests, the reaper of any replica) one works on it, the others leave it.
                 let owner = Uuid::new_v4().to_string();

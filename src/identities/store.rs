@@ -11,6 +11,8 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
@@ -373,6 +375,9 @@ enum Pool {
 pub struct IdentityStore {
     pool: Pool,
     writes: mpsc::UnboundedSender<writer::Request>,
+    /// Whether the last group commit answered failed with [`StoreError::Unavailable`] (e.g.
+    /// the disk is full: reads still work, so a `SELECT 1` alone would call the ledger up).
+    writes_failing: Arc<AtomicBool>,
 }
 
 impl fmt::Debug for IdentityStore {
@@ -691,6 +696,7 @@ impl IdentityStore {
                 writer,
             },
             writes,
+            writes_failing: Arc::default(),
         })
     }
 
@@ -711,6 +717,7 @@ impl IdentityStore {
         Ok(Self {
             pool: Pool::Postgres(pool),
             writes,
+            writes_failing: Arc::default(),
         })
     }
 
@@ -793,12 +800,19 @@ impl IdentityStore {
         }
     }
 
-    /// Readiness: the group-commit writers are running, an SQLite ledger's file is still the one
-    /// the broker opened (not removed or replaced), and one round trip to the database.
+    /// Readiness: the group-commit writers are running, the last group commit did not fail
+    /// as unavailable (until one succeeds again; a full disk fails writes, not reads), an SQLite
+    /// ledger's file is still the one the broker opened (not removed or replaced), and one
+    /// round trip to the database.
     /// Errors: [`StoreError::Unavailable`].
     pub async fn ping(&self) -> Result<(), StoreError> {
         if self.writes.is_closed() {
             return Err(writer_gone());
+        }
+        if self.writes_failing.load(Ordering::Relaxed) {
+            return Err(StoreError::Unavailable(sqlx::Error::Io(
+                std::io::Error::other("the last group commit failed"),
+            )));
         }
         if let Pool::Sqlite { writer, .. } = &self.pool
             && !writer.file_in_place()
@@ -884,9 +898,11 @@ impl IdentityStore {
         for rx in pending {
             results.push(match rx {
                 Ok(rx) => match rx.await {
-                    // Without a digest no live record can take an intent's place.
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err(e)) => Err(e),
+                    Ok(result) => {
+                        self.note_commit(&result);
+                        // Without a digest no live record can take an intent's place.
+                        result.map(drop)
+                    }
                     Err(_) => Err(writer_gone()),
                 },
                 Err(e) => Err(e),
@@ -928,7 +944,23 @@ impl IdentityStore {
     ) -> Result<T, StoreError> {
         let (tx, rx) = oneshot::channel();
         self.writes.send(request(tx)).map_err(|_| writer_gone())?;
-        rx.await.map_err(|_| writer_gone())?
+        let result = rx.await.map_err(|_| writer_gone())?;
+        self.note_commit(&result);
+        result
+    }
+
+    /// Remembers whether a group commit failed as unavailable, for [`IdentityStore::ping`]. A
+    /// failure for its own reason (one bad row) says nothing about the database.
+    fn note_commit<T>(&self, result: &Result<T, StoreError>) {
+        let failing = match result {
+            Ok(_) => false,
+            Err(StoreError::Unavailable(_)) => true,
+            Err(_) => return,
+        };
+        // Read first: the flag's cache line is then only shared, not written, per commit.
+        if self.writes_failing.load(Ordering::Relaxed) != failing {
+            self.writes_failing.store(failing, Ordering::Relaxed);
+        }
     }
 
     /// A state change with its event, through the group-commit writers.
@@ -1689,6 +1721,88 @@ mod tests {
             assert_eq!(record.state, expected);
         }
         assert_eq!(writer_level(&store).await, Some(2), "back at FULL");
+        store.close().await;
+        remove_sqlite(&path);
+    }
+
+    #[tokio::test]
+    async fn a_batch_that_panics_fails_only_its_own_writes_and_the_writer_goes_on() {
+        let (store, path) = sqlite_store().await;
+        let Pool::Sqlite { writer, .. } = &store.pool else {
+            unreachable!("an SQLite store");
+        };
+        let id = Uuid::new_v4();
+        store
+            .insert_intent(&intent(id, "gib-before-the-bug"))
+            .await
+            .expect("written");
+        let (tx, rx) = oneshot::channel();
+        let batch = vec![writer::Request::Transition(
+            writer::TransitionRow {
+                change: writer::Change::Activate,
+                id: id.to_string(),
+                now: 3,
+                delete_after: 4,
+                event: None,
+                unchanged_detail: None,
+            },
+            tx,
+        )];
+        let panicking = writer.clone();
+        tokio::task::spawn_blocking(move || panicking.commit_panicking(batch))
+            .await
+            .expect("the panic stays inside the batch");
+        assert!(
+            rx.await.is_err(),
+            "its requester is answered, not left waiting"
+        );
+        assert_eq!(
+            writer.synchronous().await,
+            None,
+            "its connection is dropped"
+        );
+        // The writer thread and a fresh connection take the next writes.
+        assert!(store.activate(id, 3, 4).await.expect("activated"));
+        assert_eq!(writer_level(&store).await, Some(2));
+        store.ping().await.expect("ready");
+        store.close().await;
+        remove_sqlite(&path);
+    }
+
+    /// A full disk fails every write (`SQLITE_FULL`) while reads still work: readiness says
+    /// unavailable from the first failed group commit until one succeeds again. The database
+    /// is filled with `max_page_count` on the writer's connection (sqlite.org/pragma.html), so
+    /// that no disk is filled and no privilege is needed.
+    #[tokio::test]
+    async fn a_full_ledger_is_unavailable_until_a_write_succeeds_again() {
+        let (store, path) = sqlite_store().await;
+        let Pool::Sqlite { writer, .. } = &store.pool else {
+            unreachable!("an SQLite store");
+        };
+        store.ping().await.expect("ready");
+        // No more pages than the database has now (SQLite keeps it at least that).
+        writer.execute("PRAGMA max_page_count = 1").await;
+        let mut refused = None;
+        for n in 0..10_000 {
+            let user = format!("gib-full-{n}");
+            if let Err(error) = store.insert_intent(&intent(Uuid::new_v4(), &user)).await {
+                refused = Some(error);
+                break;
+            }
+        }
+        assert!(
+            matches!(refused, Some(StoreError::Unavailable(_))),
+            "{refused:?}"
+        );
+        let ping = store.ping().await;
+        assert!(matches!(ping, Err(StoreError::Unavailable(_))), "{ping:?}");
+        // Space again: the next write commits, and the ledger is ready again.
+        writer.execute("PRAGMA max_page_count = 1073741823").await;
+        store
+            .insert_intent(&intent(Uuid::new_v4(), "gib-after-full"))
+            .await
+            .expect("written");
+        store.ping().await.expect("ready again");
         store.close().await;
         remove_sqlite(&path);
     }

@@ -536,7 +536,18 @@ impl SqliteWriter {
     /// Commits `batch` and answers every request in it, on the calling thread (blocking; not
     /// on a runtime thread).
     pub(super) fn commit(&self, batch: Vec<Request>) {
-        self.slot.blocking_lock().commit(batch);
+        self.slot
+            .blocking_lock()
+            .surviving_panics(|slot| slot.commit(batch));
+    }
+
+    /// A batch whose commit panics, for the unit test of [`Slot::surviving_panics`].
+    #[cfg(test)]
+    pub(super) fn commit_panicking(&self, batch: Vec<Request>) {
+        self.slot.blocking_lock().surviving_panics(|_| {
+            let _held = batch;
+            panic!("a bug in a batch");
+        });
     }
 
     /// Waits until no batch is being committed and keeps the writer from starting one while
@@ -562,6 +573,15 @@ impl SqliteWriter {
     /// Whether the ledger's path still names the file the writer started with (see [`FileId`]).
     pub(super) fn file_in_place(&self) -> bool {
         self.file.is_some() && FileId::of(&self.path) == self.file
+    }
+
+    /// Runs `sql` on the writer's connection between batches, for tests that set a pragma
+    /// there (e.g. `max_page_count`, to fill the database without filling a disk).
+    #[cfg(test)]
+    pub(super) async fn execute(&self, sql: &str) {
+        let slot = self.slot.lock().await;
+        let conn = slot.conn.as_ref().expect("an open writer connection");
+        conn.execute_batch(sql).expect("the statement runs");
     }
 
     /// The connection's `PRAGMA synchronous` (sqlite.org/pragma.html#pragma_synchronous: 2 is
@@ -617,6 +637,22 @@ impl Slot {
             }
         }
         self.commit_group(batch);
+    }
+
+    /// Runs `work` (a batch's commit). Should it panic (a bug: no input is known to make it),
+    /// the batch's requesters get [`StoreError::Unavailable`] (their answer channels are
+    /// dropped with the batch), the connection, whose transaction may still be open, is
+    /// dropped so that the next batch opens a fresh one, and the thread goes on. Otherwise the
+    /// thread would end, and every later write would be refused until a restart.
+    fn surviving_panics(&mut self, work: impl FnOnce(&mut Slot)) {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(self)));
+        if outcome.is_err() {
+            self.conn = None;
+            tracing::error!(
+                "the ledger writer failed a batch on a bug; its writes were refused as unavailable, \
+                 and it goes on with a fresh connection"
+            );
+        }
     }
 
     /// Commits `batch` in one transaction and answers every request in it.
