@@ -418,7 +418,11 @@ impl Flows {
         );
         unsettled.store = None;
         let token = match (activated, token) {
-            (Ok(true), Ok(token)) if granted_first => token,
+            // Only a caller's reference reaches a record with `DELETE /identities/{ref}`; one
+            // without it can be closed only through its token (not handed out yet) or by the
+            // reaper once its retention ends, so it needs no second look (and the sessions
+            // that make most identities save a ledger read).
+            (Ok(true), Ok(token)) if granted_first || reference.is_none() => token,
             (Ok(true), Ok(token)) => match ids.store.get(id).await {
                 // Its deletion began while the token was granted: as for a reuse, this
                 // session gets an identity that will live.
