@@ -834,27 +834,9 @@ async fn deletions_while_the_first_session_creates_the_user_lose_no_user() {
         count: Some(1),
         ..FaultRule::default()
     });
-    let session = tokio::spawn({
-        let (http, url) = (env.http.clone(), env.broker_url.clone());
-        async move {
-            http.post(format!("{url}/kyc-sessions"))
-                .json(&access("customer-mid"))
-                .send()
-                .await
-                .unwrap()
-        }
-    });
+    let session = spawn_session(&env, "customer-mid");
     // The intent is written before finAPI is asked; the `POST` is then held for 700 ms.
-    let mut intent = Value::Null;
-    for _ in 0..100 {
-        let shown = get_identity(&env, &env.http, "customer-mid").await;
-        if shown.status() == 200 {
-            intent = shown.json().await.unwrap();
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    assert_eq!(intent["state"], "intent", "{intent}");
+    let intent = shown_in_state(&env, "customer-mid", "intent").await;
     let first_user = intent["userId"].as_str().unwrap().to_owned();
     for attempt in ["first", "second"] {
         let answer = delete_identity(&env, &env.http, "customer-mid").await;
@@ -928,30 +910,9 @@ async fn a_deletion_while_a_new_users_token_is_granted_gives_the_session_a_live_
         count: Some(1),
         ..FaultRule::default()
     });
-    let session = tokio::spawn({
-        let (http, url) = (env.http.clone(), env.broker_url.clone());
-        async move {
-            http.post(format!("{url}/kyc-sessions"))
-                .json(&access("customer-grant-held"))
-                .send()
-                .await
-                .unwrap()
-        }
-    });
+    let session = spawn_session(&env, "customer-grant-held");
     // The user is made and activated; its token's answer stalls for 600 ms.
-    let mut first = Value::Null;
-    for _ in 0..100 {
-        first = get_identity(&env, &env.http, "customer-grant-held")
-            .await
-            .json()
-            .await
-            .unwrap();
-        if first["state"] == "active" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    assert_eq!(first["state"], "active", "{first}");
+    let first = shown_in_state(&env, "customer-grant-held", "active").await;
     let deleted = delete_identity(&env, &env.http, "customer-grant-held").await;
     assert_eq!(deleted.status(), 204);
     let second = common::expect_created(session.await.unwrap()).await;
@@ -973,4 +934,35 @@ async fn a_deletion_while_a_new_users_token_is_granted_gives_the_session_a_live_
     assert_eq!(live["state"], "active", "{live}");
     assert_eq!(live["userId"], second["userId"], "{live}");
     env.stop().await;
+}
+
+/// An access session for `reference`, started in the background; its answer.
+fn spawn_session(env: &TestEnv, reference: &str) -> tokio::task::JoinHandle<reqwest::Response> {
+    let (http, url) = (env.http.clone(), env.broker_url.clone());
+    let body = access(reference);
+    tokio::spawn(async move {
+        http.post(format!("{url}/kyc-sessions"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    })
+}
+
+/// `GET /identities/{reference}` every 5 ms, for up to 2 s, until the record is in `state`;
+/// the record (asserted to be in `state`).
+async fn shown_in_state(env: &TestEnv, reference: &str, state: &str) -> Value {
+    let mut shown = Value::Null;
+    for _ in 0..400 {
+        let answer = get_identity(env, &env.http, reference).await;
+        if answer.status() == 200 {
+            shown = answer.json().await.unwrap();
+            if shown["state"] == state {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(shown["state"], state, "{shown}");
+    shown
 }
