@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use common::{CREATE_USER, TEST_API_KEY};
 use giroident_broker::sim::{self, SimConfig};
-use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 
 /// `command` run by `/bin/sh` with files limited to `blocks` blocks (512 bytes in POSIX
@@ -37,12 +36,7 @@ async fn a_full_ledger_refuses_sessions_before_finapi_and_readiness_says_so() {
     let ledger = common::sqlite_ledger();
     // The schema first, so that the broker starts on a file that only its records make grow.
     common::ledger_store(&ledger).await.close().await;
-    let path = ledger
-        .database_url
-        .expose_secret()
-        .strip_prefix("sqlite://")
-        .expect("a sqlite:// URL")
-        .to_owned();
+    let path = common::sqlite_path(&ledger);
     let size = std::fs::metadata(&path).expect("the ledger file").len();
     // Room for the file as it is and SQLite's 32 KiB shared-memory index, little more.
     let blocks = size.max(32 * 1024).div_ceil(512) + 16;

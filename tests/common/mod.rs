@@ -494,17 +494,22 @@ pub async fn ledger_store(ledger: &Ledger) -> giroident_broker::identities::Iden
         .expect("the ledger opens")
 }
 
-/// Overwrites the files of the SQLite ledger `ledger` (database, `-wal`, `-shm`) with junk of
-/// the same size, in place, while a broker holds them open; returns the database's path.
-pub fn overwrite_sqlite_ledger(ledger: &Ledger) -> String {
+/// The database file of the SQLite ledger `ledger` (a `sqlite://` URL).
+pub fn sqlite_path(ledger: &Ledger) -> String {
     use secrecy::ExposeSecret;
-    use std::io::Write;
-    let path = ledger
+    ledger
         .database_url
         .expose_secret()
         .strip_prefix("sqlite://")
         .expect("a sqlite:// URL")
-        .to_owned();
+        .to_owned()
+}
+
+/// Overwrites the files of the SQLite ledger `ledger` (database, `-wal`, `-shm`) with junk of
+/// the same size, in place, while a broker holds them open; returns the database's path.
+pub fn overwrite_sqlite_ledger(ledger: &Ledger) -> String {
+    use std::io::Write;
+    let path = sqlite_path(ledger);
     for file in [path.clone(), format!("{path}-wal"), format!("{path}-shm")] {
         let len = std::fs::metadata(&file).map_or(0, |m| m.len());
         let junk = vec![0x5a; usize::try_from(len).expect("size")];
