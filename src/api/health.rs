@@ -23,9 +23,9 @@ pub(super) struct HealthStatus {
     /// `ok` (livez) or `ready` (readyz).
     status: &'static str,
     /// readyz only: `up`, or `unavailable` while the identity ledger does not answer or its
-    /// last group commit failed as unavailable (e.g. a full disk). The broker stays ready then (the standalone flow works, and replicas sharing the ledger
-    /// would all leave the load balancer); the access flow and the identity endpoints answer
-    /// `503 STORE_UNAVAILABLE`.
+    /// last group commit failed as unavailable (e.g. a full disk). The broker stays ready then
+    /// (the standalone flow works, and replicas sharing the ledger would all leave the load
+    /// balancer); the access flow and the identity endpoints answer `503 STORE_UNAVAILABLE`.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(pattern = "^(up|unavailable)$")]
     identity_store: Option<&'static str>,
