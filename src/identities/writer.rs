@@ -436,9 +436,8 @@ async fn run_postgres(pool: &PgPool, writes: &[&Request]) -> Result<Vec<Outcome>
 pub(super) struct SqliteWriter {
     /// A tokio mutex: the thread takes it blocking, the store's direct writes wait for it.
     slot: Arc<Mutex<Slot>>,
-    /// The ledger's path and the file it named at start, for readiness ([`SqliteWriter::file_in_place`]).
-    path: Arc<Path>,
-    file: Option<FileId>,
+    /// The ledger's file, for readiness ([`SqliteWriter::file_in_place`]).
+    file: LedgerFile,
 }
 
 /// A file's device and inode number: which file a path names. Removing the ledger's directory
@@ -467,18 +466,38 @@ impl FileId {
     }
 }
 
+/// The ledger's path and the file it named when the writer started.
+#[derive(Clone)]
+struct LedgerFile {
+    path: Arc<Path>,
+    started: Option<FileId>,
+}
+
+impl LedgerFile {
+    fn at(path: &Path) -> Self {
+        Self {
+            path: Arc::from(path),
+            started: FileId::of(path),
+        }
+    }
+
+    /// Whether the path still names the file the writer started with (see [`FileId`]).
+    fn in_place(&self) -> bool {
+        self.started.is_some() && FileId::of(&self.path) == self.started
+    }
+}
+
 /// The writer's connection and settings, locked by the thread for each batch, by
 /// [`SqliteWriter::turn`] and by [`SqliteWriter::close`].
 struct Slot {
-    path: PathBuf,
+    /// The ledger's file: connections are opened at its path.
+    file: LedgerFile,
     sync: SqliteSync,
     /// `None` once an error left the connection in an unknown state (a failed `ROLLBACK`, or
     /// the level not restored to FULL): the next batch opens a fresh one.
     conn: Option<Connection>,
     /// Set by [`SqliteWriter::close`]: no connection is opened again.
     closed: bool,
-    /// The file `path` named when the writer started (see [`FileId`]).
-    file: Option<FileId>,
 }
 
 impl SqliteWriter {
@@ -498,16 +517,14 @@ impl SqliteWriter {
         .await
         .map_err(|e| StoreError::Unavailable(sqlx::Error::Io(std::io::Error::other(e))))?;
         let conn = opened.map_err(|e| classify(Backend::Sqlite, sqlite_error(e)))?;
-        let file = FileId::of(&path);
+        let file = LedgerFile::at(&path);
         let writer = SqliteWriter {
-            path: Arc::from(path.as_path()),
-            file,
+            file: file.clone(),
             slot: Arc::new(Mutex::new(Slot {
-                path,
+                file,
                 sync,
                 conn: Some(conn),
                 closed: false,
-                file,
             })),
         };
         let (tx, rx) = mpsc::unbounded_channel();
@@ -572,7 +589,7 @@ impl SqliteWriter {
 
     /// Whether the ledger's path still names the file the writer started with (see [`FileId`]).
     pub(super) fn file_in_place(&self) -> bool {
-        self.file.is_some() && FileId::of(&self.path) == self.file
+        self.file.in_place()
     }
 
     /// Runs `sql` on the writer's connection between batches, for tests that set a pragma
@@ -686,10 +703,10 @@ impl Slot {
             Some(conn) => conn,
             None => {
                 // A file put in the ledger's place gets no write either.
-                if !self.file_in_place() {
+                if !self.file.in_place() {
                     return Err(file_gone());
                 }
-                let conn = open(&self.path, self.sync)
+                let conn = open(&self.file.path, self.sync)
                     .map_err(|e| classify(Backend::Sqlite, sqlite_error(e)))?;
                 self.conn.insert(conn)
             }
@@ -710,16 +727,11 @@ impl Slot {
         let outcomes = result.map_err(|e| classify(Backend::Sqlite, sqlite_error(e)))?;
         // Checked after the commit, so that no write is reported durable unless the file it
         // went into was still the ledger when it was synced.
-        if !self.file_in_place() {
+        if !self.file.in_place() {
             self.conn = None;
             return Err(file_gone());
         }
         Ok(outcomes)
-    }
-
-    /// Whether `path` still names the file the writer started with.
-    fn file_in_place(&self) -> bool {
-        self.file.is_some() && FileId::of(&self.path) == self.file
     }
 }
 
