@@ -707,34 +707,33 @@ impl Flows {
             IdentityState::Deleting => record.last_session_at.is_none() && now < not_before,
             IdentityState::Active | IdentityState::Deleted => false,
         };
-        let deletion = match record.state {
-            IdentityState::Deleted => return Ok(None),
-            _ if creating => {
-                // The reaper deletes it once no lost call can still create it.
-                if record.state == IdentityState::Intent {
-                    self.ids()
-                        .store
-                        .mark_deleting(record.id, not_before)
-                        .await?;
-                }
-                Deletion::Scheduled {
-                    code: "CREATION_IN_PROGRESS",
-                    retry_at: not_before,
-                }
-            }
-            IdentityState::Intent | IdentityState::Active | IdentityState::Deleting => {
-                // Claimed with a lease, as the reaper claims: of concurrent deletions (other
-                // requests, the reaper of any replica) one works on it, the others leave it.
-                let owner = Uuid::new_v4().to_string();
-                let claimed = self
-                    .ids()
+        let deletion = if record.state == IdentityState::Deleted {
+            return Ok(None);
+        } else if creating {
+            // The reaper deletes it once no lost call can still create it.
+            if record.state == IdentityState::Intent {
+                self.ids()
                     .store
-                    .claim_for_deletion(record.id, &owner, now, millis(DELETION_LEASE))
+                    .mark_deleting(record.id, not_before)
                     .await?;
-                match claimed {
-                    Some(claimed) => self.delete_identity(&claimed, ctx).await,
-                    None => Deletion::InProgress,
-                }
+            }
+            Deletion::Scheduled {
+                code: "CREATION_IN_PROGRESS",
+                retry_at: not_before,
+            }
+        } else {
+            // Active, or deleting since its first session: claimed with a lease, as the reaper
+            // claims, so that of concurrent deletions (other requests, the reaper of any
+            // replica) one works on it and the others leave it.
+            let owner = Uuid::new_v4().to_string();
+            let claimed = self
+                .ids()
+                .store
+                .claim_for_deletion(record.id, &owner, now, millis(DELETION_LEASE))
+                .await?;
+            match claimed {
+                Some(claimed) => self.delete_identity(&claimed, ctx).await,
+                None => Deletion::InProgress,
             }
         };
         let store = &self.ids().store;
