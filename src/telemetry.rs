@@ -134,7 +134,7 @@ where
 /// Prometheus metrics: names, and the one recorder of the process.
 pub mod metrics {
     use std::collections::HashMap;
-    use std::hash::{BuildHasherDefault, Hash, Hasher};
+    use std::hash::Hash;
     use std::sync::{Mutex, OnceLock, PoisonError};
 
     use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -263,48 +263,15 @@ pub mod metrics {
     /// Handles are only kept once the Prometheus recorder is installed (before that, the
     /// macros hand out no-op handles, which must not be kept). Label sets must be bounded.
     pub struct HandleCache<K, H> {
-        map: Mutex<Option<HashMap<K, H, BuildHasherDefault<LabelHasher>>>>,
+        map: Mutex<Option<HashMap<K, H, LabelHasher>>>,
     }
 
-    /// The hash of a [`HandleCache`]'s keys: FxHash (rustc's, a rotate, xor and multiply per
-    /// word). The keys are bounded label sets the broker itself chooses (routes, statuses,
-    /// configured caller and client names), never a caller's input, so no key flood can arise
-    /// and the std map's SipHash (about 400 instructions a lookup, 6 lookups a session) buys
-    /// nothing (docs/BENCHMARKS.md, "Issue 15: where the targets stand").
-    #[derive(Default)]
-    pub struct LabelHasher(u64);
-
-    impl LabelHasher {
-        fn add(&mut self, word: u64) {
-            self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-        }
-    }
-
-    impl Hasher for LabelHasher {
-        fn write(&mut self, bytes: &[u8]) {
-            let mut chunks = bytes.chunks_exact(8);
-            for chunk in &mut chunks {
-                let mut word = [0; 8];
-                word.copy_from_slice(chunk);
-                self.add(u64::from_le_bytes(word));
-            }
-            let mut last = [0; 8];
-            last[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
-            self.add(u64::from_le_bytes(last));
-        }
-
-        fn write_u8(&mut self, byte: u8) {
-            self.add(u64::from(byte));
-        }
-
-        fn write_usize(&mut self, n: usize) {
-            self.add(n as u64);
-        }
-
-        fn finish(&self) -> u64 {
-            self.0
-        }
-    }
+    /// The hash of a [`HandleCache`]'s keys: foldhash's fast hasher with a fixed seed. The keys
+    /// are bounded label sets the broker itself chooses (routes, statuses, configured caller and
+    /// client names), never a caller's input, so no key flood can arise and the std map's
+    /// SipHash (about 400 instructions a lookup, 6 lookups a session) buys nothing
+    /// (docs/BENCHMARKS.md, "Issue 15: where the targets stand").
+    type LabelHasher = foldhash::fast::FixedState;
 
     impl<K: Hash + Eq, H> HandleCache<K, H> {
         /// An empty cache (usable in a `static`).
@@ -451,9 +418,7 @@ pub mod metrics {
 
         #[test]
         fn label_sets_that_differ_anywhere_hash_apart() {
-            let hash = |key: &(&str, &str, Option<&str>)| {
-                BuildHasherDefault::<LabelHasher>::default().hash_one(key)
-            };
+            let hash = |key: &(&str, &str, Option<&str>)| LabelHasher::default().hash_one(key);
             let key = ("/kyc-sessions", "POST", Some("web-frontend"));
             assert_eq!(
                 hash(&key),
