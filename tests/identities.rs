@@ -847,12 +847,7 @@ async fn deletions_while_the_first_session_creates_the_user_lose_no_user() {
     }
     assert_eq!(env.calls(CREATE_USER, "201"), 0, "the POST was still held");
     // The session's activation finds the record deleting: it gets a new identity that lives.
-    let second = common::expect_created(session.await.unwrap()).await;
-    assert_eq!(second["identity"], "created", "{second}");
-    assert_ne!(second["userId"], first_user.as_str());
-    let token = second["accessToken"].as_str().unwrap();
-    assert_eq!(env.sim_user(token).await.status(), 200);
-    assert_eq!(env.calls(CREATE_USER, "201"), 2);
+    let second = a_second_identity(&env, session, &first_user).await;
     // Once orphan_min_age (3 s) has passed, the reaper deletes the first user, once.
     let deleted = common::eventually(Duration::from_secs(15), || {
         env.calls(DELETE_USER, "200") == 1
@@ -881,15 +876,7 @@ async fn deletions_while_the_first_session_creates_the_user_lose_no_user() {
         .map(|e| e.kind)
         .collect();
     assert_eq!(kinds, [EventKind::Deleted, EventKind::Created], "{kinds:?}");
-    // Only the session's own user lives at finAPI; its record is the reference's live one.
-    assert_eq!(env.sim.state().user_passwords().len(), 1);
-    let live: Value = get_identity(&env, &env.http, "customer-mid")
-        .await
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(live["state"], "active", "{live}");
-    assert_eq!(live["userId"], second["userId"], "{live}");
+    only_it_lives(&env, "customer-mid", &second).await;
     assert_eq!(env.all_calls(DELETE_USER), 1, "{:?}", env.sim.stats());
     env.stop().await;
 }
@@ -915,24 +902,10 @@ async fn a_deletion_while_a_new_users_token_is_granted_gives_the_session_a_live_
     let first = shown_in_state(&env, "customer-grant-held", "active").await;
     let deleted = delete_identity(&env, &env.http, "customer-grant-held").await;
     assert_eq!(deleted.status(), 204);
-    let second = common::expect_created(session.await.unwrap()).await;
-    assert_eq!(second["identity"], "created", "{second}");
-    assert_ne!(
-        second["userId"], first["userId"],
-        "the deleted user's token"
-    );
-    let token = second["accessToken"].as_str().unwrap();
-    assert_eq!(env.sim_user(token).await.status(), 200);
-    assert_eq!(env.calls(CREATE_USER, "201"), 2);
+    let first_user = first["userId"].as_str().unwrap();
+    let second = a_second_identity(&env, session, first_user).await;
     assert_eq!(env.all_calls(DELETE_USER), 1, "{:?}", env.sim.stats());
-    assert_eq!(env.sim.state().user_passwords().len(), 1);
-    let live: Value = get_identity(&env, &env.http, "customer-grant-held")
-        .await
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(live["state"], "active", "{live}");
-    assert_eq!(live["userId"], second["userId"], "{live}");
+    only_it_lives(&env, "customer-grant-held", &second).await;
     env.stop().await;
 }
 
@@ -965,4 +938,33 @@ async fn shown_in_state(env: &TestEnv, reference: &str, state: &str) -> Value {
     }
     assert_eq!(shown["state"], state, "{shown}");
     shown
+}
+
+/// The answer of `session`: a `201` with a new identity, not `first_user` (whose token would die
+/// with its deletion), whose token finAPI accepts; two users were created in all.
+async fn a_second_identity(
+    env: &TestEnv,
+    session: tokio::task::JoinHandle<reqwest::Response>,
+    first_user: &str,
+) -> Value {
+    let second = common::expect_created(session.await.unwrap()).await;
+    assert_eq!(second["identity"], "created", "{second}");
+    assert_ne!(second["userId"], first_user, "the deleted user's token");
+    let token = second["accessToken"].as_str().unwrap();
+    assert_eq!(env.sim_user(token).await.status(), 200);
+    assert_eq!(env.calls(CREATE_USER, "201"), 2);
+    second
+}
+
+/// Only the user of the session's answer `second` lives at finAPI, and its record is the live
+/// one of `reference`.
+async fn only_it_lives(env: &TestEnv, reference: &str, second: &Value) {
+    assert_eq!(env.sim.state().user_passwords().len(), 1);
+    let live: Value = get_identity(env, &env.http, reference)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(live["state"], "active", "{live}");
+    assert_eq!(live["userId"], second["userId"], "{live}");
 }
