@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{CREATE_USER, PASSWORD_TOKEN, TestEnv};
+use common::{CREATE_USER, DELETE_USER, PASSWORD_TOKEN, TestEnv};
 use giroident_broker::config::{CallerSettings, FlowKind, Settings};
 use giroident_broker::demo::Ledger;
 use giroident_broker::identities::{EventKind, IdentityState};
@@ -13,7 +13,6 @@ use giroident_broker::sim::{self, FaultRule, SimConfig};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 
-const DELETE_USER: &str = "DELETE /api/v2/users";
 const OTHER_KEY: &str = "other-caller-key-0123456789";
 const STANDALONE_ONLY_KEY: &str = "standalone-only-key-0123456789";
 
@@ -64,7 +63,7 @@ async fn get_identity(env: &TestEnv, http: &reqwest::Client, reference: &str) ->
         .expect("answer")
 }
 
-/// The `state` of the reference's record once it reads `expected`, or the last one read after
+/// The reference's record once its `state` reads `expected`, or the last one read after
 /// `within`. The reaper records a deletion only after finAPI answered it, so a test that saw the
 /// simulator's call waits for the ledger's commit (a synced one, at `sqlite_synchronous =
 /// "full"`) here.
@@ -77,10 +76,20 @@ async fn state_within(env: &TestEnv, reference: &str, expected: &str, within: Du
             .await
             .expect("a record");
         if record["state"] == expected || tokio::time::Instant::now() >= deadline {
-            return record["state"].clone();
+            return record;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The `kind`s of a shown record's `events`, newest first.
+fn event_kinds(record: &Value) -> Vec<&str> {
+    record["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| e["kind"].as_str().expect("a kind"))
+        .collect()
 }
 
 /// `DELETE /identities/{reference}` while finAPI answers the user's deletion `423` (locked,
@@ -310,12 +319,7 @@ async fn the_identity_endpoints_show_and_delete_only_the_callers_own() {
     let record: Value = shown.json().await.unwrap();
     assert_eq!(record["state"], "active");
     assert_eq!(record["userId"], created["userId"]);
-    let kinds: Vec<&str> = record["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["kind"].as_str().unwrap())
-        .collect();
+    let kinds = event_kinds(&record);
     assert_eq!(kinds, ["reused", "created"]);
 
     let other = common::client_with_key(OTHER_KEY);
@@ -379,7 +383,8 @@ async fn the_identity_endpoints_show_and_delete_only_the_callers_own() {
 
 /// Four concurrent `DELETE`s of one identity answered `404 204 404 204`: two of them deleted
 /// the user at finAPI and the ledger recorded two `deleted` events. The first claims the record;
-/// the others leave it to that request.
+/// the others leave it to that request. Checked: one deletion at finAPI and one `deleted` event,
+/// whatever the interleaving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_deletions_of_one_identity_delete_it_once() {
     let ledger = common::sqlite_ledger();
@@ -431,8 +436,8 @@ async fn a_locked_user_is_scheduled_for_deletion_and_the_reaper_deletes_it_later
         "the reaper did not delete the user: {:?}",
         env.sim.stats()
     );
-    let state = state_within(&env, "customer-l", "deleted", Duration::from_secs(10)).await;
-    assert_eq!(state, "deleted");
+    let record = state_within(&env, "customer-l", "deleted", Duration::from_secs(10)).await;
+    assert_eq!(record["state"], "deleted");
     env.stop().await;
 }
 
@@ -446,8 +451,8 @@ async fn identities_are_deleted_by_the_reaper_after_their_retention() {
     })
     .await;
     assert!(deleted, "not deleted: {:?}", env.sim.stats());
-    let state = state_within(&env, "customer-t", "deleted", Duration::from_secs(10)).await;
-    assert_eq!(state, "deleted");
+    let shown = state_within(&env, "customer-t", "deleted", Duration::from_secs(10)).await;
+    assert_eq!(shown["state"], "deleted");
     let store = store(&ledger).await;
     let record = store
         .find_by_finapi_user(session["userId"].as_str().unwrap())
@@ -494,19 +499,9 @@ async fn a_created_user_whose_token_failed_is_deleted_without_waiting_for_the_or
     })
     .await;
     assert!(deleted, "not deleted: {:?}", env.sim.stats());
-    let state = state_within(&env, "customer-grant", "deleted", Duration::from_secs(5)).await;
-    assert_eq!(state, "deleted");
-    let record: Value = get_identity(&env, &env.http, "customer-grant")
-        .await
-        .json()
-        .await
-        .unwrap();
-    let kinds: Vec<&str> = record["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["kind"].as_str().unwrap())
-        .collect();
+    let record = state_within(&env, "customer-grant", "deleted", Duration::from_secs(5)).await;
+    assert_eq!(record["state"], "deleted");
+    let kinds = event_kinds(&record);
     assert_eq!(kinds, ["deleted", "created"], "{record}");
     env.stop().await;
 }
@@ -528,7 +523,7 @@ async fn a_user_whose_token_could_not_be_had_is_deleted_by_the_reaper() {
     // The failed identity no longer blocks the reference.
     let next = common::expect_created(env.start_session(access("customer-o")).await).await;
     assert_eq!(next["identity"], "created");
-    // Once no lost call can still create it (orphan_min_age 3 s), the reaper deletes it.
+    // It was active (its activation commits beside the grant): the reaper deletes it at once.
     let deleted = common::eventually(Duration::from_secs(15), || {
         env.calls(DELETE_USER, "200") == 1
     })
@@ -688,16 +683,7 @@ async fn a_session_whose_identity_is_deleted_meanwhile_gets_a_new_one() {
         count: Some(1),
         ..FaultRule::default()
     });
-    let session = tokio::spawn({
-        let (http, url) = (env.http.clone(), env.broker_url.clone());
-        async move {
-            http.post(format!("{url}/kyc-sessions"))
-                .json(&access("customer-race"))
-                .send()
-                .await
-                .unwrap()
-        }
-    });
+    let session = spawn_session(&env, "customer-race");
     let arrived = common::eventually(Duration::from_secs(5), || {
         env.sim
             .stats()
@@ -836,7 +822,8 @@ async fn deletions_while_the_first_session_creates_the_user_lose_no_user() {
     });
     let session = spawn_session(&env, "customer-mid");
     // The intent is written before finAPI is asked; the `POST` is then held for 700 ms.
-    let intent = shown_in_state(&env, "customer-mid", "intent").await;
+    let intent = state_within(&env, "customer-mid", "intent", Duration::from_secs(2)).await;
+    assert_eq!(intent["state"], "intent", "{intent}");
     let first_user = intent["userId"].as_str().unwrap().to_owned();
     for attempt in ["first", "second"] {
         let answer = delete_identity(&env, &env.http, "customer-mid").await;
@@ -899,7 +886,14 @@ async fn a_deletion_while_a_new_users_token_is_granted_gives_the_session_a_live_
     });
     let session = spawn_session(&env, "customer-grant-held");
     // The user is made and activated; its token's answer stalls for 600 ms.
-    let first = shown_in_state(&env, "customer-grant-held", "active").await;
+    let first = state_within(
+        &env,
+        "customer-grant-held",
+        "active",
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_eq!(first["state"], "active", "{first}");
     let deleted = delete_identity(&env, &env.http, "customer-grant-held").await;
     assert_eq!(deleted.status(), 204);
     let first_user = first["userId"].as_str().unwrap();
@@ -920,24 +914,6 @@ fn spawn_session(env: &TestEnv, reference: &str) -> tokio::task::JoinHandle<reqw
             .await
             .unwrap()
     })
-}
-
-/// `GET /identities/{reference}` every 5 ms, for up to 2 s, until the record is in `state`;
-/// the record (asserted to be in `state`).
-async fn shown_in_state(env: &TestEnv, reference: &str, state: &str) -> Value {
-    let mut shown = Value::Null;
-    for _ in 0..400 {
-        let answer = get_identity(env, &env.http, reference).await;
-        if answer.status() == 200 {
-            shown = answer.json().await.unwrap();
-            if shown["state"] == state {
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    assert_eq!(shown["state"], state, "{shown}");
-    shown
 }
 
 /// The answer of `session`: a `201` with a new identity, not `first_user` (whose token would die
