@@ -505,8 +505,8 @@ async fn the_simulator_holds_at_most_max_entries_per_table() {
             .post(format!("http://{addr}/api/v2/oauth/token"))
             .form(&[
                 ("grant_type", "client_credentials"),
-                ("client_id", "demo-client"),
-                ("client_secret", "demo-client-secret"),
+                ("client_id", giroident_broker::sim::DEMO_CLIENT_ID),
+                ("client_secret", giroident_broker::sim::DEMO_CLIENT_SECRET),
             ])
             .send()
             .await

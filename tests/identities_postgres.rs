@@ -5,14 +5,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::{CREATE_USER, TestEnv, pg};
+use common::{CREATE_USER, DELETE_USER, TestEnv, pg};
 use giroident_broker::config::Settings;
 use giroident_broker::sim::{self, SimConfig};
 use giroident_broker::startup::Application;
 use serde_json::json;
 use tokio::sync::oneshot;
-
-const DELETE_USER: &str = "DELETE /api/v2/users";
 
 fn quick(s: &mut Settings) {
     common::quick_ledger(s, 3);

@@ -7,12 +7,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{CREATE_USER, TEST_API_KEY};
+use common::{CREATE_USER, DELETE_USER, TEST_API_KEY};
 use giroident_broker::identities::{IdentityState, IdentityStore};
 use giroident_broker::sim::{self, FaultRule, SimConfig};
 use serde_json::json;
-
-const DELETE_USER: &str = "DELETE /api/v2/users";
 
 /// The broker binary on `ledger` and the simulator at `sim_url`, its ledger synced as `sync`
 /// (`identities.sqlite_synchronous`).
@@ -21,10 +19,7 @@ fn configured(
     sim_url: &str,
     sync: &str,
 ) -> std::process::Command {
-    let digest = giroident_broker::config::to_hex(&giroident_broker::config::sha256(
-        TEST_API_KEY.as_bytes(),
-    ));
-    let callers = format!(r#"[{{name = "crash", key_sha256 = "{digest}", flows = ["access"]}}]"#);
+    let callers = common::test_caller("crash", r#"["access"]"#);
     let mut command = common::broker_command_on(ledger, sim_url);
     command.envs([
         ("GIROIDENT_BROKER_SERVER__REQUEST_TIMEOUT_SECS", "5"),

@@ -41,13 +41,10 @@ async fn a_full_ledger_refuses_sessions_before_finapi_and_readiness_says_so() {
     // Room for the file as it is and SQLite's 32 KiB shared-memory index, little more.
     let blocks = size.max(32 * 1024).div_ceil(512) + 16;
     let sim = sim::start(SimConfig::default()).await.expect("simulator");
-    let digest = giroident_broker::config::to_hex(&giroident_broker::config::sha256(
-        TEST_API_KEY.as_bytes(),
-    ));
     let mut broker = common::broker_command_on(&ledger, &sim.base_url());
     broker.env(
         "GIROIDENT_BROKER_AUTH__CALLERS",
-        format!(r#"[{{name = "full", key_sha256 = "{digest}", flows = ["access"]}}]"#),
+        common::test_caller("full", r#"["access"]"#),
     );
     let command = under_file_size_limit(&broker, blocks);
     let (mut broker, url) = common::spawn_broker_binary(command, None);
@@ -97,18 +94,17 @@ async fn a_full_ledger_refuses_sessions_before_finapi_and_readiness_says_so() {
     let (status, ready) = readiness().await;
     assert_eq!(status, 200, "{ready}");
     assert_eq!(ready["identityStore"], "unavailable", "{ready}");
-    let users_before = sim
-        .stats()
-        .get(CREATE_USER)
-        .map_or(0, |s| s.values().sum::<u64>());
+    let users = || {
+        sim.stats()
+            .get(CREATE_USER)
+            .map_or(0, |s| s.values().sum::<u64>())
+    };
+    let users_before = users();
     for m in n + 1..n + 4 {
         let refused = session(m).await.expect("the broker answers");
         common::expect_problem(refused, 503, "STORE_UNAVAILABLE").await;
     }
-    let users_after = sim
-        .stats()
-        .get(CREATE_USER)
-        .map_or(0, |s| s.values().sum::<u64>());
+    let users_after = users();
     assert_eq!(
         users_after, users_before,
         "no finAPI user without a durable intent"

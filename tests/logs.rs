@@ -219,10 +219,7 @@ async fn in_the_human_readable_format_each_line_of_a_request_names_it() {
     let sim = giroident_broker::sim::start(giroident_broker::sim::SimConfig::default())
         .await
         .expect("simulator");
-    let digest = giroident_broker::config::to_hex(&giroident_broker::config::sha256(
-        TEST_API_KEY.as_bytes(),
-    ));
-    let callers = format!(r#"[{{name = "pretty", key_sha256 = "{digest}", flows = ["access"]}}]"#);
+    let callers = test_caller("pretty", r#"["access"]"#);
     let mut command = broker_command_on(&ledger, &sim.base_url());
     command.envs([
         ("GIROIDENT_BROKER_LOG__FORMAT", "pretty"),

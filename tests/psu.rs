@@ -9,7 +9,6 @@ use giroident_broker::config::LogFormat;
 use giroident_broker::sim::{FaultRule, PsuRecord, SimConfig};
 use serde_json::{Value, json};
 
-const DELETE_USER: &str = "DELETE /api/v2/users";
 const IP: &str = "203.0.113.7";
 const OS: &str = "Android 14";
 const UA: &str = "Mozilla/5.0 (Linux; Android 14) Mobile Safari/537.36";

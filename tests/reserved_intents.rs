@@ -6,15 +6,13 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{CREATE_USER, PASSWORD_TOKEN, TEST_API_KEY, TestEnv, pg};
+use common::{CREATE_USER, DELETE_USER, PASSWORD_TOKEN, TEST_API_KEY, TestEnv, pg};
 use giroident_broker::config::Settings;
 use giroident_broker::demo::Ledger;
 use giroident_broker::flows::identities::now_millis;
 use giroident_broker::identities::{IdentityState, IdentityStore, Millis};
 use giroident_broker::sim::{self, SimConfig};
 use serde_json::{Value, json};
-
-const DELETE_USER: &str = "DELETE /api/v2/users";
 
 /// Short timeouts and a reaper every second; reserved intents are used while younger than
 /// (10 s − 2 s) / 2 = 4 s, and the reaper may touch them from 10 s on.

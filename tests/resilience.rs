@@ -370,8 +370,7 @@ async fn a_user_whose_request_is_abandoned_during_its_grant_is_deleted_by_the_re
     assert_eq!(env.calls(CREATE_USER, "201"), 1);
     // The reaper finds the user and deletes it.
     assert!(
-        eventually(Duration::from_secs(15), || env
-            .calls("DELETE /api/v2/users", "200")
+        eventually(Duration::from_secs(15), || env.calls(DELETE_USER, "200")
             == 1)
         .await,
         "the abandoned user was not deleted: {:?}",
@@ -671,12 +670,7 @@ fn spawn_broker(
     drain_secs: u64,
     lines: Option<std::sync::mpsc::Sender<String>>,
 ) -> (std::process::Child, String) {
-    let digest = giroident_broker::config::to_hex(&giroident_broker::config::sha256(
-        TEST_API_KEY.as_bytes(),
-    ));
-    let callers = format!(
-        r#"[{{name = "load", key_sha256 = "{digest}", flows = ["standalone", "access"]}}]"#
-    );
+    let callers = test_caller("load", r#"["standalone", "access"]"#);
     let drain_secs = drain_secs.to_string();
     let mut command = broker_command_on(&sqlite_ledger(), sim_url);
     command.envs([

@@ -598,12 +598,22 @@ pub fn spawn_broker_binary(
     (child, format!("http://{addr}"))
 }
 
+/// `auth.callers` (as `GIROIDENT_BROKER_AUTH__CALLERS` takes it) with one caller, `name`, whose
+/// key is [`TEST_API_KEY`] and who may use `flows` (a TOML array, e.g. `["access"]`).
+pub fn test_caller(name: &str, flows: &str) -> String {
+    let digest = giroident_broker::config::to_hex(&giroident_broker::config::sha256(
+        TEST_API_KEY.as_bytes(),
+    ));
+    format!(r#"[{{name = "{name}", key_sha256 = "{digest}", flows = {flows}}}]"#)
+}
+
 /// `DELETE /api/v2/users`, as the simulator's stats name it.
 pub const DELETE_USER: &str = "DELETE /api/v2/users";
 
 /// Creates the caller's identity for `reference`, then sends four `DELETE
-/// /identities/{reference}` at once while finAPI takes 300 ms per deletion, so that all four
-/// find it live. Asserts that finAPI is asked to delete the user once, that the ledger records
+/// /identities/{reference}` at once while finAPI takes 300 ms per deletion, so that they are
+/// likely to find it live together (the assertions hold as well if they do not). Asserts that
+/// finAPI is asked to delete the user once, that the ledger records
 /// one `deleted` event, and that every answer is one the README's table allows: `204`, `202`
 /// with the record in `deleting` (another request is deleting it), or `404 IDENTITY_NOT_FOUND`
 /// (it was deleted before the request looked).
